@@ -1,0 +1,114 @@
+"""Model factory: timm builds the model (configs, pretrained weights, checkpoints), then its NF
+layers are swapped for nfnet_fast's in place."""
+from __future__ import annotations
+
+import fnmatch
+from typing import List
+
+import timm
+import torch.nn as nn
+from timm.layers import EcaModule as _TimmEca
+from timm.layers import ScaledStdConv2d as _TimmStdConv
+from timm.layers import ScaledStdConv2dSame as _TimmStdConvSame
+from timm.models.nfnet import NormFreeBlock as _TimmBlock
+from timm.models.nfnet import NormFreeNet
+
+from . import _backends
+from . import nn as fnn
+
+# exact timm type -> nfnet_fast replacement (subclasses of timm layers are left alone: they may compute something else)
+_REPLACEMENTS = {
+    _TimmStdConv: fnn.ScaledStdConv2d,
+    _TimmStdConvSame: fnn.ScaledStdConv2dSame,
+    _TimmEca: fnn.EcaModule,
+    _TimmBlock: fnn.NormFreeBlock,
+}
+
+
+def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
+    """Names of the timm NF models nfnet_fast builds (all of timm's ``nfnet`` module).
+
+    Args:
+        pattern: shell-style wildcard, e.g. ``"eca_nfnet_*"``.
+        pretrained: only models with pretrained weights in timm.
+
+    Returns:
+        Sorted model names, as given to :func:`create_model`.
+    """
+    names = timm.list_models(module="nfnet", pretrained=pretrained)
+    if pretrained:  # timm then lists name.tag entries
+        names = sorted({n.split(".")[0] for n in names})
+    return [n for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+def _check_backend(backend) -> None:
+    if not isinstance(backend, str) or backend not in ("auto",) + _backends.NAMES:
+        raise ValueError(f"backend must be one of 'auto', 'reference', 'triton', 'cuda'; got {backend!r}")
+    if backend != "auto":
+        info = _backends.backends()[backend]
+        if not info.available:
+            raise RuntimeError(f"backend={backend!r} is not available here: {info.reason}")
+
+
+def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Swap the NF layers of a live timm model for nfnet_fast's, in place, keeping its weights.
+
+    Converted: ``ScaledStdConv2d``, ``ScaledStdConv2dSame``, ``EcaModule`` (sigmoid gate),
+    ``NormFreeBlock``, and a ``NormFreeNet``'s ``stages``. Parameters stay the same objects, so
+    optimizers, hooks and state_dict keys are untouched. Converting twice only changes the backend.
+
+    Args:
+        model: a timm NF model (``NormFreeNet``, or any module holding timm NF layers, e.g. a
+            ``features_only`` model).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``, used by every converted layer.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` or holds no timm NF layer.
+        ValueError / RuntimeError: unknown or unavailable backend.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _check_backend(backend)
+    found = False
+    for module in model.modules():
+        cls = _REPLACEMENTS.get(type(module))
+        if cls is not None and cls.can_convert(module):
+            cls.from_timm(module, backend)
+        if isinstance(module, fnn._FastModule):
+            module.backend = backend
+            found = True
+    if isinstance(model, NormFreeNet) and type(model.stages) is nn.Sequential:
+        model.stages.__class__ = fnn.NormFreeStages
+    if not found:
+        raise TypeError(f"{type(model).__name__} holds no timm NF layer (ScaledStdConv2d, EcaModule, NormFreeBlock)")
+    return model
+
+
+def create_model(model_name: str, pretrained: bool = False, backend: str = "auto", **kwargs) -> nn.Module:
+    """Create a timm NF model with nfnet_fast's layers: same API, same state_dict, same numbers.
+
+    timm builds the model, so every timm argument and the pretrained machinery work as in timm:
+    ``num_classes``, ``in_chans``, ``drop_rate``, ``drop_path_rate``, ``features_only``,
+    ``checkpoint_path``, ``pretrained_cfg_overlay=dict(file=...)`` (a local checkpoint), the hub.
+
+    Args:
+        model_name: one of :func:`list_models`, optionally with a pretrained tag
+            (``"eca_nfnet_l0.ra2_in1k"``).
+        pretrained: load timm's pretrained weights.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        **kwargs: passed to ``timm.create_model``.
+
+    Returns:
+        The model (a timm ``NormFreeNet`` whose layers are nfnet_fast's).
+
+    Example:
+        >>> model = nfnet_fast.create_model("eca_nfnet_l0", num_classes=10)  # doctest: +SKIP
+    """
+    if not isinstance(model_name, str) or model_name.split(".")[0] not in list_models():
+        raise ValueError(f"unknown model {model_name!r}: nfnet_fast builds the timm NF models of "
+                         f"nfnet_fast.list_models(), e.g. 'eca_nfnet_l0'")
+    _check_backend(backend)
+    return convert(timm.create_model(model_name, pretrained=pretrained, **kwargs), backend)

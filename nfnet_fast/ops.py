@@ -1,0 +1,229 @@
+"""Functional ops of nfnet_fast: argument checks, backend choice, dispatch.
+
+Every op takes ``backend=``: ``"auto"`` (default), ``"reference"``, ``"triton"`` or ``"cuda"``
+(see :func:`nfnet_fast.backends`). ``"auto"`` picks, per tensor device, the first backend of
+:data:`AUTO_ORDER` that runs there. Tensors may be NCHW or channels_last (or any strides);
+outputs keep the input's memory format. Math is fp32, storage in the input's dtype.
+
+The compiled backends are registered through ``torch.library`` (schema, fake kernel, autograd),
+so they work under ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck``.
+"""
+from __future__ import annotations
+
+import importlib
+import numbers
+from typing import Optional, Tuple, Union
+
+import torch
+
+from . import _backends
+
+__all__ = ["scaled_std_weight", "eca", "eca_residual", "silu_scale", "resolve_backend", "AUTO_ORDER"]
+
+# Per device type, the order in which backend="auto" tries backends. Compiled backends come first
+# on CUDA; on the CPU the reference (vectorised ATen) beats the single-purpose CPU twins.
+AUTO_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("reference",)}
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_MODULES = {"reference": "nfnet_fast._reference", "triton": "nfnet_fast._triton", "cuda": "nfnet_fast._cuda"}
+_resolved: dict = {}
+
+
+def _backend_impl(op: str, backend: str, device: torch.device):
+    """The function implementing `op` on `backend` for tensors on `device` (checked, cached)."""
+    if not isinstance(backend, str) or backend not in ("auto",) + _backends.NAMES:
+        raise ValueError(f"backend must be one of 'auto', 'reference', 'triton', 'cuda'; got {backend!r}")
+    key = (op, backend, device.type)
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _find_impl(op, backend, device.type)
+    return found[1]
+
+
+def _find_impl(op: str, backend: str, device_type: str):
+    """(backend name, function) for `op`; raises with the reason when none fits."""
+    infos = _backends.backends()
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
+            if device_type in infos[name].devices:
+                fn = getattr(importlib.import_module(_MODULES[name]), op, None)
+                if fn is not None:
+                    return name, fn
+        raise RuntimeError(f"no backend implements {op} for {device_type} tensors")  # unreachable: reference does
+    info = infos[backend]
+    if device_type not in info.devices:
+        why = info.reason or f"it runs on {', '.join(info.devices) or 'no device'} only"
+        raise RuntimeError(f"backend={backend!r} cannot run {op} on {device_type} tensors here: {why}")
+    fn = getattr(importlib.import_module(_MODULES[backend]), op, None)
+    if fn is None:
+        raise RuntimeError(f"backend={backend!r} does not implement {op} yet")
+    return backend, fn
+
+
+def resolve_backend(backend: str, device: Union[str, torch.device], op: str = "silu_scale") -> str:
+    """Name of the backend that ``backend`` (maybe ``"auto"``) runs ``op`` with on ``device``.
+
+    Raises:
+        ValueError: unknown backend name.
+        RuntimeError: the backend cannot run on that device here (the message says why).
+    """
+    device = torch.device(device)
+    _backend_impl(op, backend, device)
+    return _resolved[(op, backend, device.type)][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks: each error names the argument
+
+
+def _check_tensor(t, name: str, ndim: Optional[int] = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16 (float64 for checks), got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+
+
+def _check_activation(t, name: str) -> None:
+    """A 4-D (N, C, H, W) activation with a non-empty batch and spatial extent."""
+    _check_tensor(t, name, ndim=4)
+    n, c, h, w = t.shape
+    if n == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(t.shape)}): nothing to compute")
+    if c == 0 or h * w == 0:
+        raise ValueError(f"{name} has no channels or no pixels (shape {tuple(t.shape)})")
+
+
+def _check_same(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, dtype: bool = True) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+
+
+def _check_number(v, name: str, optional: bool = False) -> None:
+    if optional and v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
+
+
+def _check_eca_weight(weight, x: torch.Tensor, name: str = "weight") -> None:
+    _check_tensor(weight, name)
+    k = weight.numel()
+    if weight.dim() not in (1, 3) or (weight.dim() == 3 and weight.shape[:2] != (1, 1)) or k % 2 == 0:
+        raise ValueError(f"{name} must be the ECA conv1d kernel, shape (k,) or (1, 1, k) with k odd; "
+                         f"got shape {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"{name} is on {weight.device} but the activation is on {x.device}")
+
+
+# ---------------------------------------------------------------------------------------------
+# public ops
+
+
+def scaled_std_weight(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, *,
+                      backend: str = "auto") -> torch.Tensor:
+    """Scaled weight standardisation, as timm's ``ScaledStdConv2d`` computes it.
+
+    ``w_hat[o] = (w[o] - mean(w[o])) / sqrt(var(w[o]) + eps) * gain[o] * scale``, with mean and
+    biased variance over the fan-in of output channel ``o``, in fp32.
+
+    Args:
+        weight: conv weight, shape (C_out, C_in/groups, kh, kw) (any shape with C_out first).
+        gain: per-output-channel gain, C_out elements (timm: shape (C_out, 1, 1, 1)), weight's dtype.
+        scale: ``gamma * fan_in ** -0.5``.
+        eps: added to the variance.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        The standardised weight: same shape and dtype as ``weight``, contiguous.
+    """
+    _check_tensor(weight, "weight")
+    if weight.dim() < 2 or weight.numel() == 0:
+        raise ValueError(f"weight must be a non-empty conv weight (C_out, ...), got shape {tuple(weight.shape)}")
+    _check_tensor(gain, "gain")
+    _check_same(gain, "gain", weight, "weight")
+    if gain.numel() != weight.shape[0]:
+        raise ValueError(f"gain must have one value per output channel ({weight.shape[0]}), "
+                         f"got shape {tuple(gain.shape)}")
+    _check_number(scale, "scale")
+    _check_number(eps, "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return _backend_impl("scaled_std_weight", backend, weight.device)(weight, gain, float(scale), float(eps))
+
+
+def eca(x: torch.Tensor, weight: torch.Tensor, gain: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
+    """Efficient channel attention: ``gain * x * sigmoid(conv1d(mean_hw(x), weight))``.
+
+    The conv1d runs over the channel axis with zero padding ``(k - 1) // 2`` and no bias
+    (timm's ``EcaModule`` with its default sigmoid gate).
+
+    Args:
+        x: activation (N, C, H, W), NCHW or channels_last.
+        weight: conv1d kernel, shape (1, 1, k) or (k,), k odd.
+        gain: multiplies the output (the NF block's ``attn_gain``).
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        Tensor like ``x``.
+    """
+    _check_activation(x, "x")
+    _check_eca_weight(weight, x)
+    _check_number(gain, "gain")
+    return _backend_impl("eca", backend, x.device)(x, weight, float(gain))
+
+
+def eca_residual(y: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor, alpha: float, attn_gain: float,
+                 beta_next: Optional[float] = None, *,
+                 backend: str = "auto") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """The tail of an NF block: ECA, residual scaling and add, and optionally the next pre-activation.
+
+    ``x_next = alpha * attn_gain * y * sigmoid(conv1d(mean_hw(y), weight)) + shortcut``; with
+    ``beta_next`` also ``a_next = silu(x_next) * beta_next``, from the same pass.
+
+    Args:
+        y: the block's conv3 output (N, C, H, W).
+        weight: ECA conv1d kernel, (1, 1, k) or (k,), k odd.
+        shortcut: same shape, dtype and device as ``y``.
+        alpha: residual branch scale.
+        attn_gain: attention gain.
+        beta_next: the next block's pre-activation scale, or None.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``x_next``, or ``(x_next, a_next)`` when ``beta_next`` is given.
+    """
+    _check_activation(y, "y")
+    _check_eca_weight(weight, y)
+    _check_tensor(shortcut, "shortcut", ndim=4)
+    _check_same(shortcut, "shortcut", y, "y")
+    if shortcut.shape != y.shape:
+        raise ValueError(f"shortcut shape {tuple(shortcut.shape)} must equal y shape {tuple(y.shape)}")
+    _check_number(alpha, "alpha")
+    _check_number(attn_gain, "attn_gain")
+    _check_number(beta_next, "beta_next", optional=True)
+    return _backend_impl("eca_residual", backend, y.device)(
+        y, weight, shortcut, float(alpha), float(attn_gain), None if beta_next is None else float(beta_next))
+
+
+def silu_scale(x: torch.Tensor, beta: float, *, backend: str = "auto") -> torch.Tensor:
+    """``silu(x) * beta``: the NF block's scaled pre-activation.
+
+    Args:
+        x: any non-empty floating tensor (the model passes (N, C, H, W) activations).
+        beta: scale, ``1 / sqrt(expected_var)`` in the NF block.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        Tensor like ``x``.
+    """
+    _check_tensor(x, "x")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}): nothing to compute")
+    _check_number(beta, "beta")
+    return _backend_impl("silu_scale", backend, x.device)(x, float(beta))

@@ -1,0 +1,46 @@
+"""Shared test helpers: randomised NF models, the DESIGN tolerance, and the Triton interpreter switch."""
+import os
+
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter when no GPU is present; the switch
+# must be set before triton is first imported (nfnet_fast imports it lazily).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+# DESIGN.md section 3: fp32 against timm fp32, max|out - ref| <= 1e-4 * max|ref|.
+REL_TOL = 1e-4
+
+
+def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float = REL_TOL, what: str = "") -> None:
+    """max|out - ref| <= tol * max|ref| (the DESIGN contract), with a readable message."""
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{what}: non-finite values"
+    err = (out.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    assert err <= tol * scale, f"{what}: max|out-ref| = {err:.3e} > {tol:g} * max|ref| = {tol * scale:.3e}"
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter a random value (timm zero-initialises conv3's gain and the biases,
+    which would hide bugs): gains around 1, biases and ECA weights small but non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        r = torch.randn(p.shape, generator=g, dtype=torch.float32)
+        if name.endswith("gain") or name.endswith("skipinit_gain"):
+            p.copy_(1.0 + 0.3 * r)
+        elif name.endswith("bias"):
+            p.copy_(0.1 * r)
+        elif p.dim() == 3:  # ECA conv1d kernel
+            p.copy_(0.5 * r)
+        else:
+            p.copy_(r if p.dim() > 1 else 0.1 * r)
+    return model
+
+
+@pytest.fixture
+def rng():
+    return torch.Generator().manual_seed(1234)
