@@ -40,13 +40,24 @@ def _backend_impl(op: str, backend: str, device: torch.device):
     return found[1]
 
 
+def _backend_function(backend: str, op: str):
+    """`op` of a backend's module, or None when the backend does not implement it."""
+    try:
+        module = importlib.import_module(_MODULES[backend])
+    except ImportError as e:  # a backend whose module is missing or broken implements nothing
+        if e.name != _MODULES[backend]:
+            raise
+        return None
+    return getattr(module, op, None)
+
+
 def _find_impl(op: str, backend: str, device_type: str):
     """(backend name, function) for `op`; raises with the reason when none fits."""
     infos = _backends.backends()
     if backend == "auto":
         for name in AUTO_ORDER.get(device_type, ("reference",)):
             if device_type in infos[name].devices:
-                fn = getattr(importlib.import_module(_MODULES[name]), op, None)
+                fn = _backend_function(name, op)
                 if fn is not None:
                     return name, fn
         raise RuntimeError(f"no backend implements {op} for {device_type} tensors")  # unreachable: reference does
@@ -54,7 +65,7 @@ def _find_impl(op: str, backend: str, device_type: str):
     if device_type not in info.devices:
         why = info.reason or f"it runs on {', '.join(info.devices) or 'no device'} only"
         raise RuntimeError(f"backend={backend!r} cannot run {op} on {device_type} tensors here: {why}")
-    fn = getattr(importlib.import_module(_MODULES[backend]), op, None)
+    fn = _backend_function(backend, op)
     if fn is None:
         raise RuntimeError(f"backend={backend!r} does not implement {op} yet")
     return backend, fn
@@ -145,6 +156,8 @@ def scaled_std_weight(weight: torch.Tensor, gain: torch.Tensor, scale: float, ep
     _check_tensor(weight, "weight")
     if weight.dim() < 2 or weight.numel() == 0:
         raise ValueError(f"weight must be a non-empty conv weight (C_out, ...), got shape {tuple(weight.shape)}")
+    if weight[0].numel() == 1:  # timm's batch_norm refuses it too
+        raise ValueError(f"weight has a fan-in of 1 (shape {tuple(weight.shape)}): standardisation would zero it")
     _check_tensor(gain, "gain")
     _check_same(gain, "gain", weight, "weight")
     if gain.numel() != weight.shape[0]:

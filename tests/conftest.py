@@ -44,3 +44,24 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+def cpu_backends(op: str):
+    """Backends that implement `op` for CPU tensors here (triton through the interpreter, cuda
+    through its CPU twins)."""
+    from nfnet_fast import ops
+
+    found = []
+    for name in ("reference", "triton", "cuda"):
+        try:
+            ops.resolve_backend(name, "cpu", op)
+        except RuntimeError:
+            continue
+        found.append(name)
+    return found
+
+
+def dtype_tol(dtype: torch.dtype) -> float:
+    """Relative tolerance of an fp32-math op stored in `dtype`, against the fp32 reference rounded to
+    `dtype`: a couple of units in the last place of the storage type."""
+    return {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]

@@ -1,0 +1,95 @@
+"""Public API surface: backends(), the nn modules' timm constructors, unavailable-backend errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import EcaModule as TimmEca
+from timm.layers import ScaledStdConv2d as TimmStdConv
+from timm.layers import ScaledStdConv2dSame as TimmStdConvSame
+
+import nfnet_fast
+from conftest import assert_rel_close
+from nfnet_fast import _backends, ops
+from nfnet_fast import nn as fnn
+
+
+def test_backends_report():
+    info = nfnet_fast.backends()
+    assert list(info) == ["reference", "triton", "cuda"]
+    assert info["reference"].available and "cpu" in info["reference"].devices
+    for b in info.values():
+        assert isinstance(b, nfnet_fast.BackendInfo)
+        assert b.available == bool(b.devices)
+        if not b.available:
+            assert b.reason, f"{b.name} is unavailable without a reason"
+    if not torch.cuda.is_available():
+        assert "cuda" not in info["triton"].devices and "cuda" not in info["cuda"].devices
+
+
+def test_unavailable_backend_is_a_clear_error(monkeypatch):
+    down = _backends.BackendInfo("cuda", False, (), "nfnet_fast._C is not built (test)")
+    real = _backends.backends()
+    monkeypatch.setattr(_backends, "backends", lambda: {**real, "cuda": down})
+    monkeypatch.setattr(ops, "_resolved", {})
+    with pytest.raises(RuntimeError, match=r"backend='cuda' cannot run silu_scale on cpu tensors here: .*not built"):
+        ops.silu_scale(torch.ones(3), 1.0, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend='cuda' is not available here"):
+        nfnet_fast.create_model("test_nfnet", backend="cuda")
+    assert ops.resolve_backend("auto", "cpu") == "reference"
+
+
+@pytest.mark.parametrize("cls, timm_cls, kwargs", [
+    (fnn.ScaledStdConv2d, TimmStdConv, dict(stride=2, groups=2, gamma=1.7, eps=1e-5)),
+    (fnn.ScaledStdConv2dSame, TimmStdConvSame, dict(stride=2, gamma=1.7, eps=1e-5)),
+])
+def test_conv_modules_take_timm_args(cls, timm_cls, kwargs):
+    torch.manual_seed(0)
+    ref = timm_cls(8, 12, 3, **kwargs)
+    torch.manual_seed(0)
+    fast = cls(8, 12, 3, **kwargs, backend="reference")
+    with torch.no_grad():
+        ref.gain.uniform_(0.5, 1.5)
+        fast.gain.copy_(ref.gain)
+    assert isinstance(fast, timm_cls)
+    x = torch.randn(2, 8, 11, 9)
+    assert_rel_close(fast(x), ref(x), 1e-5)
+    with torch.no_grad():
+        fast.eval()
+        assert_rel_close(fast(x), ref(x), 1e-5)
+        assert fast.standardized_weight() is fast.standardized_weight(), "eval weights are cached"
+
+
+def test_eca_module_and_from_timm():
+    ref = TimmEca(96)
+    with torch.no_grad():
+        ref.conv.weight.normal_()
+    fast = fnn.EcaModule(96)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 96, 5, 5)
+    assert_rel_close(fast(x), ref(x), 1e-6)
+    mlp = TimmEca(96, use_mlp=True)
+    assert not fnn.EcaModule.can_convert(mlp)
+    with pytest.raises(TypeError, match="cannot convert"):
+        fnn.EcaModule.from_timm(mlp)
+    with pytest.raises(TypeError, match="cannot convert"):
+        fnn.ScaledStdConv2d.from_timm(torch.nn.Conv2d(2, 2, 1))
+
+
+def test_block_constructor_matches_timm():
+    from timm.models.nfnet import NormFreeBlock as TimmBlock
+    args = dict(in_chs=32, out_chs=64, stride=2, alpha=0.2, beta=0.8, group_size=16, ch_div=8, reg=False,
+                extra_conv=True, attn_layer=lambda c, **dd: TimmEca(c, **dd), act_layer=torch.nn.SiLU,
+                conv_layer=lambda *a, **k: TimmStdConv(*a, gamma=1.78, eps=1e-5, **k))
+    torch.manual_seed(0)
+    ref = TimmBlock(**args)
+    fast = fnn.NormFreeBlock(**args)
+    nfnet_fast.convert(fast)
+    fast.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 32, 9, 9)
+    assert_rel_close(fast(x), ref(x))
+    out, a_next = fast.forward_fused(x, beta_next=0.9)
+    assert_rel_close(out, ref(x))
+    assert_rel_close(a_next, F.silu(ref(x)) * 0.9)

@@ -1,0 +1,141 @@
+"""ops.eca and ops.eca_residual on every CPU backend here, against timm's EcaModule in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import EcaModule as TimmEca
+
+from conftest import cpu_backends, dtype_tol, assert_rel_close
+from nfnet_fast import ops
+
+SHAPES = [(2, 16, 5, 7), (1, 67, 3, 3), (3, 130, 1, 1), (1, 256, 9, 9), (2, 9, 1, 13)]
+LAYOUTS = ["contiguous", "channels_last", "strided_view"]
+
+
+def _make(shape, layout, dtype, g, scale=1.0):
+    if layout == "strided_view":  # every other channel of a wider, cropped tensor: no dense layout
+        n, c, h, w = shape
+        x = (torch.randn(n, 2 * c, h, w + 2, generator=g) * scale)[:, ::2, :, 2:]
+    else:
+        x = torch.randn(shape, generator=g) * scale
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+    return x.to(dtype).detach().requires_grad_()
+
+
+def _timm_eca(channels, g):
+    eca = TimmEca(channels).double()
+    with torch.no_grad():
+        eca.conv.weight.normal_(0, 0.7, generator=g)
+    return eca
+
+
+def _expect_format(out, x):
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        assert out.is_contiguous(memory_format=torch.channels_last), "channels_last input must give channels_last"
+
+
+@pytest.mark.parametrize("backend", cpu_backends("eca"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_eca(backend, dtype, shape, layout, rng):
+    x = _make(shape, layout, dtype, rng)
+    eca = _timm_eca(shape[1], rng)
+    weight = eca.conv.weight.detach().float().requires_grad_()
+    gain = float(torch.rand((), generator=rng)) * 2 + 0.5
+    out = ops.eca(x, weight.to(dtype) if dtype != torch.float32 else weight, gain, backend=backend)
+    xd = x.detach().double().requires_grad_()
+    ref = gain * eca(xd)
+    assert out.dtype == dtype
+    _expect_format(out, x)
+    assert_rel_close(out, ref, dtype_tol(dtype), f"{backend} {dtype} forward")
+
+    grad = torch.randn(shape, generator=rng).to(dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    tol = 1e-5 if dtype == torch.float32 else 4 * dtype_tol(dtype)
+    assert_rel_close(x.grad, xd.grad, tol, f"{backend} {dtype} input grad")
+    if dtype == torch.float32:
+        assert_rel_close(weight.grad, eca.conv.weight.grad.float(), 1e-5, f"{backend} weight grad")
+
+
+@pytest.mark.parametrize("backend", cpu_backends("eca_residual"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("with_next", [False, True])
+def test_eca_residual(backend, dtype, shape, layout, with_next, rng):
+    y = _make(shape, layout, dtype, rng)
+    shortcut = _make(shape, layout, dtype, rng, scale=2.0)
+    eca = _timm_eca(shape[1], rng)
+    weight = eca.conv.weight.detach().to(dtype).requires_grad_()
+    alpha, attn_gain = 0.2 + 0.1 * float(torch.rand((), generator=rng)), 2.0
+    beta_next = 1 / (1 + 0.04 * float(torch.randint(1, 6, (), generator=rng))) ** 0.5 if with_next else None
+    out = ops.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, backend=backend)
+
+    yd, sd = y.detach().double().requires_grad_(), shortcut.detach().double().requires_grad_()
+    x_ref = attn_gain * eca(yd) * alpha + sd  # timm's NormFreeBlock tail, in float64
+    refs = (x_ref, F.silu(x_ref) * beta_next) if with_next else (x_ref,)
+    outs = out if with_next else (out,)
+    assert isinstance(out, tuple) == with_next
+    for o, r, name in zip(outs, refs, ("x_next", "a_next")):
+        assert o.dtype == dtype
+        _expect_format(o, y)
+        assert_rel_close(o, r, dtype_tol(dtype), f"{backend} {dtype} {name}")
+
+    grads = [torch.randn(shape, generator=rng).to(dtype) for _ in outs]
+    torch.autograd.backward(outs, grads)
+    torch.autograd.backward(refs, [g.double() for g in grads])
+    tol = 1e-5 if dtype == torch.float32 else 4 * dtype_tol(dtype)
+    assert_rel_close(y.grad, yd.grad, tol, f"{backend} {dtype} y grad")
+    assert_rel_close(shortcut.grad, sd.grad, tol, f"{backend} {dtype} shortcut grad")
+    assert_rel_close(weight.grad.double(), eca.conv.weight.grad, 1e-5 if dtype == torch.float32 else 0.05,
+                     f"{backend} {dtype} weight grad")
+
+
+def test_weight_shapes_accepted(rng):
+    x = torch.randn(2, 12, 4, 4, generator=rng)
+    w = torch.randn(1, 1, 5, generator=rng)
+    assert torch.equal(ops.eca(x, w), ops.eca(x, w.reshape(5)))
+
+
+def _good():
+    return dict(y=torch.randn(2, 8, 3, 3), weight=torch.randn(1, 1, 3), shortcut=torch.randn(2, 8, 3, 3),
+                alpha=0.2, attn_gain=2.0)
+
+
+@pytest.mark.parametrize("change, err, match", [
+    (dict(y=torch.randn(8, 3, 3)), ValueError, "y must be 4-D"),
+    (dict(y=torch.randn(0, 8, 3, 3), shortcut=torch.randn(0, 8, 3, 3)), ValueError, "y is an empty batch"),
+    (dict(y=torch.randn(2, 8, 0, 3), shortcut=torch.randn(2, 8, 0, 3)), ValueError, "no channels or no pixels"),
+    (dict(y=torch.randint(0, 3, (2, 8, 3, 3))), TypeError, "y must be float32"),
+    (dict(weight=torch.randn(1, 1, 4)), ValueError, "k odd"),
+    (dict(weight=torch.randn(2, 1, 3)), ValueError, "weight must be the ECA conv1d kernel"),
+    (dict(weight=torch.randn(1, 1, 3, dtype=torch.float64).to(torch.int8)), TypeError, "weight must be float32"),
+    (dict(shortcut=torch.randn(2, 8, 3, 4)), ValueError, "shortcut shape"),
+    (dict(shortcut=torch.randn(2, 8, 3, 3, dtype=torch.float16)), TypeError, "shortcut has dtype"),
+    (dict(shortcut=torch.randn(2, 8, 3, 3, device="meta")), ValueError, "shortcut is on meta"),
+    (dict(weight=torch.randn(1, 1, 3, device="meta")), ValueError, "weight is on meta"),
+    (dict(alpha="0.2"), TypeError, "alpha must be a Python float"),
+    (dict(attn_gain=None), TypeError, "attn_gain must be a Python float"),
+    (dict(beta_next=[1.0]), TypeError, "beta_next must be a Python float"),
+    (dict(backend="triton2"), ValueError, "backend must be one of"),
+])
+def test_eca_residual_bad_input(change, err, match):
+    args = _good()
+    args.update(change)
+    with pytest.raises(err, match=match):
+        ops.eca_residual(**args)
+
+
+@pytest.mark.parametrize("change, err, match", [
+    (dict(x=torch.randn(2, 8, 3, 3, 1)), ValueError, "x must be 4-D"),
+    (dict(x="image"), TypeError, "x must be a torch.Tensor"),
+    (dict(gain=torch.tensor(2.0)), TypeError, "gain must be a Python float"),
+    (dict(weight=torch.randn(3, 1, 1)), ValueError, "weight must be the ECA conv1d kernel"),
+])
+def test_eca_bad_input(change, err, match):
+    args = dict(x=torch.randn(2, 8, 3, 3), weight=torch.randn(1, 1, 3), gain=1.0)
+    args.update(change)
+    with pytest.raises(err, match=match):
+        ops.eca(**args)

@@ -1,0 +1,268 @@
+"""Whole models against timm: logits, features, input and parameter gradients (DESIGN section 3)."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import nfnet_fast
+from conftest import assert_rel_close, randomize_
+from nfnet_fast import nn as fnn
+
+# Backends that run a whole model on the CPU here, each op of it.
+MODEL_BACKENDS = [b for b in ("reference", "triton", "cuda")
+                  if all(b in __import__("conftest").cpu_backends(op)
+                         for op in ("scaled_std_weight", "eca_residual", "silu_scale", "eca"))]
+
+
+def _pair(name, seed=0, backend="reference", **kwargs):
+    """(timm model, nfnet_fast model) with the same random weights."""
+    ref = randomize_(timm.create_model(name, **kwargs), seed)
+    fast = nfnet_fast.create_model(name, backend=backend, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _check_forward(ref, fast, x, what):
+    with torch.no_grad():
+        assert_rel_close(fast.forward_features(x), ref.forward_features(x), what=f"{what} features")
+        assert_rel_close(fast(x), ref(x), what=f"{what} logits")
+
+
+def _check_backward(ref, fast, x, what, seed=0):
+    outs = []
+    for model in (ref, fast):
+        xi = x.detach().clone().requires_grad_()
+        model.zero_grad(set_to_none=True)
+        out = model(xi)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
+        out.backward(g)
+        outs.append((xi.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (gx_ref, gp_ref), (gx, gp) = outs
+    assert_rel_close(gx, gx_ref, what=f"{what} input grad")
+    assert gp.keys() == gp_ref.keys()
+    for n in gp_ref:
+        assert_rel_close(gp[n], gp_ref[n], what=f"{what} grad of {n}")
+
+
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+@pytest.mark.parametrize("size, batch, channels_last", [
+    ((64, 64), 2, False), ((64, 64), 2, True), ((97, 75), 1, False), ((33, 50), 3, True)])
+def test_eca_nfnet_l0_forward(backend, size, batch, channels_last):
+    ref, fast = _pair("eca_nfnet_l0", seed=sum(size) + batch, backend=backend)
+    ref.eval(), fast.eval()
+    x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+        ref, fast = ref.to(memory_format=torch.channels_last), fast.to(memory_format=torch.channels_last)
+    _check_forward(ref, fast, x, f"eca_nfnet_l0 {backend} {size} cl={channels_last}")
+
+
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+@pytest.mark.parametrize("train", [True, False])
+def test_eca_nfnet_l0_backward(backend, train):
+    ref, fast = _pair("eca_nfnet_l0", seed=7, backend=backend)
+    ref.train(train), fast.train(train)
+    x = torch.randn(2, 3, 72, 56, generator=torch.Generator().manual_seed(3))
+    _check_backward(ref, fast, x, f"eca_nfnet_l0 {backend} train={train}")
+
+
+def test_in_chans_num_classes():
+    ref, fast = _pair("eca_nfnet_l0", seed=3, in_chans=1, num_classes=10)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 1, 48, 40, generator=torch.Generator().manual_seed(5))
+    assert fast(x).shape == (2, 10)
+    _check_forward(ref, fast, x, "in_chans=1 num_classes=10")
+    _check_backward(ref, fast, x, "in_chans=1 num_classes=10")
+
+
+# One of each other kind of NF model: GELU with gamma in the activation and 'same' padding (dm_nfnet),
+# reg blocks with SE in the middle (nf_regnet), plain ReLU pre-act ResNet (nf_resnet), SE/ECA ResNets.
+@pytest.mark.parametrize("name", ["dm_nfnet_f0", "nf_regnet_b0", "nf_resnet26", "nf_ecaresnet26",
+                                  "nf_seresnet26", "nfnet_l0"])
+def test_other_nf_models(name):
+    ref, fast = _pair(name, seed=11)
+    x = torch.randn(2, 3, 57, 49, generator=torch.Generator().manual_seed(2))
+    ref.eval(), fast.eval()
+    _check_forward(ref, fast, x, name)
+    ref.train(), fast.train()
+    _check_backward(ref, fast, x, name)
+
+
+def test_drop_path_training_matches_timm():
+    """With drop-path active in training the block takes timm's path; same RNG, same result."""
+    ref, fast = _pair("eca_nfnet_l0", seed=5, drop_path_rate=0.3, drop_rate=0.2)
+    ref.train(), fast.train()
+    x = torch.randn(2, 3, 40, 40, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    a = ref(x)
+    torch.manual_seed(0)
+    b = fast(x)
+    assert_rel_close(b, a, what="drop_path train")
+
+
+def test_modules_swapped_and_keys_equal():
+    ref = timm.create_model("eca_nfnet_l0")
+    fast = nfnet_fast.create_model("eca_nfnet_l0")
+    assert list(fast.state_dict().keys()) == list(ref.state_dict().keys())
+    kinds = {type(m) for m in fast.modules()}
+    assert {fnn.ScaledStdConv2d, fnn.EcaModule, fnn.NormFreeBlock, fnn.NormFreeStages} <= kinds
+    assert sum(isinstance(m, fnn.ScaledStdConv2d) for m in fast.modules()) == 57
+    # timm's API is kept
+    assert fast.pretrained_cfg["test_input_size"] == (3, 288, 288)
+    assert fast.get_classifier() is fast.head.fc
+    assert [f["module"] for f in fast.feature_info] == [f["module"] for f in ref.feature_info]
+    fast.reset_classifier(7)
+    assert fast(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+
+
+def test_state_dict_round_trip_both_ways():
+    ref = randomize_(timm.create_model("eca_nfnet_l0"), seed=21)
+    fast = randomize_(nfnet_fast.create_model("eca_nfnet_l0"), seed=22)
+    x = torch.randn(1, 3, 40, 40)
+    fast.load_state_dict(ref.state_dict())  # strict: every key matches
+    ref.eval(), fast.eval()
+    with torch.no_grad():
+        assert_rel_close(fast(x), ref(x), what="timm -> fast")
+    ref2 = timm.create_model("eca_nfnet_l0").eval()
+    ref2.load_state_dict(randomize_(fast, seed=23).state_dict())
+    with torch.no_grad():
+        assert_rel_close(fast(x), ref2(x), what="fast -> timm")
+
+
+def test_checkpoint_file_through_timm(tmp_path):
+    ref = randomize_(timm.create_model("eca_nfnet_l0"), seed=31).eval()
+    path = tmp_path / "eca_nfnet_l0_random.pth"
+    torch.save(ref.state_dict(), path)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        expect = ref(x)
+        fast = nfnet_fast.create_model("eca_nfnet_l0", pretrained=True,
+                                       pretrained_cfg_overlay=dict(file=str(path))).eval()
+        assert_rel_close(fast(x), expect, what="pretrained_cfg_overlay file")
+        fast2 = nfnet_fast.create_model("eca_nfnet_l0", checkpoint_path=str(path)).eval()
+        assert_rel_close(fast2(x), expect, what="checkpoint_path")
+
+
+def test_convert_live_timm_model():
+    model = randomize_(timm.create_model("eca_nfnet_l0"), seed=41).eval()
+    params = list(model.parameters())
+    x = torch.randn(2, 3, 40, 36)
+    with torch.no_grad():
+        before = model(x)
+        out = nfnet_fast.convert(model)
+        assert out is model
+        assert [p is q for p, q in zip(params, model.parameters())] == [True] * len(params)
+        assert isinstance(model.stages[1][0], fnn.NormFreeBlock)
+        assert_rel_close(model(x), before, what="convert")
+        nfnet_fast.convert(model, backend="reference")  # converting twice only sets the backend
+        assert {m.backend for m in model.modules() if isinstance(m, fnn.ScaledStdConv2d)} == {"reference"}
+
+
+def test_convert_features_only_model():
+    ref = timm.create_model("eca_nfnet_l0", features_only=True, out_indices=(1, 3))
+    randomize_(ref, seed=51).eval()
+    fast = nfnet_fast.convert(copy.deepcopy(ref)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(fast(x), ref(x)):
+            assert_rel_close(a, b, what="features_only")
+
+
+def _edit_cases():
+    def weight_inplace(m):  # not a scaling: standardisation would undo it
+        w = m.stages[2][1].conv2.weight
+        w.copy_(w.flip(-1) + 0.3 * w)
+
+    def gain_inplace(m):
+        m.stages[0][0].conv3.gain.add_(0.5)
+
+    def eca_inplace(m):
+        m.stages[1][0].attn_last.conv.weight.neg_()
+
+    def load_state_dict(m):
+        sd = m.state_dict()
+        sd["stem.conv1.weight"] = sd["stem.conv1.weight"].flip(0).clone()
+        m.load_state_dict(sd)
+
+    def load_assign(m):
+        sd = {k: v.clone() for k, v in m.state_dict().items()}
+        sd["final_conv.weight"] = sd["final_conv.weight"].roll(1, dims=1)
+        m.load_state_dict(sd, assign=True)
+
+    def to_double(m):  # new storage in a new dtype, then an edit of it
+        m.double()
+        m.stem.conv3.weight.copy_(m.stem.conv3.weight.roll(1, dims=1))
+
+    return [weight_inplace, gain_inplace, eca_inplace, load_state_dict, load_assign, to_double]
+
+
+@pytest.mark.parametrize("edit", _edit_cases(), ids=lambda f: f.__name__)
+def test_eval_cache_follows_parameter_changes(edit):
+    ref, fast = _pair("eca_nfnet_l0", seed=61)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 3, 40, 44, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = fast(x)
+        fast(x)  # the cache is warm
+        edit(ref), edit(fast)
+        xx = x.double() if edit.__name__ == "to_double" else x
+        expect = ref(xx)
+        after = fast(xx)
+    assert (after.double() - before.double()).abs().max() > 1e-3 * before.abs().max(), "the edit changed nothing"
+    assert_rel_close(after, expect, what=edit.__name__)
+
+
+def test_eval_cache_reset_by_train_and_eval_after_data_edit():
+    ref, fast = _pair("eca_nfnet_l0", seed=71)
+    ref.eval(), fast.eval()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        fast(x)
+        for m in (ref, fast):
+            m.stages[3][2].conv1.weight.data.mul_(-1)  # .data bypasses the version counter ...
+        fast.train().eval()  # ... and .eval() drops the cache, as documented
+        assert_rel_close(fast(x), ref(x), what=".data edit then eval()")
+
+
+def test_inference_mode_cache_serves_autograd_later():
+    ref, fast = _pair("eca_nfnet_l0", seed=81)
+    ref.eval(), fast.eval()
+    for m in (ref, fast):
+        m.requires_grad_(False)
+    x = torch.randn(1, 3, 40, 40)
+    with torch.inference_mode():
+        fast(x)  # fills the cache inside inference mode
+    xi = x.clone().requires_grad_()
+    fast(xi).sum().backward()  # input gradient through the cached weights
+    xr = x.clone().requires_grad_()
+    ref(xr).sum().backward()
+    assert_rel_close(xi.grad, xr.grad, what="input grad after inference_mode cache")
+
+
+def test_torch_compile_fullgraph_no_graph_break():
+    _, fast = _pair("eca_nfnet_l0", seed=91)
+    fast.eval()
+    x = torch.randn(1, 3, 40, 40)
+    compiled = torch.compile(fast, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        assert_rel_close(compiled(x), fast(x), what="torch.compile eager backend")
+
+
+def test_create_model_errors():
+    with pytest.raises(ValueError, match="unknown model 'resnet50'"):
+        nfnet_fast.create_model("resnet50")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        nfnet_fast.create_model("eca_nfnet_l0", backend="fastest")
+    with pytest.raises(TypeError, match="holds no timm NF layer"):
+        nfnet_fast.convert(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        nfnet_fast.convert("eca_nfnet_l0")
+
+
+def test_list_models():
+    names = nfnet_fast.list_models()
+    assert "eca_nfnet_l0" in names and "dm_nfnet_f0" in names and "nf_regnet_b0" in names
+    assert set(names) == set(timm.list_models(module="nfnet"))
+    assert nfnet_fast.list_models("eca_nfnet_*") == ["eca_nfnet_l0", "eca_nfnet_l1", "eca_nfnet_l2", "eca_nfnet_l3"]
+    assert "eca_nfnet_l0" in nfnet_fast.list_models(pretrained=True)

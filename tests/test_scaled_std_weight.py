@@ -1,0 +1,72 @@
+"""ops.scaled_std_weight on every CPU backend here, against float64 math and timm."""
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import ScaledStdConv2d as TimmStdConv
+
+from conftest import cpu_backends, dtype_tol, assert_rel_close
+from nfnet_fast import ops
+
+BACKENDS = cpu_backends("scaled_std_weight")
+
+
+def _ref(w, gain, scale, eps):
+    w = w.double()
+    dims = tuple(range(1, w.dim()))
+    mean = w.mean(dims, keepdim=True)
+    var = w.var(dims, unbiased=False, keepdim=True)
+    return (w - mean) / torch.sqrt(var + eps) * gain.double().reshape(-1, *[1] * (w.dim() - 1)) * scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(16, 3, 3, 3), (7, 5, 1, 1), (1, 3, 1, 1), (33, 64, 3, 3), (5, 1000)])
+def test_forward_backward(backend, dtype, shape, rng):
+    w = (torch.randn(shape, generator=rng) * 0.5 + 0.2).to(dtype).requires_grad_()
+    gain = (1 + 0.3 * torch.randn(shape[0], 1, 1, 1, generator=rng)).to(dtype).requires_grad_()
+    scale = 1.7881293296813965 * (w[0].numel() ** -0.5)
+    eps = float(torch.empty(()).uniform_(1e-6, 1e-4, generator=rng))
+    out = ops.scaled_std_weight(w, gain, scale, eps, backend=backend)
+    wd, gd = w.detach().double().requires_grad_(), gain.detach().double().requires_grad_()
+    ref = _ref(wd, gd, scale, eps)
+    assert out.dtype == dtype and out.shape == w.shape
+    assert_rel_close(out, ref, dtype_tol(dtype), f"{backend} {dtype} forward")
+
+    grad = torch.randn(shape, generator=rng).to(dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    # fp16/bf16 gradients go through a row reduction of low-precision products: a few ulps more.
+    tol = 1e-5 if dtype == torch.float32 else 4 * dtype_tol(dtype)
+    assert_rel_close(w.grad, wd.grad, tol, f"{backend} {dtype} weight grad")
+    assert_rel_close(gain.grad, gd.grad, tol, f"{backend} {dtype} gain grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_equals_timm_formula(backend, rng):
+    conv = TimmStdConv(24, 40, 3, groups=2, gamma=1.7881293296813965, eps=1e-5)
+    with torch.no_grad():
+        conv.weight.normal_(generator=rng)
+        conv.gain.uniform_(0.5, 1.5, generator=rng)
+    timm_w = F.batch_norm(conv.weight.reshape(1, 40, -1), None, None, weight=(conv.gain * conv.scale).view(-1),
+                          training=True, momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
+    out = ops.scaled_std_weight(conv.weight, conv.gain, conv.scale, conv.eps, backend=backend)
+    assert_rel_close(out, timm_w, 1e-5, backend)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(weight=torch.ones(4, 3, 3, 3, dtype=torch.int64)), TypeError, "weight must be float32"),
+    (dict(weight=torch.ones(4)), ValueError, "weight must be a non-empty conv weight"),
+    (dict(weight=torch.ones(0, 3, 1, 1), gain=torch.ones(0, 1, 1, 1)), ValueError, "non-empty"),
+    (dict(weight=torch.ones(4, 1, 1, 1)), ValueError, "fan-in of 1"),
+    (dict(gain=torch.ones(5, 1, 1, 1)), ValueError, "gain must have one value per output channel"),
+    (dict(gain=torch.ones(4, 1, 1, 1, dtype=torch.float16)), TypeError, "gain has dtype"),
+    (dict(gain="g"), TypeError, "gain must be a torch.Tensor"),
+    (dict(scale=None), TypeError, "scale must be a Python float"),
+    (dict(eps=-1.0), ValueError, "eps must be >= 0"),
+    (dict(backend="fast"), ValueError, "backend must be one of"),
+])
+def test_bad_input(kwargs, err, match):
+    args = dict(weight=torch.ones(4, 3, 3, 3), gain=torch.ones(4, 1, 1, 1), scale=0.5, eps=1e-5)
+    args.update(kwargs)
+    with pytest.raises(err, match=match):
+        ops.scaled_std_weight(**args)

@@ -1,0 +1,62 @@
+"""ops.silu_scale on every backend that runs on the CPU here, against float64 math."""
+import pytest
+import torch
+
+from conftest import cpu_backends, dtype_tol, assert_rel_close
+from nfnet_fast import ops
+
+BACKENDS = cpu_backends("silu_scale")
+
+
+def _layouts(shape, g):
+    x = torch.randn(shape, generator=g) * 3
+    yield "contiguous", x
+    if x.dim() == 4:
+        yield "channels_last", x.to(memory_format=torch.channels_last)
+        yield "strided_view", torch.randn(shape[0], shape[1] * 2, shape[2], shape[3] + 1, generator=g)[:, ::2, :, 1:]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 1, 1, 1), (3, 130, 1, 1), (1, 67, 9, 11), (1000,)])
+def test_forward_backward(backend, dtype, shape, rng):
+    beta = float(torch.rand((), generator=rng)) + 0.3
+    for layout, x0 in _layouts(shape, rng):
+        x = x0.to(dtype).detach().requires_grad_()  # a fresh leaf, strides kept
+        out = ops.silu_scale(x, beta, backend=backend)
+        xd = x.detach().double()
+        ref = xd * torch.sigmoid(xd) * beta
+        assert out.dtype == dtype and out.shape == x.shape
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            assert out.is_contiguous(memory_format=torch.channels_last), "channels_last input must give channels_last"
+        assert_rel_close(out, ref, dtype_tol(dtype), f"{backend} {dtype} {layout} forward")
+
+        grad = torch.randn(shape, generator=rng).to(dtype)
+        out.backward(grad)
+        s = torch.sigmoid(xd)
+        ref_grad = grad.double() * beta * s * (1 + xd * (1 - s))
+        assert_rel_close(x.grad, ref_grad, 2 * dtype_tol(dtype), f"{backend} {dtype} {layout} grad")
+
+
+def test_matches_timm_preactivation(rng):
+    """The NF block's pre-activation `act1(x) * beta` with timm's SiLU."""
+    x = torch.randn(2, 16, 5, 5, generator=rng)
+    assert_rel_close(ops.silu_scale(x, 0.7), torch.nn.SiLU()(x) * 0.7, 1e-6)
+
+
+@pytest.mark.parametrize("args, err, match", [
+    (([1.0, 2.0], 1.0), TypeError, "x must be a torch.Tensor"),
+    ((torch.ones(2, 3, dtype=torch.int32), 1.0), TypeError, "x must be float32"),
+    ((torch.ones(2, 3), "1"), TypeError, "beta must be a Python float"),
+    ((torch.ones(2, 3), torch.tensor(1.0)), TypeError, "beta must be a Python float"),
+    ((torch.ones(0, 3, 4, 4), 1.0), ValueError, "x is empty"),
+    ((torch.ones(2, 3).to_sparse(), 1.0), ValueError, "x must be a dense"),
+])
+def test_bad_input(args, err, match):
+    with pytest.raises(err, match=match):
+        ops.silu_scale(*args)
+
+
+def test_bad_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.silu_scale(torch.ones(2), 1.0, backend="cudnn")
