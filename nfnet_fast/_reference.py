@@ -43,10 +43,10 @@ def eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next):
         x_next = torch.addcmul(shortcut.float(), y.float(), g[:, :, None, None])
         if beta_next is None:
             return x_next.to(y.dtype)
-        a_next = F.silu(x_next) * beta_next
+        a_next = F.silu(x_next).mul_(beta_next)  # silu's backward needs its input, not its output
         return x_next.to(y.dtype), a_next.to(y.dtype)
 
 
 def silu_scale(x: torch.Tensor, beta: float) -> torch.Tensor:
     with _no_autocast(x):
-        return (F.silu(x.float()) * beta).to(x.dtype)
+        return F.silu(x.float()).mul_(beta).to(x.dtype)  # silu's backward needs its input, not its output

@@ -266,3 +266,59 @@ def test_list_models():
     assert set(names) == set(timm.list_models(module="nfnet"))
     assert nfnet_fast.list_models("eca_nfnet_*") == ["eca_nfnet_l0", "eca_nfnet_l1", "eca_nfnet_l2", "eca_nfnet_l3"]
     assert "eca_nfnet_l0" in nfnet_fast.list_models(pretrained=True)
+
+
+GPU_BACKENDS = ["reference", "triton", "cuda"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("batch, size", [(8, 288), (1, 97)])
+def test_eca_nfnet_l0_cuda(backend, batch, size):
+    """fp32 within the DESIGN tolerance; bf16 autocast within 2x timm's own autocast error plus a floor."""
+    if "cuda" not in nfnet_fast.backends()[backend].devices:
+        pytest.fail(f"backend {backend} does not run on CUDA here: {nfnet_fast.backends()[backend].reason}")
+    ref, fast = _pair("eca_nfnet_l0", seed=batch, backend=backend)
+    ref, fast = (m.cuda().eval().to(memory_format=torch.channels_last) for m in (ref, fast))
+    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on both sides
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        expect = ref(x)
+        assert_rel_close(fast(x), expect, what=f"{backend} fp32 logits")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            timm_bf16 = ref(x).float()
+            fast_bf16 = fast(x).float()
+    scale = expect.abs().max()
+    timm_err = ((timm_bf16 - expect).abs().max() / scale).item()
+    fast_err = ((fast_bf16 - expect).abs().max() / scale).item()
+    assert fast_err <= 2 * timm_err + 2e-3, f"{backend} bf16 error {fast_err:.2e} vs timm's {timm_err:.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_eca_nfnet_l0_cuda_backward(backend):
+    ref, fast = _pair("eca_nfnet_l0", seed=17, backend=backend)
+    ref, fast = ref.cuda().train(), fast.cuda().train()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _check_backward(ref, fast, torch.randn(4, 3, 96, 80).cuda(), f"cuda {backend}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compile_and_cuda_graph(backend):
+    """torch.compile(fullgraph=True) runs the model without graph breaks, and a CUDA graph captures it."""
+    from nfnet_fast.benchmark import _cuda_graphed, _inference
+    ref, fast = _pair("eca_nfnet_l0", seed=19, backend=backend)
+    ref, fast = ref.cuda().eval(), fast.cuda().eval()
+    x = torch.randn(4, 3, 128, 128, device="cuda")
+    with torch.no_grad():
+        expect = fast(x)
+        compiled = torch.compile(fast, fullgraph=True)
+        assert_rel_close(compiled(x), expect, what=f"{backend} compiled")
+    graphed = _cuda_graphed(_inference(fast, torch.device("cuda"), "fp32"), x)
+    assert_rel_close(graphed(x), expect, what=f"{backend} CUDA graph")

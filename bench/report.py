@@ -1,0 +1,132 @@
+"""Turn pytest-benchmark JSON from bench/ into the results report (Markdown + JSON).
+
+    python bench/report.py BENCH.json [--tables bench/triton_resources.md ...] --out bench/results/NAME
+
+Writes NAME.md and NAME.json: device, driver, torch/triton/CUDA versions, commit, date; inference
+and training tables with img/s, error against timm, peak memory and the ratio to each timm
+contender; per-op GB/s with the fraction of the device's HBM bandwidth.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from nfnet_fast.benchmark import Result, format_table  # noqa: E402
+
+# HBM bandwidth by device name (vendor datasheets), to express GB/s as a fraction of the bound.
+HBM_GBPS = {"H100 80GB HBM3": 3350, "H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
+            "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555, "A100 80GB PCIe": 1935}
+
+
+def environment() -> dict:
+    env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda)
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    import timm
+    env["timm"] = timm.__version__
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        env["commit"] = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                       text=True).stdout.strip() or None
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        if dirty and env["commit"]:
+            env["commit"] += " (with uncommitted changes)"
+    except OSError:
+        env["commit"] = None
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            env["driver"] = None
+    else:
+        env["device"] = f"CPU {platform.machine()} ({torch.get_num_threads()} threads), no GPU"
+        env["driver"] = None
+    return env
+
+
+def hbm_gbps(device: str):
+    for key, bw in HBM_GBPS.items():
+        if key in device:
+            return bw
+    return None
+
+
+def model_tables(benches, kind: str) -> list:
+    cases = {}
+    for b in benches:
+        info = b["extra_info"]
+        if info.get("kind") == kind:
+            cases.setdefault((info["batch"], info["size"]), []).append(
+                Result(info["contender"], info["dtype"], info["img_per_s"], b["stats"]["median"], [],
+                       info.get("max_rel_err"), info.get("peak_mem_mb")))
+    out = []
+    for (batch, size), results in sorted(cases.items(), reverse=True):
+        out += [f"### {kind}: batch {batch} @ {size}x{size}, channels_last", "", format_table(results), ""]
+    return out
+
+
+def ops_table(benches, device: str) -> list:
+    rows = [b for b in benches if "op" in b["extra_info"]]
+    if not rows:
+        return []
+    bw = hbm_gbps(device)
+    head = "| op | shape | dtype | impl | median us | GB/s |" + (" % of HBM |" if bw else "")
+    lines = ["### ops (bytes each op must move / median time)", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for b in sorted(rows, key=lambda b: (b["extra_info"]["op"], str(b["extra_info"]["shape"]), b["extra_info"]["impl"])):
+        i = b["extra_info"]
+        line = (f"| {i['op']} | {'x'.join(map(str, i['shape']))} | {i['dtype'].replace('torch.', '')} | {i['impl']} "
+                f"| {b['stats']['median'] * 1e6:.1f} | {i['gb_per_s']:.1f} |")
+        if bw:
+            line += f" {100 * i['gb_per_s'] / bw:.0f}% |"
+        lines.append(line)
+    return lines + [""]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("bench_json", nargs="+", help="pytest-benchmark --benchmark-json files")
+    p.add_argument("--out", required=True, help="output path without extension")
+    p.add_argument("--tables", nargs="*", default=[], help="static kernel tables (Markdown) to append")
+    p.add_argument("--tests", default=None, help="a file with the GPU test run's summary line(s)")
+    p.add_argument("--title", default="nfnet_fast benchmark report")
+    args = p.parse_args(argv)
+
+    benches = []
+    for path in args.bench_json:
+        if os.path.exists(path):
+            with open(path) as f:
+                benches += json.load(f).get("benchmarks", [])
+    env = environment()
+    md = [f"# {args.title}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()] + [""]
+    if args.tests and os.path.exists(args.tests):
+        md += ["## tests", "", "```", open(args.tests).read().strip(), "```", ""]
+    md += ["## throughput", ""] + model_tables(benches, "inference") + model_tables(benches, "train")
+    md += ops_table(benches, env["device"])
+    for t in args.tables:
+        if os.path.exists(t):
+            md += [f"## {os.path.basename(t)}", "", open(t).read().strip(), ""]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(args.out + ".json", "w") as f:
+        json.dump(dict(environment=env, benchmarks=[dict(name=b["name"], median_s=b["stats"]["median"],
+                                                         **b["extra_info"]) for b in benches]), f, indent=2)
+    print(f"report: {args.out}.md and {args.out}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

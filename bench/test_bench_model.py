@@ -1,0 +1,91 @@
+"""Whole-model throughput: every contender, same process, same input (DESIGN.md section 8).
+
+extra_info of each benchmark holds img_per_s, max_rel_err (against timm eager fp32 on the same
+input), peak_mem_mb (CUDA), batch and size; bench/report.py turns the JSON into ratios."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.utils import adaptive_clip_grad
+
+import nfnet_fast
+from conftest import COMPILE, CUDA, DEVICE, INFER_CASES, MAX_AUTOTUNE, MODEL, TRAIN_CASES, cached
+from nfnet_fast import benchmark as B
+
+
+def _inference_case(batch, size):
+    def make():
+        torch.manual_seed(0)
+        ref = B.build_reference(MODEL, DEVICE)
+        x = torch.randn(batch, 3, size, size, device=DEVICE).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            ref_out = ref(x).float()
+        contenders = {c.name: c for c in B.inference_contenders(ref, DEVICE, x, compile=COMPILE,
+                                                                 max_autotune=MAX_AUTOTUNE)}
+        return ref, x, ref_out, contenders
+    return cached(("infer", batch, size), make)
+
+
+def _contender_names():
+    # The names depend only on the device, the backends and COMPILE: build them from a tiny stand-in.
+    ref = torch.nn.Identity()
+    return [c.name for c in B.inference_contenders(ref, DEVICE, None, compile=COMPILE, max_autotune=MAX_AUTOTUNE)]
+
+
+@pytest.mark.parametrize("batch, size", INFER_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("name", _contender_names())
+def test_inference(benchmark, run_timed, batch, size, name):
+    ref, x, ref_out, contenders = _inference_case(batch, size)
+    c = contenders[name]
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step = c.make()
+    err = B.max_rel_err(step(x).float(), ref_out)
+    median = run_timed(lambda: step(x))
+    benchmark.extra_info.update(kind="inference", contender=name, dtype=c.dtype, batch=batch, size=size,
+                                img_per_s=batch / median, max_rel_err=err,
+                                peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if CUDA else None)
+
+
+def _train_step(model, opt, x, target, dtype):
+    """One SGD step with adaptive gradient clipping as timm trains NFNets (AGC, the classifier excluded)."""
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        loss = F.cross_entropy(model(x), target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    adaptive_clip_grad([p for n, p in model.named_parameters() if not n.startswith("head.fc")], clip_factor=0.01)
+    opt.step()
+    return loss
+
+
+def _train_names():
+    dtypes = ["fp32", "bf16"] if CUDA else ["fp32"]
+    names = [f"timm eager {d}" for d in dtypes]
+    if COMPILE:  # compiled training in the fastest dtype only: compiling forward + backward takes minutes
+        names += [f"timm compile {dtypes[-1]}"]
+    names += [f"nfnet_fast {b} {d}" for b in B.backends_for(DEVICE) for d in dtypes]
+    return names
+
+
+@pytest.mark.parametrize("batch, size", TRAIN_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("name", _train_names())
+def test_train_step(benchmark, run_timed, batch, size, name):
+    base = cached(("train-ref",), lambda: B.build_reference(MODEL, DEVICE))
+    model = copy.deepcopy(base).train()
+    dtype = name.split()[-1]
+    if name.startswith("nfnet_fast"):
+        nfnet_fast.convert(model, backend=name.split()[1])
+    fwd = torch.compile(model) if " compile " in name else model
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(batch, 3, size, size, device=DEVICE, generator=g).contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 1000, (batch,), device=DEVICE, generator=g)
+    if CUDA:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    median = run_timed(lambda: _train_step(fwd, opt, x, target, dtype))
+    benchmark.extra_info.update(kind="train", contender=name, dtype=dtype, batch=batch, size=size,
+                                img_per_s=batch / median,
+                                peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if CUDA else None)

@@ -1,0 +1,212 @@
+"""Contenders, timing and parity for the benchmarks (``nfnet-fast bench`` and ``bench/``).
+
+Every contender runs in the same process on the same input (DESIGN.md section 8): timm eager
+(fp32, bf16 autocast on CUDA), ``torch.compile`` of timm (default, and ``max-autotune`` on CUDA),
+nfnet_fast on each backend that runs on the device, and nfnet_fast compiled / CUDA-graphed on CUDA.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import timm
+import torch
+import torch.nn as nn
+
+from . import _backends
+from .model import convert
+
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Contender:
+    """One way of running the model: ``make()`` builds the callable (compiling, capturing graphs)."""
+
+    name: str
+    make: Callable[[], Step]
+    dtype: str = "fp32"
+    family: str = "timm"  # "timm" or "nfnet_fast"
+
+
+@dataclass
+class Result:
+    name: str
+    dtype: str
+    img_per_s: float
+    median_s: float
+    times_s: List[float]
+    max_rel_err: Optional[float]
+    peak_mem_mb: Optional[float]
+    extra: Dict[str, float] = field(default_factory=dict)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def random_weights_(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random values for every parameter (timm zero-initialises conv3's gain, which would make every
+    residual branch vanish and hide differences)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if name.endswith("gain"):
+                r = 1 + 0.2 * r
+            elif name.endswith("bias") or p.dim() == 1:
+                r = 0.05 * r
+            elif p.dim() == 2:  # classifier
+                r = 0.01 * r
+            p.copy_(r)
+    return model
+
+
+def build_reference(model_name: str, device: torch.device, pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's model on `device`, eval, channels_last; random weights unless `pretrained`."""
+    model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    if not pretrained:
+        random_weights_(model)
+    return model.eval().to(device=device, memory_format=torch.channels_last)
+
+
+def backends_for(device: torch.device) -> List[str]:
+    """nfnet_fast backends worth timing on `device` (the Triton interpreter is not)."""
+    names = []
+    for name, info in _backends.backends().items():
+        if device.type not in info.devices:
+            continue
+        if name == "triton" and device.type == "cpu":
+            continue
+        names.append(name)
+    return names
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _inference(model: nn.Module, device: torch.device, dtype: str) -> Step:
+    def step(x):
+        with torch.inference_mode(), _autocast(device, dtype):
+            return model(x)
+    return step
+
+
+def _cuda_graphed(step: Step, example: torch.Tensor) -> Step:
+    """Capture `step` on a static input once; replays copy the new input in and rerun the graph."""
+    static_in = example.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up kernels and caches outside the capture
+            step(static_in)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_in)
+
+    def replay(x):
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+    return replay
+
+
+def inference_contenders(ref: nn.Module, device: torch.device, example: torch.Tensor, compile: bool = True,
+                         max_autotune: bool = False, backends: Optional[List[str]] = None) -> List[Contender]:
+    """Contenders for inference on `device`, sharing `ref`'s weights (nfnet_fast gets its own copy).
+
+    Eager contenders run in fp32 and (on CUDA) bf16 autocast; compiled ones in the device's fastest
+    dtype only (bf16 on CUDA), which is the bar to beat; ``max_autotune`` adds timm under
+    ``torch.compile(mode="max-autotune")`` (minutes of autotuning).
+    """
+    cuda = device.type == "cuda"
+    dtypes = ["fp32", "bf16"] if cuda else ["fp32"]
+    fastest = dtypes[-1]
+    out: List[Contender] = []
+    for dt in dtypes:
+        out.append(Contender(f"timm eager {dt}", lambda dt=dt: _inference(ref, device, dt), dt))
+    if compile:
+        out.append(Contender(f"timm compile {fastest}", lambda: _inference(torch.compile(ref), device, fastest),
+                             fastest))
+    if max_autotune:
+        out.append(Contender(f"timm compile max-autotune {fastest}", lambda: _inference(
+            torch.compile(ref, mode="max-autotune"), device, fastest), fastest))
+    copies: Dict[str, nn.Module] = {}
+
+    def fast(backend: str) -> nn.Module:  # one converted copy per backend, made when first timed
+        if backend not in copies:
+            copies[backend] = convert(copy.deepcopy(ref), backend=backend)
+        return copies[backend]
+
+    for backend in backends if backends is not None else backends_for(device):
+        for dt in dtypes:
+            out.append(Contender(f"nfnet_fast {backend} {dt}", lambda b=backend, dt=dt: _inference(fast(b), device, dt),
+                                 dt, "nfnet_fast"))
+            if cuda:
+                out.append(Contender(f"nfnet_fast {backend} cudagraph {dt}", lambda b=backend, dt=dt: _cuda_graphed(
+                    _inference(fast(b), device, dt), example), dt, "nfnet_fast"))
+        if compile:
+            out.append(Contender(f"nfnet_fast {backend} compile {fastest}", lambda b=backend: _inference(
+                torch.compile(fast(b)), device, fastest), fastest, "nfnet_fast"))
+    return out
+
+
+def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max|out - ref| / max|ref|, the DESIGN contract's measure."""
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def measure(step: Step, x: torch.Tensor, iters: int, warmup: int, device: torch.device) -> List[float]:
+    """Seconds per call of `step(x)`, synchronised, after `warmup` calls."""
+    for _ in range(warmup):
+        step(x)
+    synchronize(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step(x)
+        synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_contender(c: Contender, x: torch.Tensor, ref_out: Optional[torch.Tensor], iters: int, warmup: int,
+                  device: torch.device) -> Result:
+    """Build, check against `ref_out`, and time one contender."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    step = c.make()
+    out = step(x).float()
+    err = None if ref_out is None else max_rel_err(out, ref_out)
+    times = measure(step, x, iters, warmup, device)
+    med = statistics.median(times)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return Result(c.name, c.dtype, x.shape[0] / med, med, times, err, peak)
+
+
+TIMM_BASELINES = ("timm eager fp32", "timm eager bf16", "timm compile fp32", "timm compile bf16",
+                  "timm compile max-autotune fp32", "timm compile max-autotune bf16")
+
+
+def format_table(results) -> str:
+    """Markdown table: error against timm fp32, img/s, and speedup over the timm contenders."""
+    base = {r.name: r.img_per_s for r in results if r.name.startswith("timm")}
+    cols = [n for n in TIMM_BASELINES if n in base]
+    head = ["contender", "max err / max abs (vs timm fp32)", "img/s", "peak MiB"] + [f"vs {c}" for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        err = "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}"
+        mem = "-" if r.peak_mem_mb is None else f"{r.peak_mem_mb:.0f}"
+        row = [r.name, err, f"{r.img_per_s:.1f}", mem] + [f"{r.img_per_s / base[c]:.2f}x" for c in cols]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
