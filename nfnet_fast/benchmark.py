@@ -17,7 +17,7 @@ import timm
 import torch
 import torch.nn as nn
 
-from . import _backends
+from . import _backends, ops
 from .model import convert
 
 Step = Callable[[torch.Tensor], torch.Tensor]
@@ -75,13 +75,20 @@ def build_reference(model_name: str, device: torch.device, pretrained: bool = Fa
     return model.eval().to(device=device, memory_format=torch.channels_last)
 
 
-def backends_for(device: torch.device) -> List[str]:
-    """nfnet_fast backends worth timing on `device` (the Triton interpreter is not)."""
+OPS = ("scaled_std_weight", "eca", "eca_residual", "silu_scale")
+
+
+def backends_for(device: torch.device, ops_needed=OPS) -> List[str]:
+    """nfnet_fast backends worth timing on `device`: those implementing every op in `ops_needed`
+    there (the Triton interpreter on a CPU is not worth timing)."""
     names = []
-    for name, info in _backends.backends().items():
-        if device.type not in info.devices:
-            continue
+    for name in _backends.NAMES:
         if name == "triton" and device.type == "cpu":
+            continue
+        try:
+            for op in ops_needed:
+                ops.resolve_backend(name, device, op)
+        except RuntimeError:
             continue
         names.append(name)
     return names

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from typing import List, Optional
@@ -63,6 +64,90 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class CliError(Exception):
+    """A failure reported as one line on stderr, without a traceback."""
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    import socket
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_model(args: argparse.Namespace, device: torch.device):
+    from . import create_model
+
+    kwargs = {}
+    if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):
+            raise CliError(f"checkpoint not found: {args.checkpoint}")
+        kwargs["checkpoint_path"] = args.checkpoint
+    if args.pretrained and not _hub_reachable():
+        # Look in the local cache only: huggingface_hub would otherwise retry for a minute, logging each try.
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        model = create_model(args.model, pretrained=args.pretrained, backend=args.backend, **kwargs)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if args.pretrained:
+            raise CliError(f"cannot load pretrained weights for {args.model} (no network, and not in the local "
+                           f"cache?): {first}") from e
+        raise CliError(f"cannot create {args.model}: {first}") from e
+    return model.eval().to(device=device, memory_format=torch.channels_last)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import ImageNetInfo, create_transform, resolve_data_config
+    from tqdm import tqdm
+
+    device = _device(args.device)
+    if not (args.pretrained or args.checkpoint):
+        print("nfnet-fast predict: warning: no --pretrained or --checkpoint, the weights are random and so are "
+              "the predictions", file=sys.stderr)
+    model = _load_model(args, device)
+    transform = create_transform(**resolve_data_config({}, model=model))
+    labels = ImageNetInfo() if model.num_classes == 1000 else None
+    failed, results = 0, []
+
+    def flush(paths, batch):
+        x = torch.stack(batch).to(device).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            probs = model(x).float().softmax(-1)
+        top = probs.topk(min(args.topk, probs.shape[-1]), dim=-1)
+        for path, p, i in zip(paths, top.values.tolist(), top.indices.tolist()):
+            names = [labels.index_to_description(k) if labels else str(k) for k in i]
+            results.append(dict(image=path, topk=[dict(index=k, label=n, prob=v) for k, n, v in zip(i, names, p)]))
+
+    paths, batch = [], []
+    for path in tqdm(args.images, desc="images", unit="img", file=sys.stderr,
+                     disable=args.quiet or len(args.images) < 2 * args.batch_size):
+        try:
+            with Image.open(path) as im:
+                batch.append(transform(im.convert("RGB")))
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            failed += 1
+            why = "no such file" if isinstance(e, FileNotFoundError) else f"not a readable image ({type(e).__name__})"
+            print(f"nfnet-fast predict: skipping {path}: {why}", file=sys.stderr)
+            continue
+        paths.append(path)
+        if len(batch) == args.batch_size:
+            flush(paths, batch)
+            paths, batch = [], []
+    if batch:
+        flush(paths, batch)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for r in results:
+            print(f"{r['image']}: " + " | ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["topk"]))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nfnet-fast", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -80,12 +165,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="also write the results as JSON here")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
+
+    q = sub.add_parser("predict", help="classify images (timm's eval transforms, ImageNet labels)")
+    q.add_argument("images", nargs="+", metavar="IMAGE")
+    w = q.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (hub or local cache)")
+    w.add_argument("--checkpoint", metavar="FILE", help="a timm-format checkpoint of the model")
+    q.add_argument("--model", default="eca_nfnet_l0")
+    q.add_argument("--topk", type=int, default=5)
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    q.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    q.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    q.add_argument("--quiet", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_predict)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CliError as e:
+        print(f"nfnet-fast {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
