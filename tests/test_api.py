@@ -93,3 +93,21 @@ def test_block_constructor_matches_timm():
     out, a_next = fast.forward_fused(x, beta_next=0.9)
     assert_rel_close(out, ref(x))
     assert_rel_close(a_next, F.silu(ref(x)) * 0.9)
+
+
+def test_import_without_extension():
+    """`import nfnet_fast` never fails because nfnet_fast._C is missing; backends() says why."""
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['nfnet_fast._C'] = None\n"
+            "import torch, nfnet_fast\n"
+            "b = nfnet_fast.backends()['cuda']\n"
+            "assert not b.available and 'not built' in b.reason, b\n"
+            "m = nfnet_fast.create_model('test_nfnet').eval()\n"
+            "print(m(torch.randn(1, 3, 32, 32)).shape)\n"
+            "try:\n    nfnet_fast.ops.silu_scale(torch.ones(2), 1.0, backend='cuda')\n"
+            "except RuntimeError as e:\n    print('error:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "torch.Size([1, 1000])" in out.stdout
+    assert "backend='cuda' cannot run silu_scale on cpu tensors here: nfnet_fast._C is not built" in out.stdout
