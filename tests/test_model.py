@@ -272,7 +272,6 @@ GPU_BACKENDS = ["reference", "triton", "cuda"]
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("batch, size", [(8, 288), (1, 97)])
 def test_eca_nfnet_l0_cuda(backend, batch, size):
@@ -297,7 +296,6 @@ def test_eca_nfnet_l0_cuda(backend, batch, size):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_eca_nfnet_l0_cuda_backward(backend):
     ref, fast = _pair("eca_nfnet_l0", seed=17, backend=backend)
@@ -308,7 +306,6 @@ def test_eca_nfnet_l0_cuda_backward(backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_compile_and_cuda_graph(backend):
     """torch.compile(fullgraph=True) runs the model without graph breaks, and a CUDA graph captures it."""
