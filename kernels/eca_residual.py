@@ -26,6 +26,14 @@ The partial sums are saved for the backward, which recomputes the gate instead o
    the conv1d weight gradient (reduced over programs by the caller: again no atomics);
 3. apply: dy = gx * gate + (1/HW) * sum_j w[j] * dL/dlogit[n, c - j + (K-1)/2].
 
+Activation volumes moved from/to HBM (one volume = N*C*H*W elements): forward 5 with the next
+pre-activation (pool: y in; apply: y and shortcut in, x and a out), 4 without it, 3 for ops.eca;
+backward 7 with a gradient for a (reduce: dx, da, y, shortcut in, dshortcut out; dy pass:
+dshortcut in, dy out), 4 without (reduce: dx, y in; dy pass: dx in, dy out). The pooling read of
+y is the one read beyond "each activation once": removing it needs the sums from the producer of
+y (conv3's epilogue, DESIGN section 5), which could hand them to the apply kernels in the same
+(N, S, C) form.
+
 Memory formats: NCHW (pixels contiguous) and channels_last (channels contiguous) have their own
 kernels, so the contiguous axis is always the vectorised one; the caller makes other strides
 contiguous. Math is fp32, storage is ``y``'s dtype.
