@@ -141,6 +141,14 @@ def _dy_tile(gx_ptr, dy_ptr, offs, m, g, dmean):
 
 
 @triton.jit
+def _reversed_ids():
+    """(program_id(0), program_id(1)) in reverse launch order. Apply passes run right after a pass
+    over the same activation (pool, backward reduce); starting where that pass ended re-reads its
+    last tiles from L2 instead of HBM (50 MB of L2 on an H100: a good part of a 9x9 activation)."""
+    return tl.num_programs(0) - 1 - tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
+
+
+@triton.jit
 def _nhwc_tile(t, c, cmask, C, HW, BLOCK_P: tl.constexpr):
     """Offsets (within an image) and mask of pixel tile ``t`` at channels ``c``, channels_last."""
     p = t * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -203,9 +211,9 @@ def _pool_nchw_kernel(y_ptr, part_ptr, NC, C, HW, S, per,
 @triton.jit(do_not_specialize=["S", "A", "per"])
 def _apply_nhwc_kernel(y_ptr, sc_ptr, x_ptr, a_ptr, part_ptr, w_ptr, C, HW, S, K, inv_hw, coef, beta, A, per,
                        HAS_RES: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)  # n * A + (pixel chunk)
+    pid, cb = _reversed_ids()  # pid = n * A + (pixel chunk)
     n = pid // A
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     g = coef * _gate(part_ptr + n * S * C, w_ptr, c, cmask, C, S, K, inv_hw)
     img = n.to(tl.int64) * HW * C
@@ -220,11 +228,12 @@ def _apply_nhwc_kernel(y_ptr, sc_ptr, x_ptr, a_ptr, part_ptr, w_ptr, C, HW, S, K
 def _apply_nchw_kernel(y_ptr, sc_ptr, x_ptr, a_ptr, part_ptr, w_ptr, NC, C, HW, S, K, inv_hw, coef, beta, per,
                        HAS_RES: tl.constexpr, HAS_NEXT: tl.constexpr, ROWS: tl.constexpr, BLOCK_HW: tl.constexpr,
                        ALIGN: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    pid, split = _reversed_ids()
+    rows = pid * ROWS + tl.arange(0, ROWS)
     row_off, rmask = _nchw_rows(rows, NC, HW, ALIGN)
     n = rows // C
     g = coef * _gate(part_ptr + n * (S * C), w_ptr, rows - n * C, rmask, C, S, K, inv_hw)
-    t0 = tl.program_id(1) * per
+    t0 = split * per
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
         offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
         _apply_tile(y_ptr, sc_ptr, x_ptr, a_ptr, offs, m, g[:, None], beta, HAS_RES, HAS_NEXT)
@@ -307,9 +316,9 @@ def _gate_bwd_kernel(part_ptr, dpart_ptr, w_ptr, gate_ptr, dz_ptr, dwp_ptr, C, S
 @triton.jit(do_not_specialize=["A", "per"])
 def _dy_nhwc_kernel(gx_ptr, gate_ptr, dz_ptr, w_ptr, dy_ptr, C, HW, K, inv_hw, A, per,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    pid = tl.program_id(0)
+    pid, cb = _reversed_ids()
     n = pid // A
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     g = tl.load(gate_ptr + n * C + c, mask=cmask, other=0.0)
     dmean = _dlogit_to_mean(dz_ptr + n * C, w_ptr, c, cmask, C, K, inv_hw)
@@ -323,12 +332,13 @@ def _dy_nhwc_kernel(gx_ptr, gate_ptr, dz_ptr, w_ptr, dy_ptr, C, HW, K, inv_hw, A
 @triton.jit(do_not_specialize=["NC", "per"])
 def _dy_nchw_kernel(gx_ptr, gate_ptr, dz_ptr, w_ptr, dy_ptr, NC, C, HW, K, inv_hw, per,
                     ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    pid, split = _reversed_ids()
+    rows = pid * ROWS + tl.arange(0, ROWS)
     row_off, rmask = _nchw_rows(rows, NC, HW, ALIGN)
     n = rows // C
     g = tl.load(gate_ptr + rows, mask=rmask, other=0.0)
     dmean = _dlogit_to_mean(dz_ptr + n * C, w_ptr, rows - n * C, rmask, C, K, inv_hw)
-    t0 = tl.program_id(1) * per
+    t0 = split * per
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
         offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
         _dy_tile(gx_ptr, dy_ptr, offs, m, g[:, None], dmean[:, None])
