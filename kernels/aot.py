@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, Iterable, List, Optional
+from typing import Iterable, List, Optional
 
 OPS = ("silu_scale", "scaled_std_weight", "eca_residual")
 DTYPES = ("fp32", "fp16", "bf16")
