@@ -1,0 +1,523 @@
+"""ECA fused with the NF block's residual tail and the next block's pre-activation.
+
+Forward, for an activation ``y`` (N, C, H, W) and a conv1d kernel ``w`` of odd length K::
+
+    gate[n, c] = coef * sigmoid(sum_j w[j] * mean_hw(y)[n, c + j - (K-1)/2])   (zero padding)
+    x = y * gate (+ shortcut)                 coef = gain (ops.eca) or alpha * attn_gain
+    a = silu(x) * beta_next                   (optional, written in the same pass)
+
+in two launches and no grid-wide sync:
+
+1. pool: fp32 channel sums. A program owns a tile column (32 pixels x 128 channels for
+   channels_last, 32 (n, c) rows x 128 pixels for NCHW) and walks ``per`` tiles of it, keeping a
+   tile-shaped fp32 accumulator so loads are not serialised behind reductions. When there are
+   too few columns to fill the GPU (large H*W, small batch), the pixels are split S ways and each
+   split writes its own partial sums to ``part[n, s, c]``: no atomics, so the result is
+   deterministic and needs no zeroing launch.
+2. apply: each program first computes the gate of its channels inline from the partial sums
+   (K * S fp32 loads from L2, once per program) and then streams its pixels: y and shortcut are
+   read once, x and a written once.
+
+The partial sums are saved for the backward, which recomputes the gate instead of saving it:
+
+1. reduce: gx = dL/dx (+ dL/da * beta * silu'(x), with x recomputed from y, shortcut and the gate,
+   then written out as the shortcut's gradient), and fp32 partial sums of gx * y per (n, c);
+2. gate: per (n, c), dL/dlogit from those sums, the gate itself, and per-program partial sums of
+   the conv1d weight gradient (reduced over programs by the caller: again no atomics);
+3. apply: dy = gx * gate + (1/HW) * sum_j w[j] * dL/dlogit[n, c - j + (K-1)/2].
+
+Activation volumes moved from/to HBM (one volume = N*C*H*W elements): forward 5 with the next
+pre-activation (pool: y in; apply: y and shortcut in, x and a out), 4 without it, 3 for ops.eca;
+backward 7 with a gradient for a (reduce: dx, da, y, shortcut in, dshortcut out; dy pass:
+dshortcut in, dy out), 4 without (reduce: dx, y in; dy pass: dx in, dy out). The pooling read of
+y is the one read beyond "each activation once": removing it needs the sums from the producer of
+y (conv3's epilogue, DESIGN section 5), which could hand them to the apply kernels in the same
+(N, S, C) form.
+
+Memory formats: NCHW (pixels contiguous) and channels_last (channels contiguous) have their own
+kernels, so the contiguous axis is always the vectorised one; the caller makes other strides
+contiguous. Math is fp32, storage is ``y``'s dtype.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import AotSpec, device_guard
+
+# channels_last tile: 32 pixels x 128 channels. 128 channels are 256 contiguous bytes in bf16 (512
+# in fp32): whole 128-byte lines and 16-byte vectors along C; 4096 elements at 8 warps = 16 a thread.
+BLOCK_P = 32
+BLOCK_C = 128
+# NCHW tile: 32 (n, c) rows x 128 pixels, the same 4096 elements; the pixels of a row are contiguous.
+ROWS = 32
+BLOCK_HW = 128
+NUM_WARPS = 8
+# gate backward: one program per (image, 128 channels), tiny work.
+GATE_BLOCK = 128
+GATE_WARPS = 4
+# Enough programs to fill 132 SMs (8 resident CTAs of 256 threads each) about twice: splits are
+# only added while a layer has fewer tile columns than this (large H*W at a small batch).
+TARGET_PROGRAMS = 2048
+# Every apply program reads K * S partial sums per channel to build its gate; capping S at 8
+# keeps that below a few percent of the bytes it streams.
+MAX_POOL_SPLITS = 8
+# Under the interpreter (CPU tensors) programs run one after another at milliseconds of Python
+# each, so CPU launches use 8x taller tiles and never split; the math is the same code.
+# tests/test_triton.py sets GPU_CONFIG_ON_CPU to run the GPU configuration (splits included) there.
+CPU_BLOCK_P = 256
+CPU_ROWS = 256
+GPU_CONFIG_ON_CPU = False
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+
+@triton.jit
+def _gate(part_ptr, w_ptr, c, cmask, C, S, K, inv_hw):
+    """sigmoid(conv1d(mean_hw)) at channels ``c`` (fp32). ``part_ptr`` points at the (S, C) fp32
+    partial sums of each channel's image: one pointer, or one per element of ``c``."""
+    P = (K - 1) // 2
+    z = tl.zeros(c.shape, tl.float32)
+    for j in range(K):
+        cc = c + (j - P)
+        m = cmask & (cc >= 0) & (cc < C)
+        p = tl.zeros(c.shape, tl.float32)
+        for s in range(S):
+            p += tl.load(part_ptr + s * C + cc, mask=m, other=0.0)
+        z += tl.load(w_ptr + j) * p
+    return tl.sigmoid(z * inv_hw)
+
+
+@triton.jit
+def _dlogit_to_mean(dz_ptr, w_ptr, c, cmask, C, K, inv_hw):
+    """dL/dy contribution through the pooling: (1/HW) * sum_j w[j] * dz[c - j + P] (the conv1d's
+    transpose); ``dz_ptr`` points at each channel's image's C logit gradients."""
+    P = (K - 1) // 2
+    acc = tl.zeros(c.shape, tl.float32)
+    for j in range(K):
+        cc = c - (j - P)
+        m = cmask & (cc >= 0) & (cc < C)
+        acc += tl.load(w_ptr + j) * tl.load(dz_ptr + cc, mask=m, other=0.0)
+    return acc * inv_hw
+
+
+@triton.jit
+def _apply_tile(y_ptr, sc_ptr, x_ptr, a_ptr, offs, m, g, beta, HAS_RES: tl.constexpr, HAS_NEXT: tl.constexpr):
+    out = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32) * g
+    if HAS_RES:
+        out += tl.load(sc_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(x_ptr + offs, out.to(x_ptr.dtype.element_ty), mask=m)
+    if HAS_NEXT:  # a = silu(x) * beta from the fp32 x, before x is rounded to the storage dtype
+        tl.store(a_ptr + offs, (out * tl.sigmoid(out) * beta).to(a_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _reduce_tile(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, offs, m, g, beta,
+                 HAS_GX: tl.constexpr, HAS_GA: tl.constexpr):
+    """gx * y for one tile, gx = dL/dx (through x and, when HAS_GA, through a = silu(x) * beta);
+    with HAS_GA gx is also the shortcut's gradient and is stored."""
+    y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    if HAS_GX:
+        gx = tl.load(gx_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    else:
+        gx = tl.zeros_like(y)
+    if HAS_GA:
+        x = y * g + tl.load(sc_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        s = tl.sigmoid(x)
+        gx += tl.load(ga_ptr + offs, mask=m, other=0.0).to(tl.float32) * beta * s * (1.0 + x * (1.0 - s))
+        tl.store(dsc_ptr + offs, gx.to(dsc_ptr.dtype.element_ty), mask=m)
+    return gx * y
+
+
+@triton.jit
+def _dy_tile(gx_ptr, dy_ptr, offs, m, g, dmean):
+    gx = tl.load(gx_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(dy_ptr + offs, (gx * g + dmean).to(dy_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _reversed_ids():
+    """(program_id(0), program_id(1)) in reverse launch order. Apply passes run right after a pass
+    over the same activation (pool, backward reduce); starting where that pass ended re-reads its
+    last tiles from L2 instead of HBM (50 MB of L2 on an H100: a good part of a 9x9 activation)."""
+    return tl.num_programs(0) - 1 - tl.program_id(0), tl.num_programs(1) - 1 - tl.program_id(1)
+
+
+@triton.jit
+def _nhwc_tile(t, c, cmask, C, HW, BLOCK_P: tl.constexpr):
+    """Offsets (within an image) and mask of pixel tile ``t`` at channels ``c``, channels_last."""
+    p = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    return p[:, None] * C + c[None, :], (p < HW)[:, None] & cmask[None, :]
+
+
+@triton.jit
+def _nchw_rows(rows, NC, HW, ALIGN: tl.constexpr):
+    """Row start offsets and mask for NCHW rows (n * C + c). ALIGN (a power of two dividing HW)
+    tells the compiler how far row starts stay aligned, so rows of 18x18 = 4 * 81 pixels still get
+    (shorter) vector loads."""
+    rmask = rows < NC
+    return tl.multiple_of(rows.to(tl.int64) * HW, ALIGN), rmask
+
+
+@triton.jit
+def _nchw_tile(t, row_off, rmask, HW, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
+    """Offsets and mask of pixel tile ``t`` of NCHW rows. HW is a multiple of ALIGN and tiles
+    start at multiples of it, so the mask is constant over runs of ALIGN pixels: saying so keeps
+    the masked loads vectorised when HW % 16 != 0."""
+    hw = t * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    m = tl.max_constancy(rmask[:, None] & (hw < HW)[None, :], [1, ALIGN])
+    return row_off[:, None] + hw[None, :], m
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+
+
+@triton.jit(do_not_specialize=["S", "per"])
+def _pool_nhwc_kernel(y_ptr, part_ptr, C, HW, S, per, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)  # n * S + s
+    n = pid // S
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    y_img = y_ptr + n.to(tl.int64) * HW * C
+    t0 = (pid % S) * per
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_P))):
+        offs, m = _nhwc_tile(t, c, cmask, C, HW, BLOCK_P)
+        acc += tl.load(y_img + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(part_ptr + pid * C + c, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["NC", "S", "per"])
+def _pool_nchw_kernel(y_ptr, part_ptr, NC, C, HW, S, per,
+                      ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_off, rmask = _nchw_rows(rows, NC, HW, ALIGN)
+    s = tl.program_id(1)
+    t0 = s * per
+    acc = tl.zeros([ROWS, BLOCK_HW], tl.float32)
+    for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
+        offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
+        acc += tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    n = rows // C
+    tl.store(part_ptr + (n * S + s) * C + (rows - n * C), tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit(do_not_specialize=["S", "A", "per"])
+def _apply_nhwc_kernel(y_ptr, sc_ptr, x_ptr, a_ptr, part_ptr, w_ptr, C, HW, S, K, inv_hw, coef, beta, A, per,
+                       HAS_RES: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid, cb = _reversed_ids()  # pid = n * A + (pixel chunk)
+    n = pid // A
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    g = coef * _gate(part_ptr + n * S * C, w_ptr, c, cmask, C, S, K, inv_hw)
+    img = n.to(tl.int64) * HW * C
+    t0 = (pid % A) * per
+    for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_P))):
+        offs, m = _nhwc_tile(t, c, cmask, C, HW, BLOCK_P)
+        _apply_tile(y_ptr + img, sc_ptr + img, x_ptr + img, a_ptr + img, offs, m, g[None, :], beta,
+                    HAS_RES, HAS_NEXT)
+
+
+@triton.jit(do_not_specialize=["NC", "S", "per"])
+def _apply_nchw_kernel(y_ptr, sc_ptr, x_ptr, a_ptr, part_ptr, w_ptr, NC, C, HW, S, K, inv_hw, coef, beta, per,
+                       HAS_RES: tl.constexpr, HAS_NEXT: tl.constexpr, ROWS: tl.constexpr, BLOCK_HW: tl.constexpr,
+                       ALIGN: tl.constexpr):
+    pid, split = _reversed_ids()
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_off, rmask = _nchw_rows(rows, NC, HW, ALIGN)
+    n = rows // C
+    g = coef * _gate(part_ptr + n * (S * C), w_ptr, rows - n * C, rmask, C, S, K, inv_hw)
+    t0 = split * per
+    for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
+        offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
+        _apply_tile(y_ptr, sc_ptr, x_ptr, a_ptr, offs, m, g[:, None], beta, HAS_RES, HAS_NEXT)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward
+
+
+@triton.jit(do_not_specialize=["S", "Sb", "per"])
+def _reduce_nhwc_kernel(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, part_ptr, w_ptr, dpart_ptr, C, HW, S, Sb, K,
+                        inv_hw, coef, beta, per, HAS_GX: tl.constexpr, HAS_GA: tl.constexpr,
+                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)  # n * Sb + split
+    n = pid // Sb
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    if HAS_GA:  # x = y * gate + shortcut is needed for silu'(x)
+        g = coef * _gate(part_ptr + n * S * C, w_ptr, c, cmask, C, S, K, inv_hw)
+    else:
+        g = tl.zeros([BLOCK_C], tl.float32)
+    img = n.to(tl.int64) * HW * C
+    t0 = (pid % Sb) * per
+    acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_P))):
+        offs, m = _nhwc_tile(t, c, cmask, C, HW, BLOCK_P)
+        acc += _reduce_tile(gx_ptr + img, ga_ptr + img, y_ptr + img, sc_ptr + img, dsc_ptr + img, offs, m,
+                            g[None, :], beta, HAS_GX, HAS_GA)
+    tl.store(dpart_ptr + pid * C + c, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit(do_not_specialize=["NC", "S", "Sb", "per"])
+def _reduce_nchw_kernel(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, part_ptr, w_ptr, dpart_ptr, NC, C, HW, S, Sb, K,
+                        inv_hw, coef, beta, per, HAS_GX: tl.constexpr, HAS_GA: tl.constexpr,
+                        ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    row_off, rmask = _nchw_rows(rows, NC, HW, ALIGN)
+    n = rows // C
+    c = rows - n * C
+    if HAS_GA:
+        g = coef * _gate(part_ptr + n * (S * C), w_ptr, c, rmask, C, S, K, inv_hw)
+    else:
+        g = tl.zeros([ROWS], tl.float32)
+    s = tl.program_id(1)
+    t0 = s * per
+    acc = tl.zeros([ROWS, BLOCK_HW], tl.float32)
+    for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
+        offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
+        acc += _reduce_tile(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, offs, m, g[:, None], beta, HAS_GX, HAS_GA)
+    tl.store(dpart_ptr + (n * Sb + s) * C + c, tl.sum(acc, axis=1), mask=rmask)
+
+
+@triton.jit(do_not_specialize=["S", "Sb"])
+def _gate_bwd_kernel(part_ptr, dpart_ptr, w_ptr, gate_ptr, dz_ptr, dwp_ptr, C, S, Sb, K, inv_hw, coef,
+                     BLOCK: tl.constexpr):
+    n = tl.program_id(0)
+    cb = tl.program_id(1)
+    c = cb * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    part_n = part_ptr + n * S * C
+    sig = _gate(part_n, w_ptr, c, cmask, C, S, K, inv_hw)
+    dgate = tl.zeros([BLOCK], tl.float32)
+    for s in range(Sb):
+        dgate += tl.load(dpart_ptr + (n * Sb + s) * C + c, mask=cmask, other=0.0)
+    dz = tl.where(cmask, dgate * coef * sig * (1.0 - sig), 0.0)  # dL/dlogit
+    tl.store(gate_ptr + n * C + c, coef * sig, mask=cmask)
+    tl.store(dz_ptr + n * C + c, dz, mask=cmask)
+    # dL/dw[j] = sum_c dz[c] * mean[c + j - P]: one partial sum per (program, j), summed by the caller.
+    P = (K - 1) // 2
+    row = (n * tl.num_programs(1) + cb) * K
+    for j in range(K):
+        cc = c + (j - P)
+        m = cmask & (cc >= 0) & (cc < C)
+        p = tl.zeros([BLOCK], tl.float32)
+        for s in range(S):
+            p += tl.load(part_n + s * C + cc, mask=m, other=0.0)
+        tl.store(dwp_ptr + row + j, tl.sum(dz * p) * inv_hw)
+
+
+@triton.jit(do_not_specialize=["A", "per"])
+def _dy_nhwc_kernel(gx_ptr, gate_ptr, dz_ptr, w_ptr, dy_ptr, C, HW, K, inv_hw, A, per,
+                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid, cb = _reversed_ids()
+    n = pid // A
+    c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = c < C
+    g = tl.load(gate_ptr + n * C + c, mask=cmask, other=0.0)
+    dmean = _dlogit_to_mean(dz_ptr + n * C, w_ptr, c, cmask, C, K, inv_hw)
+    img = n.to(tl.int64) * HW * C
+    t0 = (pid % A) * per
+    for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_P))):
+        offs, m = _nhwc_tile(t, c, cmask, C, HW, BLOCK_P)
+        _dy_tile(gx_ptr + img, dy_ptr + img, offs, m, g[None, :], dmean[None, :])
+
+
+@triton.jit(do_not_specialize=["NC", "per"])
+def _dy_nchw_kernel(gx_ptr, gate_ptr, dz_ptr, w_ptr, dy_ptr, NC, C, HW, K, inv_hw, per,
+                    ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
+    pid, split = _reversed_ids()
+    rows = pid * ROWS + tl.arange(0, ROWS)
+    row_off, rmask = _nchw_rows(rows, NC, HW, ALIGN)
+    n = rows // C
+    g = tl.load(gate_ptr + rows, mask=rmask, other=0.0)
+    dmean = _dlogit_to_mean(dz_ptr + n * C, w_ptr, rows - n * C, rmask, C, K, inv_hw)
+    t0 = split * per
+    for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
+        offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
+        _dy_tile(gx_ptr, dy_ptr, offs, m, g[:, None], dmean[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configuration
+
+
+class Plan(NamedTuple):
+    """How one launch covers an (N, C, H, W) activation: each tile column (a program's strip of
+    channels or (n, c) rows) is cut into ``splits`` pieces of ``per`` pixel tiles."""
+
+    splits: int
+    per: int
+    grid: tuple
+    tile: dict  # the layout kernels' tile constexprs and num_warps
+
+
+def plan(shape, channels_last: bool, device: torch.device, pool: bool = False) -> Plan:
+    """The launch of a pool/reduce (``pool=True``: splits capped, they become partial sums) or
+    apply kernel for ``shape``. CPU tensors (the interpreter) get CPU_* tiles and no splits unless
+    GPU_CONFIG_ON_CPU is set."""
+    gpu = device.type == "cuda" or GPU_CONFIG_ON_CPU
+    n, c, h, w = shape
+    hw = h * w
+    if channels_last:
+        bp = BLOCK_P if gpu else CPU_BLOCK_P
+        cols, tiles = n * triton.cdiv(c, BLOCK_C), triton.cdiv(hw, bp)
+        tile = dict(BLOCK_P=bp, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+    else:
+        rows = ROWS if gpu else CPU_ROWS
+        cols, tiles = triton.cdiv(n * c, rows), triton.cdiv(hw, BLOCK_HW)
+        tile = dict(ROWS=rows, BLOCK_HW=BLOCK_HW, ALIGN=_align(hw), num_warps=NUM_WARPS)
+    want = min(triton.cdiv(TARGET_PROGRAMS if gpu else 1, cols), tiles, MAX_POOL_SPLITS if pool else 65535)
+    per = triton.cdiv(tiles, want)
+    splits = triton.cdiv(tiles, per)
+    # channels_last: (image x split, channel block); NCHW: (row block, split)
+    grid = (n * splits, cols // n) if channels_last else (cols, splits)
+    return Plan(splits, per, grid, tile)
+
+
+def _align(hw: int) -> int:
+    """ALIGN for NCHW rows of ``hw`` pixels: 16, 4 or 1, the largest that divides ``hw``. (The hint
+    replaces what Triton infers, so 16-divisible sizes must say 16, not 4.)"""
+    return 16 if hw % 16 == 0 else 4 if hw % 4 == 0 else 1
+
+
+def pool_splits(shape, channels_last: bool, device: torch.device) -> int:
+    """S, the number of fp32 partial sums per (n, c) that :func:`forward` returns."""
+    return plan(shape, channels_last, device, pool=True).splits
+
+
+def is_channels_last(y: torch.Tensor) -> bool:
+    """Which kernels serve ``y`` (NCHW- or channels_last-contiguous; NCHW when both)."""
+    return not y.is_contiguous()
+
+
+def _check(y: torch.Tensor) -> None:
+    n, c, h, w = y.shape
+    if c * h * w >= 2 ** 31:
+        raise ValueError(f"one image of {c}x{h}x{w} elements is too large for 32-bit in-image offsets")
+
+
+def _pool(y: torch.Tensor, cl: bool) -> torch.Tensor:
+    n, c, h, w = y.shape
+    pl = plan(y.shape, cl, y.device, pool=True)
+    part = torch.empty((n, pl.splits, c), device=y.device, dtype=torch.float32)
+    if cl:
+        _pool_nhwc_kernel[pl.grid](y, part, c, h * w, pl.splits, pl.per, **pl.tile)
+    else:
+        _pool_nchw_kernel[pl.grid](y, part, n * c, c, h * w, pl.splits, pl.per, **pl.tile)
+    return part
+
+
+def forward(y: torch.Tensor, weight: torch.Tensor, shortcut: Optional[torch.Tensor], coef: float,
+            beta_next: Optional[float]):
+    """``(x, a, part)``: ``x = coef * y * gate (+ shortcut)``, ``a = silu(x) * beta_next`` (None
+    without ``beta_next``) and the (N, S, C) fp32 partial channel sums the backward needs.
+
+    ``y`` is NCHW- or channels_last-contiguous; ``shortcut`` (or None) has ``y``'s strides;
+    ``weight`` holds the K conv1d taps in fp32, contiguous. Outputs have ``y``'s strides.
+    """
+    _check(y)
+    n, c, h, w = y.shape
+    cl = is_channels_last(y)
+    x = torch.empty_like(y)
+    a = torch.empty_like(y) if beta_next is not None else None
+    with device_guard(y):
+        part = _pool(y, cl)
+        pl = plan(y.shape, cl, y.device)
+        args = (y, y if shortcut is None else shortcut, x, x if a is None else a, part, weight)
+        scal = (part.shape[1], weight.numel(), 1.0 / (h * w), float(coef),
+                0.0 if beta_next is None else float(beta_next))
+        flags = dict(HAS_RES=shortcut is not None, HAS_NEXT=a is not None, **pl.tile)
+        if cl:
+            _apply_nhwc_kernel[pl.grid](*args, c, h * w, *scal, pl.splits, pl.per, **flags)
+        else:
+            _apply_nchw_kernel[pl.grid](*args, n * c, c, h * w, *scal, pl.per, **flags)
+    return x, a, part
+
+
+def backward(grad_x: Optional[torch.Tensor], grad_a: Optional[torch.Tensor], y: torch.Tensor,
+             weight: torch.Tensor, shortcut: Optional[torch.Tensor], part: torch.Tensor, coef: float,
+             beta: Optional[float]):
+    """``(dy, dweight, dshortcut)`` of :func:`forward`'s outputs.
+
+    ``grad_x``/``grad_a`` are the gradients of x and a (either may be None, not both; ``grad_a``
+    needs ``shortcut`` and ``beta``), with ``y``'s strides. ``dweight`` is fp32 (K,). ``dshortcut``
+    is computed only with ``grad_a`` (else it is ``grad_x`` itself, and None is returned).
+    """
+    _check(y)
+    n, c, h, w = y.shape
+    hw = h * w
+    k = weight.numel()
+    cl = is_channels_last(y)
+    has_ga = grad_a is not None
+    dsc = torch.empty_like(y) if has_ga else None
+    dy = torch.empty_like(y)
+    with device_guard(y):
+        pr = plan(y.shape, cl, y.device, pool=True)
+        dpart = torch.empty((n, pr.splits, c), device=y.device, dtype=torch.float32)
+        ptrs = (y if grad_x is None else grad_x, grad_a if has_ga else y, y, shortcut if has_ga else y,
+                dsc if has_ga else y, part, weight, dpart)
+        scal = (part.shape[1], pr.splits, k, 1.0 / hw, float(coef), float(beta) if has_ga else 0.0, pr.per)
+        flags = dict(HAS_GX=grad_x is not None, HAS_GA=has_ga, **pr.tile)
+        if cl:
+            _reduce_nhwc_kernel[pr.grid](*ptrs, c, hw, *scal, **flags)
+        else:
+            _reduce_nchw_kernel[pr.grid](*ptrs, n * c, c, hw, *scal, **flags)
+
+        gate = torch.empty((n, c), device=y.device, dtype=torch.float32)
+        dz = torch.empty_like(gate)
+        cblocks = triton.cdiv(c, GATE_BLOCK)
+        dwp = torch.empty((n * cblocks, k), device=y.device, dtype=torch.float32)
+        _gate_bwd_kernel[(n, cblocks)](part, dpart, weight, gate, dz, dwp, c, part.shape[1], pr.splits, k,
+                                       1.0 / hw, float(coef), BLOCK=GATE_BLOCK, num_warps=GATE_WARPS)
+
+        gx = dsc if has_ga else grad_x
+        pl = plan(y.shape, cl, y.device)
+        if cl:
+            _dy_nhwc_kernel[pl.grid](gx, gate, dz, weight, dy, c, hw, k, 1.0 / hw, pl.splits, pl.per, **pl.tile)
+        else:
+            _dy_nchw_kernel[pl.grid](gx, gate, dz, weight, dy, n * c, c, hw, k, 1.0 / hw, pl.per, **pl.tile)
+    return dy, dwp.sum(0), dsc
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compile matrix: every constexpr combination the launchers above can pass
+
+_F32 = "*fp32"
+_FLOATS = dict(inv_hw="fp32", coef="fp32", beta="fp32")
+_NHWC = dict(BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
+_NCHW = [dict(ROWS=ROWS, BLOCK_HW=BLOCK_HW, ALIGN=al, num_warps=NUM_WARPS) for al in (1, 4, 16)]
+_APPLY_MODES = [dict(HAS_RES=False, HAS_NEXT=False), dict(HAS_RES=True, HAS_NEXT=False),
+                dict(HAS_RES=True, HAS_NEXT=True)]  # ops.eca, eca_residual, eca_residual + beta_next
+_REDUCE_MODES = [dict(HAS_GX=True, HAS_GA=False), dict(HAS_GX=False, HAS_GA=True),
+                 dict(HAS_GX=True, HAS_GA=True)]
+AOT = [
+    AotSpec(_pool_nhwc_kernel, dict(part_ptr=_F32), [_NHWC], aligned=("y_ptr", "part_ptr", "C")),
+    AotSpec(_pool_nchw_kernel, dict(part_ptr=_F32), _NCHW, aligned=("y_ptr", "part_ptr", "C", "HW")),
+    AotSpec(_apply_nhwc_kernel, dict(part_ptr=_F32, w_ptr=_F32, **_FLOATS),
+            [dict(**m, **_NHWC) for m in _APPLY_MODES],
+            aligned=("y_ptr", "sc_ptr", "x_ptr", "a_ptr", "part_ptr", "w_ptr", "C")),
+    AotSpec(_apply_nchw_kernel, dict(part_ptr=_F32, w_ptr=_F32, **_FLOATS),
+            [dict(**m, **t) for m in _APPLY_MODES for t in _NCHW],
+            aligned=("y_ptr", "sc_ptr", "x_ptr", "a_ptr", "part_ptr", "w_ptr", "C", "HW")),
+    AotSpec(_reduce_nhwc_kernel, dict(part_ptr=_F32, w_ptr=_F32, dpart_ptr=_F32, **_FLOATS),
+            [dict(**m, **_NHWC) for m in _REDUCE_MODES],
+            aligned=("gx_ptr", "ga_ptr", "y_ptr", "sc_ptr", "dsc_ptr", "part_ptr", "w_ptr", "dpart_ptr", "C")),
+    AotSpec(_reduce_nchw_kernel, dict(part_ptr=_F32, w_ptr=_F32, dpart_ptr=_F32, **_FLOATS),
+            [dict(**m, **t) for m in _REDUCE_MODES for t in _NCHW],
+            aligned=("gx_ptr", "ga_ptr", "y_ptr", "sc_ptr", "dsc_ptr", "part_ptr", "w_ptr", "dpart_ptr", "C", "HW")),
+    AotSpec(_gate_bwd_kernel, dict(part_ptr=_F32, dpart_ptr=_F32, w_ptr=_F32, gate_ptr=_F32, dz_ptr=_F32,
+                                   dwp_ptr=_F32, inv_hw="fp32", coef="fp32"),
+            [dict(BLOCK=GATE_BLOCK, num_warps=GATE_WARPS)],
+            aligned=("part_ptr", "dpart_ptr", "w_ptr", "gate_ptr", "dz_ptr", "dwp_ptr", "C")),
+    AotSpec(_dy_nhwc_kernel, dict(gate_ptr=_F32, dz_ptr=_F32, w_ptr=_F32, inv_hw="fp32"), [_NHWC],
+            aligned=("gx_ptr", "gate_ptr", "dz_ptr", "w_ptr", "dy_ptr", "C")),
+    AotSpec(_dy_nchw_kernel, dict(gate_ptr=_F32, dz_ptr=_F32, w_ptr=_F32, inv_hw="fp32"), _NCHW,
+            aligned=("gx_ptr", "gate_ptr", "dz_ptr", "w_ptr", "dy_ptr", "C", "HW")),
+]

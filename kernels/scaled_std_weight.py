@@ -1,0 +1,174 @@
+"""Scaled weight standardisation (timm's ``ScaledStdConv2d``): Triton forward and backward kernels.
+
+The weight is viewed as rows, one per output channel, of ``K = fan_in`` elements:
+``out = (w - mean) * rstd * gain * scale`` with ``rstd = 1 / sqrt(var + eps)`` (biased variance),
+in fp32. A program owns ``ROWS`` whole rows held in registers, so statistics and normalisation
+take one read of the weight; rows longer than the largest tile (never in eca_nfnet_l0, whose
+largest fan-in is 1536) loop over the row instead (reading it again from L2).
+The backward is batch norm's over the fan-in:
+``dw = rstd * gs * (dy - mean(dy) - xhat * mean(dy * xhat))`` and ``dgain = scale * sum(dy * xhat)``,
+where ``xhat = (w - mean) * rstd`` and ``gs = gain * scale``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import AotSpec, device_guard
+
+# A program's tile is ROWS x BLOCK_K = 4096 elements (16 a thread at 8 warps): BLOCK_K is the
+# smallest of these row lengths that holds the fan-in, so short rows share a program (the 27-wide
+# stem rows go 64 to a program) and long ones get a program each (1536 wide: 2304 programs for the
+# final conv, plenty for 132 SMs).
+TILE = 4096
+BLOCK_KS = (64, 256, 1024, 2048, 4096)
+NUM_WARPS = 8
+# Under the interpreter (CPU tensors) each program costs milliseconds of Python whatever its size,
+# so CPU launches put 16x more rows in a program (same kernel code, a larger ROWS);
+# tests/test_triton.py sets GPU_CONFIG_ON_CPU to run the GPU configuration there too.
+CPU_TILE = 65536
+GPU_CONFIG_ON_CPU = False
+
+
+@triton.jit
+def _load_rows(ptr, rows, rmask, K, k0, BLOCK_K: tl.constexpr):
+    """A (ROWS, BLOCK_K) fp32 tile of rows ``rows`` at columns ``k0 + [0, BLOCK_K)``, and its mask."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    m = rmask[:, None] & (k < K)[None, :]
+    offs = rows.to(tl.int64)[:, None] * K + k[None, :]
+    return tl.load(ptr + offs, mask=m, other=0.0).to(tl.float32), offs, m
+
+
+@triton.jit
+def _tile_stats(w, m, K, eps):
+    """Centred rows ``w - mean`` (zero outside the mask) and per-row rstd of a whole-row tile."""
+    mean = tl.sum(w, axis=1) / K
+    d = tl.where(m, w - mean[:, None], 0.0)
+    var = tl.sum(d * d, axis=1) / K
+    # IEEE sqrt and division: one per row, so the exact versions cost nothing.
+    return d, tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit
+def _looped_stats(w_ptr, rows, rmask, K, eps, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Per-row mean and rstd of rows longer than a tile: two passes (mean, then the centred
+    variance, which does not cancel the way E[w^2] - mean^2 does)."""
+    acc = tl.zeros([ROWS, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w, offs, m = _load_rows(w_ptr, rows, rmask, K, k0, BLOCK_K)
+        acc += w
+    mean = tl.sum(acc, axis=1) / K
+    acc = tl.zeros([ROWS, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w, offs, m = _load_rows(w_ptr, rows, rmask, K, k0, BLOCK_K)
+        d = tl.where(m, w - mean[:, None], 0.0)
+        acc += d * d
+    var = tl.sum(acc, axis=1) / K
+    return mean, tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+
+
+@triton.jit(do_not_specialize=["C_out"])
+def _std_fwd_kernel(w_ptr, gain_ptr, out_ptr, C_out, K, scale, eps,
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < C_out
+    gs = tl.load(gain_ptr + rows, mask=rmask, other=0.0).to(tl.float32) * scale
+    if SINGLE:  # the row stays in registers between the statistics and the write
+        w, offs, m = _load_rows(w_ptr, rows, rmask, K, 0, BLOCK_K)
+        d, rstd = _tile_stats(w, m, K, eps)
+        out = d * (rstd * gs)[:, None]
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        mean, rstd = _looped_stats(w_ptr, rows, rmask, K, eps, ROWS, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            w, offs, m = _load_rows(w_ptr, rows, rmask, K, k0, BLOCK_K)
+            out = (w - mean[:, None]) * (rstd * gs)[:, None]
+            tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["C_out"])
+def _std_bwd_kernel(dy_ptr, w_ptr, gain_ptr, dw_ptr, dgain_ptr, C_out, K, scale, eps,
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < C_out
+    gs = tl.load(gain_ptr + rows, mask=rmask, other=0.0).to(tl.float32) * scale
+    if SINGLE:
+        w, offs, m = _load_rows(w_ptr, rows, rmask, K, 0, BLOCK_K)
+        dy, offs, m = _load_rows(dy_ptr, rows, rmask, K, 0, BLOCK_K)
+        d, rstd = _tile_stats(w, m, K, eps)
+        xhat = d * rstd[:, None]
+        mean_dy = tl.sum(dy, axis=1) / K
+        sum_dy_xhat = tl.sum(dy * xhat, axis=1)
+        dw = (dy - mean_dy[:, None] - xhat * (sum_dy_xhat / K)[:, None]) * (rstd * gs)[:, None]
+        tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty), mask=m)
+    else:
+        mean, rstd = _looped_stats(w_ptr, rows, rmask, K, eps, ROWS, BLOCK_K)
+        acc_dy = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        acc_dyx = tl.zeros([ROWS, BLOCK_K], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w, offs, m = _load_rows(w_ptr, rows, rmask, K, k0, BLOCK_K)
+            dy, offs, m = _load_rows(dy_ptr, rows, rmask, K, k0, BLOCK_K)
+            acc_dy += dy
+            acc_dyx += dy * tl.where(m, (w - mean[:, None]) * rstd[:, None], 0.0)
+        mean_dy = tl.sum(acc_dy, axis=1) / K
+        sum_dy_xhat = tl.sum(acc_dyx, axis=1)
+        for k0 in range(0, K, BLOCK_K):
+            w, offs, m = _load_rows(w_ptr, rows, rmask, K, k0, BLOCK_K)
+            dy, offs, m = _load_rows(dy_ptr, rows, rmask, K, k0, BLOCK_K)
+            xhat = (w - mean[:, None]) * rstd[:, None]
+            dw = (dy - mean_dy[:, None] - xhat * (sum_dy_xhat / K)[:, None]) * (rstd * gs)[:, None]
+            tl.store(dw_ptr + offs, dw.to(dw_ptr.dtype.element_ty), mask=m)
+    # d out / d gain = xhat * scale, summed over the row
+    tl.store(dgain_ptr + rows, sum_dy_xhat * scale, mask=rmask)
+
+
+def config(fan_in: int, device: torch.device = torch.device("cuda")) -> dict:
+    """Tile for rows of ``fan_in`` elements: whole rows in registers when they fit, else a loop."""
+    tile = TILE if device.type == "cuda" or GPU_CONFIG_ON_CPU else CPU_TILE
+    for block_k in BLOCK_KS:
+        if fan_in <= block_k:
+            return dict(ROWS=tile // block_k, BLOCK_K=block_k, SINGLE=True, num_warps=NUM_WARPS)
+    # Looping over longer rows keeps two fp32 accumulator tiles (backward) live across the loop:
+    # half a tile keeps them at 8 values a thread, clear of ptxas's register budget.
+    return dict(ROWS=1, BLOCK_K=TILE // 2, SINGLE=False, num_warps=NUM_WARPS)
+
+
+_CONFIGS = [config(k) for k in BLOCK_KS] + [config(BLOCK_KS[-1] + 1)]
+AOT = [
+    AotSpec(_std_fwd_kernel, dict(scale="fp32", eps="fp32"), _CONFIGS,
+            aligned=("w_ptr", "gain_ptr", "out_ptr", "K")),
+    AotSpec(_std_bwd_kernel, dict(dgain_ptr="*fp32", scale="fp32", eps="fp32"), _CONFIGS,
+            aligned=("dy_ptr", "w_ptr", "gain_ptr", "dw_ptr", "dgain_ptr", "K")),
+]
+
+
+def _rows(weight: torch.Tensor):
+    c_out = weight.shape[0]
+    return c_out, weight.numel() // c_out
+
+
+def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float) -> torch.Tensor:
+    """Standardised ``weight`` (contiguous, its dtype); ``weight`` contiguous, ``gain`` C_out contiguous values."""
+    c_out, fan_in = _rows(weight)
+    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    cfg = config(fan_in, weight.device)
+    with device_guard(weight):
+        _std_fwd_kernel[(triton.cdiv(c_out, cfg["ROWS"]),)](weight, gain, out, c_out, fan_in, float(scale),
+                                                            float(eps), **cfg)
+    return out
+
+
+def backward(grad: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float):
+    """``(dweight, dgain)``: dweight like ``weight`` (contiguous), dgain fp32 with C_out values.
+
+    ``grad`` and ``weight`` contiguous, ``gain`` C_out contiguous values.
+    """
+    c_out, fan_in = _rows(weight)
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    dgain = torch.empty(c_out, device=weight.device, dtype=torch.float32)
+    cfg = config(fan_in, weight.device)
+    with device_guard(weight):
+        _std_bwd_kernel[(triton.cdiv(c_out, cfg["ROWS"]),)](grad, weight, gain, dw, dgain, c_out, fan_in,
+                                                            float(scale), float(eps), **cfg)
+    return dw, dgain

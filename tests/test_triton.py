@@ -1,0 +1,504 @@
+"""The triton backend: every op against the reference (CPU tensors through the interpreter when no
+GPU is present), its torch.library registration, the whole eca_nfnet_l0 against timm, the
+ahead-of-time compile matrix (sm_90 and sm_80, no GPU needed), and GPU-only checks."""
+import importlib
+import inspect
+
+import pytest
+import timm
+import torch
+
+import nfnet_fast
+from conftest import assert_rel_close, randomize_
+from nfnet_fast import _reference as ref_ops
+from nfnet_fast import ops
+
+if not nfnet_fast.backends()["triton"].available:  # pragma: no cover - triton missing entirely
+    pytest.skip(f"triton backend unavailable: {nfnet_fast.backends()['triton'].reason}", allow_module_level=True)
+
+from nfnet_fast import _triton  # noqa: E402  (registers the custom ops)
+from nfnet_fast.kernels import eca_residual as eca_kernels  # noqa: E402
+from nfnet_fast.kernels import scaled_std_weight as std_kernels  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 math stored in the activation dtype: a couple of units in the last place of the storage
+# type, relative to the largest value (backward: more roundings on the way).
+FWD_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+BWD_TOL = {torch.float32: 1e-5, torch.float16: 8e-3, torch.bfloat16: 6.4e-2}
+# Under the interpreter bf16 stores truncate instead of rounding, so CPU runs check fp32 and fp16;
+# bf16 is checked on the GPU (test_gpu_ops_bf16 below).
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def _make(shape, layout, dtype, g, scale=1.0):
+    """A random leaf tensor in the given layout: contiguous (NCHW), channels_last, a strided view
+    with no dense layout (every other channel of a wider, cropped tensor), or dense but permuted
+    (NHCW order, neither NCHW nor channels_last)."""
+    n, c, h, w = shape
+    if layout == "strided":
+        x = (torch.randn(n, 2 * c, h, w + 1, generator=g) * scale)[:, ::2, :, 1:]
+    elif layout == "permuted":
+        x = (torch.randn(n, h, c, w, generator=g) * scale).permute(0, 2, 1, 3)
+    else:
+        x = torch.randn(shape, generator=g) * scale
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(DEV, dtype).detach().requires_grad_()
+
+
+def _leaf_copy(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _cl(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.fixture
+def gpu_config_on_cpu(monkeypatch):
+    """Run the GPU launch configuration (tile sizes, pixel splits) on CPU tensors too."""
+    monkeypatch.setattr(eca_kernels, "GPU_CONFIG_ON_CPU", True)
+    monkeypatch.setattr(std_kernels, "GPU_CONFIG_ON_CPU", True)
+
+
+# ---------------------------------------------------------------------------------------------
+# silu_scale
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape, layout", [
+    ((2, 16, 5, 7), "contiguous"), ((2, 16, 5, 7), "channels_last"), ((1, 67, 3, 3), "strided"),
+    ((3, 130, 1, 1), "permuted"), ((4099,), "contiguous"), ((1, 1, 1, 1), "contiguous")])
+def test_silu_scale(dtype, shape, layout, rng):
+    if len(shape) == 4:
+        x = _make(shape, layout, dtype, rng, scale=3.0)
+    else:
+        x = (torch.randn(shape, generator=rng) * 3).to(DEV, dtype).requires_grad_()
+    beta = 0.5 + float(torch.rand((), generator=rng))
+    out = ops.silu_scale(x, beta, backend="triton")
+    xr = _leaf_copy(x)
+    ref = ref_ops.silu_scale(xr, beta)
+    assert out.dtype == dtype and out.stride() == torch.empty_like(x).stride()
+    assert_rel_close(out, ref, FWD_TOL[dtype], "silu_scale forward")
+    grad = torch.randn(shape, generator=rng).to(DEV, dtype)
+    if len(shape) == 4:
+        grad = grad.contiguous(memory_format=torch.channels_last)  # a gradient in another layout
+    out.backward(grad)
+    ref.backward(grad)
+    assert_rel_close(x.grad, xr.grad, BWD_TOL[dtype], "silu_scale grad")
+
+
+# ---------------------------------------------------------------------------------------------
+# scaled_std_weight
+
+STD_SHAPES = [(16, 3, 3, 3), (33, 64, 3, 3), (70, 27), (5, 1536, 1, 1), (3, 5000), (1, 2, 1, 1)]
+
+
+def _std_case(shape, dtype, rng, channels_last=False):
+    w = torch.randn(shape, generator=rng) * 0.5 + 0.2
+    if channels_last and w.dim() == 4:
+        w = w.contiguous(memory_format=torch.channels_last)
+    w = w.to(DEV, dtype).requires_grad_()
+    gain = (1 + 0.3 * torch.randn(shape[0], 1, 1, 1, generator=rng)).to(DEV, dtype).requires_grad_()
+    fan_in = w[0].numel()
+    scale = 1.7881293296813965 * fan_in ** -0.5
+    eps = float(torch.empty(()).uniform_(1e-6, 1e-3, generator=rng))
+    return w, gain, scale, eps
+
+
+def _check_std(w, gain, scale, eps, dtype, rng):
+    out = ops.scaled_std_weight(w, gain, scale, eps, backend="triton")
+    wr, gr = _leaf_copy(w), _leaf_copy(gain)
+    ref = ref_ops.scaled_std_weight(wr, gr, scale, eps)
+    assert out.dtype == dtype and out.is_contiguous() and out.shape == w.shape
+    assert_rel_close(out, ref, FWD_TOL[dtype], "scaled_std_weight forward")
+    grad = torch.randn(w.shape, generator=rng).to(DEV, dtype)
+    out.backward(grad)
+    ref.backward(grad)
+    assert_rel_close(w.grad, wr.grad, BWD_TOL[dtype], "scaled_std_weight weight grad")
+    assert_rel_close(gain.grad, gr.grad, BWD_TOL[dtype], "scaled_std_weight gain grad")
+    assert gain.grad.shape == gain.shape
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", STD_SHAPES)
+def test_scaled_std_weight(dtype, shape, rng):
+    _check_std(*_std_case(shape, dtype, rng), dtype, rng)
+
+
+def test_scaled_std_weight_channels_last_weight(rng):
+    _check_std(*_std_case((24, 8, 3, 3), torch.float32, rng, channels_last=True), torch.float32, rng)
+
+
+@pytest.mark.parametrize("shape", [(70, 27), (33, 576), (9, 1536), (3, 5000)])
+def test_scaled_std_weight_gpu_config(shape, rng, gpu_config_on_cpu):
+    """The tiles a GPU launch uses (several rows a program, the looped long-row variant)."""
+    _check_std(*_std_case(shape, torch.float32, rng), torch.float32, rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# eca and eca_residual
+
+ECA_SHAPES = [(2, 16, 5, 7), (1, 67, 3, 3), (3, 130, 1, 1), (1, 9, 1, 13), (2, 40, 17, 19)]
+ECA_LAYOUTS = ["contiguous", "channels_last", "strided", "permuted"]
+
+
+def _eca_weight(k, rng):
+    return (0.7 * torch.randn(1, 1, k, generator=rng)).to(DEV).requires_grad_()
+
+
+def _check_eca(x, k, dtype, rng, what):
+    weight = _eca_weight(k, rng)
+    gain = 0.5 + 2 * float(torch.rand((), generator=rng))
+    out = ops.eca(x, weight, gain, backend="triton")
+    xr, wr = _leaf_copy(x), _leaf_copy(weight)
+    ref = ref_ops.eca(xr, wr, gain)
+    assert out.dtype == dtype and _cl(out) == _cl(x)
+    assert_rel_close(out, ref, FWD_TOL[dtype], f"{what} forward")
+    grad = torch.randn(x.shape, generator=rng).to(DEV, dtype)
+    out.backward(grad)
+    ref.backward(grad)
+    assert_rel_close(x.grad, xr.grad, BWD_TOL[dtype], f"{what} input grad")
+    assert_rel_close(weight.grad, wr.grad, BWD_TOL[dtype], f"{what} weight grad")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", ECA_SHAPES)
+@pytest.mark.parametrize("layout", ECA_LAYOUTS)
+def test_eca(dtype, shape, layout, rng):
+    _check_eca(_make(shape, layout, dtype, rng), 5, dtype, rng, f"eca {shape} {layout} {dtype}")
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_eca_kernel_sizes(k, rng):
+    """Other conv1d lengths (timm picks k from C), one with k > C."""
+    _check_eca(_make((2, 5, 4, 3), "channels_last", torch.float32, rng), k, torch.float32, rng, f"eca k={k}")
+
+
+def _check_eca_residual(y, shortcut, with_next, dtype, rng, what, grads_for=("x", "a")):
+    weight = _eca_weight(5, rng).to(dtype).detach().requires_grad_()  # the module's dtype may differ too
+    alpha = 0.2 + 0.1 * float(torch.rand((), generator=rng))
+    attn_gain = 2.0
+    beta_next = 1 / (1 + 0.04 * float(torch.randint(1, 6, (), generator=rng))) ** 0.5 if with_next else None
+    out = ops.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, backend="triton")
+    yr, sr, wr = _leaf_copy(y), _leaf_copy(shortcut), _leaf_copy(weight)
+    ref = ref_ops.eca_residual(yr, wr, sr, alpha, attn_gain, beta_next)
+    outs, refs = (out, ref) if with_next else ((out,), (ref,))
+    assert isinstance(out, tuple) == with_next
+    for o, r, name in zip(outs, refs, ("x_next", "a_next")):
+        assert o.dtype == dtype and _cl(o) == _cl(y), f"{what} {name} dtype/format"
+        assert_rel_close(o, r, FWD_TOL[dtype], f"{what} {name}")
+    names = ("x", "a")[:len(outs)]
+    picked = [(o, r) for o, r, nm in zip(outs, refs, names) if nm in grads_for]
+    grads = [torch.randn(y.shape, generator=rng).to(DEV, dtype) for _ in picked]
+    grads = [g.contiguous(memory_format=torch.channels_last) if i % 2 else g for i, g in enumerate(grads)]
+    torch.autograd.backward([o for o, _ in picked], grads)
+    torch.autograd.backward([r for _, r in picked], grads)
+    for t, tr, name in ((y, yr, "y"), (shortcut, sr, "shortcut"), (weight, wr, "weight")):
+        assert_rel_close(t.grad, tr.grad, BWD_TOL[dtype], f"{what} {name} grad")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("shape", ECA_SHAPES)
+@pytest.mark.parametrize("layout", ECA_LAYOUTS)
+@pytest.mark.parametrize("with_next", [False, True])
+def test_eca_residual(dtype, shape, layout, with_next, rng):
+    y = _make(shape, layout, dtype, rng)
+    shortcut = _make(shape, layout, dtype, rng, scale=2.0)
+    _check_eca_residual(y, shortcut, with_next, dtype, rng, f"eca_residual {shape} {layout} {dtype}")
+
+
+@pytest.mark.parametrize("grads_for", [("x",), ("a",), ("x", "a")])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_eca_residual_one_output_used(grads_for, layout, rng, monkeypatch):
+    """Only x_next or only a_next reaches the loss (x_next is unused when the next block has a
+    downsample shortcut): the missing gradient is skipped, not read as zeros."""
+    seen = []
+    backward = eca_kernels.backward
+
+    def spy(grad_x, grad_a, *args):
+        seen.append((grad_x is not None, grad_a is not None))
+        return backward(grad_x, grad_a, *args)
+
+    monkeypatch.setattr(eca_kernels, "backward", spy)
+    y = _make((2, 24, 6, 5), layout, torch.float32, rng)
+    shortcut = _make((2, 24, 6, 5), layout, torch.float32, rng)
+    _check_eca_residual(y, shortcut, True, torch.float32, rng, f"eca_residual grads {grads_for}", grads_for)
+    assert seen == [("x" in grads_for, "a" in grads_for)]
+
+
+def test_eca_residual_mixed_layouts(rng):
+    """shortcut in another memory format than y: x_next follows y."""
+    y = _make((2, 24, 6, 5), "channels_last", torch.float32, rng)
+    shortcut = _make((2, 24, 6, 5), "contiguous", torch.float32, rng)
+    _check_eca_residual(y, shortcut, True, torch.float32, rng, "eca_residual mixed layouts")
+
+
+@pytest.mark.parametrize("shape, layout", [
+    ((1, 256, 24, 24), "channels_last"), ((2, 200, 20, 20), "channels_last"),
+    ((1, 64, 40, 40), "contiguous"), ((3, 50, 18, 18), "contiguous"), ((2, 16, 9, 9), "contiguous")])
+def test_eca_residual_gpu_config(shape, layout, rng, gpu_config_on_cpu):
+    """The GPU launch configuration on CPU tensors: pixels split into several partial sums (pool,
+    backward reduce) and chunks (apply), ragged tiles, and the NCHW alignment hints (16 | HW,
+    4 | HW = 324, odd HW = 81)."""
+    n, c, h, w = shape
+    cl = layout == "channels_last"
+    assert eca_kernels.pool_splits(shape, cl, torch.device("cuda")) > 1 or h * w == 81
+    y = _make(shape, layout, torch.float32, rng)
+    shortcut = _make(shape, layout, torch.float32, rng)
+    _check_eca_residual(y, shortcut, True, torch.float32, rng, f"eca_residual gpu config {shape} {layout}")
+
+
+def test_eca_split_partial_sums_match_pool(rng, gpu_config_on_cpu):
+    """The (N, S, C) partial sums the forward saves add up to the channel sums."""
+    y = torch.randn(2, 130, 30, 30, generator=rng).to(DEV).contiguous(memory_format=torch.channels_last)
+    out, part = _triton._eca_op(y, torch.randn(5, generator=rng).to(DEV), 1.0)
+    assert part.shape[1] > 1
+    assert_rel_close(part.sum(1), y.sum((2, 3)), 1e-5, "partial sums")
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library registration
+
+def _opcheck_cases(g):
+    def t(*shape, cl=False, grad=True):
+        x = torch.randn(shape, generator=g).to(DEV)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.requires_grad_(grad)
+
+    y, sc = t(2, 12, 5, 3), t(2, 12, 5, 3)
+    w = t(1, 1, 5)
+    part = _triton._eca_op(y.detach(), w.detach(), 1.0)[1]
+    return [
+        (_triton._silu_scale_op, (t(2, 12, 5, 3, cl=True), 0.7)),
+        (_triton._silu_scale_backward_op, (t(2, 12, 5, 3, grad=False), t(2, 12, 5, 3, grad=False), 0.7)),
+        (_triton._std_op, (t(6, 4, 3, 3), t(6, 1, 1, 1), 0.3, 1e-5)),
+        (_triton._std_backward_op, (t(6, 4, 3, 3, grad=False), t(6, 4, 3, 3, grad=False), t(6, 1, 1, 1, grad=False),
+                                    0.3, 1e-5)),
+        (_triton._eca_op, (t(2, 12, 5, 3, cl=True), w, 1.3)),
+        (_triton._eca_residual_op, (y, w, sc, 0.2, 2.0)),
+        (_triton._eca_residual_next_op, (t(2, 12, 5, 3, cl=True), w, t(2, 12, 5, 3, cl=True), 0.2, 2.0, 0.9)),
+        (_triton._eca_backward_op, (t(2, 12, 5, 3, grad=False), y.detach(), w.detach(), part, 0.4)),
+        (_triton._eca_residual_next_backward_op, (t(2, 12, 5, 3, grad=False), t(2, 12, 5, 3, grad=False),
+                                                  y.detach(), w.detach(), sc.detach(), part, 0.4, 0.9)),
+        (_triton._eca_residual_next_backward_op, (None, t(2, 12, 5, 3, grad=False), y.detach(), w.detach(),
+                                                  sc.detach(), part, 0.4, 0.9)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_opcheck(case, rng):
+    op, args = _opcheck_cases(rng)[case]
+    assert op._qualname.startswith("nfnet_fast::triton_")
+    torch.library.opcheck(op, args)
+
+
+def test_backend_signatures_match_reference():
+    for name in ("scaled_std_weight", "eca", "eca_residual", "silu_scale"):
+        assert inspect.signature(getattr(_triton, name)).parameters.keys() == \
+            inspect.signature(getattr(ref_ops, name)).parameters.keys(), name
+
+
+def test_torch_compile_fullgraph(rng):
+    """eca_residual (with the next pre-activation), eca and silu_scale in one compiled graph, forward
+    and backward, no graph break; on CPU this runs the kernels through the interpreter."""
+    def f(y, w, sc, x):
+        x_next, a_next = ops.eca_residual(y, w, sc, 0.2, 2.0, 0.9, backend="triton")
+        return ops.silu_scale(x_next, 0.5, backend="triton") * a_next + ops.eca(x, w, 1.5, backend="triton")
+
+    def f_ref(y, w, sc, x):
+        x_next, a_next = ref_ops.eca_residual(y, w, sc, 0.2, 2.0, 0.9)
+        return ref_ops.silu_scale(x_next, 0.5) * a_next + ref_ops.eca(x, w, 1.5)
+
+    args = [_make((2, 12, 5, 3), "channels_last", torch.float32, rng) for _ in range(2)]
+    args.insert(1, _eca_weight(5, rng))
+    args.append(_make((2, 12, 5, 3), "channels_last", torch.float32, rng))
+    f(*args)  # nfnet_fast.ops imports the backend on first use, which dynamo cannot trace
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True)(*args)
+    refs = [_leaf_copy(a) for a in args]
+    expect = f_ref(*refs)
+    assert_rel_close(out, expect, 1e-5, "compiled forward")
+    grad = torch.randn(out.shape, generator=rng).to(DEV)
+    out.backward(grad)
+    expect.backward(grad)
+    for a, r in zip(args, refs):
+        assert_rel_close(a.grad, r.grad, 1e-5, "compiled backward")
+
+
+# ---------------------------------------------------------------------------------------------
+# whole model
+
+def _model_pair(seed, channels_last=False):
+    ref = randomize_(timm.create_model("eca_nfnet_l0"), seed)
+    fast = nfnet_fast.create_model("eca_nfnet_l0", backend="triton")
+    fast.load_state_dict(ref.state_dict())
+    ref, fast = ref.to(DEV), fast.to(DEV)
+    if channels_last:
+        ref, fast = (m.to(memory_format=torch.channels_last) for m in (ref, fast))
+    return ref, fast
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eca_nfnet_l0_forward_matches_timm(channels_last):
+    ref, fast = _model_pair(11, channels_last)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(5)).to(DEV)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert_rel_close(fast.forward_features(x), ref.forward_features(x), what="features")
+        assert_rel_close(fast(x), ref(x), what="logits")
+
+
+def test_eca_nfnet_l0_backward_matches_timm():
+    ref, fast = _model_pair(12)
+    x = torch.randn(2, 3, 64, 48, generator=torch.Generator().manual_seed(6)).to(DEV)
+    grads = []
+    for model in (ref, fast):
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEV))
+        grads.append((xi.grad, dict(model.named_parameters())))
+    (gx_ref, p_ref), (gx, p) = grads
+    assert_rel_close(gx, gx_ref, what="input grad")
+    for name, param in p_ref.items():
+        assert_rel_close(p[name].grad, param.grad, what=f"grad of {name}")
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compilation: sm_90 and sm_80, no GPU needed
+
+@pytest.fixture(scope="module")
+def aot_rows():
+    from nfnet_fast.kernels import aot
+
+    return aot.compile_all()
+
+
+def test_aot_matrix_covers_every_kernel():
+    from nfnet_fast.kernels import aot
+
+    for op in aot.OPS:
+        mod = importlib.import_module(f"nfnet_fast.kernels.{op}")
+        kernels = {name for name, obj in vars(mod).items() if name.endswith("_kernel") and hasattr(obj, "arg_names")}
+        assert kernels == {s.kernel.__name__ for s in mod.AOT}, f"{op}: kernels missing from its AOT list"
+    # every constexpr combination the launchers pick is in the matrix
+    for fan_in in (1, 27, 64, 65, 576, 1536, 2048, 4096, 4097, 20000):
+        cfg = std_kernels.config(fan_in, torch.device("cuda"))
+        assert cfg in std_kernels.AOT[0].configs, cfg
+    apply_cfgs = [s.configs for s in eca_kernels.AOT if s.kernel.__name__ == "_apply_nchw_kernel"][0]
+    for hw in (1, 81, 324, 1296, 5184, 7):
+        tile = eca_kernels.plan((2, 64, hw, 1), False, torch.device("cuda")).tile
+        assert any(all(c[k] == v for k, v in tile.items()) for c in apply_cfgs), tile
+
+
+def test_aot_compiles_without_spills_within_shared_memory(aot_rows):
+    from nfnet_fast.kernels import aot
+
+    assert len(aot_rows) == len(aot.jobs())
+    assert {r["arch"] for r in aot_rows} == {90, 80}
+    assert aot.problems(aot_rows) == []
+
+
+def test_aot_streaming_loads_are_vectorised(aot_rows):
+    """With 16-byte aligned pointers and sizes, activations move in 16-byte vectors (8 bytes for
+    16-bit NCHW rows whose length is 4 * odd, e.g. 18x18)."""
+    for r in aot_rows:
+        if not r["aligned"] or r["kernel"] == "_gate_bwd_kernel" or "ALIGN=1," in r["config"]:
+            continue
+        want = 64 if "ALIGN=4," in r["config"] and r["dtype"] != "fp32" else 128
+        assert r["widest_load_bits"] == want, r
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(8, 256, 36, 36), (16, 1536, 9, 9), (3, 130, 7, 5)])
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_gpu_ops(dtype, shape, layout, rng):
+    """Every op on CUDA tensors against the reference (fp32 math on the same GPU), bf16 included."""
+    y = _make(shape, layout, dtype, rng)
+    shortcut = _make(shape, layout, dtype, rng, scale=2.0)
+    _check_eca_residual(y, shortcut, True, dtype, rng, f"cuda eca_residual {shape} {layout} {dtype}")
+    _check_eca(_make(shape, layout, dtype, rng), 5, dtype, rng, f"cuda eca {shape} {layout} {dtype}")
+    x = _make(shape, layout, dtype, rng, scale=3.0)
+    xr = _leaf_copy(x)
+    out, expect = ops.silu_scale(x, 0.8, backend="triton"), ref_ops.silu_scale(xr, 0.8)
+    assert_rel_close(out, expect, FWD_TOL[dtype], "cuda silu_scale")
+    out.backward(torch.ones_like(out))
+    expect.backward(torch.ones_like(expect))
+    assert_rel_close(x.grad, xr.grad, BWD_TOL[dtype], "cuda silu_scale grad")
+    for wshape in ((384, 1536, 1, 1), (128, 64, 3, 3), (16, 3, 3, 3), (7, 5000)):
+        _check_std(*_std_case(wshape, dtype, rng), dtype, rng)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_capture(rng):
+    """The kernels capture into a CUDA graph and replay to the same numbers."""
+    y = torch.randn(4, 256, 18, 18, device="cuda").contiguous(memory_format=torch.channels_last)
+    sc, w = torch.randn_like(y), torch.randn(1, 1, 5, device="cuda")
+    wt, gain = torch.randn(64, 32, 3, 3, device="cuda"), torch.randn(64, 1, 1, 1, device="cuda")
+
+    def step():
+        x_next, a_next = ops.eca_residual(y, w, sc, 0.2, 2.0, 0.9, backend="triton")
+        return (x_next, a_next, ops.silu_scale(y, 0.7, backend="triton"),
+                ops.scaled_std_weight(wt, gain, 0.1, 1e-5, backend="triton"))
+
+    expect = step()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    y.copy_(torch.randn_like(y))
+    graph.replay()
+    torch.cuda.synchronize()
+    for o, e in zip(outs, step()):
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
+    assert not torch.equal(outs[0], expect[0])  # the replay saw the new input
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_torch_compile_inductor(rng):
+    def f(y, w, sc):
+        x_next, a_next = ops.eca_residual(y, w, sc, 0.2, 2.0, 0.9, backend="triton")
+        return ops.silu_scale(x_next, 0.5, backend="triton") + a_next
+
+    y = torch.randn(4, 256, 18, 18, device="cuda").contiguous(memory_format=torch.channels_last)
+    sc, w = torch.randn_like(y), torch.randn(1, 1, 5, device="cuda")
+    expect = f(y, w, sc)
+    out = torch.compile(f, fullgraph=True, mode="reduce-overhead")(y, w, sc)
+    torch.testing.assert_close(out, expect)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_model_bf16_autocast():
+    """eca_nfnet_l0 on the GPU at 288 px: fp32 within the DESIGN tolerance of timm; bf16 autocast
+    error at most twice timm's own plus a floor."""
+    ref, fast = _model_pair(3, channels_last=True)
+    ref.eval(), fast.eval()
+    x = torch.randn(4, 3, 288, 288, device="cuda").contiguous(memory_format=torch.channels_last)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        expect = ref(x)
+        assert_rel_close(fast(x), expect, what="cuda fp32 logits")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            timm_bf16, fast_bf16 = ref(x).float(), fast(x).float()
+    scale = expect.abs().max()
+    timm_err = ((timm_bf16 - expect).abs().max() / scale).item()
+    fast_err = ((fast_bf16 - expect).abs().max() / scale).item()
+    assert fast_err <= 2 * timm_err + 2e-3, (fast_err, timm_err)
