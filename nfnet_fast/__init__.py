@@ -14,8 +14,13 @@ from ._backends import BackendInfo, backends
 from .model import convert, create_model, list_models
 from . import nn  # noqa: F401  (after model: nn imports nothing of model, model imports nn)
 
-if backends()["cuda"].available:  # registers fake kernels and autograd of the compiled ops
+# Backend modules are imported here, outside any compiled region (dynamo cannot trace an import):
+# the compiled ones register their fake kernels and autograd with torch.library on import.
+from . import _reference  # noqa: F401,E402
+if backends()["cuda"].available:
     from . import _cuda  # noqa: F401
+if backends()["triton"].available:  # imports triton (about a second)
+    from . import _triton  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = ["create_model", "convert", "list_models", "backends", "BackendInfo", "ops", "nn"]

@@ -112,6 +112,9 @@ def _cuda() -> BackendInfo:
     return BackendInfo("cuda", True, ("cpu", "cuda"))
 
 
+_infos: dict = {}
+
+
 def backends() -> dict[str, BackendInfo]:
     """Availability of every backend on this machine.
 
@@ -123,4 +126,8 @@ def backends() -> dict[str, BackendInfo]:
         >>> {name: info.available for name, info in nfnet_fast.backends().items()}  # doctest: +SKIP
         {'reference': True, 'triton': False, 'cuda': True}
     """
-    return {"reference": _reference(), "triton": _triton(), "cuda": _cuda()}
+    # Computed once (what runs here does not change within a process): afterwards a plain dict read,
+    # which torch.compile can trace (it cannot trace the imports that the first call makes).
+    if not _infos:
+        _infos.update(reference=_reference(), triton=_triton(), cuda=_cuda())
+    return dict(_infos)

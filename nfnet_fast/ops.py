@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import numbers
+import sys
 from typing import Optional, Tuple, Union
 
 import torch
@@ -42,10 +43,13 @@ def _backend_impl(op: str, backend: str, device: torch.device):
 
 def _backend_function(backend: str, op: str):
     """`op` of a backend's module, or None when the backend does not implement it."""
+    name = _MODULES[backend]
+    if name in sys.modules:  # no import_module call: dynamo cannot trace it inside a compiled region
+        return getattr(sys.modules[name], op, None)
     try:
-        module = importlib.import_module(_MODULES[backend])
+        module = importlib.import_module(name)
     except ImportError as e:  # a backend whose module is missing or broken implements nothing
-        if e.name != _MODULES[backend]:
+        if e.name != name:
             raise
         return None
     return getattr(module, op, None)
