@@ -36,15 +36,32 @@ namespace nfnet_fast {
 namespace {
 
 constexpr int kThreads = kEcaThreads;
+// Register budget: 4 resident blocks (1024 threads, 64 registers) per SM, enough loads in flight
+// to cover HBM latency with the kUnroll-deep groups below. The backward reduction with act keeps
+// four tensors' loads in flight and gets 2 blocks (128 registers), the forward apply with act 3
+// (85 registers: at 64 its fp16/bf16 variants spill on sm_80). Without a minimum, ptxas picks its
+// own target and spilled a few live values around the prologue.
+constexpr int kMinBlocks = 4;
+constexpr int kMinBlocksDgradAct = 2;
+constexpr int kMinBlocksApplyAct = 3;
 
-// What a block needs of the plan (kernel parameter, by value).
+// What a block needs of the plan (kernel parameter, by value). Offsets are 64-bit; counts that are
+// divided are 32-bit (64-bit integer division is a subroutine call on the GPU).
 struct Geo {
-  int64_t C, HW, splits, split_len, ctiles, tile;
-  int ct, k;
+  int64_t C, HW;
+  int splits, split_len, ctiles, tile, ct, k;
 };
 
 Geo geo_of(const EcaPlan& p, int k) {
-  return Geo{p.C, p.HW, p.splits, p.split_len, p.ctiles, p.tile, p.ct, k};
+  TORCH_CHECK(p.C <= INT_MAX && p.HW <= INT_MAX, "eca: C and H * W must each be < 2^31");
+  return Geo{p.C,
+             p.HW,
+             static_cast<int>(p.splits),
+             static_cast<int>(p.split_len),
+             static_cast<int>(p.ctiles),
+             static_cast<int>(p.tile),
+             p.ct,
+             k};
 }
 
 struct BlockPos {
@@ -53,12 +70,13 @@ struct BlockPos {
 
 // blockIdx.x -> (image, tile, range), range fastest so neighbouring blocks read neighbouring memory.
 __device__ __forceinline__ BlockPos block_pos(const Geo& g) {
-  int64_t b = blockIdx.x;
+  unsigned b = blockIdx.x;
+  const unsigned splits = g.splits, ctiles = g.ctiles;
   BlockPos r;
-  r.s = b % g.splits;
-  b /= g.splits;
-  r.c0 = (b % g.ctiles) * g.tile;
-  r.n = b / g.ctiles;
+  r.s = b % splits;
+  b /= splits;
+  r.c0 = static_cast<int64_t>(b % ctiles) * g.tile;
+  r.n = b / ctiles;
   r.p0 = r.s * g.split_len;
   r.p1 = min(g.HW, r.p0 + g.split_len);
   return r;
@@ -68,8 +86,8 @@ __device__ __forceinline__ BlockPos block_pos(const Geo& g) {
 // tile position of its first channel: channels_last, element e of a vector is channel slot + e;
 // NCHW, all V elements (consecutive pixels) are channel `slot`.
 struct ThreadWork {
-  int64_t c, off0, step, count;
-  int slot;
+  int64_t c, off0, step;
+  int count, slot;
   bool active;
 };
 
@@ -83,7 +101,7 @@ __device__ __forceinline__ ThreadWork thread_work(const Geo& g, const BlockPos& 
     const int64_t p = b.p0 + ty;
     w.off0 = (b.n * g.HW + p) * g.C + w.c;
     w.step = static_cast<int64_t>(pt) * g.C;
-    w.count = p < b.p1 ? (b.p1 - p + pt - 1) / pt : 0;
+    w.count = p < b.p1 ? static_cast<int>(b.p1 - p + pt - 1) / pt : 0;
   } else {
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     w.slot = warp;
@@ -91,7 +109,7 @@ __device__ __forceinline__ ThreadWork thread_work(const Geo& g, const BlockPos& 
     const int64_t p = b.p0 + static_cast<int64_t>(lane) * V;
     w.off0 = (b.n * g.C + w.c) * g.HW + p;
     w.step = 32 * V;
-    w.count = p < b.p1 ? (b.p1 - p + 32 * V - 1) / (32 * V) : 0;
+    w.count = p < b.p1 ? static_cast<int>(b.p1 - p + 32 * V - 1) / (32 * V) : 0;
   }
   w.active = w.c < g.C;
   return w;
@@ -143,7 +161,7 @@ __device__ __forceinline__ void load_means_from_partials(acc_t* m_s, int64_t c_l
     acc_t m = 0;
     if (c >= 0 && c < g.C) {
       acc_t sum = 0;
-      for (int64_t s = 0; s < g.splits; ++s) sum += partial[(n * g.splits + s) * g.C + c];
+      for (int s = 0; s < g.splits; ++s) sum += partial[(n * g.splits + s) * g.C + c];
       m = eca_mean(sum, g.HW);
     }
     m_s[t] = m;
@@ -177,7 +195,7 @@ enum ReduceMode { kPool = 0, kDgrad = 1, kDgradAct = 2 };
 // kDgradAct: dX = dout + dact * beta * silu'(out), out = sc + scale * g * y recomputed in fp32;
 //            dX is stored to dsc (the shortcut's gradient, read back by the apply pass); f = dX * y
 template <typename scalar_t, int V, bool CL, int MODE>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, MODE == kDgradAct ? kMinBlocksDgradAct : kMinBlocks)
     reduce_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dout, const scalar_t* __restrict__ dact,
                   const scalar_t* __restrict__ sc, const at::opmath_type<scalar_t>* __restrict__ mean,
                   const at::opmath_type<scalar_t>* __restrict__ w, scalar_t* __restrict__ dsc,
@@ -203,32 +221,51 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = 0;
   if (tw.active) {
-#pragma unroll 4
-    for (int64_t it = 0; it < tw.count; ++it) {
-      const int64_t off = tw.off0 + it * tw.step;
-      acc_t yv[V];
-      load_vec<V>(y + off, yv);
-      if constexpr (MODE == kPool) {
+    // kUnroll vectors per step, all loads issued before any math; a predicate rather than a
+    // remainder loop handles the last step (a remainder loop made ptxas spill its trip count).
+    constexpr int U = MODE == kDgradAct ? 2 : 4;
+    for (int it = 0; it < tw.count; it += U) {
+      Pack<scalar_t, V> yp[U], dp[U], ap[U], sp[U];
 #pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] += yv[e];
-      } else {
-        acc_t dX[V];
-        load_vec<V>(dout + off, dX);
-        if constexpr (MODE == kDgradAct) {
-          acc_t da[V], sv[V];
-          load_vec<V>(dact + off, da);
-          if (sc != nullptr) {
-            load_vec<V>(sc + off, sv);
-          } else {
-#pragma unroll
-            for (int e = 0; e < V; ++e) sv[e] = 0;
+      for (int u = 0; u < U; ++u) {
+        if (it + u < tw.count) {
+          const int64_t off = tw.off0 + (it + u) * tw.step;
+          yp[u] = load_pack<V>(y + off);
+          if constexpr (MODE != kPool) dp[u] = load_pack<V>(dout + off);
+          if constexpr (MODE == kDgradAct) {
+            ap[u] = load_pack<V>(dact + off);
+            if (sc != nullptr) sp[u] = load_pack<V>(sc + off);
           }
-#pragma unroll
-          for (int e = 0; e < V; ++e) dX[e] = eca_dout_total(dX[e], da[e], eca_out(yv[e], sv[e], cf[e]), beta);
-          store_vec<V>(dsc + off, dX);
         }
+      }
 #pragma unroll
-        for (int e = 0; e < V; ++e) acc[e] += dX[e] * yv[e];
+      for (int u = 0; u < U; ++u) {
+        if (it + u < tw.count) {
+          acc_t yv[V];
+          unpack<V>(yp[u], yv);
+          if constexpr (MODE == kPool) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[e] += yv[e];
+          } else {
+            acc_t dX[V];
+            unpack<V>(dp[u], dX);
+            if constexpr (MODE == kDgradAct) {
+              acc_t da[V], sv[V];
+              unpack<V>(ap[u], da);
+              if (sc != nullptr) {
+                unpack<V>(sp[u], sv);
+              } else {
+#pragma unroll
+                for (int e = 0; e < V; ++e) sv[e] = 0;
+              }
+#pragma unroll
+              for (int e = 0; e < V; ++e) dX[e] = eca_dout_total(dX[e], da[e], eca_out(yv[e], sv[e], cf[e]), beta);
+              store_vec<V>(dsc + tw.off0 + (it + u) * tw.step, dX);
+            }
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[e] += dX[e] * yv[e];
+          }
+        }
       }
     }
   }
@@ -241,7 +278,7 @@ __global__ void __launch_bounds__(kThreads)
 enum ApplyMode { kEca = 0, kResidual = 1, kResidualAct = 2 };
 
 template <typename scalar_t, int V, bool CL, int MODE>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, MODE == kResidualAct ? kMinBlocksApplyAct : kMinBlocks)
     apply_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ sc,
                  const at::opmath_type<scalar_t>* __restrict__ partial, const at::opmath_type<scalar_t>* __restrict__ w,
                  scalar_t* __restrict__ out, scalar_t* __restrict__ act, at::opmath_type<scalar_t>* __restrict__ mean,
@@ -265,24 +302,38 @@ __global__ void __launch_bounds__(kThreads)
   acc_t cf[V];
   tile_coefs<CL, V>(coef_s, tw, cf);
   const acc_t beta = static_cast<acc_t>(beta_f);
-#pragma unroll 4
-  for (int64_t it = 0; it < tw.count; ++it) {
-    const int64_t off = tw.off0 + it * tw.step;
-    acc_t v[V], s[V];
-    load_vec<V>(y + off, v);
-    if constexpr (MODE != kEca) {
-      load_vec<V>(sc + off, s);
-    } else {
+  constexpr int U = 4;  // vectors per step, loads first (see reduce_kernel)
+  for (int it = 0; it < tw.count; it += U) {
+    Pack<scalar_t, V> yp[U], sp[U];
 #pragma unroll
-      for (int e = 0; e < V; ++e) s[e] = 0;
+    for (int u = 0; u < U; ++u) {
+      if (it + u < tw.count) {
+        const int64_t off = tw.off0 + (it + u) * tw.step;
+        yp[u] = load_pack<V>(y + off);
+        if constexpr (MODE != kEca) sp[u] = load_pack<V>(sc + off);
+      }
     }
 #pragma unroll
-    for (int e = 0; e < V; ++e) v[e] = eca_out(v[e], s[e], cf[e]);
-    store_vec<V>(out + off, v);
-    if constexpr (MODE == kResidualAct) {
+    for (int u = 0; u < U; ++u) {
+      if (it + u < tw.count) {
+        const int64_t off = tw.off0 + (it + u) * tw.step;
+        acc_t v[V], sv[V];
+        unpack<V>(yp[u], v);
+        if constexpr (MODE != kEca) {
+          unpack<V>(sp[u], sv);
+        } else {
 #pragma unroll
-      for (int e = 0; e < V; ++e) v[e] = eca_act(v[e], beta);
-      store_vec<V>(act + off, v);
+          for (int e = 0; e < V; ++e) sv[e] = 0;
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] = eca_out(v[e], sv[e], cf[e]);
+        store_vec<V>(out + off, v);
+        if constexpr (MODE == kResidualAct) {
+#pragma unroll
+          for (int e = 0; e < V; ++e) v[e] = eca_act(v[e], beta);
+          store_vec<V>(act + off, v);
+        }
+      }
     }
   }
 }
@@ -291,7 +342,7 @@ __global__ void __launch_bounds__(kThreads)
 // backward apply: dy = dX * scale * g + dmean / HW
 
 template <typename scalar_t, int V, bool CL>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     dgrad_apply_kernel(const scalar_t* __restrict__ dX_src, const at::opmath_type<scalar_t>* __restrict__ partial,
                        const at::opmath_type<scalar_t>* __restrict__ mean,
                        const at::opmath_type<scalar_t>* __restrict__ w, scalar_t* __restrict__ dy,
@@ -315,7 +366,7 @@ __global__ void __launch_bounds__(kThreads)
     if (c >= 0 && c < g.C) {
       const acc_t gate = sigmoid(eca_logit(m_s + t, w, g.k));
       acc_t dsum = 0;
-      for (int64_t s = 0; s < g.splits; ++s) dsum += partial[(b.n * g.splits + s) * g.C + c];
+      for (int s = 0; s < g.splits; ++s) dsum += partial[(b.n * g.splits + s) * g.C + c];
       dz = eca_dlogit(dsum, gate, scale);
       if (in_tile) {
         coef_s[t - p] = scale * gate;
@@ -335,20 +386,28 @@ __global__ void __launch_bounds__(kThreads)
   acc_t cf[V], ad[V];
   tile_coefs<CL, V>(coef_s, tw, cf);
   tile_coefs<CL, V>(add_s, tw, ad);
-#pragma unroll 4
-  for (int64_t it = 0; it < tw.count; ++it) {
-    const int64_t off = tw.off0 + it * tw.step;
-    acc_t v[V];
-    load_vec<V>(dX_src + off, v);
+  constexpr int U = 4;  // vectors per step, loads first (see reduce_kernel)
+  for (int it = 0; it < tw.count; it += U) {
+    Pack<scalar_t, V> xp[U];
 #pragma unroll
-    for (int e = 0; e < V; ++e) v[e] = eca_dy(v[e], cf[e], ad[e]);
-    store_vec<V>(dy + off, v);
+    for (int u = 0; u < U; ++u)
+      if (it + u < tw.count) xp[u] = load_pack<V>(dX_src + tw.off0 + (it + u) * tw.step);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (it + u < tw.count) {
+        acc_t v[V];
+        unpack<V>(xp[u], v);
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[e] = eca_dy(v[e], cf[e], ad[e]);
+        store_vec<V>(dy + tw.off0 + (it + u) * tw.step, v);
+      }
+    }
   }
 }
 
 // ws[n, j] = sum_c dz[n, c] * mean[n, c + j - p]: one block per image, a block reduction per tap.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     dweight_kernel(const acc_t* __restrict__ dz, const acc_t* __restrict__ mean, int64_t C, int k,
                    acc_t* __restrict__ ws) {
   __shared__ acc_t scratch[32];

@@ -34,7 +34,7 @@ namespace nfnet_fast {
 
 template <typename acc_t>
 NFF_HD acc_t eca_mean(acc_t sum, int64_t hw) {
-  return sum / static_cast<acc_t>(hw);
+  return nff_div(sum, static_cast<acc_t>(hw));
 }
 
 // Logit of channel c's gate; `m` points at mean[c - p] of a window that holds zeros for channels
@@ -64,7 +64,7 @@ NFF_HD acc_t eca_dmean(const acc_t* dz_hi, const acc_t* w, int k) {
 // dmean[c] / HW: what every element of channel c gets back through the pooling.
 template <typename acc_t>
 NFF_HD acc_t eca_dmean_hw(const acc_t* dz_hi, const acc_t* w, int k, int64_t hw) {
-  return eca_dmean(dz_hi, w, k) / static_cast<acc_t>(hw);
+  return nff_div(eca_dmean(dz_hi, w, k), static_cast<acc_t>(hw));
 }
 
 // Gradient of w[j] from one (n, c): dz[c] times the mean the tap saw; summed over n, c.

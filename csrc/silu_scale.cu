@@ -1,6 +1,6 @@
 // CUDA kernels of silu(x) * beta and its backward: a flat, memory-bound elementwise pass.
 // Each thread handles kIlp vectors of 16 bytes (8 fp16/bf16 or 4 fp32 values): all loads are
-// issued before any math so enough bytes are in flight to saturate HBM. Unaligned tensors fall
+// issued before any math (kept as raw words until then) so enough bytes are in flight to saturate HBM. Unaligned tensors fall
 // back to 8-byte or scalar accesses (same kernel, V = 8/elem or 1); the n % V tail is done by the
 // last block with scalar accesses.
 #include <ATen/Dispatch.h>
@@ -19,27 +19,30 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kIlp = 4;
+constexpr int kMinBlocks = 4;  // <= 64 registers: 4 resident blocks per SM
 
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     silu_fwd_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n, float beta_f) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t beta = static_cast<acc_t>(beta_f);
   const int64_t nvec = n / V;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * (kThreads * kIlp) + threadIdx.x;
-  acc_t v[kIlp][V];
+  Pack<scalar_t, V> xp[kIlp];
 #pragma unroll
   for (int j = 0; j < kIlp; ++j) {
     const int64_t i = base + j * kThreads;
-    if (i < nvec) load_vec<V>(x + i * V, v[j]);
+    if (i < nvec) xp[j] = load_pack<V>(x + i * V);
   }
 #pragma unroll
   for (int j = 0; j < kIlp; ++j) {
     const int64_t i = base + j * kThreads;
     if (i < nvec) {
+      acc_t v[V];
+      unpack<V>(xp[j], v);
 #pragma unroll
-      for (int e = 0; e < V; ++e) v[j][e] = silu_scale_fwd<acc_t>(v[j][e], beta);
-      store_vec<V>(out + i * V, v[j]);
+      for (int e = 0; e < V; ++e) v[e] = silu_scale_fwd<acc_t>(v[e], beta);
+      store_vec<V>(out + i * V, v);
     }
   }
   if (blockIdx.x == gridDim.x - 1) {  // the n % V elements after the last whole vector
@@ -49,29 +52,32 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
     silu_bwd_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x, scalar_t* __restrict__ dx,
                     int64_t n, float beta_f) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t beta = static_cast<acc_t>(beta_f);
   const int64_t nvec = n / V;
   const int64_t base = static_cast<int64_t>(blockIdx.x) * (kThreads * kIlp) + threadIdx.x;
-  acc_t g[kIlp][V], v[kIlp][V];
+  Pack<scalar_t, V> gp[kIlp], xp[kIlp];
 #pragma unroll
   for (int j = 0; j < kIlp; ++j) {
     const int64_t i = base + j * kThreads;
     if (i < nvec) {
-      load_vec<V>(dy + i * V, g[j]);
-      load_vec<V>(x + i * V, v[j]);
+      gp[j] = load_pack<V>(dy + i * V);
+      xp[j] = load_pack<V>(x + i * V);
     }
   }
 #pragma unroll
   for (int j = 0; j < kIlp; ++j) {
     const int64_t i = base + j * kThreads;
     if (i < nvec) {
+      acc_t g[V], v[V];
+      unpack<V>(gp[j], g);
+      unpack<V>(xp[j], v);
 #pragma unroll
-      for (int e = 0; e < V; ++e) v[j][e] = silu_scale_bwd<acc_t>(g[j][e], v[j][e], beta);
-      store_vec<V>(dx + i * V, v[j]);
+      for (int e = 0; e < V; ++e) v[e] = silu_scale_bwd<acc_t>(g[e], v[e], beta);
+      store_vec<V>(dx + i * V, v);
     }
   }
   if (blockIdx.x == gridDim.x - 1) {
