@@ -37,7 +37,7 @@ namespace {
 
 constexpr int kThreads = kEcaThreads;
 // Register budget: 4 resident blocks (1024 threads, 64 registers) per SM, enough loads in flight
-// to cover HBM latency with the kUnroll-deep groups below. The backward reduction with act keeps
+// to cover HBM latency with the U-deep load groups below. The backward reduction with act keeps
 // four tensors' loads in flight and gets 2 blocks (128 registers), the forward apply with act 3
 // (85 registers: at 64 its fp16/bf16 variants spill on sm_80). Without a minimum, ptxas picks its
 // own target and spilled a few live values around the prologue.
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kThreads, MODE == kDgradAct ? kMinBlocksDgradA
 #pragma unroll
   for (int e = 0; e < V; ++e) acc[e] = 0;
   if (tw.active) {
-    // kUnroll vectors per step, all loads issued before any math; a predicate rather than a
+    // U vectors per step, all loads issued before any math; a predicate rather than a
     // remainder loop handles the last step (a remainder loop made ptxas spill its trip count).
     constexpr int U = MODE == kDgradAct ? 2 : 4;
     for (int it = 0; it < tw.count; it += U) {
@@ -521,8 +521,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_backward_cuda(
   eca_check_activation(x, "x");
   check_cuda_dtype(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto a = eca_backward_args(grad_out, grad_act, x, weight, shortcut, mean);
-  TORCH_CHECK(!a.dact.defined() || beta_next.has_value(), "grad_act needs beta_next");
+  auto a = eca_backward_args(grad_out, grad_act, x, weight, shortcut, mean, beta_next);
   const bool has_act = a.dact.defined();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dw;

@@ -203,18 +203,18 @@ inline at::Tensor eca_weight(const at::Tensor& weight, const at::Tensor& x) {
   return weight.to(at::toOpMathType(x.scalar_type())).contiguous().reshape({k});
 }
 
-struct EcaForwardArgs {
+// What forward and backward share: x and the shortcut in the op's layout, the kernel, the sizes.
+struct EcaInputs {
   at::Tensor x, sc, w;  // x and shortcut (undefined if absent) in `format`; w: (k,) in the math dtype
-  at::Tensor out, act, mean;  // act: (0,) when there is no beta_next; mean: (N, C) in the math dtype
   at::MemoryFormat format;
   int64_t N, C, HW;
   int k;
+  at::Tensor empty_act() const { return at::empty(x.sizes(), x.options().memory_format(format)); }
 };
 
-inline EcaForwardArgs eca_forward_args(const at::Tensor& x, const at::Tensor& weight,
-                                       const std::optional<at::Tensor>& shortcut, std::optional<double> beta_next) {
+inline void eca_inputs(EcaInputs& a, const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& shortcut) {
   eca_check_activation(x, "x");
-  EcaForwardArgs a;
   a.w = eca_weight(weight, x);
   a.k = static_cast<int>(a.w.numel());
   a.format = eca_format(x);
@@ -223,37 +223,38 @@ inline EcaForwardArgs eca_forward_args(const at::Tensor& x, const at::Tensor& we
     eca_check_like(*shortcut, "shortcut", x, "x");
     a.sc = shortcut->contiguous(a.format);
   }
-  TORCH_CHECK(!beta_next.has_value() || a.sc.defined(),
-              "beta_next needs a shortcut: the next pre-activation belongs to the residual form (eca_residual)");
   a.N = x.size(0);
   a.C = x.size(1);
   a.HW = x.size(2) * x.size(3);
-  a.out = at::empty(x.sizes(), x.options().memory_format(a.format));
-  a.act = beta_next.has_value() ? at::empty(x.sizes(), x.options().memory_format(a.format)) : at::empty({0}, x.options());
+}
+
+struct EcaForwardArgs : EcaInputs {
+  at::Tensor out, act, mean;  // act: (0,) when there is no beta_next; mean: (N, C) in the math dtype
+};
+
+inline EcaForwardArgs eca_forward_args(const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& shortcut, std::optional<double> beta_next) {
+  EcaForwardArgs a;
+  eca_inputs(a, x, weight, shortcut);
+  TORCH_CHECK(!beta_next.has_value() || a.sc.defined(),
+              "beta_next needs a shortcut: the next pre-activation belongs to the residual form (eca_residual)");
+  a.out = a.empty_act();
+  a.act = beta_next.has_value() ? a.empty_act() : at::empty({0}, x.options());
   a.mean = at::empty({a.N, a.C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
   return a;
 }
 
-struct EcaBackwardArgs {
-  at::Tensor dout, dact, x, sc, w, mean;  // dact, sc undefined if absent
-  at::Tensor dx, dsc;                     // dsc: dX when dact is given, else (0,)
-  at::MemoryFormat format;
-  int64_t N, C, HW;
-  int k;
+struct EcaBackwardArgs : EcaInputs {
+  at::Tensor dout, dact, mean;  // dact undefined if absent
+  at::Tensor dx, dsc;           // dsc: dX when dact is given, else (0,)
 };
 
 inline EcaBackwardArgs eca_backward_args(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_act,
                                          const at::Tensor& x, const at::Tensor& weight,
-                                         const std::optional<at::Tensor>& shortcut, const at::Tensor& mean) {
-  eca_check_activation(x, "x");
+                                         const std::optional<at::Tensor>& shortcut, const at::Tensor& mean,
+                                         std::optional<double> beta_next) {
   EcaBackwardArgs a;
-  a.w = eca_weight(weight, x);
-  a.k = static_cast<int>(a.w.numel());
-  a.format = eca_format(x);
-  a.x = x.contiguous(a.format);
-  a.N = x.size(0);
-  a.C = x.size(1);
-  a.HW = x.size(2) * x.size(3);
+  eca_inputs(a, x, weight, shortcut);
   check_float_tensor(grad_out, "grad_out");
   check_same_device(grad_out, "grad_out", x, "x");
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out shape ", grad_out.sizes(), " must equal x shape ", x.sizes());
@@ -264,10 +265,7 @@ inline EcaBackwardArgs eca_backward_args(const at::Tensor& grad_out, const std::
     TORCH_CHECK(grad_act->sizes() == x.sizes(), "grad_act shape ", grad_act->sizes(), " must equal x shape ",
                 x.sizes());
     a.dact = grad_act->to(x.scalar_type()).contiguous(a.format);
-  }
-  if (shortcut.has_value() && shortcut->defined()) {
-    eca_check_like(*shortcut, "shortcut", x, "x");
-    a.sc = shortcut->contiguous(a.format);
+    TORCH_CHECK(beta_next.has_value(), "grad_act needs beta_next (the scale of act = silu(out) * beta_next)");
   }
   const auto acc = at::toOpMathType(x.scalar_type());
   check_same_device(mean, "mean", x, "x");
@@ -275,8 +273,8 @@ inline EcaBackwardArgs eca_backward_args(const at::Tensor& grad_out, const std::
               "mean must be the (N, C) ", acc, " channel means that eca_forward returned, got shape ", mean.sizes(),
               " and dtype ", mean.scalar_type());
   a.mean = mean.contiguous();
-  a.dx = at::empty(x.sizes(), x.options().memory_format(a.format));
-  a.dsc = a.dact.defined() ? at::empty(x.sizes(), x.options().memory_format(a.format)) : at::empty({0}, x.options());
+  a.dx = a.empty_act();
+  a.dsc = a.dact.defined() ? a.empty_act() : at::empty({0}, x.options());
   return a;
 }
 

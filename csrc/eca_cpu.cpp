@@ -222,8 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_act, const at::Tensor& x,
     const at::Tensor& weight, const std::optional<at::Tensor>& shortcut, const at::Tensor& mean, double scale,
     std::optional<double> beta_next) {
-  auto a = eca_backward_args(grad_out, grad_act, x, weight, shortcut, mean);
-  TORCH_CHECK(!a.dact.defined() || beta_next.has_value(), "grad_act needs beta_next");
+  auto a = eca_backward_args(grad_out, grad_act, x, weight, shortcut, mean, beta_next);
   at::Tensor dw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "eca_backward_cpu",
                                   [&] { dw = backward_impl<scalar_t>(a, scale, beta_next); });

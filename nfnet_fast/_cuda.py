@@ -119,7 +119,8 @@ def _eca_setup(ctx, inputs, output):
     x, weight, shortcut, ctx.scale, ctx.beta_next = inputs
     ctx.mark_non_differentiable(output[2])  # the channel means: saved for the backward only
     ctx.has_shortcut = shortcut is not None
-    ctx.save_for_backward(x, weight, shortcut, output[2])
+    # the shortcut only matters to the backward through act (it recomputes out = shortcut + ...)
+    ctx.save_for_backward(x, weight, shortcut if ctx.beta_next is not None else None, output[2])
 
 
 def _eca_backward(ctx, grad_out, grad_act, grad_mean):
