@@ -1,5 +1,6 @@
 // CUDA kernels of scaled weight standardisation: one block per output channel (a row of the
 // weight's fan-in, a few KB that stays in L1 between passes), math shared with the CPU twin.
+// Rows are read with 16- or 8-byte vectors when the fan-in and the pointers allow it.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty_like.h>
@@ -10,27 +11,56 @@
 
 #include "reduce.cuh"
 #include "scaled_std_weight.h"
+#include "vec.cuh"
+
+#include <type_traits>
 
 namespace nfnet_fast {
 namespace {
 
 constexpr int kThreads = 256;
 
-template <typename scalar_t, typename acc_t>
+// V consecutive values of a row in the math type: one 16- or 8-byte access (vec.cuh) for
+// fp32/fp16/bf16 when the row allows it, a plain load otherwise (and always for float64).
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_row(const scalar_t* __restrict__ p, acc_t (&out)[V]) {
+  if constexpr (V == 1)
+    out[0] = static_cast<acc_t>(p[0]);
+  else
+    load_vec<V>(p, out);
+}
+
+template <int V, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void store_row(scalar_t* __restrict__ p, const acc_t (&in)[V]) {
+  if constexpr (V == 1)
+    p[0] = static_cast<scalar_t>(in[0]);
+  else
+    store_vec<V>(p, in);
+}
+
+// mean and rstd of a row of n values (n % V == 0), with the two-pass variance of the CPU twin.
+template <int V, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void row_stats(const scalar_t* wr, int64_t n, acc_t eps, acc_t* scratch, acc_t& mean,
                                           acc_t& rstd) {
   acc_t s1 = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s1 += static_cast<acc_t>(wr[i]);
+  for (int64_t i = threadIdx.x * V; i < n; i += blockDim.x * V) {
+    acc_t v[V];
+    load_row<V>(wr + i, v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) s1 += v[e];
+  }
   mean = block_sum(s1, scratch) / static_cast<acc_t>(n);
   acc_t s2 = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const acc_t d = static_cast<acc_t>(wr[i]) - mean;
-    s2 += d * d;
+  for (int64_t i = threadIdx.x * V; i < n; i += blockDim.x * V) {
+    acc_t v[V];
+    load_row<V>(wr + i, v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) s2 += (v[e] - mean) * (v[e] - mean);
   }
   rstd = row_rstd<acc_t>(block_sum(s2, scratch), n, eps);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const scalar_t* __restrict__ w, const scalar_t* __restrict__ gain,
                                                        scalar_t* __restrict__ out, int64_t n, float scale, float eps) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -38,13 +68,18 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const scalar_t* __restric
   const int64_t o = blockIdx.x;
   const scalar_t* wr = w + o * n;
   acc_t mean, rstd;
-  row_stats<scalar_t, acc_t>(wr, n, static_cast<acc_t>(eps), scratch, mean, rstd);
+  row_stats<V>(wr, n, static_cast<acc_t>(eps), scratch, mean, rstd);
   const acc_t mul = rstd * static_cast<acc_t>(gain[o]) * static_cast<acc_t>(scale);
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-    out[o * n + i] = static_cast<scalar_t>(std_weight_fwd<acc_t>(static_cast<acc_t>(wr[i]), mean, mul));
+  for (int64_t i = threadIdx.x * V; i < n; i += blockDim.x * V) {
+    acc_t v[V];
+    load_row<V>(wr + i, v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = std_weight_fwd<acc_t>(v[e], mean, mul);
+    store_row<V>(out + o * n + i, v);
+  }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kThreads)
     bwd_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ w, const scalar_t* __restrict__ gain,
                scalar_t* __restrict__ dw, scalar_t* __restrict__ dgain, int64_t n, float scale, float eps) {
@@ -54,29 +89,47 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* wr = w + o * n;
   const scalar_t* dyr = dy + o * n;
   acc_t mean, rstd;
-  row_stats<scalar_t, acc_t>(wr, n, static_cast<acc_t>(eps), scratch, mean, rstd);
+  row_stats<V>(wr, n, static_cast<acc_t>(eps), scratch, mean, rstd);
   acc_t s_dy = 0, s_dy_xhat = 0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const acc_t g = static_cast<acc_t>(dyr[i]);
-    s_dy += g;
-    s_dy_xhat += g * (static_cast<acc_t>(wr[i]) - mean) * rstd;
+  for (int64_t i = threadIdx.x * V; i < n; i += blockDim.x * V) {
+    acc_t g[V], v[V];
+    load_row<V>(dyr + i, g);
+    load_row<V>(wr + i, v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      s_dy += g[e];
+      s_dy_xhat += g[e] * (v[e] - mean) * rstd;
+    }
   }
   s_dy = block_sum(s_dy, scratch);
   s_dy_xhat = block_sum(s_dy_xhat, scratch);
   if (threadIdx.x == 0) dgain[o] = static_cast<scalar_t>(s_dy_xhat * static_cast<acc_t>(scale));
   const acc_t gs = static_cast<acc_t>(gain[o]) * static_cast<acc_t>(scale);
   const acc_t mean_dy = s_dy / static_cast<acc_t>(n), mean_dy_xhat = s_dy_xhat / static_cast<acc_t>(n);
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const acc_t xhat = (static_cast<acc_t>(wr[i]) - mean) * rstd;
-    dw[o * n + i] =
-        static_cast<scalar_t>(std_weight_bwd<acc_t>(static_cast<acc_t>(dyr[i]), xhat, rstd, gs, mean_dy, mean_dy_xhat));
+  for (int64_t i = threadIdx.x * V; i < n; i += blockDim.x * V) {
+    acc_t g[V], v[V];
+    load_row<V>(dyr + i, g);
+    load_row<V>(wr + i, v);
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = std_weight_bwd<acc_t>(g[e], (v[e] - mean) * rstd, rstd, gs, mean_dy, mean_dy_xhat);
+    store_row<V>(dw + o * n + i, v);
   }
 }
 
-// Fewer threads for short rows (1x1 convs of the stem have fan-in 3..27): whole warps, at most kThreads.
-int threads_for(int64_t n) {
-  const int64_t warps = (n + 31) / 32;
+// Fewer threads for short rows (the stem's first conv has fan-in 27): whole warps, at most kThreads.
+int threads_for(int64_t n_access) {
+  const int64_t warps = (n_access + 31) / 32;
   return static_cast<int>(std::min<int64_t>(kThreads, std::max<int64_t>(32, warps * 32)));
+}
+
+// Calls f(V) with the vector width for rows of n values at these addresses (always 1 for float64).
+template <typename scalar_t, typename F>
+void dispatch_row_vec(int64_t n, std::initializer_list<const void*> ptrs, F&& f) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    f(std::integral_constant<int, 1>{});
+  } else {
+    dispatch_vec<scalar_t>(pick_vec(sizeof(scalar_t), n, common_alignment(ptrs)), f);
+  }
 }
 
 void check_args(const at::Tensor& weight, const at::Tensor& gain) {
@@ -100,10 +153,12 @@ at::Tensor scaled_std_weight_cuda(const at::Tensor& weight, const at::Tensor& ga
   if (w.numel() == 0) return out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "scaled_std_weight_cuda", [&] {
-    fwd_kernel<scalar_t><<<rows, threads_for(n), 0, stream>>>(w.const_data_ptr<scalar_t>(),
-                                                              g.const_data_ptr<scalar_t>(),
-                                                              out.mutable_data_ptr<scalar_t>(), n, scale, eps);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_row_vec<scalar_t>(n, {w.const_data_ptr(), out.const_data_ptr()}, [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      fwd_kernel<scalar_t, V><<<rows, threads_for(n / V), 0, stream>>>(
+          w.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, scale, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }
@@ -126,10 +181,13 @@ std::tuple<at::Tensor, at::Tensor> scaled_std_weight_backward_cuda(const at::Ten
   if (w.numel() == 0) return {dw, dgain};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "scaled_std_weight_backward_cuda", [&] {
-    bwd_kernel<scalar_t><<<rows, threads_for(n), 0, stream>>>(
-        dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-        dw.mutable_data_ptr<scalar_t>(), dgain.mutable_data_ptr<scalar_t>(), n, scale, eps);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_row_vec<scalar_t>(n, {dy.const_data_ptr(), w.const_data_ptr(), dw.const_data_ptr()}, [&](auto v) {
+      constexpr int V = decltype(v)::value;
+      bwd_kernel<scalar_t, V><<<rows, threads_for(n / V), 0, stream>>>(
+          dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+          dw.mutable_data_ptr<scalar_t>(), dgain.mutable_data_ptr<scalar_t>(), n, scale, eps);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {dw, dgain};
 }

@@ -1,0 +1,281 @@
+// ECA (efficient channel attention) fused with the NF block's residual tail:
+//
+//   mean[n, c]  = sum_hw y[n, c] / HW                           (pooling, fp32 sums)
+//   g[n, c]     = sigmoid(sum_j w[j] * mean[n, c + j - p])      (conv1d over channels, k odd,
+//                                                                zero padding p = (k - 1) / 2)
+//   out         = scale * g * y + shortcut                       (scale = alpha * attn_gain;
+//                                                                no shortcut: ops.eca, scale = gain)
+//   act         = silu(out) * beta_next                          (optional next pre-activation)
+//
+// The per-channel and per-element math below is shared by the CPU twin (eca_cpu.cpp) and the
+// CUDA kernels (eca.cu), and so are the work plan and the host-side argument handling.
+//
+// Backward, with dX = d(loss)/d(out) (its own gradient plus the one through act):
+//   dX        = dout + dact * beta * silu'(out)       (out recomputed in fp32 from y, shortcut, g)
+//   dsum[n,c] = sum_hw dX * y
+//   dz[n,c]   = dsum * scale * g * (1 - g)                         (gradient of the gate's logit)
+//   dmean[c]  = sum_j w[j] * dz[c - j + p]                         (the conv1d transposed)
+//   dy        = dX * scale * g + dmean / HW,  dshortcut = dX,  dw[j] = sum_{n,c} dz[n,c] * mean[n,c+j-p]
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "common.h"
+#include "silu_scale.h"
+
+namespace nfnet_fast {
+
+// ---------------------------------------------------------------------------------------------
+// per-channel math
+
+template <typename acc_t>
+NFF_HD acc_t eca_mean(acc_t sum, int64_t hw) {
+  return nff_div(sum, static_cast<acc_t>(hw));
+}
+
+// Logit of channel c's gate; `m` points at mean[c - p] of a window that holds zeros for channels
+// outside [0, C) (the conv1d's zero padding).
+template <typename acc_t>
+NFF_HD acc_t eca_logit(const acc_t* m, const acc_t* w, int k) {
+  acc_t z = 0;
+  for (int j = 0; j < k; ++j) z += w[j] * m[j];
+  return z;
+}
+
+// Gradient of the logit from dsum = sum_hw dX * y, since out = scale * g * y + ...
+template <typename acc_t>
+NFF_HD acc_t eca_dlogit(acc_t dsum, acc_t g, acc_t scale) {
+  return dsum * scale * g * (static_cast<acc_t>(1) - g);
+}
+
+// Gradient of mean[c] through the conv1d; `dz_hi` points at dz[c + p] of a window that holds
+// zeros outside [0, C).
+template <typename acc_t>
+NFF_HD acc_t eca_dmean(const acc_t* dz_hi, const acc_t* w, int k) {
+  acc_t d = 0;
+  for (int j = 0; j < k; ++j) d += w[j] * dz_hi[-j];
+  return d;
+}
+
+// dmean[c] / HW: what every element of channel c gets back through the pooling.
+template <typename acc_t>
+NFF_HD acc_t eca_dmean_hw(const acc_t* dz_hi, const acc_t* w, int k, int64_t hw) {
+  return nff_div(eca_dmean(dz_hi, w, k), static_cast<acc_t>(hw));
+}
+
+// Gradient of w[j] from one (n, c): dz[c] times the mean the tap saw; summed over n, c.
+template <typename acc_t>
+NFF_HD acc_t eca_dweight_term(acc_t dz, acc_t mean_tap) {
+  return dz * mean_tap;
+}
+
+// ---------------------------------------------------------------------------------------------
+// per-element math; coef = scale * g of the element's channel, sc = 0 without a shortcut
+
+template <typename acc_t>
+NFF_HD acc_t eca_out(acc_t y, acc_t sc, acc_t coef) {
+  return sc + coef * y;
+}
+
+template <typename acc_t>
+NFF_HD acc_t eca_act(acc_t out, acc_t beta) {
+  return silu_scale_fwd(out, beta);
+}
+
+// Total gradient of out: its own plus the one through act = silu(out) * beta.
+template <typename acc_t>
+NFF_HD acc_t eca_dout_total(acc_t dout, acc_t dact, acc_t out, acc_t beta) {
+  return dout + silu_scale_bwd(dact, out, beta);
+}
+
+// dy from the total gradient of out; dmean_hw = dmean[c] / HW.
+template <typename acc_t>
+NFF_HD acc_t eca_dy(acc_t dX, acc_t coef, acc_t dmean_hw) {
+  return dX * coef + dmean_hw;
+}
+
+// ---------------------------------------------------------------------------------------------
+// work plan, shared by both devices so the CPU tests exercise it
+//
+// The tensor is cut into blocks of (image n, tile of channels, range of pixels). The pooling pass
+// writes one fp32 partial sum per (n, range, channel) into a workspace [N, splits, C]; the apply
+// pass adds a channel's `splits` partials when it builds the gate. No atomics, no grid-wide
+// sync, and the sums are deterministic (a fixed order), unlike atomicAdd into [N, C]. The split
+// count is small (<= kEcaMaxSplits) so summing the partials is cheap next to the block's pixels;
+// it exists to give the GPU enough blocks when N * tiles alone is too few (the stage at 72x72 has
+// one tile of 256 channels per image).
+
+constexpr int kEcaThreads = 256;    // CUDA threads per block
+constexpr int kEcaMaxSplits = 16;
+
+struct EcaPlan {
+  bool channels_last = false;
+  int64_t N = 0, C = 0, HW = 0;
+  int vec = 1;            // elements per access along the contiguous dim (C if channels_last, else HW)
+  int64_t tile = 1;       // channels per block (CUDA) or per task (CPU: all C)
+  int64_t ctiles = 1;     // tiles per image
+  int ct = 1;             // CUDA, channels_last: threads across a tile (one vector each), power of 2 <= 32
+  int64_t splits = 1;     // pixel ranges per (image, tile)
+  int64_t split_len = 1;  // pixels per range (a multiple of vec in NCHW so vector accesses stay aligned)
+  int64_t blocks() const { return N * ctiles * splits; }
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// `align`: common_alignment of every tensor the kernels touch; `cuda`: block shapes of eca.cu
+// (else one task per (image, range) with all channels); `target_blocks`: how many blocks fill the
+// device (CUDA: a few waves of resident blocks; CPU: a few tasks per thread).
+inline EcaPlan eca_plan(int64_t N, int64_t C, int64_t HW, int elem_size, bool channels_last, int align, bool cuda,
+                        int64_t target_blocks) {
+  EcaPlan p;
+  p.channels_last = channels_last;
+  p.N = N;
+  p.C = C;
+  p.HW = HW;
+  p.vec = pick_vec(elem_size, channels_last ? C : HW, align);
+  int64_t min_split;  // fewest pixels per range: enough loads per thread to amortise the block's set-up
+  if (!cuda) {
+    p.tile = C;
+    min_split = 16;
+  } else if (channels_last) {
+    // A warp spans up to 32 vectors (512 contiguous bytes) of one pixel; the block's other threads
+    // take other pixels. Narrow C uses a narrower span and more pixels per step.
+    const int64_t vecs = ceil_div(C, p.vec);
+    int ct = 1;
+    while (ct < 32 && ct < vecs) ct *= 2;
+    p.ct = ct;
+    p.tile = static_cast<int64_t>(ct) * p.vec;
+    min_split = 4 * (kEcaThreads / ct);
+  } else {
+    // NCHW: a warp per channel row, so a block covers kEcaThreads / 32 channels.
+    p.tile = kEcaThreads / 32;
+    min_split = 2 * 32 * p.vec;
+  }
+  p.ctiles = ceil_div(C, p.tile);
+  int64_t s = ceil_div(std::max<int64_t>(target_blocks, 1), N * p.ctiles);
+  s = std::min<int64_t>(std::max<int64_t>(s, 1), kEcaMaxSplits);
+  s = std::min<int64_t>(s, std::max<int64_t>(1, HW / min_split));
+  int64_t len = ceil_div(HW, s);
+  if (!channels_last) len = ceil_div(len, p.vec) * p.vec;  // HW % vec == 0, so len <= HW still
+  p.split_len = len;
+  p.splits = ceil_div(HW, len);
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// host-side argument handling, shared by the CPU and CUDA entry points
+
+// The layout the op runs in and returns: NCHW if x is contiguous, else channels_last if x is
+// channels_last-contiguous, else the format x's strides resemble (x is then copied). The fake
+// kernel in nfnet_fast/_cuda.py applies the same rule.
+inline at::MemoryFormat eca_format(const at::Tensor& x) {
+  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return x.suggest_memory_format();
+}
+
+inline void eca_check_activation(const at::Tensor& t, const char* name) {
+  check_float_tensor(t, name);
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D (N, C, H, W), got shape ", t.sizes());
+  TORCH_CHECK(t.numel() > 0, name, " must be non-empty, got shape ", t.sizes());
+}
+
+inline void eca_check_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* xname) {
+  check_float_tensor(t, name);
+  check_same_device(t, name, x, xname);
+  TORCH_CHECK(t.sizes() == x.sizes(), name, " shape ", t.sizes(), " must equal ", xname, " shape ", x.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " dtype ", t.scalar_type(), " must equal ", xname, " dtype ",
+              x.scalar_type());
+}
+
+// The conv1d kernel as k values in the math dtype of x.
+inline at::Tensor eca_weight(const at::Tensor& weight, const at::Tensor& x) {
+  check_float_tensor(weight, "weight");
+  check_same_device(weight, "weight", x, "x");
+  const int64_t k = weight.numel();
+  TORCH_CHECK((weight.dim() == 1 || (weight.dim() == 3 && weight.size(0) == 1 && weight.size(1) == 1)) && k % 2 == 1,
+              "weight must be the ECA conv1d kernel, shape (k,) or (1, 1, k) with k odd, got shape ", weight.sizes());
+  TORCH_CHECK(k <= 255, "weight: ECA kernel size ", k, " is larger than the supported 255");
+  return weight.to(at::toOpMathType(x.scalar_type())).contiguous().reshape({k});
+}
+
+// What forward and backward share: x and the shortcut in the op's layout, the kernel, the sizes.
+struct EcaInputs {
+  at::Tensor x, sc, w;  // x and shortcut (undefined if absent) in `format`; w: (k,) in the math dtype
+  at::MemoryFormat format;
+  int64_t N, C, HW;
+  int k;
+  at::Tensor empty_act() const { return at::empty(x.sizes(), x.options().memory_format(format)); }
+};
+
+inline void eca_inputs(EcaInputs& a, const at::Tensor& x, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& shortcut) {
+  eca_check_activation(x, "x");
+  a.w = eca_weight(weight, x);
+  a.k = static_cast<int>(a.w.numel());
+  a.format = eca_format(x);
+  a.x = x.contiguous(a.format);
+  if (shortcut.has_value() && shortcut->defined()) {
+    eca_check_like(*shortcut, "shortcut", x, "x");
+    a.sc = shortcut->contiguous(a.format);
+  }
+  a.N = x.size(0);
+  a.C = x.size(1);
+  a.HW = x.size(2) * x.size(3);
+}
+
+struct EcaForwardArgs : EcaInputs {
+  at::Tensor out, act, mean;  // act: (0,) when there is no beta_next; mean: (N, C) in the math dtype
+};
+
+inline EcaForwardArgs eca_forward_args(const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& shortcut, std::optional<double> beta_next) {
+  EcaForwardArgs a;
+  eca_inputs(a, x, weight, shortcut);
+  TORCH_CHECK(!beta_next.has_value() || a.sc.defined(),
+              "beta_next needs a shortcut: the next pre-activation belongs to the residual form (eca_residual)");
+  a.out = a.empty_act();
+  a.act = beta_next.has_value() ? a.empty_act() : at::empty({0}, x.options());
+  a.mean = at::empty({a.N, a.C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  return a;
+}
+
+struct EcaBackwardArgs : EcaInputs {
+  at::Tensor dout, dact, mean;  // dact undefined if absent
+  at::Tensor dx, dsc;           // dsc: dX when dact is given, else (0,)
+};
+
+inline EcaBackwardArgs eca_backward_args(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_act,
+                                         const at::Tensor& x, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& shortcut, const at::Tensor& mean,
+                                         std::optional<double> beta_next) {
+  EcaBackwardArgs a;
+  eca_inputs(a, x, weight, shortcut);
+  check_float_tensor(grad_out, "grad_out");
+  check_same_device(grad_out, "grad_out", x, "x");
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out shape ", grad_out.sizes(), " must equal x shape ", x.sizes());
+  a.dout = grad_out.to(x.scalar_type()).contiguous(a.format);
+  if (grad_act.has_value() && grad_act->defined()) {
+    check_float_tensor(*grad_act, "grad_act");
+    check_same_device(*grad_act, "grad_act", x, "x");
+    TORCH_CHECK(grad_act->sizes() == x.sizes(), "grad_act shape ", grad_act->sizes(), " must equal x shape ",
+                x.sizes());
+    a.dact = grad_act->to(x.scalar_type()).contiguous(a.format);
+    TORCH_CHECK(beta_next.has_value(), "grad_act needs beta_next (the scale of act = silu(out) * beta_next)");
+  }
+  const auto acc = at::toOpMathType(x.scalar_type());
+  check_same_device(mean, "mean", x, "x");
+  TORCH_CHECK(mean.dim() == 2 && mean.size(0) == a.N && mean.size(1) == a.C && mean.scalar_type() == acc,
+              "mean must be the (N, C) ", acc, " channel means that eca_forward returned, got shape ", mean.sizes(),
+              " and dtype ", mean.scalar_type());
+  a.mean = mean.contiguous();
+  a.dx = a.empty_act();
+  a.dsc = a.dact.defined() ? a.empty_act() : at::empty({0}, x.options());
+  return a;
+}
+
+}  // namespace nfnet_fast

@@ -1,0 +1,239 @@
+// CPU twin of csrc/eca.cu: the same plan (partial sums per (image, pixel range, channel)), the
+// same per-channel and per-element math (eca.h), the same two passes forward and backward.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "eca.h"
+
+namespace nfnet_fast {
+namespace {
+
+EcaPlan cpu_plan(int64_t N, int64_t C, int64_t HW, int elem_size, at::MemoryFormat format, int align) {
+  return eca_plan(N, C, HW, elem_size, format == at::MemoryFormat::ChannelsLast, align, /*cuda=*/false,
+                  /*target_blocks=*/4 * at::get_num_threads());
+}
+
+// Pixel range [p0, p1) of range s.
+inline void range_of(const EcaPlan& pl, int64_t s, int64_t& p0, int64_t& p1) {
+  p0 = s * pl.split_len;
+  p1 = std::min(pl.HW, p0 + pl.split_len);
+}
+
+// The reduction pass: partial[(n * splits + s) * C + c] = sum over range s of f(i, n, c), with i
+// the element's offset. One task per (image, range), as one CUDA block per (image, tile, range).
+template <typename acc_t, typename F>
+void reduce_ranges(const EcaPlan& pl, acc_t* partial, const F& f) {
+  at::parallel_for(0, pl.N * pl.splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(pl.C);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / pl.splits, s = item % pl.splits;
+      int64_t p0, p1;
+      range_of(pl, s, p0, p1);
+      acc_t* dst = partial + item * pl.C;
+      if (pl.channels_last) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t base = (n * pl.HW + p) * pl.C;
+          for (int64_t c = 0; c < pl.C; ++c) acc[c] += f(base + c, n, c);
+        }
+        std::copy(acc.begin(), acc.end(), dst);
+      } else {
+        for (int64_t c = 0; c < pl.C; ++c) {
+          const int64_t base = (n * pl.C + c) * pl.HW;
+          acc_t sum = 0;
+          for (int64_t p = p0; p < p1; ++p) sum += f(base + p, n, c);
+          dst[c] = sum;
+        }
+      }
+    }
+  });
+}
+
+// The elementwise pass: f(i, n, c) for every element, by (image, range).
+template <typename F>
+void for_each_element(const EcaPlan& pl, const F& f) {
+  at::parallel_for(0, pl.N * pl.splits, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / pl.splits, s = item % pl.splits;
+      int64_t p0, p1;
+      range_of(pl, s, p0, p1);
+      if (pl.channels_last) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t base = (n * pl.HW + p) * pl.C;
+          for (int64_t c = 0; c < pl.C; ++c) f(base + c, n, c);
+        }
+      } else {
+        for (int64_t c = 0; c < pl.C; ++c) {
+          const int64_t base = (n * pl.C + c) * pl.HW;
+          for (int64_t p = p0; p < p1; ++p) f(base + p, n, c);
+        }
+      }
+    }
+  });
+}
+
+// Sum over the ranges of partial, for channel c of image n.
+template <typename acc_t>
+acc_t sum_partials(const EcaPlan& pl, const acc_t* partial, int64_t n, int64_t c) {
+  acc_t sum = 0;
+  for (int64_t s = 0; s < pl.splits; ++s) sum += partial[(n * pl.splits + s) * pl.C + c];
+  return sum;
+}
+
+// coef[n, c] = scale * g[n, c], the gates from the channel means, zero-padded by p on each side.
+template <typename acc_t>
+void gates_from_means(const EcaPlan& pl, const acc_t* mean, const acc_t* w, int k, acc_t scale, acc_t* g_out,
+                      acc_t* coef_out) {
+  const int p = (k - 1) / 2;
+  at::parallel_for(0, pl.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> m(pl.C + 2 * p, acc_t(0));
+    for (int64_t n = begin; n < end; ++n) {
+      std::copy(mean + n * pl.C, mean + (n + 1) * pl.C, m.begin() + p);
+      for (int64_t c = 0; c < pl.C; ++c) {
+        const acc_t g = sigmoid(eca_logit(m.data() + c, w, k));
+        if (g_out) g_out[n * pl.C + c] = g;
+        coef_out[n * pl.C + c] = scale * g;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_impl(EcaForwardArgs& a, double scale_d, std::optional<double> beta_next) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const EcaPlan pl = cpu_plan(a.N, a.C, a.HW, sizeof(scalar_t), a.format,
+                              common_alignment({a.x.const_data_ptr(), a.out.const_data_ptr()}));
+  auto partial = at::empty({pl.N * pl.splits * pl.C}, a.mean.options());
+  const scalar_t* y = a.x.const_data_ptr<scalar_t>();
+  const scalar_t* sc = a.sc.defined() ? a.sc.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
+  scalar_t* act = beta_next.has_value() ? a.act.mutable_data_ptr<scalar_t>() : nullptr;
+  acc_t* mean = a.mean.mutable_data_ptr<acc_t>();
+  const acc_t* w = a.w.const_data_ptr<acc_t>();
+  const acc_t scale = static_cast<acc_t>(scale_d), beta = static_cast<acc_t>(beta_next.value_or(0.0));
+
+  reduce_ranges<acc_t>(pl, partial.mutable_data_ptr<acc_t>(),
+                       [&](int64_t i, int64_t, int64_t) { return static_cast<acc_t>(y[i]); });
+  const acc_t* part = partial.const_data_ptr<acc_t>();
+  at::parallel_for(0, pl.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t c = 0; c < pl.C; ++c) mean[n * pl.C + c] = eca_mean(sum_partials(pl, part, n, c), pl.HW);
+  });
+  std::vector<acc_t> coef(pl.N * pl.C);
+  gates_from_means<acc_t>(pl, mean, w, a.k, scale, nullptr, coef.data());
+  for_each_element(pl, [&](int64_t i, int64_t n, int64_t c) {
+    const acc_t o = eca_out(static_cast<acc_t>(y[i]), sc ? static_cast<acc_t>(sc[i]) : acc_t(0), coef[n * pl.C + c]);
+    out[i] = static_cast<scalar_t>(o);
+    if (act) act[i] = static_cast<scalar_t>(eca_act(o, beta));
+  });
+}
+
+template <typename scalar_t>
+at::Tensor backward_impl(EcaBackwardArgs& a, double scale_d, std::optional<double> beta_next) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int k = a.k, p = (k - 1) / 2;
+  const EcaPlan pl = cpu_plan(a.N, a.C, a.HW, sizeof(scalar_t), a.format,
+                              common_alignment({a.x.const_data_ptr(), a.dx.const_data_ptr()}));
+  auto partial = at::empty({pl.N * pl.splits * pl.C}, a.mean.options());
+  const scalar_t* y = a.x.const_data_ptr<scalar_t>();
+  const scalar_t* dout = a.dout.const_data_ptr<scalar_t>();
+  const scalar_t* dact = a.dact.defined() ? a.dact.const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* sc = a.sc.defined() ? a.sc.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dsc = dact ? a.dsc.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dx = a.dx.mutable_data_ptr<scalar_t>();
+  const acc_t* mean = a.mean.const_data_ptr<acc_t>();
+  const acc_t* w = a.w.const_data_ptr<acc_t>();
+  const acc_t scale = static_cast<acc_t>(scale_d), beta = static_cast<acc_t>(beta_next.value_or(0.0));
+
+  std::vector<acc_t> g(pl.N * pl.C), coef(pl.N * pl.C);
+  gates_from_means<acc_t>(pl, mean, w, k, scale, g.data(), coef.data());
+
+  // Pass 1: dX (stored as the shortcut's gradient when act has a gradient) and dsum = sum dX * y.
+  reduce_ranges<acc_t>(pl, partial.mutable_data_ptr<acc_t>(), [&](int64_t i, int64_t n, int64_t c) {
+    const acc_t yv = static_cast<acc_t>(y[i]);
+    acc_t dX = static_cast<acc_t>(dout[i]);
+    if (dact) {
+      const acc_t o = eca_out(yv, sc ? static_cast<acc_t>(sc[i]) : acc_t(0), coef[n * pl.C + c]);
+      dX = eca_dout_total(dX, static_cast<acc_t>(dact[i]), o, beta);
+      dsc[i] = static_cast<scalar_t>(dX);
+    }
+    return dX * yv;
+  });
+
+  // Per channel: dz (gradient of the gate's logit) and what each element gets back through the mean.
+  const acc_t* part = partial.const_data_ptr<acc_t>();
+  std::vector<acc_t> dz(pl.N * pl.C), add(pl.N * pl.C);
+  at::parallel_for(0, pl.N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dzp(pl.C + 2 * p, acc_t(0));
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t c = 0; c < pl.C; ++c) {
+        const int64_t nc = n * pl.C + c;
+        dz[nc] = dzp[c + p] = eca_dlogit(sum_partials(pl, part, n, c), g[nc], scale);
+      }
+      for (int64_t c = 0; c < pl.C; ++c) add[n * pl.C + c] = eca_dmean_hw(dzp.data() + c + 2 * p, w, k, pl.HW);
+    }
+  });
+
+  // Pass 2: dy from dX as stored (the same values the CUDA kernel reads back).
+  const scalar_t* dX_src = dact ? dsc : dout;
+  for_each_element(pl, [&](int64_t i, int64_t n, int64_t c) {
+    const int64_t nc = n * pl.C + c;
+    dx[i] = static_cast<scalar_t>(eca_dy(static_cast<acc_t>(dX_src[i]), coef[nc], add[nc]));
+  });
+
+  // dw: per image, then over images in a fixed order.
+  std::vector<acc_t> ws(pl.N * k);
+  at::parallel_for(0, pl.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int j = 0; j < k; ++j) {
+        acc_t s = 0;
+        for (int64_t c = 0; c < pl.C; ++c) {
+          const int64_t ct = c + j - p;
+          if (ct >= 0 && ct < pl.C) s += eca_dweight_term(dz[n * pl.C + c], mean[n * pl.C + ct]);
+        }
+        ws[n * k + j] = s;
+      }
+  });
+  auto dw = at::empty({k}, a.mean.options());
+  acc_t* dwp = dw.mutable_data_ptr<acc_t>();
+  for (int j = 0; j < k; ++j) {
+    acc_t s = 0;
+    for (int64_t n = 0; n < pl.N; ++n) s += ws[n * k + j];
+    dwp[j] = s;
+  }
+  return dw;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
+                                                               const std::optional<at::Tensor>& shortcut,
+                                                               double scale, std::optional<double> beta_next) {
+  auto a = eca_forward_args(x, weight, shortcut, beta_next);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "eca_forward_cpu",
+                                  [&] { forward_impl<scalar_t>(a, scale, beta_next); });
+  return {a.out, a.act, a.mean};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_backward_cpu(
+    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_act, const at::Tensor& x,
+    const at::Tensor& weight, const std::optional<at::Tensor>& shortcut, const at::Tensor& mean, double scale,
+    std::optional<double> beta_next) {
+  auto a = eca_backward_args(grad_out, grad_act, x, weight, shortcut, mean, beta_next);
+  at::Tensor dw;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "eca_backward_cpu",
+                                  [&] { dw = backward_impl<scalar_t>(a, scale, beta_next); });
+  return {a.dx, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.dsc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nfnet_fast, CPU, m) {
+  m.impl("eca_forward", &eca_forward_cpu);
+  m.impl("eca_backward", &eca_backward_cpu);
+}
+
+}  // namespace nfnet_fast
