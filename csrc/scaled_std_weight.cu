@@ -132,19 +132,8 @@ void dispatch_row_vec(int64_t n, std::initializer_list<const void*> ptrs, F&& f)
   }
 }
 
-void check_args(const at::Tensor& weight, const at::Tensor& gain) {
-  check_float_tensor(weight, "weight");
-  check_float_tensor(gain, "gain");
-  check_same_device(weight, "weight", gain, "gain");
-  TORCH_CHECK(weight.dim() >= 2, "weight must have at least 2 dims, got shape ", weight.sizes());
-  TORCH_CHECK(gain.numel() == weight.size(0), "gain must have one value per output channel (", weight.size(0),
-              "), got shape ", gain.sizes());
-  TORCH_CHECK(gain.scalar_type() == weight.scalar_type(), "gain dtype ", gain.scalar_type(),
-              " must equal weight dtype ", weight.scalar_type());
-}
-
 at::Tensor scaled_std_weight_cuda(const at::Tensor& weight, const at::Tensor& gain, double scale, double eps) {
-  check_args(weight, gain);
+  check_std_weight_args(weight, gain);
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto w = weight.contiguous();
   const auto g = gain.contiguous();
@@ -166,11 +155,8 @@ at::Tensor scaled_std_weight_cuda(const at::Tensor& weight, const at::Tensor& ga
 std::tuple<at::Tensor, at::Tensor> scaled_std_weight_backward_cuda(const at::Tensor& grad_out,
                                                                    const at::Tensor& weight, const at::Tensor& gain,
                                                                    double scale, double eps) {
-  check_args(weight, gain);
-  check_float_tensor(grad_out, "grad_out");
-  check_same_device(grad_out, "grad_out", weight, "weight");
-  TORCH_CHECK(grad_out.sizes() == weight.sizes(), "grad_out shape ", grad_out.sizes(), " must equal weight shape ",
-              weight.sizes());
+  check_std_weight_args(weight, gain);
+  check_std_weight_grad(grad_out, weight);
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto w = weight.contiguous();
   const auto g = gain.contiguous();

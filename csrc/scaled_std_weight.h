@@ -38,4 +38,24 @@ NFF_HD acc_t std_weight_bwd(acc_t dy, acc_t xhat, acc_t rstd, acc_t gain_scale, 
   return rstd * gain_scale * (dy - mean_dy - xhat * mean_dy_xhat);
 }
 
+// Host-side argument checks shared by the CPU and CUDA entry points (messages name the argument).
+inline void check_std_weight_args(const at::Tensor& weight, const at::Tensor& gain) {
+  check_float_tensor(weight, "weight");
+  check_float_tensor(gain, "gain");
+  check_same_device(weight, "weight", gain, "gain");
+  TORCH_CHECK(weight.dim() >= 2, "weight must have at least 2 dims (out_channels, fan-in...), got shape ",
+              weight.sizes());
+  TORCH_CHECK(gain.numel() == weight.size(0), "gain must have one value per output channel (", weight.size(0),
+              "), got shape ", gain.sizes());
+  TORCH_CHECK(gain.scalar_type() == weight.scalar_type(), "gain dtype ", gain.scalar_type(),
+              " must equal weight dtype ", weight.scalar_type());
+}
+
+inline void check_std_weight_grad(const at::Tensor& grad_out, const at::Tensor& weight) {
+  check_float_tensor(grad_out, "grad_out");
+  check_same_device(grad_out, "grad_out", weight, "weight");
+  TORCH_CHECK(grad_out.sizes() == weight.sizes(), "grad_out shape ", grad_out.sizes(), " must equal weight shape ",
+              weight.sizes());
+}
+
 }  // namespace nfnet_fast

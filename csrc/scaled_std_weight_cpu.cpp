@@ -10,16 +10,18 @@
 namespace nfnet_fast {
 namespace {
 
-void check_args(const at::Tensor& weight, const at::Tensor& gain) {
-  check_float_tensor(weight, "weight");
-  check_float_tensor(gain, "gain");
-  check_same_device(weight, "weight", gain, "gain");
-  TORCH_CHECK(weight.dim() >= 2, "weight must have at least 2 dims (out_channels, fan-in...), got shape ",
-              weight.sizes());
-  TORCH_CHECK(gain.numel() == weight.size(0), "gain must have one value per output channel (", weight.size(0),
-              "), got shape ", gain.sizes());
-  TORCH_CHECK(gain.scalar_type() == weight.scalar_type(), "gain dtype ", gain.scalar_type(),
-              " must equal weight dtype ", weight.scalar_type());
+// Mean and rstd of one row, two passes (the row is in cache) as the CUDA kernel does.
+template <typename scalar_t, typename acc_t>
+void row_stats(const scalar_t* wr, int64_t n, acc_t eps, acc_t& mean, acc_t& rstd) {
+  acc_t s1 = 0;
+  for (int64_t i = 0; i < n; ++i) s1 += static_cast<acc_t>(wr[i]);
+  mean = s1 / static_cast<acc_t>(n);
+  acc_t s2 = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t d = static_cast<acc_t>(wr[i]) - mean;
+    s2 += d * d;
+  }
+  rstd = row_rstd<acc_t>(s2, n, eps);
 }
 
 template <typename scalar_t>
@@ -29,16 +31,9 @@ void fwd_rows(const scalar_t* w, const scalar_t* gain, scalar_t* out, int64_t ro
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       const scalar_t* wr = w + o * n;
-      acc_t s1 = 0;
-      for (int64_t i = 0; i < n; ++i) s1 += static_cast<acc_t>(wr[i]);
-      const acc_t mean = s1 / static_cast<acc_t>(n);
-      acc_t s2 = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t d = static_cast<acc_t>(wr[i]) - mean;
-        s2 += d * d;
-      }
-      const acc_t mul = row_rstd<acc_t>(s2, n, static_cast<acc_t>(eps)) * static_cast<acc_t>(gain[o]) *
-                        static_cast<acc_t>(scale);
+      acc_t mean, rstd;
+      row_stats(wr, n, static_cast<acc_t>(eps), mean, rstd);
+      const acc_t mul = rstd * static_cast<acc_t>(gain[o]) * static_cast<acc_t>(scale);
       for (int64_t i = 0; i < n; ++i)
         out[o * n + i] = static_cast<scalar_t>(std_weight_fwd<acc_t>(static_cast<acc_t>(wr[i]), mean, mul));
     }
@@ -53,15 +48,8 @@ void bwd_rows(const scalar_t* dy, const scalar_t* w, const scalar_t* gain, scala
     for (int64_t o = begin; o < end; ++o) {
       const scalar_t* wr = w + o * n;
       const scalar_t* dyr = dy + o * n;
-      acc_t s1 = 0;
-      for (int64_t i = 0; i < n; ++i) s1 += static_cast<acc_t>(wr[i]);
-      const acc_t mean = s1 / static_cast<acc_t>(n);
-      acc_t s2 = 0;
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t d = static_cast<acc_t>(wr[i]) - mean;
-        s2 += d * d;
-      }
-      const acc_t rstd = row_rstd<acc_t>(s2, n, static_cast<acc_t>(eps));
+      acc_t mean, rstd;
+      row_stats(wr, n, static_cast<acc_t>(eps), mean, rstd);
       acc_t sum_dy = 0, sum_dy_xhat = 0;
       for (int64_t i = 0; i < n; ++i) {
         const acc_t g = static_cast<acc_t>(dyr[i]);
@@ -82,7 +70,7 @@ void bwd_rows(const scalar_t* dy, const scalar_t* w, const scalar_t* gain, scala
 }
 
 at::Tensor scaled_std_weight_cpu(const at::Tensor& weight, const at::Tensor& gain, double scale, double eps) {
-  check_args(weight, gain);
+  check_std_weight_args(weight, gain);
   const auto w = weight.contiguous();
   const auto g = gain.contiguous();
   auto out = at::empty_like(w, at::MemoryFormat::Contiguous);
@@ -98,10 +86,8 @@ at::Tensor scaled_std_weight_cpu(const at::Tensor& weight, const at::Tensor& gai
 std::tuple<at::Tensor, at::Tensor> scaled_std_weight_backward_cpu(const at::Tensor& grad_out,
                                                                   const at::Tensor& weight, const at::Tensor& gain,
                                                                   double scale, double eps) {
-  check_args(weight, gain);
-  check_float_tensor(grad_out, "grad_out");
-  TORCH_CHECK(grad_out.sizes() == weight.sizes(), "grad_out shape ", grad_out.sizes(), " must equal weight shape ",
-              weight.sizes());
+  check_std_weight_args(weight, gain);
+  check_std_weight_grad(grad_out, weight);
   const auto w = weight.contiguous();
   const auto g = gain.contiguous();
   const auto dy = grad_out.to(w.scalar_type()).contiguous();

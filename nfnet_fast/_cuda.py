@@ -13,6 +13,7 @@ import torch
 from torch._prims_common import suggest_memory_format
 
 from ._backends import extension
+from ._library import register_scaled_std_weight
 
 if extension() is None:  # pragma: no cover - nfnet_fast.ops only imports this module when it loads
     raise ImportError("nfnet_fast._C is not available; see nfnet_fast.backends()")
@@ -22,29 +23,7 @@ _ops = torch.ops.nfnet_fast
 
 # --- scaled weight standardisation -------------------------------------------------------------
 
-@torch.library.register_fake("nfnet_fast::scaled_std_weight")
-def _(weight, gain, scale, eps):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
-@torch.library.register_fake("nfnet_fast::scaled_std_weight_backward")
-def _(grad_out, weight, gain, scale, eps):
-    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
-            torch.empty_like(gain, memory_format=torch.contiguous_format))
-
-
-def _std_setup(ctx, inputs, output):
-    weight, gain, ctx.scale, ctx.eps = inputs
-    ctx.save_for_backward(weight, gain)
-
-
-def _std_backward(ctx, grad):
-    weight, gain = ctx.saved_tensors
-    dw, dgain = _ops.scaled_std_weight_backward(grad, weight, gain, ctx.scale, ctx.eps)
-    return dw, dgain, None, None
-
-
-torch.library.register_autograd("nfnet_fast::scaled_std_weight", _std_backward, setup_context=_std_setup)
+register_scaled_std_weight("nfnet_fast::scaled_std_weight", _ops.scaled_std_weight_backward)
 
 
 def scaled_std_weight(weight, gain, scale, eps):

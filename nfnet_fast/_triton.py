@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _reference
+from ._library import register_scaled_std_weight
 from .kernels import eca_residual as _eca
 from .kernels import scaled_std_weight as _std
 from .kernels import silu_scale as _silu
@@ -133,35 +134,13 @@ def _std_op(weight: Tensor, gain: Tensor, scale: float, eps: float) -> Tensor:
     return _std.forward(weight.contiguous(), gain.reshape(-1).contiguous(), scale, eps)
 
 
-@_std_op.register_fake
-def _(weight, gain, scale, eps):
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
 @torch.library.custom_op("nfnet_fast::triton_scaled_std_weight_backward", mutates_args=())
 def _std_backward_op(grad: Tensor, weight: Tensor, gain: Tensor, scale: float, eps: float) -> Tuple[Tensor, Tensor]:
     dw, dgain = _std.backward(grad.contiguous(), weight.contiguous(), gain.reshape(-1).contiguous(), scale, eps)
     return dw, dgain.to(gain.dtype).reshape(gain.shape)
 
 
-@_std_backward_op.register_fake
-def _(grad, weight, gain, scale, eps):
-    return (torch.empty_like(weight, memory_format=torch.contiguous_format),
-            torch.empty_like(gain, memory_format=torch.contiguous_format))
-
-
-def _std_setup(ctx, inputs, output):
-    weight, gain, ctx.scale, ctx.eps = inputs
-    ctx.save_for_backward(weight, gain)
-
-
-def _std_backward(ctx, grad):
-    weight, gain = ctx.saved_tensors
-    dw, dgain = _std_backward_op(grad, weight, gain, ctx.scale, ctx.eps)
-    return dw, dgain, None, None
-
-
-_std_op.register_autograd(_std_backward, setup_context=_std_setup)
+register_scaled_std_weight("nfnet_fast::triton_scaled_std_weight", _std_backward_op)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,3 +111,11 @@ def test_import_without_extension():
     assert out.returncode == 0, out.stderr
     assert "torch.Size([1, 1000])" in out.stdout
     assert "backend='cuda' cannot run silu_scale on cpu tensors here: nfnet_fast._C is not built" in out.stdout
+
+
+def test_every_available_backend_implements_every_op():
+    """A backend that runs here runs every op (no silent fallback to another backend)."""
+    for name, info in nfnet_fast.backends().items():
+        for device in info.devices:
+            for op in ("scaled_std_weight", "eca", "eca_residual", "silu_scale"):
+                assert ops.resolve_backend(name, device, op) == name
