@@ -39,34 +39,43 @@ else
 fi
 name="$OUT/$(date -u +%Y-%m-%d)-$slug"
 
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit (with uncommitted changes)"
+notes="$work/notes"; : >"$notes"
+report() {  # the report of whatever finished; its exit status is the script's
+  step "report"
+  [ -s "$notes" ] && { echo "## notes"; cat "$notes"; } >>"$work/tests.summary"
+  if $PY bench/report.py "${jsons[@]}" --tests "$work/tests.summary" --out "$name" --commit "$commit" \
+      --tables bench/triton_resources.md bench/cuda_resources.md \
+      --title "nfnet_fast benchmark report: $slug$([ "$QUICK" = 1 ] && echo ' (quick)')"; then
+    echo "report written to $name.md and $name.json ($(elapsed)s)"
+  else
+    echo "bench/report.py failed: no report written" >&2; return 1
+  fi
+}
+jsons=()
+: >"$work/tests.summary"
+
 step "install (pip install --no-build-isolation --no-deps -e .)"
-$PY -m pip install -q --no-build-isolation --no-deps -e . >"$work/install.log" 2>&1 || { tail -30 "$work/install.log"; exit 1; }
+if ! $PY -m pip install -q --no-build-isolation --no-deps -e . >"$work/install.log" 2>&1; then
+  tail -30 "$work/install.log"
+  { echo "- install failed:"; tail -15 "$work/install.log" | sed 's/^/    /'; } >>"$notes"
+  report; exit 1
+fi
 $PY -c 'import nfnet_fast; [print(f"   {b.name}: {b.devices or b.reason}") for b in nfnet_fast.backends().values()]'
 
 # Each step runs under `timeout` with what is left of the budget, so the script always ends with a
-# report (of what finished) inside BUDGET_S; a step cut short is named in the report.
+# report (of what finished) inside BUDGET_S. SIGINT first: pytest then ends its session cleanly and
+# pytest-benchmark still writes the rows that finished. A step cut short is named in the report.
 left() { echo $(( BUDGET_S - $(elapsed) - 20 )); }
-notes="$work/notes"; : >"$notes"
 run_step() {  # run_step LABEL SECONDS_CAP CMD...: run CMD under timeout min(cap, time left)
   local label=$1 cap=$2; shift 2
   local t; t=$(left); [ "$t" -gt "$cap" ] && t=$cap
   if [ "$t" -lt 30 ]; then echo "   $label: skipped, no time left"; echo "- $label: skipped, no time left" >>"$notes"; return 0; fi
-  timeout "$t" "$@"; local rc=$?
-  [ $rc = 124 ] && { echo "   $label: cut off after ${t}s"; echo "- $label: cut off after ${t}s (left out)" >>"$notes"; }
+  timeout -s INT -k 30 "$t" "$@"; local rc=$?
+  [ $rc = 124 ] && { echo "   $label: cut off after ${t}s"; echo "- $label: cut off after ${t}s" >>"$notes"; }
   return 0
 }
-
-step "GPU tests (pytest -m gpu)"
-run_step "GPU tests" 240 bash -c "$PY -m pytest tests -m gpu -q -ra -p no:cacheprovider 2>&1 | tee '$work/tests.log' | tail -25"
-{ grep -E "passed|failed|skipped|error" "$work/tests.log" | tail -1; grep -E "^(FAILED|ERROR)" "$work/tests.log"; } \
-  >"$work/tests.summary" 2>/dev/null
-
-step "static kernel tables"
-for t in bench/triton_resources.py bench/cuda_resources.py; do
-  [ -f "$t" ] && run_step "$t" 120 bash -c "$PY $t >'$work/$(basename "$t").log' 2>&1 || tail -5 '$work/$(basename "$t").log'"
-done
-
-jsons=()
 bench() {  # bench NAME CAP PYTEST-ARGS...: one pytest-benchmark run with its own JSON
   local name=$1 cap=$2; shift 2
   step "benchmarks: $name"
@@ -75,21 +84,30 @@ bench() {  # bench NAME CAP PYTEST-ARGS...: one pytest-benchmark run with its ow
   [ -s "$work/bench-$name.json" ] && jsons+=("$work/bench-$name.json")
   return 0
 }
+
+step "GPU tests (pytest -m gpu)"
+run_step "GPU tests" 180 bash -c "$PY -m pytest tests -m gpu -q -ra -p no:cacheprovider 2>&1 | tee '$work/tests.log' | tail -25"
+{ grep -E "passed|failed|skipped|error" "$work/tests.log" | tail -1; grep -E "^(FAILED|ERROR)" "$work/tests.log"; } \
+  >>"$work/tests.summary" 2>/dev/null
+
 # eager contenders first (seconds), then the compiled ones (minutes of compiling): a cut-off
-# compile step loses only its own rows
-bench ops 90 bench/test_bench_ops.py
-bench inference-eager 120 bench/test_bench_model.py -k "test_inference and not compile"
-bench train-eager 90 bench/test_bench_model.py -k "test_train_step and not compile"
-bench inference-compiled 240 bench/test_bench_model.py -k "test_inference and compile"
-bench train-compiled 150 bench/test_bench_model.py -k "test_train_step and compile"
+# compile step loses only its own unfinished rows
+bench inference-eager 90 bench/test_bench_model.py -k "test_inference and not compile"
+bench ops 60 bench/test_bench_ops.py
+bench train-eager 60 bench/test_bench_model.py -k "test_train_step and not compile"
+bench inference-compiled 180 bench/test_bench_model.py -k "test_inference and compile"
+bench train-compiled 120 bench/test_bench_model.py -k "test_train_step and compile"
+
+# The static tables need no GPU (they are committed); they are refreshed here with this machine's
+# triton and nvcc when time is left.
+step "static kernel tables"
+for t in bench/triton_resources.py bench/cuda_resources.py; do
+  [ -f "$t" ] && run_step "$t" 90 bash -c "$PY $t >'$work/$(basename "$t").log' 2>&1 || tail -5 '$work/$(basename "$t").log'"
+done
+
 if [ "$QUICK" = 0 ]; then
   export NFNET_BENCH_MAX_AUTOTUNE=1
   bench max-autotune 400 bench/test_bench_model.py -k "max-autotune and test_inference"
 fi
 
-step "report"
-[ -s "$notes" ] && { echo "## steps cut short"; cat "$notes"; } >>"$work/tests.summary"
-$PY bench/report.py "${jsons[@]}" --tests "$work/tests.summary" --out "$name" \
-  --tables bench/triton_resources.md bench/cuda_resources.md \
-  --title "nfnet_fast benchmark report: $slug$([ "$QUICK" = 1 ] && echo ' (quick)')"
-echo "report written to $name.md and $name.json ($(elapsed)s)"
+report

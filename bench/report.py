@@ -97,11 +97,12 @@ def ops_table(benches, device: str) -> list:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("bench_json", nargs="+", help="pytest-benchmark --benchmark-json files")
+    p.add_argument("bench_json", nargs="*", help="pytest-benchmark --benchmark-json files (none: a report of the rest)")
     p.add_argument("--out", required=True, help="output path without extension")
     p.add_argument("--tables", nargs="*", default=[], help="static kernel tables (Markdown) to append")
     p.add_argument("--tests", default=None, help="a file with the GPU test run's summary line(s)")
     p.add_argument("--title", default="nfnet_fast benchmark report")
+    p.add_argument("--commit", default=None, help="the commit measured (default: the checkout's HEAD now)")
     args = p.parse_args(argv)
 
     benches = []
@@ -110,10 +111,13 @@ def main(argv=None) -> int:
             with open(path) as f:
                 benches += json.load(f).get("benchmarks", [])
     env = environment()
+    if args.commit:
+        env["commit"] = args.commit
     md = [f"# {args.title}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()] + [""]
     if args.tests and os.path.exists(args.tests):
         md += ["## tests", "", "```", open(args.tests).read().strip(), "```", ""]
-    md += ["## throughput", ""] + model_tables(benches, "inference") + model_tables(benches, "train")
+    md += ["## throughput", ""] + (model_tables(benches, "inference") + model_tables(benches, "train")
+                                   or ["No benchmark finished: see the notes above.", ""])
     md += ops_table(benches, env["device"])
     for t in args.tables:
         if os.path.exists(t):

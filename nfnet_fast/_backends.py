@@ -27,7 +27,8 @@ class BackendInfo:
     Attributes:
         name: ``"reference"``, ``"triton"`` or ``"cuda"``.
         available: True when the backend runs on at least one device here.
-        devices: device types (``"cpu"``, ``"cuda"``) whose tensors it runs on here.
+        devices: device types (``"cpu"``, ``"cuda"``) whose tensors it runs on here (``reference``,
+            plain PyTorch, also runs on any other device type PyTorch supports: meta, mps, ...).
         reason: why it is unavailable, or on which devices it is not (empty when it runs everywhere).
     """
 

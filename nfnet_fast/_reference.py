@@ -5,12 +5,17 @@ results are stored in the input's dtype; autograd comes from PyTorch.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 
 def _no_autocast(t: torch.Tensor):
-    return torch.autocast(device_type=t.device.type, enabled=False)
+    try:
+        return torch.autocast(device_type=t.device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast (meta): nothing to turn off
+        return contextlib.nullcontext()
 
 
 def scaled_std_weight(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float) -> torch.Tensor:

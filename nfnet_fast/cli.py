@@ -38,7 +38,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     size = args.size or (288 if cuda else 160)
     iters = args.iters or (20 if cuda else 5)
     torch.manual_seed(0)
-    ref = B.build_reference(args.model, device, pretrained=args.pretrained)
+    if args.pretrained:
+        _offline_unless_hub_reachable()
+    try:
+        ref = B.build_reference(args.model, device, pretrained=args.pretrained)
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CliError(f"cannot build {args.model}{' with pretrained weights' if args.pretrained else ''}: "
+                       f"{_first_line(e)}") from e
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         ref_out = ref(x).float()
@@ -68,6 +74,11 @@ class CliError(Exception):
     """A failure reported as one line on stderr, without a traceback."""
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
     import socket
     try:
@@ -75,6 +86,14 @@ def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return True
     except OSError:
         return False
+
+
+def _offline_unless_hub_reachable() -> None:
+    """Without network, make huggingface_hub look in the local cache only: it would otherwise retry
+    for about a minute, logging each try, before failing."""
+    if not _hub_reachable():
+        import huggingface_hub.constants
+        huggingface_hub.constants.HF_HUB_OFFLINE = True
 
 
 def _load_model(args: argparse.Namespace, device: torch.device):
@@ -85,14 +104,12 @@ def _load_model(args: argparse.Namespace, device: torch.device):
         if not os.path.isfile(args.checkpoint):
             raise CliError(f"checkpoint not found: {args.checkpoint}")
         kwargs["checkpoint_path"] = args.checkpoint
-    if args.pretrained and not _hub_reachable():
-        # Look in the local cache only: huggingface_hub would otherwise retry for a minute, logging each try.
-        import huggingface_hub.constants
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
+    if args.pretrained:
+        _offline_unless_hub_reachable()
     try:
         model = create_model(args.model, pretrained=args.pretrained, backend=args.backend, **kwargs)
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         if args.pretrained:
             raise CliError(f"cannot load pretrained weights for {args.model} (no network, and not in the local "
                            f"cache?): {first}") from e

@@ -13,7 +13,7 @@ from timm.layers import ScaledStdConv2dSame as _TimmStdConvSame
 from timm.models.nfnet import NormFreeBlock as _TimmBlock
 from timm.models.nfnet import NormFreeNet
 
-from . import _backends
+from . import ops
 from . import nn as fnn
 
 # exact timm type -> nfnet_fast replacement (subclasses of timm layers are left alone: they may compute something else)
@@ -41,15 +41,6 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
     return [n for n in names if fnmatch.fnmatch(n, pattern)]
 
 
-def _check_backend(backend) -> None:
-    if not isinstance(backend, str) or backend not in ("auto",) + _backends.NAMES:
-        raise ValueError(f"backend must be one of 'auto', 'reference', 'triton', 'cuda'; got {backend!r}")
-    if backend != "auto":
-        info = _backends.backends()[backend]
-        if not info.available:
-            raise RuntimeError(f"backend={backend!r} is not available here: {info.reason}")
-
-
 def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Swap the NF layers of a live timm model for nfnet_fast's, in place, keeping its weights.
 
@@ -71,7 +62,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    _check_backend(backend)
+    ops.check_backend(backend)
     found = False
     for module in model.modules():
         cls = _REPLACEMENTS.get(type(module))
@@ -96,7 +87,8 @@ def create_model(model_name: str, pretrained: bool = False, backend: str = "auto
 
     Args:
         model_name: one of :func:`list_models`, optionally with a pretrained tag
-            (``"eca_nfnet_l0.ra2_in1k"``).
+            (``"eca_nfnet_l0.ra2_in1k"``), or a timm ``"hf-hub:..."`` / ``"local-dir:..."`` name of
+            an NF model (a model without NF layers raises TypeError).
         pretrained: load timm's pretrained weights.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
         **kwargs: passed to ``timm.create_model``.
@@ -107,8 +99,9 @@ def create_model(model_name: str, pretrained: bool = False, backend: str = "auto
     Example:
         >>> model = nfnet_fast.create_model("eca_nfnet_l0", num_classes=10)  # doctest: +SKIP
     """
-    if not isinstance(model_name, str) or model_name.split(".")[0] not in list_models():
+    hub = isinstance(model_name, str) and model_name.startswith(("hf-hub:", "local-dir:"))
+    if not hub and (not isinstance(model_name, str) or model_name.split(".")[0] not in list_models()):
         raise ValueError(f"unknown model {model_name!r}: nfnet_fast builds the timm NF models of "
                          f"nfnet_fast.list_models(), e.g. 'eca_nfnet_l0'")
-    _check_backend(backend)
+    ops.check_backend(backend)
     return convert(timm.create_model(model_name, pretrained=pretrained, **kwargs), backend)

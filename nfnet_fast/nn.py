@@ -10,6 +10,7 @@ through to the ops (``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"``).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -33,6 +34,7 @@ class _FastModule:
     timm_class: type = nn.Module  # the timm layer this class replaces
 
     def _fast_init(self, backend: str) -> None:
+        ops.check_backend(backend)
         self.backend = backend
 
     @classmethod
@@ -55,14 +57,25 @@ class _FastModule:
         return module
 
 
+def _plain_tensor(t: torch.Tensor) -> bool:
+    """A real parameter whose identity, storage and version counter mean something (not an
+    inference tensor, a functorch/DTensor/fake wrapper, or a meta tensor)."""
+    return (type(t) in (torch.Tensor, nn.Parameter) and t.device.type != "meta" and not t.is_inference()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
 class _StdWeightCache(_FastModule):
     """Standardised weights, cached while nothing can differentiate through them.
 
-    The cache is used in eval mode when autograd is off (or no parameter requires grad), and is
-    dropped when the weight or gain changes: in-place edits (tensor ``_version``), new storage
-    (``.to()``, ``load_state_dict`` with ``assign=True``), ``.train()``/``.eval()``. Edits made
-    through ``.data`` bypass PyTorch's version counter: call ``.eval()`` (or
-    :meth:`clear_cache`) after them.
+    The cache serves eval-mode calls with autograd off (or no parameter requiring grad). It is
+    keyed on the very weight and gain tensors (identity, storage, version counter, dtype, device)
+    and on scale, eps and backend, so in-place edits, ``.to()``, ``load_state_dict`` (also with
+    ``assign=True``) and temporary weights (``torch.func.functional_call``, parametrizations)
+    are seen. It is dropped by ``.train()``/``.eval()`` and by any call that computes the weights
+    afresh (training, a forward with gradients: what may precede an optimizer step, even a fused
+    one that leaves the version counter alone). Edits through ``.data`` bypass PyTorch's version
+    counter: call ``.eval()`` (or :meth:`clear_cache`) after them. Tracing, compiling and
+    functorch transforms never use the cache. It is not pickled or deep-copied.
     """
 
     def _fast_init(self, backend: str) -> None:
@@ -81,20 +94,28 @@ class _StdWeightCache(_FastModule):
         self.clear_cache()
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):  # pickle and deepcopy: the cache is derived data (and holds weakrefs)
+        state = super().__getstate__()
+        return {**state, "_std_cache": None}
+
     def standardized_weight(self) -> torch.Tensor:
         """The conv's effective weight: ``(w - mean) / sqrt(var + eps) * gain * scale`` per output channel."""
         w, g = self.weight, self.gain
-        differentiable = torch.is_grad_enabled() and (w.requires_grad or g.requires_grad)
-        if self.training or differentiable or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             return ops.scaled_std_weight(w, g, self.scale, self.eps, backend=self.backend)
-        key = (w._version, g._version, w.data_ptr(), g.data_ptr(), w.device, w.dtype, self.backend)
+        differentiable = torch.is_grad_enabled() and (w.requires_grad or g.requires_grad)
+        if self.training or differentiable or not (_plain_tensor(w) and _plain_tensor(g)):
+            self._std_cache = None
+            return ops.scaled_std_weight(w, g, self.scale, self.eps, backend=self.backend)
+        key = (w._version, g._version, w.data_ptr(), g.data_ptr(), w.device, w.dtype, self.scale, self.eps,
+               self.backend)
         cache = self._std_cache
-        if cache is None or cache[0] != key:
+        if cache is None or cache[0] != key or cache[1]() is not w or cache[2]() is not g:
             # A normal tensor even inside inference_mode, so it can serve later autograd-free calls anywhere.
             with torch.inference_mode(False), torch.no_grad():
-                cache = self._std_cache = (key, ops.scaled_std_weight(w, g, self.scale, self.eps,
-                                                                      backend=self.backend))
-        return cache[1]
+                value = ops.scaled_std_weight(w, g, self.scale, self.eps, backend=self.backend)
+            cache = self._std_cache = (key, weakref.ref(w), weakref.ref(g), value)
+        return cache[3]
 
 
 class ScaledStdConv2d(_StdWeightCache, _TimmStdConv):
@@ -214,9 +235,10 @@ class NormFreeBlock(_FastModule, _TimmBlock):
             out = self.conv2b(self.act2b(out))
         if self.attn is not None:
             out = self.attn_gain * self.attn(out)
-        # the tensor entering act3 has no other reader: SiLU in place saves an activation-sized write.
-        out = self.conv3(F.silu(out, inplace=True) if _is_silu(self.act3) else self.act3(out))
-        if self._fused_tail():
+        out = self.conv3(self.act3(out))
+        # (a block called on an fp32 input under autocast has a bf16 branch and an fp32 shortcut:
+        # timm's tail promotes, the fused op wants one dtype)
+        if self._fused_tail() and out.dtype == shortcut.dtype:
             res = ops.eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain,
                                    beta_next, backend=self.backend)
             return res if beta_next is not None else (res, None)
@@ -231,22 +253,44 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         return self.forward_fused(x)[0]
 
 
+def _hooked(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as _m
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or _m._global_backward_pre_hooks)
+
+
 class NormFreeStages(nn.Sequential):
     """``model.stages`` (a Sequential of stage Sequentials of blocks), run so that each block's fused
     tail also writes the next block's pre-activation, across stage boundaries too.
 
     Children and state_dict keys are timm's (``stages.<i>.<j>...``); each stage still runs on its
-    own (timm's ``forward_intermediates``, grad checkpointing, ``features_only``).
+    own (timm's ``forward_intermediates``, grad checkpointing, ``features_only``). When any stage or
+    block carries hooks (or global module hooks are set), or a block is not exactly nfnet_fast's
+    (FSDP's wrappers subclass it), the stages run module by module, so every hook fires as in timm.
     """
 
+    def _fusable(self) -> bool:
+        if _global_hooks():
+            return False
+        for stage in self:
+            if type(stage) is not nn.Sequential or _hooked(stage):
+                return False
+            if any(type(blk) is not NormFreeBlock or _hooked(blk) for blk in stage):
+                return False
+        return True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fusable():
+            for stage in self:
+                x = stage(x)
+            return x
         blocks = [blk for stage in self for blk in stage]
         a = None
         for i, blk in enumerate(blocks):
-            if not isinstance(blk, NormFreeBlock):
-                x, a = blk(x), None
-                continue
             nxt = blocks[i + 1] if i + 1 < len(blocks) else None
-            beta_next = nxt.beta if isinstance(nxt, NormFreeBlock) and nxt.silu_preact else None
-            x, a = blk.forward_fused(x, a, beta_next)
+            x, a = blk.forward_fused(x, a, nxt.beta if nxt is not None and nxt.silu_preact else None)
         return x

@@ -19,7 +19,8 @@ import torch
 
 from . import _backends
 
-__all__ = ["scaled_std_weight", "eca", "eca_residual", "silu_scale", "resolve_backend", "AUTO_ORDER"]
+__all__ = ["scaled_std_weight", "eca", "eca_residual", "silu_scale", "resolve_backend", "check_backend",
+           "AUTO_ORDER"]
 
 # Per device type, the order in which backend="auto" tries backends. Compiled backends come first
 # on CUDA; on the CPU the reference (vectorised ATen) beats the single-purpose CPU twins.
@@ -41,6 +42,11 @@ def _backend_impl(op: str, backend: str, device: torch.device):
     return found[1]
 
 
+def _runs_on(info: "_backends.BackendInfo", device_type: str) -> bool:
+    # plain PyTorch runs wherever PyTorch does (meta and fake tensors, mps, xpu, ...)
+    return info.name == "reference" or device_type in info.devices
+
+
 def _backend_function(backend: str, op: str):
     """`op` of a backend's module, or None when the backend does not implement it."""
     name = _MODULES[backend]
@@ -60,19 +66,33 @@ def _find_impl(op: str, backend: str, device_type: str):
     infos = _backends.backends()
     if backend == "auto":
         for name in AUTO_ORDER.get(device_type, ("reference",)):
-            if device_type in infos[name].devices:
+            if _runs_on(infos[name], device_type):
                 fn = _backend_function(name, op)
                 if fn is not None:
                     return name, fn
         raise RuntimeError(f"no backend implements {op} for {device_type} tensors")  # unreachable: reference does
     info = infos[backend]
-    if device_type not in info.devices:
+    if not _runs_on(info, device_type):
         why = info.reason or f"it runs on {', '.join(info.devices) or 'no device'} only"
         raise RuntimeError(f"backend={backend!r} cannot run {op} on {device_type} tensors here: {why}")
     fn = _backend_function(backend, op)
     if fn is None:
         raise RuntimeError(f"backend={backend!r} does not implement {op} yet")
     return backend, fn
+
+
+def check_backend(backend) -> None:
+    """Raise unless `backend` names a backend that is available here (``"auto"`` always is).
+
+    Raises:
+        ValueError: unknown name. RuntimeError: the backend runs on no device here (says why).
+    """
+    if not isinstance(backend, str) or backend not in ("auto",) + _backends.NAMES:
+        raise ValueError(f"backend must be one of 'auto', 'reference', 'triton', 'cuda'; got {backend!r}")
+    if backend != "auto":
+        info = _backends.backends()[backend]
+        if not info.available:
+            raise RuntimeError(f"backend={backend!r} is not available here: {info.reason}")
 
 
 def resolve_backend(backend: str, device: Union[str, torch.device], op: str = "silu_scale") -> str:

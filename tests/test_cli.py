@@ -70,15 +70,26 @@ def test_predict_missing_checkpoint(images, tmp_path, capsys):
     assert err.strip().count("\n") == 0 and "checkpoint not found" in err
 
 
-def test_predict_pretrained_without_network(images, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(cli, "_hub_reachable", lambda *a, **k: False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))  # nothing cached either
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and nothing in the hub cache."""
     import huggingface_hub.constants
+    monkeypatch.setattr(cli, "_hub_reachable", lambda *a, **k: False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache" / "hub"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def test_predict_pretrained_without_network(images, offline, capsys):
     assert cli.main(["predict", images[0], "--pretrained", "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "cannot load pretrained weights for eca_nfnet_l0" in err and "Traceback" not in err
+
+
+def test_bench_pretrained_without_network(offline, capsys):
+    assert cli.main(["bench", "--pretrained", "--device", "cpu", "--no-compile"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot build eca_nfnet_l0 with pretrained weights" in err and err.strip().count("\n") == 0
 
 
 def test_bench_small(tmp_path, capsys):

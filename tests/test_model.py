@@ -274,18 +274,25 @@ def test_list_models():
 GPU_BACKENDS = ["reference", "triton", "cuda"]
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 means fp32 on both sides (cuDNN and cuBLAS would use TF32), restored afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("batch, size", [(8, 288), (1, 97)])
-def test_eca_nfnet_l0_cuda(backend, batch, size):
+def test_eca_nfnet_l0_cuda(backend, batch, size, no_tf32):
     """fp32 within the DESIGN tolerance; bf16 autocast within 2x timm's own autocast error plus a floor."""
     if "cuda" not in nfnet_fast.backends()[backend].devices:
         pytest.fail(f"backend {backend} does not run on CUDA here: {nfnet_fast.backends()[backend].reason}")
     ref, fast = _pair("eca_nfnet_l0", seed=batch, backend=backend)
     ref, fast = (m.cuda().eval().to(memory_format=torch.channels_last) for m in (ref, fast))
     x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
-    torch.backends.cudnn.allow_tf32 = False  # fp32 means fp32 on both sides
-    torch.backends.cuda.matmul.allow_tf32 = False
     with torch.no_grad():
         expect = ref(x)
         assert_rel_close(fast(x), expect, what=f"{backend} fp32 logits")
@@ -300,17 +307,15 @@ def test_eca_nfnet_l0_cuda(backend, batch, size):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_eca_nfnet_l0_cuda_backward(backend):
+def test_eca_nfnet_l0_cuda_backward(backend, no_tf32):
     ref, fast = _pair("eca_nfnet_l0", seed=17, backend=backend)
     ref, fast = ref.cuda().train(), fast.cuda().train()
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
     _check_backward(ref, fast, torch.randn(4, 3, 96, 80).cuda(), f"cuda {backend}")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_compile_and_cuda_graph(backend):
+def test_compile_and_cuda_graph(backend, no_tf32):
     """torch.compile(fullgraph=True) runs the model without graph breaks, and a CUDA graph captures it."""
     from nfnet_fast.benchmark import _cuda_graphed, _inference
     ref, fast = _pair("eca_nfnet_l0", seed=19, backend=backend)
@@ -322,3 +327,192 @@ def test_compile_and_cuda_graph(backend):
         assert_rel_close(compiled(x), expect, what=f"{backend} compiled")
     graphed = _cuda_graphed(_inference(fast, torch.device("cuda"), "fp32"), x)
     assert_rel_close(graphed(x), expect, what=f"{backend} CUDA graph")
+
+
+# --- wherever timm works, nfnet_fast works the same ------------------------------------------
+
+
+def test_hooks_fire_as_in_timm():
+    """Forward hooks on stages and blocks fire (the stages then run module by module)."""
+    ref, fast = _pair("eca_nfnet_l0", seed=101)
+    x = torch.randn(1, 3, 48, 48)
+    outs = []
+    for model in (ref, fast):
+        model.eval()
+        seen = []
+        for name in ("stages.1", "stages.2.0", "stages.3.2"):
+            model.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.append((name, o.sum())))
+        with torch.no_grad():
+            outs.append((model(x), seen))
+    (a, seen_ref), (b, seen_fast) = outs
+    assert [n for n, _ in seen_fast] == [n for n, _ in seen_ref] == ["stages.1", "stages.2.0", "stages.3.2"]
+    for (_, s_ref), (_, s_fast) in zip(seen_ref, seen_fast):
+        assert_rel_close(s_fast.reshape(1), s_ref.reshape(1), what="hooked output")
+    assert_rel_close(b, a, what="with hooks")
+
+
+def test_block_subclass_runs_module_by_module():
+    """Wrappers that subclass a block (FSDP2 does) get their own forward called."""
+    ref, fast = _pair("eca_nfnet_l0", seed=102)
+    ref.eval(), fast.eval()
+    calls = []
+    blk = fast.stages[2][3]
+
+    class Wrapped(type(blk)):
+        def forward(self, x):
+            calls.append(1)
+            return super().forward(x)
+
+    blk.__class__ = Wrapped
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        assert_rel_close(fast(x), ref(x), what="wrapped block")
+    assert calls == [1]
+
+
+def test_conv_outputs_seen_by_hooks_are_not_overwritten():
+    ref, fast = _pair("eca_nfnet_l0", seed=103)
+    got = []
+    for model in (ref, fast):
+        model.eval()
+        model.stages[0][0].conv2b.register_forward_hook(lambda m, i, o: got.append(o))
+        with torch.no_grad():
+            model(torch.randn(1, 3, 40, 40, generator=torch.Generator().manual_seed(0)))
+    assert_rel_close(got[1], got[0], what="conv2b output after the forward")
+
+
+def test_functional_call_with_temporary_weights():
+    """Weights that live for one call (torch.func.functional_call) are never served from the cache."""
+    ref, fast = _pair("eca_nfnet_l0", seed=104)
+    ref.eval(), fast.eval()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        fast(x)  # warm cache
+        for seed in range(4):
+            g = torch.Generator().manual_seed(seed)
+            params = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in ref.named_parameters()}
+            a = torch.func.functional_call(ref, params, (x,))
+            b = torch.func.functional_call(fast, params, (x,))
+            assert_rel_close(b, a, what=f"functional_call seed {seed}")
+
+
+def test_parametrization_edit():
+    import torch.nn.utils.parametrize as P
+
+    class Twice(torch.nn.Module):
+        def forward(self, w):
+            return w * 2 + w.flip(-1)
+
+    ref, fast = _pair("eca_nfnet_l0", seed=105)
+    x = torch.randn(1, 3, 40, 40)
+    outs = []
+    for model in (ref, fast):
+        model.eval()
+        P.register_parametrization(model.stages[1][1].conv2, "weight", Twice())
+        with torch.no_grad():
+            model(x)
+            model.stages[1][1].conv2.parametrizations.weight.original.mul_(-1).add_(0.3)
+            outs.append(model(x))
+    assert_rel_close(outs[1], outs[0], what="parametrized weight edited in place")
+
+
+def test_fused_optimizer_step_in_eval_mode():
+    """A fused optimizer leaves the version counter alone; the gradient forward before the step
+    drops the cache."""
+    ref, fast = _pair("eca_nfnet_l0", seed=106)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        fast(x)  # warm cache
+    opt = torch.optim.Adam(fast.parameters(), lr=1e-2, fused=True)
+    fast(x).square().mean().backward()
+    opt.step()
+    ref.load_state_dict(fast.state_dict())
+    with torch.no_grad():
+        assert_rel_close(fast(x), ref(x), what="after a fused Adam step")
+
+
+def test_jit_trace_and_inference_mode_built_model():
+    ref, fast = _pair("eca_nfnet_l0", seed=107)
+    ref.eval(), fast.eval()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        traced = torch.jit.trace(fast, x)
+        assert_rel_close(traced(x), ref(x), what="jit.trace")
+    with torch.inference_mode():
+        built = nfnet_fast.create_model("eca_nfnet_l0").eval()
+        built.load_state_dict(ref.state_dict())
+        assert_rel_close(built(x), ref(x), what="built in inference_mode")
+
+
+def test_cache_is_not_pickled_or_deepcopied(tmp_path):
+    _, fast = _pair("test_nfnet", seed=108)
+    fast.eval()
+    path = tmp_path / "m.pt"
+    torch.save(fast, path)
+    size = path.stat().st_size
+    with torch.no_grad():
+        fast(torch.randn(1, 3, 32, 32))
+    assert fast.stem.conv1._std_cache is not None
+    torch.save(fast, path)
+    assert path.stat().st_size == size
+    assert copy.deepcopy(fast).stem.conv1._std_cache is None
+
+
+def test_meta_tensors():
+    ref = timm.create_model("eca_nfnet_l0").to("meta").eval()
+    fast = nfnet_fast.create_model("eca_nfnet_l0").to("meta").eval()
+    x = torch.empty(2, 3, 64, 48, device="meta")
+    assert fast(x).shape == ref(x).shape == (2, 1000)
+
+
+def test_block_called_directly_under_autocast():
+    ref, fast = _pair("eca_nfnet_l0", seed=109)
+    x = torch.randn(2, 512, 12, 12)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ref.stages[1][1](x), fast.stages[1][1](x)
+    assert a.dtype == b.dtype == torch.float32
+    assert_rel_close(b, a, 2e-2, what="block under autocast")  # both compute the branch in bf16
+
+
+def test_cpu_autocast_bf16_contract():
+    """DESIGN section 3: under bf16 autocast, at most 2x timm's own error (vs fp32) plus a floor."""
+    ref, fast = _pair("eca_nfnet_l0", seed=110)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expect = ref(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            timm_err = max_rel(ref(x).float(), expect)
+            fast_err = max_rel(fast(x).float(), expect)
+    assert fast_err <= 2 * timm_err + 2e-3, f"bf16 error {fast_err:.2e} vs timm's {timm_err:.2e}"
+
+
+def max_rel(out, ref):
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.mark.parametrize("case", ["grad_checkpointing", "output_stride_16", "forward_intermediates"])
+def test_timm_features(case):
+    kwargs = dict(output_stride=16) if case == "output_stride_16" else {}
+    ref, fast = _pair("eca_nfnet_l0", seed=111, **kwargs)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    if case == "grad_checkpointing":
+        for m in (ref, fast):
+            m.set_grad_checkpointing(True)
+        _check_backward(ref.train(), fast.train(), x, case)
+    elif case == "forward_intermediates":
+        ref.eval(), fast.eval()
+        with torch.no_grad():
+            (fa, ia), (fb, ib) = ref.forward_intermediates(x), fast.forward_intermediates(x)
+        assert_rel_close(fb, fa, what=case)
+        for a, b in zip(ia, ib):
+            assert_rel_close(b, a, what=f"{case} intermediate")
+    else:
+        ref.eval(), fast.eval()
+        _check_forward(ref, fast, x, case)
+
+
+def test_constructor_checks_backend():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fnn.ScaledStdConv2d(8, 8, 3, backend="bogus")
