@@ -31,10 +31,14 @@ _MODULES = {"reference": "nfnet_fast._reference", "triton": "nfnet_fast._triton"
 _resolved: dict = {}
 
 
-def _backend_impl(op: str, backend: str, device: torch.device):
-    """The function implementing `op` on `backend` for tensors on `device` (checked, cached)."""
+def _check_name(backend) -> None:
     if not isinstance(backend, str) or backend not in ("auto",) + _backends.NAMES:
         raise ValueError(f"backend must be one of 'auto', 'reference', 'triton', 'cuda'; got {backend!r}")
+
+
+def _backend_impl(op: str, backend: str, device: torch.device):
+    """The function implementing `op` on `backend` for tensors on `device` (checked, cached)."""
+    _check_name(backend)
     key = (op, backend, device.type)
     found = _resolved.get(key)
     if found is None:
@@ -87,8 +91,7 @@ def check_backend(backend) -> None:
     Raises:
         ValueError: unknown name. RuntimeError: the backend runs on no device here (says why).
     """
-    if not isinstance(backend, str) or backend not in ("auto",) + _backends.NAMES:
-        raise ValueError(f"backend must be one of 'auto', 'reference', 'triton', 'cuda'; got {backend!r}")
+    _check_name(backend)
     if backend != "auto":
         info = _backends.backends()[backend]
         if not info.available:
