@@ -10,7 +10,7 @@ import contextlib
 import copy
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import timm
@@ -30,7 +30,6 @@ class Contender:
     name: str
     make: Callable[[], Step]
     dtype: str = "fp32"
-    family: str = "timm"  # "timm" or "nfnet_fast"
 
 
 @dataclass
@@ -42,7 +41,6 @@ class Result:
     times_s: List[float]
     max_rel_err: Optional[float]
     peak_mem_mb: Optional[float]
-    extra: Dict[str, float] = field(default_factory=dict)
 
 
 def synchronize(device: torch.device) -> None:
@@ -157,13 +155,13 @@ def inference_contenders(ref: nn.Module, device: torch.device, example: torch.Te
     for backend in backends if backends is not None else backends_for(device):
         for dt in dtypes:
             out.append(Contender(f"nfnet_fast {backend} {dt}", lambda b=backend, dt=dt: _inference(fast(b), device, dt),
-                                 dt, "nfnet_fast"))
+                                 dt))
             if cuda:
                 out.append(Contender(f"nfnet_fast {backend} cudagraph {dt}", lambda b=backend, dt=dt: _cuda_graphed(
-                    _inference(fast(b), device, dt), example), dt, "nfnet_fast"))
+                    _inference(fast(b), device, dt), example), dt))
         if compile:
             out.append(Contender(f"nfnet_fast {backend} compile {fastest}", lambda b=backend: _inference(
-                torch.compile(fast(b)), device, fastest), fastest, "nfnet_fast"))
+                torch.compile(fast(b)), device, fastest), fastest))
     return out
 
 

@@ -183,7 +183,7 @@ def scaled_std_weight(weight: torch.Tensor, gain: torch.Tensor, scale: float, ep
     _check_tensor(weight, "weight")
     if weight.dim() < 2 or weight.numel() == 0:
         raise ValueError(f"weight must be a non-empty conv weight (C_out, ...), got shape {tuple(weight.shape)}")
-    if weight[0].numel() == 1:  # timm's batch_norm refuses it too
+    if weight.numel() == weight.shape[0]:  # a fan-in of 1; timm's batch_norm refuses it too
         raise ValueError(f"weight has a fan-in of 1 (shape {tuple(weight.shape)}): standardisation would zero it")
     _check_tensor(gain, "gain")
     _check_same(gain, "gain", weight, "weight")
