@@ -2,7 +2,8 @@
 
 On CUDA the sizes are the DESIGN protocol's (inference 288 px at batch 256 and 1, training 224 px at
 batch 128); on a CPU the same suites run at small sizes so CI exercises them (nothing asserts a time).
-NFNET_BENCH_QUICK=1 shrinks the CUDA rounds; NFNET_BENCH_COMPILE=0 drops the torch.compile contenders
+NFNET_BENCH_QUICK=1 shrinks the CUDA rounds; NFNET_BENCH_ROUNDS=N sets them (1: a warm-up run that
+fills torch.compile's caches for a later timed run); NFNET_BENCH_COMPILE=0 drops the torch.compile contenders
 (default on with CUDA, off on a CPU where compiling takes minutes); NFNET_BENCH_MAX_AUTOTUNE=1 adds timm
 under max-autotune.
 """
@@ -23,7 +24,7 @@ MODEL = os.environ.get("NFNET_BENCH_MODEL", "eca_nfnet_l0")
 
 INFER_CASES = [(256, 288), (1, 288)] if CUDA else [(2, 64), (1, 64)]
 TRAIN_CASES = [(128, 224)] if CUDA else [(2, 64)]
-ROUNDS = (5 if QUICK else 20) if CUDA else 2
+ROUNDS = int(os.environ.get("NFNET_BENCH_ROUNDS", (5 if QUICK else 20) if CUDA else 2))
 
 
 def pytest_report_header(config):
@@ -50,6 +51,6 @@ def run_timed(benchmark):
         def call():
             step()
             synchronize(DEVICE)
-        benchmark.pedantic(call, rounds=rounds, warmup_rounds=warmup, iterations=1)
+        benchmark.pedantic(call, rounds=rounds, warmup_rounds=min(warmup, rounds - 1), iterations=1)
         return benchmark.stats.stats.median
     return run

@@ -1,27 +1,38 @@
 #!/usr/bin/env bash
-# One command for a GPU machine with no network: install nfnet_fast, run the GPU tests, the full
-# benchmark and the static kernel tables, and write bench/results/<date>-<gpu>.md and .json.
+# One command for a GPU machine with no network, sized for one device call (a GPU session has 15
+# device-minutes, machine start included; one command at most 10): the eager contenders, per-op
+# GB/s, the training step and the kernel-time profiles first, on a quiet GPU; then the project's GPU
+# tests in the background while torch.compile fills its caches; then the compiled contenders. Writes
+# bench/results/<date>-<gpu>.md and .json, whose first line says how long each step took.
 #
-#   bash bench/gpu_report.sh [--quick] [--dry-run] [--out DIR]
+#   bash bench/gpu_report.sh [--quick] [--dry-run] [--out DIR] [--max-autotune] [--sanitize]
 #
-#   --quick    fewer timed rounds, no max-autotune contender
-#   --dry-run  on a machine without a GPU: exercise every step on the CPU at small sizes
-#   --out DIR  where the report goes (default bench/results)
-# PYTHON selects the interpreter (default python3); BUDGET_S (default 540) bounds the whole run:
-# every step gets at most the time left, and max-autotune (the slowest to compile) runs last.
+#   --quick         fewer timed rounds
+#   --dry-run       on a machine without a GPU: every step on the CPU at small sizes (CI runs this)
+#   --out DIR       where the report goes (default bench/results)
+#   --max-autotune  ONLY timm under torch.compile(mode="max-autotune"): 408 s of compiling on an H200,
+#                   so a call of its own (BUDGET_S defaults to 560 then)
+#   --sanitize      ALSO compute-sanitizer memcheck, then racecheck, over the CUDA ops' GPU tests (slow)
+# PYTHON selects the interpreter (default python3). BUDGET_S (default 290) bounds the whole run:
+# every step gets at most the time left, and the script always ends with a report of what finished.
+# A prebuilt extension (nfnet_fast/_C.so, or the file named by NFNET_FAST_PREBUILT, built for this
+# machine's torch) is used as it is; otherwise the extension is built here first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-QUICK=0 DRY=0 OUT=bench/results BUDGET_S=${BUDGET_S:-540}
+QUICK=0 DRY=0 OUT=bench/results AUTOTUNE=0 SANITIZE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --dry-run) DRY=1 ;;
     --out) OUT=$2; shift ;;
-    *) echo "usage: $0 [--quick] [--dry-run] [--out DIR]" >&2; exit 2 ;;
+    --max-autotune) AUTOTUNE=1 ;;
+    --sanitize) SANITIZE=1 ;;
+    *) echo "usage: $0 [--quick] [--dry-run] [--out DIR] [--max-autotune] [--sanitize]" >&2; exit 2 ;;
   esac
   shift
 done
+BUDGET_S=${BUDGET_S:-$([ "$AUTOTUNE" = 1 ] && echo 560 || echo 290)}
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 step() { echo "== [$(elapsed)s] $*"; }
@@ -37,77 +48,150 @@ else
   slug=$($PY -c 'import torch, re; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower())')
   export NFNET_FAST_REQUIRE_CUDA=1  # the GPU report must measure the CUDA kernels, not silently skip them
 fi
+[ "$AUTOTUNE" = 1 ] && slug="$slug-max-autotune"
 name="$OUT/$(date -u +%Y-%m-%d)-$slug"
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit (with uncommitted changes)"
 notes="$work/notes"; : >"$notes"
+timeline=()  # "step Ns" for the report's first line
+jsons=()
+: >"$work/tests.summary"
 report() {  # the report of whatever finished; its exit status is the script's
   step "report"
   [ -s "$notes" ] && { echo "## notes"; cat "$notes"; } >>"$work/tests.summary"
+  local times; times="steps: $(IFS=,; echo "${timeline[*]:-none}" | sed 's/,/, /g'); total $(elapsed)s"
+  echo "$times"
   if $PY bench/report.py "${jsons[@]}" --tests "$work/tests.summary" --out "$name" --commit "$commit" \
-      --tables bench/triton_resources.md bench/cuda_resources.md \
+      --steps "$times" --kernels "$work/prof/kernel_kinds.md" --tables bench/triton_resources.md bench/cuda_resources.md \
       --title "nfnet_fast benchmark report: $slug$([ "$QUICK" = 1 ] && echo ' (quick)')"; then
     echo "report written to $name.md and $name.json ($(elapsed)s)"
   else
     echo "bench/report.py failed: no report written" >&2; return 1
   fi
 }
-jsons=()
-: >"$work/tests.summary"
 
-step "install (pip install --no-build-isolation --no-deps -e .)"
-if ! $PY -m pip install -q --no-build-isolation --no-deps -e . >"$work/install.log" 2>&1; then
-  tail -30 "$work/install.log"
-  { echo "- install failed:"; tail -15 "$work/install.log" | sed 's/^/    /'; } >>"$notes"
-  report; exit 1
-fi
-$PY -c 'import nfnet_fast; [print(f"   {b.name}: {b.devices or b.reason}") for b in nfnet_fast.backends().values()]'
-
-# Each step runs under `timeout` with what is left of the budget, so the script always ends with a
-# report (of what finished) inside BUDGET_S. SIGINT first: pytest then ends its session cleanly and
-# pytest-benchmark still writes the rows that finished. A step cut short is named in the report.
-left() { echo $(( BUDGET_S - $(elapsed) - 20 )); }
+# Each step runs under `timeout` with what is left of the budget. SIGINT first: pytest then ends
+# its session cleanly and pytest-benchmark still writes the rows that finished. A step cut short,
+# skipped, or selecting no test is named in the report.
+left() { echo $(( BUDGET_S - $(elapsed) - 15 )); }
 run_step() {  # run_step LABEL SECONDS_CAP CMD...: run CMD under timeout min(cap, time left)
   local label=$1 cap=$2; shift 2
   local t; t=$(left); [ "$t" -gt "$cap" ] && t=$cap
-  if [ "$t" -lt 30 ]; then echo "   $label: skipped, no time left"; echo "- $label: skipped, no time left" >>"$notes"; return 0; fi
-  timeout -s INT -k 30 "$t" "$@"; local rc=$?
-  [ $rc = 124 ] && { echo "   $label: cut off after ${t}s"; echo "- $label: cut off after ${t}s" >>"$notes"; }
+  if [ "$t" -lt 20 ]; then echo "   $label: skipped, no time left"; echo "- $label: skipped, no time left" >>"$notes"; return 0; fi
+  local t0; t0=$(elapsed)
+  timeout -s INT -k 20 "$t" "$@"; local rc=$?
+  timeline+=("$label $(( $(elapsed) - t0 ))s")
+  case $rc in
+    124) echo "   $label: cut off after ${t}s"; echo "- $label: cut off after ${t}s" >>"$notes" ;;
+    5) echo "   $label: SELECTED NO TEST"; echo "- $label: selected no test" >>"$notes" ;;
+  esac
   return 0
 }
 bench() {  # bench NAME CAP PYTEST-ARGS...: one pytest-benchmark run with its own JSON
-  local name=$1 cap=$2; shift 2
-  step "benchmarks: $name"
-  run_step "benchmarks: $name" "$cap" env NFNET_BENCH_QUICK=$QUICK $PY -m pytest -q -p no:cacheprovider \
-    --benchmark-json="$work/bench-$name.json" --benchmark-columns=median,iqr,rounds "$@"
-  [ -s "$work/bench-$name.json" ] && jsons+=("$work/bench-$name.json")
+  local label=$1 cap=$2; shift 2
+  step "benchmarks: $label"
+  run_step "$label" "$cap" env NFNET_BENCH_QUICK=$QUICK $PY -m pytest -q -p no:cacheprovider \
+    --benchmark-json="$work/bench-$label.json" --benchmark-columns=median,iqr,rounds "$@"
+  [ -s "$work/bench-$label.json" ] && jsons+=("$work/bench-$label.json")
   return 0
 }
 
-step "GPU tests (pytest -m gpu)"
-run_step "GPU tests" 180 bash -c "$PY -m pytest tests -m gpu -q -ra -p no:cacheprovider 2>&1 | tee '$work/tests.log' | tail -25"
-{ grep -E "passed|failed|skipped|error" "$work/tests.log" | tail -1; grep -E "^(FAILED|ERROR)" "$work/tests.log"; } \
-  >>"$work/tests.summary" 2>/dev/null
+# 1. the package: installed editable, the extension prebuilt where one loads, else built here.
+step "install"
+t0=$(elapsed)
+[ -n "${NFNET_FAST_PREBUILT:-}" ] && cp "$NFNET_FAST_PREBUILT" nfnet_fast/_C.so
+ext_ok() {  # the checkout's extension imports here (and, on a GPU, has its CUDA kernels)
+  $PY - "$DRY" <<'EOF' 2>/dev/null
+import os, sys
+import nfnet_fast
+info = nfnet_fast.backends()["cuda"]
+here = os.path.dirname(os.path.abspath(nfnet_fast.__file__)) == os.path.abspath("nfnet_fast")
+import nfnet_fast.kernels  # noqa: F401  (only an install maps kernels/ to nfnet_fast.kernels)
+sys.exit(0 if here and info.available and (sys.argv[1] == "1" or "cuda" in info.devices) else 1)
+EOF
+}
+if ext_ok; then
+  echo "   nfnet_fast is installed from this checkout with its extension: nothing to build"
+else
+  skip=0
+  if [ -f nfnet_fast/_C.so ] && $PY -c 'import importlib.util as u, torch
+s = u.spec_from_file_location("nfnet_fast._C", "nfnet_fast/_C.so"); s.loader.exec_module(u.module_from_spec(s))' 2>/dev/null; then
+    skip=1; echo "   prebuilt nfnet_fast/_C.so loads: installing without building it"
+  fi
+  if ! NFNET_FAST_SKIP_EXT=$skip NFNET_FAST_REQUIRE_CUDA=$([ $skip = 1 ] && echo 0 || echo "${NFNET_FAST_REQUIRE_CUDA:-0}") \
+      $PY -m pip install -q --no-build-isolation --no-deps -e . >"$work/install.log" 2>&1 || ! ext_ok; then
+    tail -30 "$work/install.log"
+    { echo "- install failed:"; tail -15 "$work/install.log" | sed 's/^/    /'; } >>"$notes"
+    timeline+=("install $(( $(elapsed) - t0 ))s"); report; exit 1
+  fi
+fi
+timeline+=("install $(( $(elapsed) - t0 ))s")
+$PY -c 'import nfnet_fast; [print(f"   {b.name}: {b.devices or b.reason}") for b in nfnet_fast.backends().values()]'
 
-# eager contenders first (seconds), then the compiled ones (minutes of compiling): a cut-off
-# compile step loses only its own unfinished rows
+if [ "$AUTOTUNE" = 1 ]; then  # a run of its own: nothing else fits beside 400 s of autotuning
+  export NFNET_BENCH_MAX_AUTOTUNE=1
+  bench max-autotune 540 bench/test_bench_model.py -k "max-autotune and test_inference"
+  report; exit $?
+fi
+
+# 2. on a quiet GPU: the eager contenders, per-op GB/s, the training step, kernel-time profiles.
 bench inference-eager 90 bench/test_bench_model.py -k "test_inference and not compile"
 bench ops 60 bench/test_bench_ops.py
 bench train-eager 60 bench/test_bench_model.py -k "test_train_step and not compile"
-bench inference-compiled 180 bench/test_bench_model.py -k "test_inference and compile"
-bench train-compiled 120 bench/test_bench_model.py -k "test_train_step and compile"
+step "kernel-time profiles (eager)"
+run_step "profiles-eager" 60 $PY bench/profile_kernels.py --out "$work/prof" --no-compile
 
-# The static tables need no GPU (they are committed); they are refreshed here with this machine's
-# triton and nvcc when time is left.
-step "static kernel tables"
-for t in bench/triton_resources.py bench/cuda_resources.py; do
-  [ -f "$t" ] && run_step "$t" 90 bash -c "$PY $t >'$work/$(basename "$t").log' 2>&1 || tail -5 '$work/$(basename "$t").log'"
-done
+# 3. the GPU tests in the background while torch.compile fills its caches with the compiled
+#    contenders' graphs (one untimed round each); both together take about as long as the tests.
+step "GPU tests (background) + compile warm-up"
+xdist=$($PY -c 'import xdist' 2>/dev/null && [ "$DRY" = 0 ] && echo "-n 6")
+gpu_tests() {
+  $PY -m pytest tests -m gpu -q -ra -p no:cacheprovider $xdist >"$work/tests.log" 2>&1
+  echo $? >"$work/tests.rc"
+}
+t0=$(elapsed)
+gpu_tests & tests_pid=$!
+if $PY -c 'import sys; sys.path.insert(0, "bench"); import conftest; sys.exit(0 if conftest.COMPILE else 1)'; then
+  run_step "compile-warmup" 150 env NFNET_BENCH_ROUNDS=1 $PY -m pytest -q -p no:cacheprovider \
+    bench/test_bench_model.py -k "compile" >"$work/warmup.log" 2>&1
+  tail -3 "$work/warmup.log"
+else
+  echo "   compile warm-up: skipped, the compiled contenders are off here (NFNET_BENCH_COMPILE=0; default on a CPU)"
+  echo "- compiled contenders: off (NFNET_BENCH_COMPILE=0, the default without CUDA)" >>"$notes"
+fi
+t=$(left); waited=0
+while kill -0 $tests_pid 2>/dev/null && [ $waited -lt $(( t > 0 ? t : 0 )) ]; do sleep 1; waited=$((waited + 1)); done
+if kill -0 $tests_pid 2>/dev/null; then
+  pkill -INT -P $tests_pid; sleep 5; kill $tests_pid 2>/dev/null
+  echo "- GPU tests: cut off at the budget" >>"$notes"
+fi
+wait $tests_pid 2>/dev/null
+timeline+=("gpu-tests $(( $(elapsed) - t0 ))s")
+tail -25 "$work/tests.log"
+{ grep -E "(passed|failed|skipped|error|deselected).* in [0-9.]+s" "$work/tests.log" | tail -1
+  grep -E "^(FAILED|ERROR)" "$work/tests.log"; } >>"$work/tests.summary" 2>/dev/null
 
-if [ "$QUICK" = 0 ]; then
-  export NFNET_BENCH_MAX_AUTOTUNE=1
-  bench max-autotune 400 bench/test_bench_model.py -k "max-autotune and test_inference"
+# 4. the compiled contenders, timed from warm caches, and the compiled profile.
+if $PY -c 'import sys; sys.path.insert(0, "bench"); import conftest; sys.exit(0 if conftest.COMPILE else 1)'; then
+  bench inference-compiled 120 bench/test_bench_model.py -k "test_inference and compile"
+  bench train-compiled 90 bench/test_bench_model.py -k "test_train_step and compile"
+  step "kernel-time profile (timm compiled)"
+  run_step "profiles-compiled" 60 $PY bench/profile_kernels.py --out "$work/prof" --only-compiled
+else
+  echo "   compiled contenders: skipped (off here, see above)"
+fi
+
+# 5. opt-in: compute-sanitizer over the CUDA ops' GPU tests (the whole-model tests would take minutes).
+if [ "$SANITIZE" = 1 ]; then
+  for tool in memcheck racecheck; do
+    step "compute-sanitizer $tool"
+    if ! command -v compute-sanitizer >/dev/null; then echo "- compute-sanitizer: not on PATH" >>"$notes"; break; fi
+    run_step "sanitizer-$tool" 240 bash -c "compute-sanitizer --tool $tool --error-exitcode 3 $PY -m pytest \
+      tests/test_cuda_ext.py -m gpu -k 'not model' -q -p no:cacheprovider -x >'$work/san-$tool.log' 2>&1; \
+      echo \"- compute-sanitizer $tool: exit \$? (\$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' '$work/san-$tool.log' | tail -1); \
+      \$(grep -E ' in [0-9.]+s' '$work/san-$tool.log' | tail -1))\" >>'$notes'"
+  done
 fi
 
 report

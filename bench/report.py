@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--tests", default=None, help="a file with the GPU test run's summary line(s)")
     p.add_argument("--title", default="nfnet_fast benchmark report")
     p.add_argument("--commit", default=None, help="the commit measured (default: the checkout's HEAD now)")
+    p.add_argument("--steps", default=None, help="one line: how long each step of the run took")
+    p.add_argument("--kernels", default=None, help="bench/profile_kernels.py's kernel_kinds.md to include")
     args = p.parse_args(argv)
 
     benches = []
@@ -113,12 +115,15 @@ def main(argv=None) -> int:
     env = environment()
     if args.commit:
         env["commit"] = args.commit
-    md = [f"# {args.title}", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()] + [""]
+    md = [f"# {args.title}", ""] + ([args.steps, ""] if args.steps else [])
+    md += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in env.items()] + [""]
     if args.tests and os.path.exists(args.tests):
         md += ["## tests", "", "```", open(args.tests).read().strip(), "```", ""]
     md += ["## throughput", ""] + (model_tables(benches, "inference") + model_tables(benches, "train")
                                    or ["No benchmark finished: see the notes above.", ""])
     md += ops_table(benches, env["device"])
+    if args.kernels and os.path.exists(args.kernels):
+        md += ["## where the time goes", "", open(args.kernels).read().strip(), ""]
     for t in args.tables:
         if os.path.exists(t):
             md += [f"## {os.path.basename(t)}", "", open(t).read().strip(), ""]
@@ -126,7 +131,7 @@ def main(argv=None) -> int:
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     with open(args.out + ".json", "w") as f:
-        json.dump(dict(environment=env, benchmarks=[dict(name=b["name"], median_s=b["stats"]["median"],
+        json.dump(dict(environment=env, steps=args.steps, benchmarks=[dict(name=b["name"], median_s=b["stats"]["median"],
                                                          **b["extra_info"]) for b in benches]), f, indent=2)
     print(f"report: {args.out}.md and {args.out}.json")
     return 0

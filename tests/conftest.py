@@ -1,4 +1,5 @@
 """Shared test helpers: randomised NF models, the DESIGN tolerance, and the Triton interpreter switch."""
+import contextlib
 import os
 
 import torch
@@ -49,6 +50,40 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def random_like(out: torch.Tensor, seed: int) -> torch.Tensor:
+    """A seeded random tensor shaped like `out`, on `out`'s device and dtype (an upstream gradient).
+
+    The numbers come from a CPU generator, so they are the same on every device; a CPU generator
+    cannot fill a CUDA tensor directly (`torch.randn(..., generator=cpu_gen, device="cuda")` raises)."""
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
+
+
+TF32_SWITCHES = (torch.backends.cudnn, torch.backends.cuda.matmul)
+
+
+@contextlib.contextmanager
+def ieee_fp32_switches():
+    """TF32 off inside, the switches as they were afterwards.
+
+    cuDNN's TF32 switch is on by default: a float32 reference conv (ECA's conv1d, timm's convs) would
+    then round its operands to 10 mantissa bits (~5e-4 relative), far outside the 1e-4 contract."""
+    saved = [m.allow_tf32 for m in TF32_SWITCHES]
+    try:
+        for m in TF32_SWITCHES:
+            m.allow_tf32 = False
+        yield
+    finally:
+        for m, v in zip(TF32_SWITCHES, saved):
+            m.allow_tf32 = v
+
+
+@pytest.fixture(autouse=True)
+def ieee_fp32():
+    """Every test runs with TF32 off and leaves the switches as it found them."""
+    with ieee_fp32_switches():
+        yield
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import nfnet_fast
 from nfnet_fast import _reference as ref
 from nfnet_fast import ops
 
-from conftest import assert_rel_close, randomize_
+from conftest import assert_rel_close, random_like, randomize_
 
 pytestmark = pytest.mark.skipif(not nfnet_fast.backends()["cuda"].available,
                                 reason=f"nfnet_fast._C not available: {nfnet_fast.backends()['cuda'].reason}")
@@ -470,7 +470,7 @@ def _compare_models(base, fast, x, what):
     xb, xf = x.clone().requires_grad_(), x.clone().requires_grad_()
     ref_out, out = base(xb), fast(xf)
     assert_rel_close(out, ref_out, what=f"{what} logits")
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), device=out.device)
+    g = random_like(out, 3)
     ref_out.backward(g)
     out.backward(g)
     assert_rel_close(xf.grad, xb.grad, what=f"{what} input grad")
@@ -647,14 +647,5 @@ def test_model_cuda_against_timm(channels_last):
         base = base.to(memory_format=torch.channels_last)
         fast = fast.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.backends.cudnn.flags(deterministic=True, allow_tf32=False), _no_tf32():
+    with torch.backends.cudnn.flags(deterministic=True, allow_tf32=False):
         _compare_models(base, fast, x, f"cuda channels_last={channels_last}")
-
-
-class _no_tf32:
-    def __enter__(self):
-        self.prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-
-    def __exit__(self, *exc):
-        torch.backends.cuda.matmul.allow_tf32 = self.prev

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import nfnet_fast
-from conftest import assert_rel_close, randomize_
+from conftest import assert_rel_close, random_like, randomize_
 from nfnet_fast import nn as fnn
 
 # Backends that run a whole model on the CPU here, each op of it.
@@ -35,8 +35,7 @@ def _check_backward(ref, fast, x, what, seed=0):
         xi = x.detach().clone().requires_grad_()
         model.zero_grad(set_to_none=True)
         out = model(xi)
-        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
-        out.backward(g)
+        out.backward(random_like(out, seed))
         outs.append((xi.grad, {n: p.grad for n, p in model.named_parameters()}))
     (gx_ref, gp_ref), (gx, gp) = outs
     assert_rel_close(gx, gx_ref, what=f"{what} input grad")
@@ -274,19 +273,10 @@ def test_list_models():
 GPU_BACKENDS = ["reference", "triton", "cuda"]
 
 
-@pytest.fixture
-def no_tf32():
-    """fp32 means fp32 on both sides (cuDNN and cuBLAS would use TF32), restored afterwards."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("batch, size", [(8, 288), (1, 97)])
-def test_eca_nfnet_l0_cuda(backend, batch, size, no_tf32):
+def test_eca_nfnet_l0_cuda(backend, batch, size):
     """fp32 within the DESIGN tolerance; bf16 autocast within 2x timm's own autocast error plus a floor."""
     if "cuda" not in nfnet_fast.backends()[backend].devices:
         pytest.fail(f"backend {backend} does not run on CUDA here: {nfnet_fast.backends()[backend].reason}")
@@ -307,7 +297,7 @@ def test_eca_nfnet_l0_cuda(backend, batch, size, no_tf32):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_eca_nfnet_l0_cuda_backward(backend, no_tf32):
+def test_eca_nfnet_l0_cuda_backward(backend):
     ref, fast = _pair("eca_nfnet_l0", seed=17, backend=backend)
     ref, fast = ref.cuda().train(), fast.cuda().train()
     _check_backward(ref, fast, torch.randn(4, 3, 96, 80).cuda(), f"cuda {backend}")
@@ -315,7 +305,7 @@ def test_eca_nfnet_l0_cuda_backward(backend, no_tf32):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_compile_and_cuda_graph(backend, no_tf32):
+def test_compile_and_cuda_graph(backend):
     """torch.compile(fullgraph=True) runs the model without graph breaks, and a CUDA graph captures it."""
     from nfnet_fast.benchmark import _cuda_graphed, _inference
     ref, fast = _pair("eca_nfnet_l0", seed=19, backend=backend)

@@ -1,0 +1,217 @@
+"""Kernel time of one forward, by kind, for timm eager, nfnet_fast eager and timm compiled.
+
+    python bench/profile_kernels.py --out DIR [--batch 256 --size 288] [--no-compile | --only-compiled]
+
+Runs each contender (bf16 autocast, channels_last, eca_nfnet_l0 with random weights) under
+``torch.profiler``, attributes every GPU kernel to the op that launched it (and that op's callers),
+and sums kernel time per kind: convolutions, the conv bias pass, pooling, SiLU, ECA, nfnet_fast's
+own kernels, inductor's kernels, layout copies... (DESIGN.md section 10 explains why this table is the
+one that says where the time goes). Writes DIR/kernel_kinds.md and .json, and prints the table; a run
+with --only-compiled adds its column to what an earlier run wrote there (the report profiles the eager
+contenders on a quiet GPU first, and timm compiled once its compile caches are warm).
+
+On a machine without a GPU (the report's dry run) it profiles CPU op self-time instead, at a small
+size, so the classification code runs in CI.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+
+# The kinds, in table order. A kernel takes the first kind whose rule matches.
+KINDS = ("convolutions", "conv bias pass", "layout copies", "dtype casts", "pooling", "SiLU", "ECA",
+         "weight standardisation", "nfnet_fast kernels", "inductor kernels", "classifier (linear)",
+         "other elementwise", "memcpy/memset", "other")
+
+_CONV_KERNEL = re.compile(r"conv|xmma|gemm|implicit|cutlass|nvjet|cudnn|fprop|dgrad|wgrad|sm\d\d_|winograd|fft",
+                          re.I)
+_LAYOUT_KERNEL = re.compile(r"nchwToNhwc|nhwcToNchw|transpose|permute|copy", re.I)
+
+
+def classify(kernel: str, chain: Sequence[str]) -> str:
+    """The kind of one kernel, from its name and the names of the ops that launched it (innermost
+    first: ``chain[0]`` launched it, ``chain[1]`` called ``chain[0]``, ...)."""
+    ops = " ".join(chain)
+    if re.search(r"memcpy|memset", kernel, re.I) and not chain:
+        return "memcpy/memset"
+    if "nfnet_fast::" in ops:  # our ops first: they may call aten inside (reference math, fallbacks)
+        if re.search(r"eca", ops):
+            return "ECA"
+        if "silu_scale" in ops:
+            return "SiLU"
+        if "scaled_std_weight" in ops:
+            return "weight standardisation"
+        return "nfnet_fast kernels"
+    if kernel.startswith("triton_tem_") or kernel.startswith("triton_") and re.search(r"conv|mm", kernel):
+        return "convolutions"  # inductor's conv/GEMM templates
+    if kernel.startswith("triton_"):
+        return "inductor kernels"
+    if re.search(r"aten::_to_copy", ops):  # autocast's casts, also those it makes inside conv2d
+        return "dtype casts"
+    if re.search(r"aten::conv1d", ops):  # timm's ECA gate is a conv1d
+        return "ECA"
+    if re.search(r"aten::(_?convolution|conv2d|cudnn_convolution|mkldnn_convolution|_slow_conv|thnn_conv)", ops):
+        if _LAYOUT_KERNEL.search(kernel):
+            return "layout copies"
+        if _CONV_KERNEL.search(kernel) or kernel.startswith("aten::"):
+            return "convolutions" if not re.search(r"\badd|bias", kernel) else "conv bias pass"
+        return "conv bias pass"  # an elementwise kernel under a convolution op: its bias broadcast
+    if re.search(r"aten::(addmm|linear|mm|bmm|matmul)", ops):
+        return "classifier (linear)"
+    if re.search(r"avg_pool|adaptive_avg|max_pool", ops):
+        return "pooling"
+    if re.search(r"aten::(sigmoid|mean)\b", ops):
+        return "ECA"  # timm's ECA: mean over HW, conv1d, sigmoid (then a mul: "other elementwise")
+    if re.search(r"silu", ops):
+        return "SiLU"
+    if re.search(r"batch_norm", ops):
+        return "weight standardisation"  # timm standardises with F.batch_norm
+    if re.search(r"aten::(copy_|contiguous|clone)", ops) or _LAYOUT_KERNEL.search(kernel):
+        return "layout copies"
+    if re.search(r"memcpy|memset", kernel, re.I):
+        return "memcpy/memset"
+    if re.search(r"aten::(add|mul|div|sub|addcmul)", ops) or re.search(r"elementwise", kernel):
+        return "other elementwise"
+    return "other"
+
+
+def _chain(evt) -> List[str]:
+    names = []
+    while evt is not None:
+        names.append(evt.name)
+        evt = evt.cpu_parent
+    return names
+
+
+def kernel_times(prof, on_gpu: bool) -> Iterable[Tuple[str, List[str], float]]:
+    """(kernel name, launching op chain, microseconds) for every kernel in a finished profile; on the
+    CPU, every op's self time stands in for a kernel."""
+    from torch.autograd import DeviceType
+
+    events = prof.events()
+    if not on_gpu:
+        for e in events:
+            if e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0 and e.name.startswith(("aten::", "nfnet")):
+                yield e.name, _chain(e), e.self_cpu_time_total
+        return
+    attributed = defaultdict(float)
+    for e in events:
+        if e.device_type == DeviceType.CPU:
+            for k in e.kernels:
+                attributed[k.name] += k.duration
+                yield k.name, _chain(e), k.duration
+    # Kernels no op launched (inductor launches its Triton kernels from Python): by name alone.
+    device = defaultdict(float)
+    for e in events:
+        if e.device_type == DeviceType.CUDA:
+            device[e.name] += e.time_range.end - e.time_range.start
+    for name, us in device.items():
+        rest = us - attributed.get(name, 0.0)
+        if rest > 1e-3:
+            yield name, [], rest
+
+
+def profile(step, x, iters: int, on_gpu: bool):
+    """Profile `iters` calls of step(x) after a warm-up; returns ({kind: ms per call}, top kernels)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
+
+    for _ in range(3):
+        step(x)
+    if on_gpu:
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with tprofile(activities=acts) as prof:
+        for _ in range(iters):
+            step(x)
+        if on_gpu:
+            torch.cuda.synchronize()
+    kinds: Dict[str, float] = defaultdict(float)
+    per_kernel: Dict[Tuple[str, str], float] = defaultdict(float)
+    for name, chain, us in kernel_times(prof, on_gpu):
+        kind = classify(name, chain)
+        kinds[kind] += us / 1e3 / iters
+        per_kernel[(kind, name)] += us / 1e3 / iters
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:25]
+    return dict(kinds), [dict(kind=k, kernel=n[:140], ms=ms) for (k, n), ms in top]
+
+
+def table(results: Dict[str, Dict[str, float]]) -> List[str]:
+    names = list(results)
+    head = "| kind | " + " | ".join(names) + " |"
+    lines = [head, "|---|" + "---|" * len(names)]
+    totals = {n: sum(results[n].values()) for n in names}
+    lines.append("| **all kernels** | " + " | ".join(f"**{totals[n]:.2f}**" for n in names) + " |")
+    for kind in KINDS:
+        if any(results[n].get(kind, 0) > 0 for n in names):
+            lines.append(f"| {kind} | " + " | ".join(f"{results[n].get(kind, 0):.2f}" for n in names) + " |")
+    return lines
+
+
+def main(argv=None) -> int:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from nfnet_fast import benchmark as B
+
+    on_gpu = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="folder for kernel_kinds.md and kernel_kinds.json")
+    p.add_argument("--model", default="eca_nfnet_l0")
+    p.add_argument("--batch", type=int, default=256 if on_gpu else 2)
+    p.add_argument("--size", type=int, default=288 if on_gpu else 64)
+    p.add_argument("--iters", type=int, default=3 if on_gpu else 1)
+    p.add_argument("--no-compile", action="store_true", help="leave out timm compiled")
+    p.add_argument("--only-compiled", action="store_true", help="timm compiled alone, added to DIR's tables")
+    args = p.parse_args(argv)
+    if args.no_compile and args.only_compiled:
+        p.error("--no-compile and --only-compiled exclude each other")
+
+    device = torch.device("cuda" if on_gpu else "cpu")
+    dtype = "bf16" if on_gpu else "fp32"
+    torch.manual_seed(0)
+    ref = B.build_reference(args.model, device)
+    x = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=torch.channels_last)
+    contenders = {c.name: c for c in B.inference_contenders(ref, device, x, compile=on_gpu and not args.no_compile)}
+    wanted = [f"timm eager {dtype}"] + [f"nfnet_fast {b} {dtype}" for b in B.backends_for(device)]
+    wanted += [f"timm compile {dtype}"] if f"timm compile {dtype}" in contenders else []
+    results, tops, seconds = {}, {}, {}
+    path = os.path.join(args.out, "kernel_kinds.json")
+    if args.only_compiled:
+        wanted = [n for n in wanted if " compile " in n]
+        if not wanted:
+            p.error("no compiled contender here (torch.compile contenders are off without CUDA)")
+        if os.path.exists(path):
+            with open(path) as f:
+                earlier = json.load(f)
+            if (earlier["batch"], earlier["size"], earlier["dtype"]) == (args.batch, args.size, dtype):
+                results, tops, seconds = earlier["kinds"], earlier["top"], earlier["seconds"]
+    for name in wanted:
+        t0 = time.perf_counter()
+        results[name], tops[name] = profile(contenders[name].make(), x, args.iters, on_gpu)
+        seconds[name] = time.perf_counter() - t0
+        print(f"profiled {name} in {seconds[name]:.0f}s", flush=True)
+    unit = "ms of GPU kernel time" if on_gpu else "ms of CPU op self-time"
+    md = [f"### kernel time of one forward by kind ({unit}; {args.model}, batch {args.batch}, {args.size} px, "
+          f"{dtype}, channels_last)", ""] + table(results) + [""]
+    for name in results:
+        md += [f"<details><summary>{name}: top kernels</summary>", "", "| kind | kernel | ms |", "|---|---|---|"]
+        md += [f"| {t['kind']} | `{t['kernel']}` | {t['ms']:.3f} |" for t in tops[name]] + ["", "</details>", ""]
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "kernel_kinds.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(path, "w") as f:
+        json.dump(dict(unit=unit, batch=args.batch, size=args.size, dtype=dtype, kinds=results, top=tops,
+                       seconds=seconds), f, indent=2)
+    print("\n".join(table(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
