@@ -36,7 +36,7 @@ BUDGET_S=${BUDGET_S:-$([ "$AUTOTUNE" = 1 ] && echo 560 || echo 290)}
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 step() { echo "== [$(elapsed)s] $*"; }
-work=$(mktemp -d)
+work=${KEEP_WORK:-$(mktemp -d)}; mkdir -p "$work"  # KEEP_WORK=DIR keeps the logs and raw JSON there
 export PYTHONUNBUFFERED=1
 
 if [ "$DRY" = 1 ]; then
@@ -51,8 +51,9 @@ fi
 [ "$AUTOTUNE" = 1 ] && slug="$slug-max-autotune"
 name="$OUT/$(date -u +%Y-%m-%d)-$slug"
 
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-[ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit (with uncommitted changes)"
+# REPORT_COMMIT names the commit where the tree has no git (a copy of a checkout)
+commit=${REPORT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+[ -z "${REPORT_COMMIT:-}" ] && [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ] && commit="$commit (with uncommitted changes)"
 notes="$work/notes"; : >"$notes"
 timeline=()  # "step Ns" for the report's first line
 jsons=()
