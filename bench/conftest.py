@@ -54,3 +54,12 @@ def run_timed(benchmark):
         benchmark.pedantic(call, rounds=rounds, warmup_rounds=min(warmup, rounds - 1), iterations=1)
         return benchmark.stats.stats.median
     return run
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_benchmark_generate_json(config, benchmarks):
+    """Keep the rows that finished when a run is cut short (the report sends SIGINT at its budget):
+    a benchmark interrupted before its first round has no data, and pytest-benchmark would fail on
+    it and write no JSON at all."""
+    benchmarks[:] = [b for b in benchmarks if b.stats and len(b.stats.data)]
+    yield

@@ -13,7 +13,7 @@
 #   --max-autotune  ONLY timm under torch.compile(mode="max-autotune"): 408 s of compiling on an H200,
 #                   so a call of its own (BUDGET_S defaults to 560 then)
 #   --sanitize      ALSO compute-sanitizer memcheck, then racecheck, over the CUDA ops' GPU tests (slow)
-# PYTHON selects the interpreter (default python3). BUDGET_S (default 290) bounds the whole run:
+# PYTHON selects the interpreter (default python3). BUDGET_S (default 300) bounds the whole run:
 # every step gets at most the time left, and the script always ends with a report of what finished.
 # A prebuilt extension (nfnet_fast/_C.so, or the file named by NFNET_FAST_PREBUILT, built for this
 # machine's torch) is used as it is; otherwise the extension is built here first.
@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-BUDGET_S=${BUDGET_S:-$([ "$AUTOTUNE" = 1 ] && echo 560 || echo 290)}
+BUDGET_S=${BUDGET_S:-$([ "$AUTOTUNE" = 1 ] && echo 560 || echo 300)}
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 step() { echo "== [$(elapsed)s] $*"; }
@@ -49,7 +49,7 @@ else
   export NFNET_FAST_REQUIRE_CUDA=1  # the GPU report must measure the CUDA kernels, not silently skip them
 fi
 [ "$AUTOTUNE" = 1 ] && slug="$slug-max-autotune"
-name="$OUT/$(date -u +%Y-%m-%d)-$slug"
+name="$OUT/$(date -u +%Y-%m-%d-%H%M)-$slug"
 
 # REPORT_COMMIT names the commit where the tree has no git (a copy of a checkout)
 commit=${REPORT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
@@ -109,7 +109,11 @@ import nfnet_fast
 info = nfnet_fast.backends()["cuda"]
 here = os.path.dirname(os.path.abspath(nfnet_fast.__file__)) == os.path.abspath("nfnet_fast")
 import nfnet_fast.kernels  # noqa: F401  (only an install maps kernels/ to nfnet_fast.kernels)
-sys.exit(0 if here and info.available and (sys.argv[1] == "1" or "cuda" in info.devices) else 1)
+ok = here and info.available and (sys.argv[1] == "1" or "cuda" in info.devices)
+if ok:
+    for b in nfnet_fast.backends().values():
+        print(f"   {b.name}: {b.devices or b.reason}")
+sys.exit(0 if ok else 1)
 EOF
 }
 if ext_ok; then
@@ -128,7 +132,7 @@ s = u.spec_from_file_location("nfnet_fast._C", "nfnet_fast/_C.so"); s.loader.exe
   fi
 fi
 timeline+=("install $(( $(elapsed) - t0 ))s")
-$PY -c 'import nfnet_fast; [print(f"   {b.name}: {b.devices or b.reason}") for b in nfnet_fast.backends().values()]'
+compiled=$($PY -c 'import sys; sys.path.insert(0, "bench"); import conftest; print(int(conftest.COMPILE))' 2>/dev/null || echo 0)
 
 if [ "$AUTOTUNE" = 1 ]; then  # a run of its own: nothing else fits beside 400 s of autotuning
   export NFNET_BENCH_MAX_AUTOTUNE=1
@@ -138,7 +142,8 @@ fi
 
 # 2. on a quiet GPU: the eager contenders, per-op GB/s, the training step, kernel-time profiles.
 bench inference-eager 90 bench/test_bench_model.py -k "test_inference and not compile"
-bench ops 60 bench/test_bench_ops.py
+# (the ops' compiled-reference rows wait for the compile warm-up where compiled contenders are on)
+bench ops 60 bench/test_bench_ops.py $([ "$compiled" = 1 ] && echo '-k not compiled')
 bench train-eager 60 bench/test_bench_model.py -k "test_train_step and not compile"
 step "kernel-time profiles (eager)"
 run_step "profiles-eager" 60 $PY bench/profile_kernels.py --out "$work/prof" --no-compile
@@ -153,9 +158,9 @@ gpu_tests() {
 }
 t0=$(elapsed)
 gpu_tests & tests_pid=$!
-if $PY -c 'import sys; sys.path.insert(0, "bench"); import conftest; sys.exit(0 if conftest.COMPILE else 1)'; then
+if [ "$compiled" = 1 ]; then
   run_step "compile-warmup" 150 env NFNET_BENCH_ROUNDS=1 $PY -m pytest -q -p no:cacheprovider \
-    bench/test_bench_model.py -k "compile" >"$work/warmup.log" 2>&1
+    bench/test_bench_model.py bench/test_bench_ops.py -k "compile" >"$work/warmup.log" 2>&1
   tail -3 "$work/warmup.log"
 else
   echo "   compile warm-up: skipped, the compiled contenders are off here (NFNET_BENCH_COMPILE=0; default on a CPU)"
@@ -174,8 +179,9 @@ tail -25 "$work/tests.log"
   grep -E "^(FAILED|ERROR)" "$work/tests.log"; } >>"$work/tests.summary" 2>/dev/null
 
 # 4. the compiled contenders, timed from warm caches, and the compiled profile.
-if $PY -c 'import sys; sys.path.insert(0, "bench"); import conftest; sys.exit(0 if conftest.COMPILE else 1)'; then
+if [ "$compiled" = 1 ]; then
   bench inference-compiled 120 bench/test_bench_model.py -k "test_inference and compile"
+  bench ops-compiled 40 bench/test_bench_ops.py -k "compiled"
   bench train-compiled 90 bench/test_bench_model.py -k "test_train_step and compile"
   step "kernel-time profile (timm compiled)"
   run_step "profiles-compiled" 60 $PY bench/profile_kernels.py --out "$work/prof" --only-compiled

@@ -40,7 +40,7 @@ def classify(kernel: str, chain: Sequence[str]) -> str:
     """The kind of one kernel, from its name and the names of the ops that launched it (innermost
     first: ``chain[0]`` launched it, ``chain[1]`` called ``chain[0]``, ...)."""
     ops = " ".join(chain)
-    if re.search(r"memcpy|memset", kernel, re.I) and not chain:
+    if re.search(r"^(memcpy|memset)", kernel, re.I):  # (cuDNN clears its workspace inside a conv op)
         return "memcpy/memset"
     if "nfnet_fast::" in ops:  # our ops first: they may call aten inside (reference math, fallbacks)
         if re.search(r"eca", ops):
@@ -76,8 +76,6 @@ def classify(kernel: str, chain: Sequence[str]) -> str:
         return "weight standardisation"  # timm standardises with F.batch_norm
     if re.search(r"aten::(copy_|contiguous|clone)", ops) or _LAYOUT_KERNEL.search(kernel):
         return "layout copies"
-    if re.search(r"memcpy|memset", kernel, re.I):
-        return "memcpy/memset"
     if re.search(r"aten::(add|mul|div|sub|addcmul)", ops) or re.search(r"elementwise", kernel):
         return "other elementwise"
     return "other"

@@ -68,7 +68,7 @@ def model_tables(benches, kind: str) -> list:
     cases = {}
     for b in benches:
         info = b["extra_info"]
-        if info.get("kind") == kind:
+        if info.get("kind") == kind and "img_per_s" in info:  # (a row cut short has no result)
             cases.setdefault((info["batch"], info["size"]), []).append(
                 Result(info["contender"], info["dtype"], info["img_per_s"], b["stats"]["median"], [],
                        info.get("max_rel_err"), info.get("peak_mem_mb")))
@@ -79,7 +79,7 @@ def model_tables(benches, kind: str) -> list:
 
 
 def ops_table(benches, device: str) -> list:
-    rows = [b for b in benches if "op" in b["extra_info"]]
+    rows = [b for b in benches if "op" in b["extra_info"] and "gb_per_s" in b["extra_info"]]
     if not rows:
         return []
     bw = hbm_gbps(device)
