@@ -5,14 +5,18 @@
 # tests in the background while torch.compile fills its caches; then the compiled contenders. Writes
 # bench/results/<date>-<gpu>.md and .json, whose first line says how long each step took.
 #
-#   bash bench/gpu_report.sh [--quick] [--dry-run] [--out DIR] [--max-autotune] [--sanitize]
+#   bash bench/gpu_report.sh [--quick] [--dry-run] [--out DIR] [--max-autotune | --train-compiled] [--sanitize]
 #
-#   --quick         fewer timed rounds
-#   --dry-run       on a machine without a GPU: every step on the CPU at small sizes (CI runs this)
-#   --out DIR       where the report goes (default bench/results)
-#   --max-autotune  ONLY timm under torch.compile(mode="max-autotune"): 408 s of compiling on an H200,
-#                   so a call of its own (BUDGET_S defaults to 560 then)
-#   --sanitize      ALSO compute-sanitizer memcheck, then racecheck, over the CUDA ops' GPU tests (slow)
+#   --quick           fewer timed rounds
+#   --dry-run         on a machine without a GPU: every step on the CPU at small sizes (CI runs this)
+#   --out DIR         where the report goes (default bench/results)
+#   --max-autotune    ONLY timm under torch.compile(mode="max-autotune"): 408 s of compiling on an H200,
+#                     so a call of its own (BUDGET_S defaults to 560 then)
+#   --train-compiled  ONLY the training step of torch.compile(timm), forward and backward compiled: over
+#                     100 s of compiling on an H200 beside the GPU tests, more than the 5-minute run has
+#                     room for, so a call of its own (BUDGET_S defaults to 400 then), with timm eager's
+#                     training step as its baseline in the same run
+#   --sanitize        ALSO compute-sanitizer memcheck, then racecheck, over the CUDA ops' GPU tests (slow)
 # PYTHON selects the interpreter (default python3). BUDGET_S (default 300) bounds the whole run:
 # every step gets at most the time left, and the script always ends with a report of what finished.
 # A prebuilt extension (nfnet_fast/_C.so, or the file named by NFNET_FAST_PREBUILT, built for this
@@ -20,19 +24,23 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-QUICK=0 DRY=0 OUT=bench/results AUTOTUNE=0 SANITIZE=0
+QUICK=0 DRY=0 OUT=bench/results AUTOTUNE=0 TRAIN_COMPILED=0 SANITIZE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
     --dry-run) DRY=1 ;;
     --out) OUT=$2; shift ;;
     --max-autotune) AUTOTUNE=1 ;;
+    --train-compiled) TRAIN_COMPILED=1 ;;
     --sanitize) SANITIZE=1 ;;
-    *) echo "usage: $0 [--quick] [--dry-run] [--out DIR] [--max-autotune] [--sanitize]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--quick] [--dry-run] [--out DIR] [--max-autotune | --train-compiled] [--sanitize]" >&2; exit 2 ;;
   esac
   shift
 done
-BUDGET_S=${BUDGET_S:-$([ "$AUTOTUNE" = 1 ] && echo 560 || echo 300)}
+if [ "$AUTOTUNE" = 1 ] && [ "$TRAIN_COMPILED" = 1 ]; then
+  echo "--max-autotune and --train-compiled are runs of their own: pick one" >&2; exit 2
+fi
+BUDGET_S=${BUDGET_S:-$( ([ "$AUTOTUNE" = 1 ] && echo 560) || ([ "$TRAIN_COMPILED" = 1 ] && echo 400) || echo 300)}
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 step() { echo "== [$(elapsed)s] $*"; }
@@ -49,6 +57,7 @@ else
   export NFNET_FAST_REQUIRE_CUDA=1  # the GPU report must measure the CUDA kernels, not silently skip them
 fi
 [ "$AUTOTUNE" = 1 ] && slug="$slug-max-autotune"
+[ "$TRAIN_COMPILED" = 1 ] && slug="$slug-train-compiled"
 name="$OUT/$(date -u +%Y-%m-%d-%H%M)-$slug"
 
 # REPORT_COMMIT names the commit where the tree has no git (a copy of a checkout)
@@ -139,6 +148,15 @@ if [ "$AUTOTUNE" = 1 ]; then  # a run of its own: nothing else fits beside 400 s
   bench max-autotune 540 bench/test_bench_model.py -k "max-autotune and test_inference"
   report; exit $?
 fi
+if [ "$TRAIN_COMPILED" = 1 ]; then  # likewise: timm eager's step as the baseline, then the compiled one
+  if [ "$compiled" != 1 ]; then
+    echo "- train-compiled: the compiled contenders are off here (NFNET_BENCH_COMPILE=0, the default without CUDA)" >>"$notes"
+  else
+    bench train-timm-eager 60 bench/test_bench_model.py -k "test_train_step and timm and eager"
+    bench train-compiled 330 bench/test_bench_model.py -k "test_train_step and compile"
+  fi
+  report; exit $?
+fi
 
 # 2. on a quiet GPU: the eager contenders, per-op GB/s, the training step, kernel-time profiles.
 bench inference-eager 90 bench/test_bench_model.py -k "test_inference and not compile"
@@ -149,7 +167,9 @@ step "kernel-time profiles (eager)"
 run_step "profiles-eager" 60 $PY bench/profile_kernels.py --out "$work/prof" --no-compile
 
 # 3. the GPU tests in the background while torch.compile fills its caches with the compiled
-#    contenders' graphs (one untimed round each); both together take about as long as the tests.
+#    inference contenders' graphs (one untimed round each). On an H200 the tests took 57-61 s with
+#    6 workers; compiling timm and nfnet_fast for inference about as long beside them, while the
+#    compiled training step alone ran past 100 s there (hence --train-compiled).
 step "GPU tests (background) + compile warm-up"
 xdist=$($PY -c 'import xdist' 2>/dev/null && [ "$DRY" = 0 ] && echo "-n 6")
 gpu_tests() {
@@ -159,8 +179,8 @@ gpu_tests() {
 t0=$(elapsed)
 gpu_tests & tests_pid=$!
 if [ "$compiled" = 1 ]; then
-  run_step "compile-warmup" 150 env NFNET_BENCH_ROUNDS=1 $PY -m pytest -q -p no:cacheprovider \
-    bench/test_bench_model.py bench/test_bench_ops.py -k "compile" >"$work/warmup.log" 2>&1
+  run_step "compile-warmup" 120 env NFNET_BENCH_ROUNDS=1 $PY -m pytest -q -p no:cacheprovider \
+    bench/test_bench_model.py bench/test_bench_ops.py -k "compile and not test_train_step" >"$work/warmup.log" 2>&1
   tail -3 "$work/warmup.log"
 else
   echo "   compile warm-up: skipped, the compiled contenders are off here (NFNET_BENCH_COMPILE=0; default on a CPU)"
@@ -182,7 +202,6 @@ tail -25 "$work/tests.log"
 if [ "$compiled" = 1 ]; then
   bench inference-compiled 120 bench/test_bench_model.py -k "test_inference and compile"
   bench ops-compiled 40 bench/test_bench_ops.py -k "compiled"
-  bench train-compiled 90 bench/test_bench_model.py -k "test_train_step and compile"
   step "kernel-time profile (timm compiled)"
   run_step "profiles-compiled" 60 $PY bench/profile_kernels.py --out "$work/prof" --only-compiled
 else

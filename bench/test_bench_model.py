@@ -91,7 +91,9 @@ def test_train_step(benchmark, run_timed, batch, size, name):
     if CUDA:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    median = run_timed(lambda: _train_step(fwd, opt, x, target, dtype))
+    # 5 untimed steps: the first ones build the optimizer state and pick cuDNN's algorithms (with 2,
+    # two H200 runs of the same commit differed by up to 50% in some training rows)
+    median = run_timed(lambda: _train_step(fwd, opt, x, target, dtype), warmup=5)
     benchmark.extra_info.update(kind="train", contender=name, dtype=dtype, batch=batch, size=size,
                                 img_per_s=batch / median,
                                 peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if CUDA else None)

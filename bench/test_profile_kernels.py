@@ -1,0 +1,58 @@
+"""The kernel-time profile's classification (bench/profile_kernels.py), on kernel names and launching
+ops as an H200 profile showed them, and one CPU profile end to end."""
+import json
+
+import pytest
+
+import profile_kernels as P
+
+# (kernel, launching op chain innermost first, expected kind): names copied from the H200 profile.
+CASES = [
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize256x64x32",
+     ["aten::cudnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d"], "convolutions"),
+    ("nvjet_sm90_tst_192x192_64x4_2x1_v_ssched_bz_coopB_TNN",
+     ["aten::cudnn_convolution", "aten::_convolution", "aten::convolution", "aten::conv2d"], "convolutions"),
+    ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::CUDAFunctor_add",
+     ["aten::add_", "aten::_convolution", "aten::convolution", "aten::conv2d"], "conv bias pass"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add<c10::BFloat16>",
+     ["aten::add"], "other elementwise"),
+    ("Memset (Device)", ["aten::cudnn_convolution", "aten::convolution"], "memcpy/memset"),
+    ("void at::native::bfloat16_copy_kernel_cuda",
+     ["aten::copy_", "aten::_to_copy", "aten::to", "aten::conv2d"], "dtype casts"),
+    ("void at::native::(anonymous namespace)::avg_pool2d_out_cuda_frame_nhwc<c10::BFloat16, float>",
+     ["aten::avg_pool2d"], "pooling"),
+    ("silu_kernel", ["aten::silu"], "SiLU"),
+    ("void cudnn::cnn::conv2d_grouped_direct_kernel", ["aten::cudnn_convolution", "aten::convolution",
+                                                       "aten::conv1d"], "ECA"),
+    ("reduce_kernel<128, 4, at::native::ReduceOp<c10::BFloat16, at::native::MeanOps", ["aten::mean"], "ECA"),
+    ("batch_norm_collect_statistics_kernel", ["aten::native_batch_norm", "aten::batch_norm"],
+     "weight standardisation"),
+    ("_apply_nhwc_kernel", ["nfnet_fast::triton_eca_residual"], "ECA"),
+    ("apply_kernel", ["nfnet_fast::eca_residual"], "ECA"),
+    ("_silu_scale_fwd_kernel", ["nfnet_fast::triton_silu_scale"], "SiLU"),
+    ("_std_fwd_kernel", ["nfnet_fast::triton_scaled_std_weight"], "weight standardisation"),
+    ("triton_poi_fused_add_mul_silu_0", [], "inductor kernels"),
+    ("triton_tem_fused_convolution_1", [], "convolutions"),
+    ("nvjet_sm90_tst_64x512", ["aten::addmm", "aten::linear"], "classifier (linear)"),
+]
+
+
+@pytest.mark.parametrize("kernel, chain, kind", CASES, ids=[c[2] + "-" + str(i) for i, c in enumerate(CASES)])
+def test_classify(kernel, chain, kind):
+    assert P.classify(kernel, chain) == kind
+    assert kind in P.KINDS
+
+
+def test_every_kind_is_reachable():
+    assert {c[2] for c in CASES} | {"layout copies", "nfnet_fast kernels", "other"} == set(P.KINDS)
+
+
+def test_cpu_profile_writes_its_tables(tmp_path):
+    """End to end on the CPU (op self-time instead of kernels), and --only-compiled refuses where no
+    compiled contender exists instead of writing an empty column."""
+    assert P.main(["--out", str(tmp_path), "--batch", "1", "--size", "32", "--no-compile"]) == 0
+    data = json.loads((tmp_path / "kernel_kinds.json").read_text())
+    assert "timm eager fp32" in data["kinds"] and sum(data["kinds"]["timm eager fp32"].values()) > 0
+    assert "convolutions" in (tmp_path / "kernel_kinds.md").read_text()
+    with pytest.raises(SystemExit):
+        P.main(["--out", str(tmp_path), "--batch", "1", "--size", "32", "--only-compiled"])
