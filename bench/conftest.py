@@ -1,6 +1,6 @@
 """Benchmark setup shared by the suites: device, sizes, one input and one timm reference per case.
 
-On CUDA the sizes are the DESIGN protocol's (inference 288 px at batch 256 and 1, training 224 px at
+On CUDA the sizes are the docs/design.md protocol's (inference 288 px at batch 256 and 1, training 224 px at
 batch 128); on a CPU the same suites run at small sizes so CI exercises them (nothing asserts a time).
 NFNET_BENCH_QUICK=1 shrinks the CUDA rounds; NFNET_BENCH_ROUNDS=N sets them (1: a warm-up run that
 fills torch.compile's caches for a later timed run); NFNET_BENCH_COMPILE=0 drops the torch.compile contenders

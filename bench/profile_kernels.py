@@ -5,7 +5,7 @@
 Runs each contender (bf16 autocast, channels_last, eca_nfnet_l0 with random weights) under
 ``torch.profiler``, attributes every GPU kernel to the op that launched it (and that op's callers),
 and sums kernel time per kind: convolutions, the conv bias pass, pooling, SiLU, ECA, nfnet_fast's
-own kernels, inductor's kernels, layout copies... (DESIGN.md section 10 explains why this table is the
+own kernels, inductor's kernels, layout copies... (docs/design.md section 10 explains why this table is the
 one that says where the time goes). Writes DIR/kernel_kinds.md and .json, and prints the table; a run
 with --only-compiled adds its column to what an earlier run wrote there (the report profiles the eager
 contenders on a quiet GPU first, and timm compiled once its compile caches are warm).

@@ -1,4 +1,4 @@
-"""Whole-model throughput: every contender, same process, same input (DESIGN.md section 8).
+"""Whole-model throughput: every contender, same process, same input (docs/design.md section 8).
 
 extra_info of each benchmark holds img_per_s, max_rel_err (against timm eager fp32 on the same
 input), peak_mem_mb (CUDA), batch and size; bench/report.py turns the JSON into ratios."""

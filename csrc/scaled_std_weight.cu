@@ -133,56 +133,51 @@ void dispatch_row_vec(int64_t n, std::initializer_list<const void*> ptrs, F&& f)
 }
 
 at::Tensor scaled_std_weight_cuda(const at::Tensor& weight, const at::Tensor& gain, double scale, double eps) {
-  check_std_weight_args(weight, gain);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const auto w = weight.contiguous();
-  const auto g = gain.contiguous();
-  auto out = at::empty_like(w, at::MemoryFormat::Contiguous);
-  const int64_t rows = w.size(0), n = rows ? w.numel() / rows : 0;
-  if (w.numel() == 0) return out;
+  const auto a = std_weight_args(weight, gain);
+  if (a.empty()) return a.out;
+  const int64_t n = a.n;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "scaled_std_weight_cuda", [&] {
-    dispatch_row_vec<scalar_t>(n, {w.const_data_ptr(), out.const_data_ptr()}, [&](auto v) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.weight.scalar_type(), "scaled_std_weight_cuda", [&] {
+    dispatch_row_vec<scalar_t>(n, {a.weight.const_data_ptr(), a.out.const_data_ptr()}, [&](auto v) {
       constexpr int V = decltype(v)::value;
-      fwd_kernel<scalar_t, V><<<rows, threads_for(n / V), 0, stream>>>(
-          w.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), n, scale, eps);
+      fwd_kernel<scalar_t, V><<<a.rows, threads_for(n / V), 0, stream>>>(
+          a.weight.const_data_ptr<scalar_t>(), a.gain.const_data_ptr<scalar_t>(), a.out.mutable_data_ptr<scalar_t>(),
+          n, scale, eps);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return out;
+  return a.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> scaled_std_weight_backward_cuda(const at::Tensor& grad_out,
                                                                    const at::Tensor& weight, const at::Tensor& gain,
                                                                    double scale, double eps) {
-  check_std_weight_args(weight, gain);
-  check_std_weight_grad(grad_out, weight);
   const c10::cuda::CUDAGuard guard(weight.device());
-  const auto w = weight.contiguous();
-  const auto g = gain.contiguous();
-  const auto dy = grad_out.to(w.scalar_type()).contiguous();
-  auto dw = at::empty_like(w, at::MemoryFormat::Contiguous);
-  auto dgain = at::empty_like(g, at::MemoryFormat::Contiguous);
-  const int64_t rows = w.size(0), n = rows ? w.numel() / rows : 0;
-  if (w.numel() == 0) return {dw, dgain};
+  const auto a = std_weight_backward_args(grad_out, weight, gain);
+  if (a.empty()) return {a.grad_weight, a.grad_gain};
+  const int64_t n = a.n;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "scaled_std_weight_backward_cuda", [&] {
-    dispatch_row_vec<scalar_t>(n, {dy.const_data_ptr(), w.const_data_ptr(), dw.const_data_ptr()}, [&](auto v) {
-      constexpr int V = decltype(v)::value;
-      bwd_kernel<scalar_t, V><<<rows, threads_for(n / V), 0, stream>>>(
-          dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-          dw.mutable_data_ptr<scalar_t>(), dgain.mutable_data_ptr<scalar_t>(), n, scale, eps);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.weight.scalar_type(), "scaled_std_weight_backward_cuda",
+                                  [&] {
+    dispatch_row_vec<scalar_t>(
+        n, {a.grad_out.const_data_ptr(), a.weight.const_data_ptr(), a.grad_weight.const_data_ptr()}, [&](auto v) {
+          constexpr int V = decltype(v)::value;
+          bwd_kernel<scalar_t, V><<<a.rows, threads_for(n / V), 0, stream>>>(
+              a.grad_out.const_data_ptr<scalar_t>(), a.weight.const_data_ptr<scalar_t>(),
+              a.gain.const_data_ptr<scalar_t>(), a.grad_weight.mutable_data_ptr<scalar_t>(),
+              a.grad_gain.mutable_data_ptr<scalar_t>(), n, scale, eps);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   });
-  return {dw, dgain};
+  return {a.grad_weight, a.grad_gain};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nfnet_fast, CUDA, m) {
   m.impl("scaled_std_weight", &scaled_std_weight_cuda);
-  m.impl("scaled_std_weight_backward", &scaled_std_weight_backward_cuda);
+  m.impl("_scaled_std_weight_backward", &scaled_std_weight_backward_cuda);
 }
 
 }  // namespace nfnet_fast

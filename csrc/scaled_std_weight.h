@@ -4,6 +4,8 @@
 // (accumulated in the wider `acc_t`), storage in the weight's dtype.
 #pragma once
 
+#include <ATen/ops/empty_like.h>
+
 #include <cmath>
 
 #include "common.h"
@@ -56,6 +58,46 @@ inline void check_std_weight_grad(const at::Tensor& grad_out, const at::Tensor& 
   check_same_device(grad_out, "grad_out", weight, "weight");
   TORCH_CHECK(grad_out.sizes() == weight.sizes(), "grad_out shape ", grad_out.sizes(), " must equal weight shape ",
               weight.sizes());
+}
+
+// What the CPU and CUDA entry points share: checked, contiguous inputs, the outputs to fill, and
+// the row geometry (rows = output channels, n = fan-in). Callers return early when empty().
+struct StdWeightArgs {
+  at::Tensor weight, gain, out;  // out: the standardised weight
+  int64_t rows = 0, n = 0;
+  bool empty() const { return weight.numel() == 0; }
+};
+
+inline StdWeightArgs std_weight_args(const at::Tensor& weight, const at::Tensor& gain) {
+  check_std_weight_args(weight, gain);
+  StdWeightArgs a;
+  a.weight = weight.contiguous();
+  a.gain = gain.contiguous();
+  a.out = at::empty_like(a.weight, at::MemoryFormat::Contiguous);
+  a.rows = a.weight.size(0);
+  a.n = a.rows ? a.weight.numel() / a.rows : 0;
+  return a;
+}
+
+struct StdWeightBackwardArgs {
+  at::Tensor grad_out, weight, gain, grad_weight, grad_gain;
+  int64_t rows = 0, n = 0;
+  bool empty() const { return weight.numel() == 0; }
+};
+
+inline StdWeightBackwardArgs std_weight_backward_args(const at::Tensor& grad_out, const at::Tensor& weight,
+                                                      const at::Tensor& gain) {
+  const StdWeightArgs f = std_weight_args(weight, gain);
+  check_std_weight_grad(grad_out, weight);
+  StdWeightBackwardArgs a;
+  a.weight = f.weight;
+  a.gain = f.gain;
+  a.grad_weight = f.out;
+  a.grad_gain = at::empty_like(f.gain, at::MemoryFormat::Contiguous);
+  a.grad_out = grad_out.to(f.weight.scalar_type()).contiguous();
+  a.rows = f.rows;
+  a.n = f.n;
+  return a;
 }
 
 }  // namespace nfnet_fast

@@ -1,4 +1,5 @@
-// CPU twin of csrc/scaled_std_weight.cu: same row math (scaled_std_weight.h), one row per task.
+// The scaled_std_weight op: its schema, and the CPU twin of csrc/scaled_std_weight.cu: the same row
+// math (scaled_std_weight.h), one row per task.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -70,43 +71,43 @@ void bwd_rows(const scalar_t* dy, const scalar_t* w, const scalar_t* gain, scala
 }
 
 at::Tensor scaled_std_weight_cpu(const at::Tensor& weight, const at::Tensor& gain, double scale, double eps) {
-  check_std_weight_args(weight, gain);
-  const auto w = weight.contiguous();
-  const auto g = gain.contiguous();
-  auto out = at::empty_like(w, at::MemoryFormat::Contiguous);
-  const int64_t rows = w.size(0), n = rows ? w.numel() / rows : 0;
-  if (w.numel() == 0) return out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "scaled_std_weight_cpu", [&] {
-    fwd_rows<scalar_t>(w.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                       rows, n, scale, eps);
+  const auto a = std_weight_args(weight, gain);
+  if (a.empty()) return a.out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.weight.scalar_type(), "scaled_std_weight_cpu", [&] {
+    fwd_rows<scalar_t>(a.weight.const_data_ptr<scalar_t>(), a.gain.const_data_ptr<scalar_t>(),
+                       a.out.mutable_data_ptr<scalar_t>(), a.rows, a.n, scale, eps);
   });
-  return out;
+  return a.out;
 }
 
 std::tuple<at::Tensor, at::Tensor> scaled_std_weight_backward_cpu(const at::Tensor& grad_out,
                                                                   const at::Tensor& weight, const at::Tensor& gain,
                                                                   double scale, double eps) {
-  check_std_weight_args(weight, gain);
-  check_std_weight_grad(grad_out, weight);
-  const auto w = weight.contiguous();
-  const auto g = gain.contiguous();
-  const auto dy = grad_out.to(w.scalar_type()).contiguous();
-  auto dw = at::empty_like(w, at::MemoryFormat::Contiguous);
-  auto dgain = at::empty_like(g, at::MemoryFormat::Contiguous);
-  const int64_t rows = w.size(0), n = rows ? w.numel() / rows : 0;
-  if (w.numel() == 0) return {dw, dgain};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "scaled_std_weight_backward_cpu", [&] {
-    bwd_rows<scalar_t>(dy.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-                       dw.mutable_data_ptr<scalar_t>(), dgain.mutable_data_ptr<scalar_t>(), rows, n, scale, eps);
+  const auto a = std_weight_backward_args(grad_out, weight, gain);
+  if (a.empty()) return {a.grad_weight, a.grad_gain};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.weight.scalar_type(), "scaled_std_weight_backward_cpu",
+                                  [&] {
+    bwd_rows<scalar_t>(a.grad_out.const_data_ptr<scalar_t>(), a.weight.const_data_ptr<scalar_t>(),
+                       a.gain.const_data_ptr<scalar_t>(), a.grad_weight.mutable_data_ptr<scalar_t>(),
+                       a.grad_gain.mutable_data_ptr<scalar_t>(), a.rows, a.n, scale, eps);
   });
-  return {dw, dgain};
+  return {a.grad_weight, a.grad_gain};
 }
 
 }  // namespace
 
+// w_hat = (weight - mean) / sqrt(var + eps) * gain * scale per output channel (scaled_std_weight.h);
+// the output is contiguous, in weight's dtype.
+TORCH_LIBRARY_FRAGMENT(nfnet_fast, m) {
+  m.def("scaled_std_weight(Tensor weight, Tensor gain, float scale, float eps) -> Tensor");
+  m.def(
+      "_scaled_std_weight_backward(Tensor grad_out, Tensor weight, Tensor gain, float scale, float eps)"
+      " -> (Tensor grad_weight, Tensor grad_gain)");
+}
+
 TORCH_LIBRARY_IMPL(nfnet_fast, CPU, m) {
   m.impl("scaled_std_weight", &scaled_std_weight_cpu);
-  m.impl("scaled_std_weight_backward", &scaled_std_weight_backward_cpu);
+  m.impl("_scaled_std_weight_backward", &scaled_std_weight_backward_cpu);
 }
 
 }  // namespace nfnet_fast

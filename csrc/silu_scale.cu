@@ -98,10 +98,11 @@ at::Tensor silu_scale_cuda(const at::Tensor& x, double beta) {
   check_float_tensor(x, "x");
   check_cuda_dtype(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto out = at::empty_like(x);
-  const int64_t n = x.numel();
-  if (n == 0) return out;
-  const auto xc = dense_like(x, out);
+  const auto a = silu_scale_args(x);
+  if (a.n == 0) return a.out;
+  const int64_t n = a.n;
+  const auto& xc = a.x;
+  const auto& out = a.out;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   NFF_DISPATCH_CUDA_TYPES(x.scalar_type(), "silu_scale_cuda", [&] {
     // Flat memory: the tail is handled apart, so only the pointers' alignment limits the width.
@@ -117,17 +118,13 @@ at::Tensor silu_scale_cuda(const at::Tensor& x, double beta) {
 }
 
 at::Tensor silu_scale_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x, double beta) {
-  check_float_tensor(grad_out, "grad_out");
   check_float_tensor(x, "x");
   check_cuda_dtype(x, "x");
-  check_same_device(grad_out, "grad_out", x, "x");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out shape ", grad_out.sizes(), " must equal x shape ", x.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
-  auto dx = at::empty_like(x);
-  const int64_t n = x.numel();
-  if (n == 0) return dx;
-  const auto xc = dense_like(x, dx);
-  const auto gc = dense_like(grad_out.to(x.scalar_type()), dx);
+  const auto a = silu_scale_backward_args(grad_out, x);
+  if (a.n == 0) return a.grad_x;
+  const int64_t n = a.n;
+  const auto &xc = a.x, &gc = a.grad_out, &dx = a.grad_x;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   NFF_DISPATCH_CUDA_TYPES(x.scalar_type(), "silu_scale_backward_cuda", [&] {
     const int vec = pick_vec(sizeof(scalar_t), 16,
@@ -147,7 +144,7 @@ at::Tensor silu_scale_backward_cuda(const at::Tensor& grad_out, const at::Tensor
 
 TORCH_LIBRARY_IMPL(nfnet_fast, CUDA, m) {
   m.impl("silu_scale", &silu_scale_cuda);
-  m.impl("silu_scale_backward", &silu_scale_backward_cuda);
+  m.impl("_silu_scale_backward", &silu_scale_backward_cuda);
 }
 
 }  // namespace nfnet_fast

@@ -1,4 +1,5 @@
-// CPU twin of csrc/silu_scale.cu: the same per-element math (silu_scale.h) over flat memory.
+// The silu_scale op: its schema, and the CPU twin of csrc/silu_scale.cu: the same per-element math
+// (silu_scale.h) over flat memory.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,10 +14,9 @@ namespace {
 constexpr int64_t kGrain = 32768;
 
 at::Tensor silu_scale_cpu(const at::Tensor& x, double beta) {
-  check_float_tensor(x, "x");
-  auto out = at::empty_like(x);  // x's strides when x is dense, else its suggested memory format
-  if (x.numel() == 0) return out;
-  const auto xc = dense_like(x, out);
+  const auto a = silu_scale_args(x);
+  if (a.n == 0) return a.out;
+  const auto &xc = a.x, &out = a.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "silu_scale_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
@@ -31,14 +31,9 @@ at::Tensor silu_scale_cpu(const at::Tensor& x, double beta) {
 }
 
 at::Tensor silu_scale_backward_cpu(const at::Tensor& grad_out, const at::Tensor& x, double beta) {
-  check_float_tensor(grad_out, "grad_out");
-  check_float_tensor(x, "x");
-  check_same_device(grad_out, "grad_out", x, "x");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out shape ", grad_out.sizes(), " must equal x shape ", x.sizes());
-  auto dx = at::empty_like(x);
-  if (x.numel() == 0) return dx;
-  const auto xc = dense_like(x, dx);
-  const auto gc = dense_like(grad_out.to(x.scalar_type()), dx);
+  const auto a = silu_scale_backward_args(grad_out, x);
+  if (a.n == 0) return a.grad_x;
+  const auto &xc = a.x, &gc = a.grad_out, &dx = a.grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "silu_scale_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
@@ -56,9 +51,15 @@ at::Tensor silu_scale_backward_cpu(const at::Tensor& grad_out, const at::Tensor&
 
 }  // namespace
 
+// silu(x) * beta, any shape; the output takes x's strides (x's suggested format if x is not dense).
+TORCH_LIBRARY_FRAGMENT(nfnet_fast, m) {
+  m.def("silu_scale(Tensor x, float beta) -> Tensor");
+  m.def("_silu_scale_backward(Tensor grad_out, Tensor x, float beta) -> Tensor grad_x");
+}
+
 TORCH_LIBRARY_IMPL(nfnet_fast, CPU, m) {
   m.impl("silu_scale", &silu_scale_cpu);
-  m.impl("silu_scale_backward", &silu_scale_backward_cpu);
+  m.impl("_silu_scale_backward", &silu_scale_backward_cpu);
 }
 
 }  // namespace nfnet_fast

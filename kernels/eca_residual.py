@@ -31,7 +31,7 @@ pre-activation (pool: y in; apply: y and shortcut in, x and a out), 4 without it
 backward 7 with a gradient for a (reduce: dx, da, y, shortcut in, dshortcut out; dy pass:
 dshortcut in, dy out), 4 without (reduce: dx, y in; dy pass: dx in, dy out). The pooling read of
 y is the one read beyond "each activation once": removing it needs the sums from the producer of
-y (conv3's epilogue, DESIGN section 5), which could hand them to the apply kernels in the same
+y (conv3's epilogue, docs/design.md section 5), which could hand them to the apply kernels in the same
 (N, S, C) form.
 
 Memory formats: NCHW (pixels contiguous) and channels_last (channels contiguous) have their own
@@ -66,11 +66,10 @@ TARGET_PROGRAMS = 2048
 # keeps that below a few percent of the bytes it streams.
 MAX_POOL_SPLITS = 8
 # Under the interpreter (CPU tensors) programs run one after another at milliseconds of Python
-# each, so CPU launches use 8x taller tiles and never split; the math is the same code.
-# tests/test_triton.py sets GPU_CONFIG_ON_CPU to run the GPU configuration (splits included) there.
+# each, so CPU launches use 8x taller tiles and never split; the math is the same code. The
+# launchers' gpu_config=True runs the GPU configuration (splits included) there too (tests).
 CPU_BLOCK_P = 256
 CPU_ROWS = 256
-GPU_CONFIG_ON_CPU = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,8 +77,8 @@ GPU_CONFIG_ON_CPU = False
 
 
 @triton.jit
-def _gate(part_ptr, w_ptr, c, cmask, C, S, K, inv_hw):
-    """sigmoid(conv1d(mean_hw)) at channels ``c`` (fp32). ``part_ptr`` points at the (S, C) fp32
+def _gate(stats_ptr, w_ptr, c, cmask, C, S, K, inv_hw):
+    """sigmoid(conv1d(mean_hw)) at channels ``c`` (fp32). ``stats_ptr`` points at the (S, C) fp32
     partial sums of each channel's image: one pointer, or one per element of ``c``."""
     P = (K - 1) // 2
     z = tl.zeros(c.shape, tl.float32)
@@ -88,7 +87,7 @@ def _gate(part_ptr, w_ptr, c, cmask, C, S, K, inv_hw):
         m = cmask & (cc >= 0) & (cc < C)
         p = tl.zeros(c.shape, tl.float32)
         for s in range(S):
-            p += tl.load(part_ptr + s * C + cc, mask=m, other=0.0)
+            p += tl.load(stats_ptr + s * C + cc, mask=m, other=0.0)
         z += tl.load(w_ptr + j) * p
     return tl.sigmoid(z * inv_hw)
 
@@ -107,37 +106,37 @@ def _dlogit_to_mean(dz_ptr, w_ptr, c, cmask, C, K, inv_hw):
 
 
 @triton.jit
-def _apply_tile(y_ptr, sc_ptr, x_ptr, a_ptr, offs, m, g, beta, HAS_RES: tl.constexpr, HAS_NEXT: tl.constexpr):
+def _apply_tile(y_ptr, shortcut_ptr, x_next_ptr, a_next_ptr, offs, m, g, beta, HAS_RES: tl.constexpr, HAS_NEXT: tl.constexpr):
     out = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32) * g
     if HAS_RES:
-        out += tl.load(sc_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(x_ptr + offs, out.to(x_ptr.dtype.element_ty), mask=m)
+        out += tl.load(shortcut_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(x_next_ptr + offs, out.to(x_next_ptr.dtype.element_ty), mask=m)
     if HAS_NEXT:  # a = silu(x) * beta from the fp32 x, before x is rounded to the storage dtype
-        tl.store(a_ptr + offs, (out * tl.sigmoid(out) * beta).to(a_ptr.dtype.element_ty), mask=m)
+        tl.store(a_next_ptr + offs, (out * tl.sigmoid(out) * beta).to(a_next_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _reduce_tile(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, offs, m, g, beta,
+def _reduce_tile(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, offs, m, g, beta,
                  HAS_GX: tl.constexpr, HAS_GA: tl.constexpr):
     """gx * y for one tile, gx = dL/dx (through x and, when HAS_GA, through a = silu(x) * beta);
     with HAS_GA gx is also the shortcut's gradient and is stored."""
     y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_GX:
-        gx = tl.load(gx_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        gx = tl.load(grad_x_next_ptr + offs, mask=m, other=0.0).to(tl.float32)
     else:
         gx = tl.zeros_like(y)
     if HAS_GA:
-        x = y * g + tl.load(sc_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        x = y * g + tl.load(shortcut_ptr + offs, mask=m, other=0.0).to(tl.float32)
         s = tl.sigmoid(x)
-        gx += tl.load(ga_ptr + offs, mask=m, other=0.0).to(tl.float32) * beta * s * (1.0 + x * (1.0 - s))
-        tl.store(dsc_ptr + offs, gx.to(dsc_ptr.dtype.element_ty), mask=m)
+        gx += tl.load(grad_a_next_ptr + offs, mask=m, other=0.0).to(tl.float32) * beta * s * (1.0 + x * (1.0 - s))
+        tl.store(grad_shortcut_ptr + offs, gx.to(grad_shortcut_ptr.dtype.element_ty), mask=m)
     return gx * y
 
 
 @triton.jit
-def _dy_tile(gx_ptr, dy_ptr, offs, m, g, dmean):
-    gx = tl.load(gx_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(dy_ptr + offs, (gx * g + dmean).to(dy_ptr.dtype.element_ty), mask=m)
+def _dy_tile(grad_x_next_ptr, grad_y_ptr, offs, m, g, dmean):
+    gx = tl.load(grad_x_next_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(grad_y_ptr + offs, (gx * g + dmean).to(grad_y_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -179,7 +178,7 @@ def _nchw_tile(t, row_off, rmask, HW, BLOCK_HW: tl.constexpr, ALIGN: tl.constexp
 
 
 @triton.jit(do_not_specialize=["S", "per"])
-def _pool_nhwc_kernel(y_ptr, part_ptr, C, HW, S, per, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _pool_nhwc_kernel(y_ptr, stats_ptr, C, HW, S, per, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)  # n * S + s
     n = pid // S
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -190,11 +189,11 @@ def _pool_nhwc_kernel(y_ptr, part_ptr, C, HW, S, per, BLOCK_P: tl.constexpr, BLO
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_P))):
         offs, m = _nhwc_tile(t, c, cmask, C, HW, BLOCK_P)
         acc += tl.load(y_img + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(part_ptr + pid * C + c, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(stats_ptr + pid * C + c, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit(do_not_specialize=["NC", "S", "per"])
-def _pool_nchw_kernel(y_ptr, part_ptr, NC, C, HW, S, per,
+def _pool_nchw_kernel(y_ptr, stats_ptr, NC, C, HW, S, per,
                       ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_off, rmask = _nchw_rows(rows, NC, HW, ALIGN)
@@ -205,38 +204,38 @@ def _pool_nchw_kernel(y_ptr, part_ptr, NC, C, HW, S, per,
         offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
         acc += tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
     n = rows // C
-    tl.store(part_ptr + (n * S + s) * C + (rows - n * C), tl.sum(acc, axis=1), mask=rmask)
+    tl.store(stats_ptr + (n * S + s) * C + (rows - n * C), tl.sum(acc, axis=1), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["S", "A", "per"])
-def _apply_nhwc_kernel(y_ptr, sc_ptr, x_ptr, a_ptr, part_ptr, w_ptr, C, HW, S, K, inv_hw, coef, beta, A, per,
+def _apply_nhwc_kernel(y_ptr, shortcut_ptr, x_next_ptr, a_next_ptr, stats_ptr, w_ptr, C, HW, S, K, inv_hw, coef, beta, A, per,
                        HAS_RES: tl.constexpr, HAS_NEXT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid, cb = _reversed_ids()  # pid = n * A + (pixel chunk)
     n = pid // A
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    g = coef * _gate(part_ptr + n * S * C, w_ptr, c, cmask, C, S, K, inv_hw)
+    g = coef * _gate(stats_ptr + n * S * C, w_ptr, c, cmask, C, S, K, inv_hw)
     img = n.to(tl.int64) * HW * C
     t0 = (pid % A) * per
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_P))):
         offs, m = _nhwc_tile(t, c, cmask, C, HW, BLOCK_P)
-        _apply_tile(y_ptr + img, sc_ptr + img, x_ptr + img, a_ptr + img, offs, m, g[None, :], beta,
+        _apply_tile(y_ptr + img, shortcut_ptr + img, x_next_ptr + img, a_next_ptr + img, offs, m, g[None, :], beta,
                     HAS_RES, HAS_NEXT)
 
 
 @triton.jit(do_not_specialize=["NC", "S", "per"])
-def _apply_nchw_kernel(y_ptr, sc_ptr, x_ptr, a_ptr, part_ptr, w_ptr, NC, C, HW, S, K, inv_hw, coef, beta, per,
+def _apply_nchw_kernel(y_ptr, shortcut_ptr, x_next_ptr, a_next_ptr, stats_ptr, w_ptr, NC, C, HW, S, K, inv_hw, coef, beta, per,
                        HAS_RES: tl.constexpr, HAS_NEXT: tl.constexpr, ROWS: tl.constexpr, BLOCK_HW: tl.constexpr,
                        ALIGN: tl.constexpr):
     pid, split = _reversed_ids()
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_off, rmask = _nchw_rows(rows, NC, HW, ALIGN)
     n = rows // C
-    g = coef * _gate(part_ptr + n * (S * C), w_ptr, rows - n * C, rmask, C, S, K, inv_hw)
+    g = coef * _gate(stats_ptr + n * (S * C), w_ptr, rows - n * C, rmask, C, S, K, inv_hw)
     t0 = split * per
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
         offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
-        _apply_tile(y_ptr, sc_ptr, x_ptr, a_ptr, offs, m, g[:, None], beta, HAS_RES, HAS_NEXT)
+        _apply_tile(y_ptr, shortcut_ptr, x_next_ptr, a_next_ptr, offs, m, g[:, None], beta, HAS_RES, HAS_NEXT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +243,7 @@ def _apply_nchw_kernel(y_ptr, sc_ptr, x_ptr, a_ptr, part_ptr, w_ptr, NC, C, HW, 
 
 
 @triton.jit(do_not_specialize=["S", "Sb", "per"])
-def _reduce_nhwc_kernel(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, part_ptr, w_ptr, dpart_ptr, C, HW, S, Sb, K,
+def _reduce_nhwc_kernel(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, stats_ptr, w_ptr, dpart_ptr, C, HW, S, Sb, K,
                         inv_hw, coef, beta, per, HAS_GX: tl.constexpr, HAS_GA: tl.constexpr,
                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)  # n * Sb + split
@@ -252,7 +251,7 @@ def _reduce_nhwc_kernel(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, part_ptr, w_ptr,
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     if HAS_GA:  # x = y * gate + shortcut is needed for silu'(x)
-        g = coef * _gate(part_ptr + n * S * C, w_ptr, c, cmask, C, S, K, inv_hw)
+        g = coef * _gate(stats_ptr + n * S * C, w_ptr, c, cmask, C, S, K, inv_hw)
     else:
         g = tl.zeros([BLOCK_C], tl.float32)
     img = n.to(tl.int64) * HW * C
@@ -260,13 +259,13 @@ def _reduce_nhwc_kernel(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, part_ptr, w_ptr,
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_P))):
         offs, m = _nhwc_tile(t, c, cmask, C, HW, BLOCK_P)
-        acc += _reduce_tile(gx_ptr + img, ga_ptr + img, y_ptr + img, sc_ptr + img, dsc_ptr + img, offs, m,
+        acc += _reduce_tile(grad_x_next_ptr + img, grad_a_next_ptr + img, y_ptr + img, shortcut_ptr + img, grad_shortcut_ptr + img, offs, m,
                             g[None, :], beta, HAS_GX, HAS_GA)
     tl.store(dpart_ptr + pid * C + c, tl.sum(acc, axis=0), mask=cmask)
 
 
 @triton.jit(do_not_specialize=["NC", "S", "Sb", "per"])
-def _reduce_nchw_kernel(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, part_ptr, w_ptr, dpart_ptr, NC, C, HW, S, Sb, K,
+def _reduce_nchw_kernel(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, stats_ptr, w_ptr, dpart_ptr, NC, C, HW, S, Sb, K,
                         inv_hw, coef, beta, per, HAS_GX: tl.constexpr, HAS_GA: tl.constexpr,
                         ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -274,7 +273,7 @@ def _reduce_nchw_kernel(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, part_ptr, w_ptr,
     n = rows // C
     c = rows - n * C
     if HAS_GA:
-        g = coef * _gate(part_ptr + n * (S * C), w_ptr, c, rmask, C, S, K, inv_hw)
+        g = coef * _gate(stats_ptr + n * (S * C), w_ptr, c, rmask, C, S, K, inv_hw)
     else:
         g = tl.zeros([ROWS], tl.float32)
     s = tl.program_id(1)
@@ -282,19 +281,19 @@ def _reduce_nchw_kernel(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, part_ptr, w_ptr,
     acc = tl.zeros([ROWS, BLOCK_HW], tl.float32)
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
         offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
-        acc += _reduce_tile(gx_ptr, ga_ptr, y_ptr, sc_ptr, dsc_ptr, offs, m, g[:, None], beta, HAS_GX, HAS_GA)
+        acc += _reduce_tile(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, offs, m, g[:, None], beta, HAS_GX, HAS_GA)
     tl.store(dpart_ptr + (n * Sb + s) * C + c, tl.sum(acc, axis=1), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["S", "Sb"])
-def _gate_bwd_kernel(part_ptr, dpart_ptr, w_ptr, gate_ptr, dz_ptr, dwp_ptr, C, S, Sb, K, inv_hw, coef,
+def _gate_bwd_kernel(stats_ptr, dpart_ptr, w_ptr, gate_ptr, dz_ptr, dwp_ptr, C, S, Sb, K, inv_hw, coef,
                      BLOCK: tl.constexpr):
     n = tl.program_id(0)
     cb = tl.program_id(1)
     c = cb * BLOCK + tl.arange(0, BLOCK)
     cmask = c < C
-    part_n = part_ptr + n * S * C
-    sig = _gate(part_n, w_ptr, c, cmask, C, S, K, inv_hw)
+    stats_n = stats_ptr + n * S * C
+    sig = _gate(stats_n, w_ptr, c, cmask, C, S, K, inv_hw)
     dgate = tl.zeros([BLOCK], tl.float32)
     for s in range(Sb):
         dgate += tl.load(dpart_ptr + (n * Sb + s) * C + c, mask=cmask, other=0.0)
@@ -309,12 +308,12 @@ def _gate_bwd_kernel(part_ptr, dpart_ptr, w_ptr, gate_ptr, dz_ptr, dwp_ptr, C, S
         m = cmask & (cc >= 0) & (cc < C)
         p = tl.zeros([BLOCK], tl.float32)
         for s in range(S):
-            p += tl.load(part_n + s * C + cc, mask=m, other=0.0)
+            p += tl.load(stats_n + s * C + cc, mask=m, other=0.0)
         tl.store(dwp_ptr + row + j, tl.sum(dz * p) * inv_hw)
 
 
 @triton.jit(do_not_specialize=["A", "per"])
-def _dy_nhwc_kernel(gx_ptr, gate_ptr, dz_ptr, w_ptr, dy_ptr, C, HW, K, inv_hw, A, per,
+def _dy_nhwc_kernel(grad_x_next_ptr, gate_ptr, dz_ptr, w_ptr, grad_y_ptr, C, HW, K, inv_hw, A, per,
                     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid, cb = _reversed_ids()
     n = pid // A
@@ -326,11 +325,11 @@ def _dy_nhwc_kernel(gx_ptr, gate_ptr, dz_ptr, w_ptr, dy_ptr, C, HW, K, inv_hw, A
     t0 = (pid % A) * per
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_P))):
         offs, m = _nhwc_tile(t, c, cmask, C, HW, BLOCK_P)
-        _dy_tile(gx_ptr + img, dy_ptr + img, offs, m, g[None, :], dmean[None, :])
+        _dy_tile(grad_x_next_ptr + img, grad_y_ptr + img, offs, m, g[None, :], dmean[None, :])
 
 
 @triton.jit(do_not_specialize=["NC", "per"])
-def _dy_nchw_kernel(gx_ptr, gate_ptr, dz_ptr, w_ptr, dy_ptr, NC, C, HW, K, inv_hw, per,
+def _dy_nchw_kernel(grad_x_next_ptr, gate_ptr, dz_ptr, w_ptr, grad_y_ptr, NC, C, HW, K, inv_hw, per,
                     ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
     pid, split = _reversed_ids()
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -341,7 +340,7 @@ def _dy_nchw_kernel(gx_ptr, gate_ptr, dz_ptr, w_ptr, dy_ptr, NC, C, HW, K, inv_h
     t0 = split * per
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
         offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
-        _dy_tile(gx_ptr, dy_ptr, offs, m, g[:, None], dmean[:, None])
+        _dy_tile(grad_x_next_ptr, grad_y_ptr, offs, m, g[:, None], dmean[:, None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,11 +357,11 @@ class Plan(NamedTuple):
     tile: dict  # the layout kernels' tile constexprs and num_warps
 
 
-def plan(shape, channels_last: bool, device: torch.device, pool: bool = False) -> Plan:
+def plan(shape, channels_last: bool, device: torch.device, pool: bool = False, gpu_config: bool = False) -> Plan:
     """The launch of a pool/reduce (``pool=True``: splits capped, they become partial sums) or
     apply kernel for ``shape``. CPU tensors (the interpreter) get CPU_* tiles and no splits unless
-    GPU_CONFIG_ON_CPU is set."""
-    gpu = device.type == "cuda" or GPU_CONFIG_ON_CPU
+    ``gpu_config``."""
+    gpu = device.type == "cuda" or gpu_config
     n, c, h, w = shape
     hw = h * w
     if channels_last:
@@ -387,9 +386,9 @@ def _align(hw: int) -> int:
     return 16 if hw % 16 == 0 else 4 if hw % 4 == 0 else 1
 
 
-def pool_splits(shape, channels_last: bool, device: torch.device) -> int:
+def pool_splits(shape, channels_last: bool, device: torch.device, gpu_config: bool = False) -> int:
     """S, the number of fp32 partial sums per (n, c) that :func:`forward` returns."""
-    return plan(shape, channels_last, device, pool=True).splits
+    return plan(shape, channels_last, device, pool=True, gpu_config=gpu_config).splits
 
 
 def is_channels_last(y: torch.Tensor) -> bool:
@@ -403,9 +402,9 @@ def _check(y: torch.Tensor) -> None:
         raise ValueError(f"one image of {c}x{h}x{w} elements is too large for 32-bit in-image offsets")
 
 
-def _pool(y: torch.Tensor, cl: bool) -> torch.Tensor:
+def _pool(y: torch.Tensor, cl: bool, gpu_config: bool) -> torch.Tensor:
     n, c, h, w = y.shape
-    pl = plan(y.shape, cl, y.device, pool=True)
+    pl = plan(y.shape, cl, y.device, pool=True, gpu_config=gpu_config)
     part = torch.empty((n, pl.splits, c), device=y.device, dtype=torch.float32)
     if cl:
         _pool_nhwc_kernel[pl.grid](y, part, c, h * w, pl.splits, pl.per, **pl.tile)
@@ -415,56 +414,59 @@ def _pool(y: torch.Tensor, cl: bool) -> torch.Tensor:
 
 
 def forward(y: torch.Tensor, weight: torch.Tensor, shortcut: Optional[torch.Tensor], coef: float,
-            beta_next: Optional[float]):
-    """``(x, a, part)``: ``x = coef * y * gate (+ shortcut)``, ``a = silu(x) * beta_next`` (None
-    without ``beta_next``) and the (N, S, C) fp32 partial channel sums the backward needs.
+            beta_next: Optional[float], gpu_config: bool = False):
+    """``(x_next, a_next, stats)``: ``x_next = coef * y * gate (+ shortcut)``, ``a_next =
+    silu(x_next) * beta_next`` (None without ``beta_next``) and ``stats``, the (N, S, C) fp32 partial
+    channel sums the backward needs.
 
     ``y`` is NCHW- or channels_last-contiguous; ``shortcut`` (or None) has ``y``'s strides;
     ``weight`` holds the K conv1d taps in fp32, contiguous. Outputs have ``y``'s strides.
+    ``gpu_config``: the GPU launch configuration on CPU tensors too (tests).
     """
     _check(y)
     n, c, h, w = y.shape
     cl = is_channels_last(y)
-    x = torch.empty_like(y)
-    a = torch.empty_like(y) if beta_next is not None else None
+    x_next = torch.empty_like(y)
+    a_next = torch.empty_like(y) if beta_next is not None else None
     with device_guard(y):
-        part = _pool(y, cl)
-        pl = plan(y.shape, cl, y.device)
-        args = (y, y if shortcut is None else shortcut, x, x if a is None else a, part, weight)
-        scal = (part.shape[1], weight.numel(), 1.0 / (h * w), float(coef),
+        stats = _pool(y, cl, gpu_config)
+        pl = plan(y.shape, cl, y.device, gpu_config=gpu_config)
+        args = (y, y if shortcut is None else shortcut, x_next, x_next if a_next is None else a_next, stats, weight)
+        scal = (stats.shape[1], weight.numel(), 1.0 / (h * w), float(coef),
                 0.0 if beta_next is None else float(beta_next))
-        flags = dict(HAS_RES=shortcut is not None, HAS_NEXT=a is not None, **pl.tile)
+        flags = dict(HAS_RES=shortcut is not None, HAS_NEXT=a_next is not None, **pl.tile)
         if cl:
             _apply_nhwc_kernel[pl.grid](*args, c, h * w, *scal, pl.splits, pl.per, **flags)
         else:
             _apply_nchw_kernel[pl.grid](*args, n * c, c, h * w, *scal, pl.per, **flags)
-    return x, a, part
+    return x_next, a_next, stats
 
 
-def backward(grad_x: Optional[torch.Tensor], grad_a: Optional[torch.Tensor], y: torch.Tensor,
-             weight: torch.Tensor, shortcut: Optional[torch.Tensor], part: torch.Tensor, coef: float,
-             beta: Optional[float]):
-    """``(dy, dweight, dshortcut)`` of :func:`forward`'s outputs.
+def backward(grad_x_next: Optional[torch.Tensor], grad_a_next: Optional[torch.Tensor], y: torch.Tensor,
+             weight: torch.Tensor, shortcut: Optional[torch.Tensor], stats: torch.Tensor, coef: float,
+             beta_next: Optional[float], gpu_config: bool = False):
+    """``(grad_y, grad_weight, grad_shortcut)`` of :func:`forward`'s outputs.
 
-    ``grad_x``/``grad_a`` are the gradients of x and a (either may be None, not both; ``grad_a``
-    needs ``shortcut`` and ``beta``), with ``y``'s strides. ``dweight`` is fp32 (K,). ``dshortcut``
-    is computed only with ``grad_a`` (else it is ``grad_x`` itself, and None is returned).
+    ``grad_x_next``/``grad_a_next`` are the gradients of x_next and a_next (either may be None, not
+    both; ``grad_a_next`` needs ``shortcut`` and ``beta_next``), with ``y``'s strides.
+    ``grad_weight`` is fp32 (K,). ``grad_shortcut`` is computed only with ``grad_a_next`` (else it is
+    ``grad_x_next`` itself, and None is returned).
     """
     _check(y)
     n, c, h, w = y.shape
     hw = h * w
     k = weight.numel()
     cl = is_channels_last(y)
-    has_ga = grad_a is not None
-    dsc = torch.empty_like(y) if has_ga else None
-    dy = torch.empty_like(y)
+    has_ga = grad_a_next is not None
+    grad_shortcut = torch.empty_like(y) if has_ga else None
+    grad_y = torch.empty_like(y)
     with device_guard(y):
-        pr = plan(y.shape, cl, y.device, pool=True)
+        pr = plan(y.shape, cl, y.device, pool=True, gpu_config=gpu_config)
         dpart = torch.empty((n, pr.splits, c), device=y.device, dtype=torch.float32)
-        ptrs = (y if grad_x is None else grad_x, grad_a if has_ga else y, y, shortcut if has_ga else y,
-                dsc if has_ga else y, part, weight, dpart)
-        scal = (part.shape[1], pr.splits, k, 1.0 / hw, float(coef), float(beta) if has_ga else 0.0, pr.per)
-        flags = dict(HAS_GX=grad_x is not None, HAS_GA=has_ga, **pr.tile)
+        ptrs = (y if grad_x_next is None else grad_x_next, grad_a_next if has_ga else y, y,
+                shortcut if has_ga else y, grad_shortcut if has_ga else y, stats, weight, dpart)
+        scal = (stats.shape[1], pr.splits, k, 1.0 / hw, float(coef), float(beta_next) if has_ga else 0.0, pr.per)
+        flags = dict(HAS_GX=grad_x_next is not None, HAS_GA=has_ga, **pr.tile)
         if cl:
             _reduce_nhwc_kernel[pr.grid](*ptrs, c, hw, *scal, **flags)
         else:
@@ -474,16 +476,18 @@ def backward(grad_x: Optional[torch.Tensor], grad_a: Optional[torch.Tensor], y: 
         dz = torch.empty_like(gate)
         cblocks = triton.cdiv(c, GATE_BLOCK)
         dwp = torch.empty((n * cblocks, k), device=y.device, dtype=torch.float32)
-        _gate_bwd_kernel[(n, cblocks)](part, dpart, weight, gate, dz, dwp, c, part.shape[1], pr.splits, k,
+        _gate_bwd_kernel[(n, cblocks)](stats, dpart, weight, gate, dz, dwp, c, stats.shape[1], pr.splits, k,
                                        1.0 / hw, float(coef), BLOCK=GATE_BLOCK, num_warps=GATE_WARPS)
 
-        gx = dsc if has_ga else grad_x
-        pl = plan(y.shape, cl, y.device)
+        dx_total = grad_shortcut if has_ga else grad_x_next  # d(loss)/d(x_next), the act's share included
+        pl = plan(y.shape, cl, y.device, gpu_config=gpu_config)
         if cl:
-            _dy_nhwc_kernel[pl.grid](gx, gate, dz, weight, dy, c, hw, k, 1.0 / hw, pl.splits, pl.per, **pl.tile)
+            _dy_nhwc_kernel[pl.grid](dx_total, gate, dz, weight, grad_y, c, hw, k, 1.0 / hw, pl.splits, pl.per,
+                                     **pl.tile)
         else:
-            _dy_nchw_kernel[pl.grid](gx, gate, dz, weight, dy, n * c, c, hw, k, 1.0 / hw, pl.per, **pl.tile)
-    return dy, dwp.sum(0), dsc
+            _dy_nchw_kernel[pl.grid](dx_total, gate, dz, weight, grad_y, n * c, c, hw, k, 1.0 / hw, pl.per,
+                                     **pl.tile)
+    return grad_y, dwp.sum(0), grad_shortcut
 
 
 # ---------------------------------------------------------------------------------------------
@@ -498,26 +502,26 @@ _APPLY_MODES = [dict(HAS_RES=False, HAS_NEXT=False), dict(HAS_RES=True, HAS_NEXT
 _REDUCE_MODES = [dict(HAS_GX=True, HAS_GA=False), dict(HAS_GX=False, HAS_GA=True),
                  dict(HAS_GX=True, HAS_GA=True)]
 AOT = [
-    AotSpec(_pool_nhwc_kernel, dict(part_ptr=_F32), [_NHWC], aligned=("y_ptr", "part_ptr", "C")),
-    AotSpec(_pool_nchw_kernel, dict(part_ptr=_F32), _NCHW, aligned=("y_ptr", "part_ptr", "C", "HW")),
-    AotSpec(_apply_nhwc_kernel, dict(part_ptr=_F32, w_ptr=_F32, **_FLOATS),
+    AotSpec(_pool_nhwc_kernel, dict(stats_ptr=_F32), [_NHWC], aligned=("y_ptr", "stats_ptr", "C")),
+    AotSpec(_pool_nchw_kernel, dict(stats_ptr=_F32), _NCHW, aligned=("y_ptr", "stats_ptr", "C", "HW")),
+    AotSpec(_apply_nhwc_kernel, dict(stats_ptr=_F32, w_ptr=_F32, **_FLOATS),
             [dict(**m, **_NHWC) for m in _APPLY_MODES],
-            aligned=("y_ptr", "sc_ptr", "x_ptr", "a_ptr", "part_ptr", "w_ptr", "C")),
-    AotSpec(_apply_nchw_kernel, dict(part_ptr=_F32, w_ptr=_F32, **_FLOATS),
+            aligned=("y_ptr", "shortcut_ptr", "x_next_ptr", "a_next_ptr", "stats_ptr", "w_ptr", "C")),
+    AotSpec(_apply_nchw_kernel, dict(stats_ptr=_F32, w_ptr=_F32, **_FLOATS),
             [dict(**m, **t) for m in _APPLY_MODES for t in _NCHW],
-            aligned=("y_ptr", "sc_ptr", "x_ptr", "a_ptr", "part_ptr", "w_ptr", "C", "HW")),
-    AotSpec(_reduce_nhwc_kernel, dict(part_ptr=_F32, w_ptr=_F32, dpart_ptr=_F32, **_FLOATS),
+            aligned=("y_ptr", "shortcut_ptr", "x_next_ptr", "a_next_ptr", "stats_ptr", "w_ptr", "C", "HW")),
+    AotSpec(_reduce_nhwc_kernel, dict(stats_ptr=_F32, w_ptr=_F32, dpart_ptr=_F32, **_FLOATS),
             [dict(**m, **_NHWC) for m in _REDUCE_MODES],
-            aligned=("gx_ptr", "ga_ptr", "y_ptr", "sc_ptr", "dsc_ptr", "part_ptr", "w_ptr", "dpart_ptr", "C")),
-    AotSpec(_reduce_nchw_kernel, dict(part_ptr=_F32, w_ptr=_F32, dpart_ptr=_F32, **_FLOATS),
+            aligned=("grad_x_next_ptr", "grad_a_next_ptr", "y_ptr", "shortcut_ptr", "grad_shortcut_ptr", "stats_ptr", "w_ptr", "dpart_ptr", "C")),
+    AotSpec(_reduce_nchw_kernel, dict(stats_ptr=_F32, w_ptr=_F32, dpart_ptr=_F32, **_FLOATS),
             [dict(**m, **t) for m in _REDUCE_MODES for t in _NCHW],
-            aligned=("gx_ptr", "ga_ptr", "y_ptr", "sc_ptr", "dsc_ptr", "part_ptr", "w_ptr", "dpart_ptr", "C", "HW")),
-    AotSpec(_gate_bwd_kernel, dict(part_ptr=_F32, dpart_ptr=_F32, w_ptr=_F32, gate_ptr=_F32, dz_ptr=_F32,
+            aligned=("grad_x_next_ptr", "grad_a_next_ptr", "y_ptr", "shortcut_ptr", "grad_shortcut_ptr", "stats_ptr", "w_ptr", "dpart_ptr", "C", "HW")),
+    AotSpec(_gate_bwd_kernel, dict(stats_ptr=_F32, dpart_ptr=_F32, w_ptr=_F32, gate_ptr=_F32, dz_ptr=_F32,
                                    dwp_ptr=_F32, inv_hw="fp32", coef="fp32"),
             [dict(BLOCK=GATE_BLOCK, num_warps=GATE_WARPS)],
-            aligned=("part_ptr", "dpart_ptr", "w_ptr", "gate_ptr", "dz_ptr", "dwp_ptr", "C")),
+            aligned=("stats_ptr", "dpart_ptr", "w_ptr", "gate_ptr", "dz_ptr", "dwp_ptr", "C")),
     AotSpec(_dy_nhwc_kernel, dict(gate_ptr=_F32, dz_ptr=_F32, w_ptr=_F32, inv_hw="fp32"), [_NHWC],
-            aligned=("gx_ptr", "gate_ptr", "dz_ptr", "w_ptr", "dy_ptr", "C")),
+            aligned=("grad_x_next_ptr", "gate_ptr", "dz_ptr", "w_ptr", "grad_y_ptr", "C")),
     AotSpec(_dy_nchw_kernel, dict(gate_ptr=_F32, dz_ptr=_F32, w_ptr=_F32, inv_hw="fp32"), _NCHW,
-            aligned=("gx_ptr", "gate_ptr", "dz_ptr", "w_ptr", "dy_ptr", "C", "HW")),
+            aligned=("grad_x_next_ptr", "gate_ptr", "dz_ptr", "w_ptr", "grad_y_ptr", "C", "HW")),
 ]

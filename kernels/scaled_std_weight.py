@@ -25,10 +25,9 @@ TILE = 4096
 BLOCK_KS = (64, 256, 1024, 2048, 4096)
 NUM_WARPS = 8
 # Under the interpreter (CPU tensors) each program costs milliseconds of Python whatever its size,
-# so CPU launches put 16x more rows in a program (same kernel code, a larger ROWS);
-# tests/test_triton.py sets GPU_CONFIG_ON_CPU to run the GPU configuration there too.
+# so CPU launches put 16x more rows in a program (same kernel code, a larger ROWS); the launchers'
+# gpu_config=True runs the GPU configuration there too (tests).
 CPU_TILE = 65536
-GPU_CONFIG_ON_CPU = False
 
 
 @triton.jit
@@ -123,9 +122,10 @@ def _std_bwd_kernel(dy_ptr, w_ptr, gain_ptr, dw_ptr, dgain_ptr, C_out, K, scale,
     tl.store(dgain_ptr + rows, sum_dy_xhat * scale, mask=rmask)
 
 
-def config(fan_in: int, device: torch.device = torch.device("cuda")) -> dict:
-    """Tile for rows of ``fan_in`` elements: whole rows in registers when they fit, else a loop."""
-    tile = TILE if device.type == "cuda" or GPU_CONFIG_ON_CPU else CPU_TILE
+def config(fan_in: int, device: torch.device = torch.device("cuda"), gpu_config: bool = False) -> dict:
+    """Tile for rows of ``fan_in`` elements: whole rows in registers when they fit, else a loop.
+    CPU tensors (the interpreter) get taller tiles unless ``gpu_config``."""
+    tile = TILE if device.type == "cuda" or gpu_config else CPU_TILE
     for block_k in BLOCK_KS:
         if fan_in <= block_k:
             return dict(ROWS=tile // block_k, BLOCK_K=block_k, SINGLE=True, num_warps=NUM_WARPS)
@@ -148,27 +148,28 @@ def _rows(weight: torch.Tensor):
     return c_out, weight.numel() // c_out
 
 
-def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float) -> torch.Tensor:
-    """Standardised ``weight`` (contiguous, its dtype); ``weight`` contiguous, ``gain`` C_out contiguous values."""
+def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, gpu_config: bool = False
+            ) -> torch.Tensor:
+    """``out``, the standardised ``weight`` (contiguous, its dtype); ``weight`` contiguous, ``gain``
+    C_out contiguous values. ``gpu_config``: the GPU tiles on CPU tensors too (tests)."""
     c_out, fan_in = _rows(weight)
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    cfg = config(fan_in, weight.device)
+    cfg = config(fan_in, weight.device, gpu_config)
     with device_guard(weight):
         _std_fwd_kernel[(triton.cdiv(c_out, cfg["ROWS"]),)](weight, gain, out, c_out, fan_in, float(scale),
                                                             float(eps), **cfg)
     return out
 
 
-def backward(grad: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float):
-    """``(dweight, dgain)``: dweight like ``weight`` (contiguous), dgain fp32 with C_out values.
-
-    ``grad`` and ``weight`` contiguous, ``gain`` C_out contiguous values.
-    """
+def backward(grad_out: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float,
+             gpu_config: bool = False):
+    """``(grad_weight, grad_gain)``: grad_weight like ``weight`` (contiguous), grad_gain fp32 with
+    C_out values. ``grad_out`` and ``weight`` contiguous, ``gain`` C_out contiguous values."""
     c_out, fan_in = _rows(weight)
-    dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    dgain = torch.empty(c_out, device=weight.device, dtype=torch.float32)
-    cfg = config(fan_in, weight.device)
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    grad_gain = torch.empty(c_out, device=weight.device, dtype=torch.float32)
+    cfg = config(fan_in, weight.device, gpu_config)
     with device_guard(weight):
-        _std_bwd_kernel[(triton.cdiv(c_out, cfg["ROWS"]),)](grad, weight, gain, dw, dgain, c_out, fan_in,
-                                                            float(scale), float(eps), **cfg)
-    return dw, dgain
+        _std_bwd_kernel[(triton.cdiv(c_out, cfg["ROWS"]),)](grad_out, weight, gain, grad_weight, grad_gain, c_out,
+                                                            fan_in, float(scale), float(eps), **cfg)
+    return grad_weight, grad_gain

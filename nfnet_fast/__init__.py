@@ -14,8 +14,9 @@ from ._backends import BackendInfo, backends
 from .model import convert, create_model, list_models
 from . import nn  # noqa: F401  (after model: nn imports nothing of model, model imports nn)
 
-# Backend modules are imported here, outside any compiled region (dynamo cannot trace an import):
-# the compiled ones register their fake kernels and autograd with torch.library on import.
+# The backends, imported here, outside any compiled region (dynamo cannot trace an import): each
+# enters its op table in the registry (_backends.register_ops), which nfnet_fast.ops dispatches
+# through; the compiled ones also register their fake kernels and autograd (_library.py).
 from . import _reference  # noqa: F401,E402
 if backends()["cuda"].available:
     from . import _cuda  # noqa: F401

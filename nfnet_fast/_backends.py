@@ -1,12 +1,14 @@
-"""Which op backends run on this machine, and for the missing ones, why.
+"""The backend registry: which op backends run on this machine (and for the missing ones, why),
+and each backend's op table.
 
-Three backends implement every op in :mod:`nfnet_fast.ops`:
+Three backends implement every op in :mod:`nfnet_fast.ops`, each in its own module, which fills
+its table here when imported (``nfnet_fast/__init__.py`` imports the ones that run here):
 
-* ``reference``: plain PyTorch, the specification; runs on any device.
-* ``triton``: the Triton kernels of ``nfnet_fast.kernels``; CUDA tensors, or CPU tensors when
-  ``TRITON_INTERPRET=1`` was set before triton was imported.
-* ``cuda``: the compiled extension ``nfnet_fast._C``; CUDA kernels for CUDA tensors (when it was
-  built with nvcc) and their CPU twins for CPU tensors.
+* ``reference`` (``_reference.py``): plain PyTorch, the specification; runs on any device.
+* ``triton`` (``_triton.py``): the Triton kernels of ``nfnet_fast.kernels``; CUDA tensors, or CPU
+  tensors when ``TRITON_INTERPRET=1`` was set before triton was imported.
+* ``cuda`` (``_cuda.py``): the compiled extension ``nfnet_fast._C``; CUDA kernels for CUDA tensors
+  (when it was built with nvcc) and their CPU twins for CPU tensors.
 """
 from __future__ import annotations
 
@@ -14,10 +16,12 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
-NAMES = ("reference", "triton", "cuda")
+NAMES = ("reference", "triton", "cuda")  # the one list of backend names (ops, CLI, benchmarks use it)
+OPS = ("scaled_std_weight", "eca", "eca_residual", "silu_scale")  # what every backend implements
 
 
 @dataclass(frozen=True)
@@ -27,15 +31,37 @@ class BackendInfo:
     Attributes:
         name: ``"reference"``, ``"triton"`` or ``"cuda"``.
         available: True when the backend runs on at least one device here.
-        devices: device types (``"cpu"``, ``"cuda"``) whose tensors it runs on here (``reference``,
-            plain PyTorch, also runs on any other device type PyTorch supports: meta, mps, ...).
+        devices: device types (``"cpu"``, ``"cuda"``) whose tensors it runs on here.
         reason: why it is unavailable, or on which devices it is not (empty when it runs everywhere).
+        any_device: it also runs on every other device type PyTorch supports (meta, mps, ...):
+            plain PyTorch code (``reference``).
     """
 
     name: str
     available: bool
     devices: tuple[str, ...]
     reason: str = ""
+    any_device: bool = False
+
+    def runs_on(self, device_type: str) -> bool:
+        return self.any_device or device_type in self.devices
+
+
+_tables: dict[str, dict[str, Callable]] = {}
+
+
+def register_ops(backend: str, functions: dict[str, Callable]) -> None:
+    """Enter a backend's op table: op name -> function with the signature of :mod:`nfnet_fast.ops`'
+    op of that name (arguments already validated). Called once by each backend module at import."""
+    if backend not in NAMES:
+        raise ValueError(f"unknown backend {backend!r}; the backends are {NAMES}")
+    _tables[backend] = dict(functions)
+
+
+def op_function(backend: str, op: str) -> Optional[Callable]:
+    """The function implementing ``op`` on ``backend``, or None (backend not loaded here, or the op
+    not implemented by it)."""
+    return _tables.get(backend, {}).get(op)
 
 
 def _cuda_device_present() -> bool:
@@ -81,7 +107,7 @@ def _triton_import_error() -> str:
 
 def _reference() -> BackendInfo:
     devices = ("cpu", "cuda") if _cuda_device_present() else ("cpu",)
-    return BackendInfo("reference", True, devices)
+    return BackendInfo("reference", True, devices, any_device=True)
 
 
 def _triton() -> BackendInfo:

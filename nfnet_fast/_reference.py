@@ -10,6 +10,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from . import _backends
+
 
 def _no_autocast(t: torch.Tensor):
     try:
@@ -55,3 +57,6 @@ def eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next):
 def silu_scale(x: torch.Tensor, beta: float) -> torch.Tensor:
     with _no_autocast(x):
         return F.silu(x.float()).mul_(beta).to(x.dtype)  # silu's backward needs its input, not its output
+
+
+_backends.register_ops("reference", {op: globals()[op] for op in _backends.OPS})

@@ -1,6 +1,6 @@
 """Contenders, timing and parity for the benchmarks (``nfnet-fast bench`` and ``bench/``).
 
-Every contender runs in the same process on the same input (DESIGN.md section 8): timm eager
+Every contender runs in the same process on the same input (docs/design.md section 8): timm eager
 (fp32, bf16 autocast on CUDA), ``torch.compile`` of timm (default, and ``max-autotune`` on CUDA),
 nfnet_fast on each backend that runs on the device, and nfnet_fast compiled / CUDA-graphed on CUDA.
 """
@@ -73,10 +73,7 @@ def build_reference(model_name: str, device: torch.device, pretrained: bool = Fa
     return model.eval().to(device=device, memory_format=torch.channels_last)
 
 
-OPS = ("scaled_std_weight", "eca", "eca_residual", "silu_scale")
-
-
-def backends_for(device: torch.device, ops_needed=OPS) -> List[str]:
+def backends_for(device: torch.device, ops_needed=_backends.OPS) -> List[str]:
     """nfnet_fast backends worth timing on `device`: those implementing every op in `ops_needed`
     there (the Triton interpreter on a CPU is not worth timing)."""
     names = []
@@ -166,7 +163,7 @@ def inference_contenders(ref: nn.Module, device: torch.device, example: torch.Te
 
 
 def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|out - ref| / max|ref|, the DESIGN contract's measure."""
+    """max|out - ref| / max|ref|, the contract of docs/design.md section 3's measure."""
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 

@@ -7,22 +7,11 @@ from typing import List
 
 import timm
 import torch.nn as nn
-from timm.layers import EcaModule as _TimmEca
-from timm.layers import ScaledStdConv2d as _TimmStdConv
-from timm.layers import ScaledStdConv2dSame as _TimmStdConvSame
-from timm.models.nfnet import NormFreeBlock as _TimmBlock
 from timm.models.nfnet import NormFreeNet
 
 from . import ops
 from . import nn as fnn
 
-# exact timm type -> nfnet_fast replacement (subclasses of timm layers are left alone: they may compute something else)
-_REPLACEMENTS = {
-    _TimmStdConv: fnn.ScaledStdConv2d,
-    _TimmStdConvSame: fnn.ScaledStdConv2dSame,
-    _TimmEca: fnn.EcaModule,
-    _TimmBlock: fnn.NormFreeBlock,
-}
 
 
 def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
@@ -65,7 +54,7 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     ops.check_backend(backend)
     found = False
     for module in model.modules():
-        cls = _REPLACEMENTS.get(type(module))
+        cls = fnn.REPLACEMENTS.get(type(module))
         if cls is not None and cls.can_convert(module):
             cls.from_timm(module, backend)
         if isinstance(module, fnn._FastModule):

@@ -263,6 +263,11 @@ def _global_hooks() -> bool:
                 or _m._global_backward_pre_hooks)
 
 
+# exact timm type -> nfnet_fast replacement, from each class's timm_class (subclasses of timm layers
+# are left alone by convert(): they may compute something else)
+REPLACEMENTS = {cls.timm_class: cls for cls in (ScaledStdConv2d, ScaledStdConv2dSame, EcaModule, NormFreeBlock)}
+
+
 class NormFreeStages(nn.Sequential):
     """``model.stages`` (a Sequential of stage Sequentials of blocks), run so that each block's fused
     tail also writes the next block's pre-activation, across stage boundaries too.

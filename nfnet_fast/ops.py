@@ -10,9 +10,7 @@ so they work under ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck
 """
 from __future__ import annotations
 
-import importlib
 import numbers
-import sys
 from typing import Optional, Tuple, Union
 
 import torch
@@ -23,19 +21,19 @@ __all__ = ["scaled_std_weight", "eca", "eca_residual", "silu_scale", "resolve_ba
            "AUTO_ORDER"]
 
 # Per device type, the order in which backend="auto" tries backends. On CUDA, set by the first H200
-# run (DESIGN.md section 10): cuda equals triton in inference (8267 vs 8216 img/s, eca_nfnet_l0 bs 256
+# run (docs/design.md section 10): cuda equals triton in inference (8267 vs 8216 img/s, eca_nfnet_l0 bs 256
 # 288 px bf16) and is 1.6x faster in training (2274 vs 1421 img/s), so it goes first. On the CPU the
 # reference (vectorised ATen) beats the single-purpose CPU twins.
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_MODULES = {"reference": "nfnet_fast._reference", "triton": "nfnet_fast._triton", "cuda": "nfnet_fast._cuda"}
 _resolved: dict = {}
 
 
 def _check_name(backend) -> None:
     if not isinstance(backend, str) or backend not in ("auto",) + _backends.NAMES:
-        raise ValueError(f"backend must be one of 'auto', 'reference', 'triton', 'cuda'; got {backend!r}")
+        names = ", ".join(repr(n) for n in ("auto",) + _backends.NAMES)
+        raise ValueError(f"backend must be one of {names}; got {backend!r}")
 
 
 def _backend_impl(op: str, backend: str, device: torch.device):
@@ -48,40 +46,22 @@ def _backend_impl(op: str, backend: str, device: torch.device):
     return found[1]
 
 
-def _runs_on(info: "_backends.BackendInfo", device_type: str) -> bool:
-    # plain PyTorch runs wherever PyTorch does (meta and fake tensors, mps, xpu, ...)
-    return info.name == "reference" or device_type in info.devices
-
-
-def _backend_function(backend: str, op: str):
-    """`op` of a backend's module, or None when the backend does not implement it."""
-    name = _MODULES[backend]
-    if name in sys.modules:  # no import_module call: dynamo cannot trace it inside a compiled region
-        return getattr(sys.modules[name], op, None)
-    try:
-        module = importlib.import_module(name)
-    except ImportError as e:  # a backend whose module is missing or broken implements nothing
-        if e.name != name:
-            raise
-        return None
-    return getattr(module, op, None)
-
-
 def _find_impl(op: str, backend: str, device_type: str):
-    """(backend name, function) for `op`; raises with the reason when none fits."""
+    """(backend name, function) for `op`, from the backend registry (filled by _reference.py,
+    _triton.py and _cuda.py at import); raises with the reason when none fits."""
     infos = _backends.backends()
     if backend == "auto":
         for name in AUTO_ORDER.get(device_type, ("reference",)):
-            if _runs_on(infos[name], device_type):
-                fn = _backend_function(name, op)
+            if infos[name].runs_on(device_type):
+                fn = _backends.op_function(name, op)
                 if fn is not None:
                     return name, fn
         raise RuntimeError(f"no backend implements {op} for {device_type} tensors")  # unreachable: reference does
     info = infos[backend]
-    if not _runs_on(info, device_type):
+    if not info.runs_on(device_type):
         why = info.reason or f"it runs on {', '.join(info.devices) or 'no device'} only"
         raise RuntimeError(f"backend={backend!r} cannot run {op} on {device_type} tensors here: {why}")
-    fn = _backend_function(backend, op)
+    fn = _backends.op_function(backend, op)
     if fn is None:
         raise RuntimeError(f"backend={backend!r} does not implement {op} yet")
     return backend, fn

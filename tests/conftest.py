@@ -1,4 +1,4 @@
-"""Shared test helpers: randomised NF models, the DESIGN tolerance, and the Triton interpreter switch."""
+"""Shared test helpers: randomised NF models, the docs/design.md tolerance, and the Triton interpreter switch."""
 import contextlib
 import os
 
@@ -11,12 +11,12 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-# DESIGN.md section 3: fp32 against timm fp32, max|out - ref| <= 1e-4 * max|ref|.
+# docs/design.md section 3: fp32 against timm fp32, max|out - ref| <= 1e-4 * max|ref|.
 REL_TOL = 1e-4
 
 
 def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, tol: float = REL_TOL, what: str = "") -> None:
-    """max|out - ref| <= tol * max|ref| (the DESIGN contract), with a readable message."""
+    """max|out - ref| <= tol * max|ref| (the contract of docs/design.md section 3), with a readable message."""
     assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), f"{what}: non-finite values"
     err = (out.double() - ref.double()).abs().max().item()
@@ -94,10 +94,10 @@ def rng():
 def cpu_backends(op: str):
     """Backends that implement `op` for CPU tensors here (triton through the interpreter, cuda
     through its CPU twins)."""
-    from nfnet_fast import ops
+    from nfnet_fast import _backends, ops
 
     found = []
-    for name in ("reference", "triton", "cuda"):
+    for name in _backends.NAMES:
         try:
             ops.resolve_backend(name, "cpu", op)
         except RuntimeError:
@@ -110,3 +110,22 @@ def dtype_tol(dtype: torch.dtype) -> float:
     """Relative tolerance of an fp32-math op stored in `dtype`, against the fp32 reference rounded to
     `dtype`: a couple of units in the last place of the storage type."""
     return {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+
+
+def grad_tol(dtype: torch.dtype) -> float:
+    """Relative tolerance of gradients against float64: fp32 1e-5; in fp16/bf16 the backward rounds
+    the gradients it stores and reduces low-precision products, a few ulps more than the forward."""
+    return 1e-5 if dtype == torch.float32 else 4 * dtype_tol(dtype)
+
+
+def check_backward_against_float64(outs, refs, leaves, dtype: torch.dtype, rng, what: str) -> None:
+    """Backward of ``outs`` (in ``dtype``) and of their float64 ``refs`` with the same random upstream
+    gradients, then each leaf's gradient against its float64 twin's.
+
+    ``leaves``: ``(name, leaf, float64_leaf, tol)`` with ``tol=None`` for :func:`grad_tol`."""
+    grads = [torch.randn(o.shape, generator=rng).to(dtype) for o in outs]
+    torch.autograd.backward(list(outs), grads)
+    torch.autograd.backward(list(refs), [g.double() for g in grads])
+    for name, leaf, ref_leaf, tol in leaves:
+        assert_rel_close(leaf.grad.double(), ref_leaf.grad, grad_tol(dtype) if tol is None else tol,
+                         f"{what} {name} grad")

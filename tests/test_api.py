@@ -119,3 +119,54 @@ def test_every_available_backend_implements_every_op():
         for device in info.devices:
             for op in ("scaled_std_weight", "eca", "eca_residual", "silu_scale"):
                 assert ops.resolve_backend(name, device, op) == name
+
+
+def _compiled_prefixes():
+    """The op-name prefixes of the compiled backends loaded here (nfnet_fast/_library.py)."""
+    return [p for b, p in (("cuda", ""), ("triton", "triton_")) if _backends.op_function(b, "eca") is not None]
+
+
+@pytest.mark.parametrize("prefix", _compiled_prefixes())
+def test_fake_kernels_check_their_arguments(prefix):
+    """The fake kernels (what torch.compile and meta tensors run) refuse a wrong call where it is
+    made, naming the argument, instead of passing it on to a real kernel."""
+    lib = torch.ops.nfnet_fast
+    m = dict(device="meta")
+    y, w = torch.empty(2, 8, 4, 4, **m), torch.empty(5, **m)
+    eca, eca_backward = getattr(lib, prefix + "eca_residual"), getattr(lib, f"_{prefix}eca_residual_backward")
+    with pytest.raises(RuntimeError, match="shortcut shape"):
+        eca(y, w, torch.empty(2, 4, 4, 4, **m), 1.0, None)
+    with pytest.raises(RuntimeError, match="shortcut dtype"):
+        eca(y, w, torch.empty(2, 8, 4, 4, dtype=torch.float16, **m), 1.0, None)
+    with pytest.raises(RuntimeError, match="odd number of taps"):
+        eca(y, torch.empty(4, **m), None, 1.0, None)
+    with pytest.raises(RuntimeError, match="beta_next needs a shortcut"):
+        eca(y, w, None, 1.0, 0.5)
+    stats = eca(y, w, y, 1.0, 0.5)[2]
+    with pytest.raises(RuntimeError, match="grad_a_next shape"):
+        eca_backward(y, y[:1], y, w, y, stats, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="needs grad_x_next or grad_a_next"):
+        eca_backward(None, None, y, w, y, stats, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="gain must have one value per output channel"):
+        getattr(lib, prefix + "scaled_std_weight")(torch.empty(4, 3, 3, 3, **m), torch.empty(3, **m), 1.0, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_out shape"):
+        getattr(lib, f"_{prefix}silu_scale_backward")(torch.empty(3, **m), torch.empty(4, **m), 1.0)
+    with pytest.raises(RuntimeError, match="x must be a floating-point tensor"):
+        getattr(lib, prefix + "silu_scale")(torch.empty(4, dtype=torch.int64, **m), 1.0)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + [b for b in ("triton", "cuda") if _backends.op_function(b, "eca")])
+def test_gradients_only_where_asked(backend, rng):
+    """Each backward returns a gradient for exactly the inputs that need one."""
+    y, shortcut = torch.randn(2, 6, 3, 3, generator=rng), torch.randn(2, 6, 3, 3, generator=rng)
+    weight = torch.randn(5, generator=rng)
+    for wanted in ({"y"}, {"weight"}, {"shortcut"}, {"y", "shortcut"}):
+        leaves = {n: t.clone().requires_grad_(n in wanted) for n, t in
+                  (("y", y), ("weight", weight), ("shortcut", shortcut))}
+        x_next, a_next = ops.eca_residual(leaves["y"], leaves["weight"], leaves["shortcut"], 0.2, 2.0, 0.9,
+                                          backend=backend)
+        (x_next.sum() + a_next.sum()).backward()
+        assert {n for n, t in leaves.items() if t.grad is not None} == wanted, (backend, wanted)
+    w, gain = torch.randn(6, 3, 3, 3, generator=rng), torch.randn(6, 1, 1, 1, generator=rng).requires_grad_()
+    ops.scaled_std_weight(w, gain, 0.3, 1e-5, backend=backend).sum().backward()
+    assert gain.grad is not None and w.grad is None

@@ -195,8 +195,8 @@ def _offset_like(buf: torch.Tensor, t: torch.Tensor, layout: str) -> torch.Tenso
     return v
 
 
-def test_eca_backward_without_act_gradient_is_materialized(rng):
-    # only x_next is used: the act output's gradient arrives as zeros and must not disturb the others
+def test_eca_backward_with_x_next_alone(rng):
+    # only x_next is used: a_next's gradient arrives as None and must not disturb the others
     y, sc = _rand((2, 8, 3, 3), torch.float32, rng), _rand((2, 8, 3, 3), torch.float32, rng)
     w = _eca_weight(3, rng)
     leaves = [t.clone().requires_grad_() for t in (y, w, sc)]
@@ -323,27 +323,27 @@ def _opcheck_cases(device, dtype=torch.float32):
         sc = _layout(_rand((2, 12, 5, 3), dtype, gen, device), layout)
         w = _eca_weight(5, gen, torch.float32, device)
         cases += [
-            (OPS.eca_forward, (y, w, None, 1.5, None)),
-            (OPS.eca_forward, (y, w, sc, 0.4, None)),
-            (OPS.eca_forward, (y, w, sc, 0.4, 0.9)),
-            (OPS.eca_forward, (y.requires_grad_(), w.requires_grad_(), sc.requires_grad_(), 0.4, 0.9)),
+            (OPS.eca_residual, (y, w, None, 1.5, None)),
+            (OPS.eca_residual, (y, w, sc, 0.4, None)),
+            (OPS.eca_residual, (y, w, sc, 0.4, 0.9)),
+            (OPS.eca_residual, (y.requires_grad_(), w.requires_grad_(), sc.requires_grad_(), 0.4, 0.9)),
         ]
         y, w, sc = y.detach(), w.detach(), sc.detach()
-        _, _, mean = OPS.eca_forward(y, w, sc, 0.4, 0.9)
+        _, _, mean = OPS.eca_residual(y, w, sc, 0.4, 0.9)
         g1, g2 = _layout(_rand(y.shape, dtype, gen, device), layout), _rand(y.shape, dtype, gen, device)
         cases += [
-            (OPS.eca_backward, (g1, None, y, w, None, mean, 1.5, None)),
-            (OPS.eca_backward, (g1, g2, y, w, sc, mean, 0.4, 0.9)),
+            (OPS._eca_residual_backward, (g1, None, y, w, None, mean, 1.5, None)),
+            (OPS._eca_residual_backward, (g1, g2, y, w, sc, mean, 0.4, 0.9)),
             (OPS.silu_scale, (y, 0.8)),
             (OPS.silu_scale, (y.clone().requires_grad_(), 0.8)),
-            (OPS.silu_scale_backward, (g2, y, 0.8)),
+            (OPS._silu_scale_backward, (g2, y, 0.8)),
         ]
     wt = _rand((8, 3, 3, 3), dtype, gen, device)
     gain = (1 + 0.3 * torch.randn(8, 1, 1, 1, generator=gen)).to(dtype=dtype, device=device)
     cases += [
         (OPS.scaled_std_weight, (wt, gain, 0.3, 1e-5)),
         (OPS.scaled_std_weight, (wt.clone().requires_grad_(), gain.clone().requires_grad_(), 0.3, 1e-5)),
-        (OPS.scaled_std_weight_backward, (_rand(wt.shape, dtype, gen, device), wt, gain, 0.3, 1e-5)),
+        (OPS._scaled_std_weight_backward, (_rand(wt.shape, dtype, gen, device), wt, gain, 0.3, 1e-5)),
     ]
     return cases
 
@@ -423,31 +423,33 @@ def test_eca_plan_c_not_multiple_of_vector():
 def test_bad_inputs_name_the_argument(rng):
     y = _rand((2, 8, 3, 3), torch.float32, rng)
     w = _eca_weight(5, rng)
-    with pytest.raises(RuntimeError, match="x must be 4-D"):
-        OPS.eca_forward(y[0], w, None, 1.0, None)
+    with pytest.raises(RuntimeError, match="y must be 4-D"):
+        OPS.eca_residual(y[0], w, None, 1.0, None)
     with pytest.raises(RuntimeError, match="weight must be the ECA conv1d kernel"):
-        OPS.eca_forward(y, torch.randn(4), None, 1.0, None)
+        OPS.eca_residual(y, torch.randn(4), None, 1.0, None)
     with pytest.raises(RuntimeError, match="shortcut shape"):
-        OPS.eca_forward(y, w, y[:, :4], 1.0, None)
+        OPS.eca_residual(y, w, y[:, :4], 1.0, None)
     with pytest.raises(RuntimeError, match="shortcut dtype"):
-        OPS.eca_forward(y, w, y.half(), 1.0, None)
+        OPS.eca_residual(y, w, y.half(), 1.0, None)
     with pytest.raises(RuntimeError, match="beta_next needs a shortcut"):
-        OPS.eca_forward(y, w, None, 1.0, 0.5)
-    with pytest.raises(RuntimeError, match="x must be float32"):
-        OPS.eca_forward(y.long(), w, None, 1.0, None)
-    with pytest.raises(RuntimeError, match="x must be non-empty"):
-        OPS.eca_forward(y[:0], w, None, 1.0, None)
-    _, _, mean = OPS.eca_forward(y, w, y, 1.0, None)
-    with pytest.raises(RuntimeError, match="mean must be"):
-        OPS.eca_backward(y, None, y, w, None, mean[:1], 1.0, None)
-    with pytest.raises(RuntimeError, match="grad_out shape"):
-        OPS.eca_backward(y[:1], None, y, w, None, mean, 1.0, None)
-    with pytest.raises(RuntimeError, match="grad_act shape"):
-        OPS.eca_backward(y, y[:1], y, w, y, mean, 1.0, 0.5)
+        OPS.eca_residual(y, w, None, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="y must be float32"):
+        OPS.eca_residual(y.long(), w, None, 1.0, None)
+    with pytest.raises(RuntimeError, match="y must be non-empty"):
+        OPS.eca_residual(y[:0], w, None, 1.0, None)
+    _, _, stats = OPS.eca_residual(y, w, y, 1.0, None)
+    with pytest.raises(RuntimeError, match="stats must be"):
+        OPS._eca_residual_backward(y, None, y, w, None, stats[:1], 1.0, None)
+    with pytest.raises(RuntimeError, match="grad_x_next shape"):
+        OPS._eca_residual_backward(y[:1], None, y, w, None, stats, 1.0, None)
+    with pytest.raises(RuntimeError, match="grad_a_next shape"):
+        OPS._eca_residual_backward(y, y[:1], y, w, y, stats, 1.0, 0.5)
+    with pytest.raises(RuntimeError, match="needs grad_x_next or grad_a_next"):
+        OPS._eca_residual_backward(None, None, y, w, y, stats, 1.0, 0.5)
     with pytest.raises(RuntimeError, match="x must be float32"):
         OPS.silu_scale(torch.arange(4), 1.0)
     with pytest.raises(RuntimeError, match="grad_out shape"):
-        OPS.silu_scale_backward(torch.randn(3), torch.randn(4), 1.0)
+        OPS._silu_scale_backward(torch.randn(3), torch.randn(4), 1.0)
     with pytest.raises(RuntimeError, match="gain must have one value per output channel"):
         OPS.scaled_std_weight(torch.randn(4, 3, 3, 3), torch.randn(3), 1.0, 1e-5)
     # the public layer names the argument too, before any kernel runs
@@ -607,7 +609,7 @@ def test_opcheck_cuda():
 def test_cuda_rejects_float64(rng):
     y = _rand((2, 8, 3, 3), torch.float64, rng, "cuda")
     with pytest.raises(RuntimeError, match="x is float64"):
-        OPS.eca_forward(y, _eca_weight(3, rng, device="cuda"), None, 1.0, None)
+        OPS.eca_residual(y, _eca_weight(3, rng, device="cuda"), None, 1.0, None)
     with pytest.raises(RuntimeError, match="x is float64"):
         OPS.silu_scale(y, 1.0)
 
@@ -626,8 +628,8 @@ def test_eca_cuda_network_size_channels_last(rng):
     assert_rel_close(act.float(), ract.float(), _tol(torch.bfloat16), "big a_next")
     del rout, ract
     g = torch.randn(shape, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
-    mean = OPS.eca_forward(y, w, sc, 0.4, 0.95)[2]
-    dy, dw, dsc = OPS.eca_backward(g, g, y, w, sc, mean, 0.4, 0.95)
+    mean = OPS.eca_residual(y, w, sc, 0.4, 0.95)[2]
+    dy, dw, dsc = OPS._eca_residual_backward(g, g, y, w, sc, mean, 0.4, 0.95)
     yr = y.detach().clone().requires_grad_()
     wr = w.detach().clone().requires_grad_()
     scr = sc.detach().clone().requires_grad_()

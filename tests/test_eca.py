@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import EcaModule as TimmEca
 
-from conftest import cpu_backends, dtype_tol, assert_rel_close
+from conftest import assert_rel_close, check_backward_against_float64, cpu_backends, dtype_tol
 from nfnet_fast import ops
 
 SHAPES = [(2, 16, 5, 7), (1, 67, 3, 3), (3, 130, 1, 1), (1, 256, 9, 9), (2, 9, 1, 13)]
@@ -49,14 +49,8 @@ def test_eca(backend, dtype, shape, layout, rng):
     assert out.dtype == dtype
     _expect_format(out, x)
     assert_rel_close(out, ref, dtype_tol(dtype), f"{backend} {dtype} forward")
-
-    grad = torch.randn(shape, generator=rng).to(dtype)
-    out.backward(grad)
-    ref.backward(grad.double())
-    tol = 1e-5 if dtype == torch.float32 else 4 * dtype_tol(dtype)
-    assert_rel_close(x.grad, xd.grad, tol, f"{backend} {dtype} input grad")
-    if dtype == torch.float32:
-        assert_rel_close(weight.grad, eca.conv.weight.grad.float(), 1e-5, f"{backend} weight grad")
+    leaves = [("input", x, xd, None)] + ([("weight", weight, eca.conv.weight, 1e-5)] if dtype == torch.float32 else [])
+    check_backward_against_float64([out], [ref], leaves, dtype, rng, f"{backend} {dtype}")
 
 
 @pytest.mark.parametrize("backend", cpu_backends("eca_residual"))
@@ -83,14 +77,9 @@ def test_eca_residual(backend, dtype, shape, layout, with_next, rng):
         _expect_format(o, y)
         assert_rel_close(o, r, dtype_tol(dtype), f"{backend} {dtype} {name}")
 
-    grads = [torch.randn(shape, generator=rng).to(dtype) for _ in outs]
-    torch.autograd.backward(outs, grads)
-    torch.autograd.backward(refs, [g.double() for g in grads])
-    tol = 1e-5 if dtype == torch.float32 else 4 * dtype_tol(dtype)
-    assert_rel_close(y.grad, yd.grad, tol, f"{backend} {dtype} y grad")
-    assert_rel_close(shortcut.grad, sd.grad, tol, f"{backend} {dtype} shortcut grad")
-    assert_rel_close(weight.grad.double(), eca.conv.weight.grad, 1e-5 if dtype == torch.float32 else 0.05,
-                     f"{backend} {dtype} weight grad")
+    check_backward_against_float64(outs, refs, [
+        ("y", y, yd, None), ("shortcut", shortcut, sd, None),
+        ("weight", weight, eca.conv.weight, 1e-5 if dtype == torch.float32 else 0.05)], dtype, rng, f"{backend} {dtype}")
 
 
 def test_weight_shapes_accepted(rng):

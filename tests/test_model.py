@@ -1,4 +1,4 @@
-"""Whole models against timm: logits, features, input and parameter gradients (DESIGN section 3)."""
+"""Whole models against timm: logits, features, input and parameter gradients (docs/design.md section 3)."""
 import copy
 
 import pytest
@@ -6,13 +6,12 @@ import timm
 import torch
 
 import nfnet_fast
-from conftest import assert_rel_close, random_like, randomize_
+from conftest import assert_rel_close, cpu_backends, random_like, randomize_
+from nfnet_fast import _backends
 from nfnet_fast import nn as fnn
 
 # Backends that run a whole model on the CPU here, each op of it.
-MODEL_BACKENDS = [b for b in ("reference", "triton", "cuda")
-                  if all(b in __import__("conftest").cpu_backends(op)
-                         for op in ("scaled_std_weight", "eca_residual", "silu_scale", "eca"))]
+MODEL_BACKENDS = [b for b in _backends.NAMES if all(b in cpu_backends(op) for op in _backends.OPS)]
 
 
 def _pair(name, seed=0, backend="reference", **kwargs):
@@ -270,14 +269,14 @@ def test_list_models():
     assert "eca_nfnet_l0" in nfnet_fast.list_models(pretrained=True)
 
 
-GPU_BACKENDS = ["reference", "triton", "cuda"]
+GPU_BACKENDS = list(_backends.NAMES)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("batch, size", [(8, 288), (1, 97)])
 def test_eca_nfnet_l0_cuda(backend, batch, size):
-    """fp32 within the DESIGN tolerance; bf16 autocast within 2x timm's own autocast error plus a floor."""
+    """fp32 within the docs/design.md tolerance; bf16 autocast within 2x timm's own autocast error plus a floor."""
     if "cuda" not in nfnet_fast.backends()[backend].devices:
         pytest.fail(f"backend {backend} does not run on CUDA here: {nfnet_fast.backends()[backend].reason}")
     ref, fast = _pair("eca_nfnet_l0", seed=batch, backend=backend)
@@ -466,7 +465,7 @@ def test_block_called_directly_under_autocast():
 
 
 def test_cpu_autocast_bf16_contract():
-    """DESIGN section 3: under bf16 autocast, at most 2x timm's own error (vs fp32) plus a floor."""
+    """docs/design.md section 3: under bf16 autocast, at most 2x timm's own error (vs fp32) plus a floor."""
     ref, fast = _pair("eca_nfnet_l0", seed=110)
     ref.eval(), fast.eval()
     x = torch.randn(2, 3, 64, 64)

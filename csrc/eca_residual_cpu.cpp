@@ -1,5 +1,6 @@
-// CPU twin of csrc/eca.cu: the same plan (partial sums per (image, pixel range, channel)), the
-// same per-channel and per-element math (eca.h), the same two passes forward and backward.
+// The eca_residual op: its schema, and the CPU twin of csrc/eca_residual.cu: the same plan (partial
+// sums per (image, pixel range, channel)), the same per-channel and per-element math
+// (eca_residual.h), the same two passes forward and backward.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -8,7 +9,7 @@
 
 #include <vector>
 
-#include "eca.h"
+#include "eca_residual.h"
 
 namespace nfnet_fast {
 namespace {
@@ -104,15 +105,15 @@ void gates_from_means(const EcaPlan& pl, const acc_t* mean, const acc_t* w, int 
 }
 
 template <typename scalar_t>
-void forward_impl(EcaForwardArgs& a, double scale_d, std::optional<double> beta_next) {
+void forward_impl(EcaResidualArgs& a, double scale_d, std::optional<double> beta_next) {
   using acc_t = at::opmath_type<scalar_t>;
   const EcaPlan pl = cpu_plan(a.N, a.C, a.HW, sizeof(scalar_t), a.format,
-                              common_alignment({a.x.const_data_ptr(), a.out.const_data_ptr()}));
+                              common_alignment({a.y.const_data_ptr(), a.x_next.const_data_ptr()}));
   auto partial = at::empty({pl.N * pl.splits * pl.C}, a.mean.options());
-  const scalar_t* y = a.x.const_data_ptr<scalar_t>();
+  const scalar_t* y = a.y.const_data_ptr<scalar_t>();
   const scalar_t* sc = a.sc.defined() ? a.sc.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
-  scalar_t* act = beta_next.has_value() ? a.act.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* out = a.x_next.mutable_data_ptr<scalar_t>();
+  scalar_t* act = beta_next.has_value() ? a.a_next.mutable_data_ptr<scalar_t>() : nullptr;
   acc_t* mean = a.mean.mutable_data_ptr<acc_t>();
   const acc_t* w = a.w.const_data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(scale_d), beta = static_cast<acc_t>(beta_next.value_or(0.0));
@@ -134,18 +135,18 @@ void forward_impl(EcaForwardArgs& a, double scale_d, std::optional<double> beta_
 }
 
 template <typename scalar_t>
-at::Tensor backward_impl(EcaBackwardArgs& a, double scale_d, std::optional<double> beta_next) {
+at::Tensor backward_impl(EcaResidualBackwardArgs& a, double scale_d, std::optional<double> beta_next) {
   using acc_t = at::opmath_type<scalar_t>;
   const int k = a.k, p = (k - 1) / 2;
   const EcaPlan pl = cpu_plan(a.N, a.C, a.HW, sizeof(scalar_t), a.format,
-                              common_alignment({a.x.const_data_ptr(), a.dx.const_data_ptr()}));
+                              common_alignment({a.y.const_data_ptr(), a.grad_y.const_data_ptr()}));
   auto partial = at::empty({pl.N * pl.splits * pl.C}, a.mean.options());
-  const scalar_t* y = a.x.const_data_ptr<scalar_t>();
+  const scalar_t* y = a.y.const_data_ptr<scalar_t>();
   const scalar_t* dout = a.dout.const_data_ptr<scalar_t>();
   const scalar_t* dact = a.dact.defined() ? a.dact.const_data_ptr<scalar_t>() : nullptr;
   const scalar_t* sc = a.sc.defined() ? a.sc.const_data_ptr<scalar_t>() : nullptr;
-  scalar_t* dsc = dact ? a.dsc.mutable_data_ptr<scalar_t>() : nullptr;
-  scalar_t* dx = a.dx.mutable_data_ptr<scalar_t>();
+  scalar_t* dsc = dact ? a.grad_shortcut.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dx = a.grad_y.mutable_data_ptr<scalar_t>();
   const acc_t* mean = a.mean.const_data_ptr<acc_t>();
   const acc_t* w = a.w.const_data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(scale_d), beta = static_cast<acc_t>(beta_next.value_or(0.0));
@@ -209,31 +210,47 @@ at::Tensor backward_impl(EcaBackwardArgs& a, double scale_d, std::optional<doubl
   return dw;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
-                                                               const std::optional<at::Tensor>& shortcut,
-                                                               double scale, std::optional<double> beta_next) {
-  auto a = eca_forward_args(x, weight, shortcut, beta_next);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "eca_forward_cpu",
-                                  [&] { forward_impl<scalar_t>(a, scale, beta_next); });
-  return {a.out, a.act, a.mean};
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_cpu(const at::Tensor& y, const at::Tensor& weight,
+                                                                const std::optional<at::Tensor>& shortcut,
+                                                                double coef, std::optional<double> beta_next) {
+  auto a = eca_residual_args(y, weight, shortcut, beta_next);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "eca_residual_cpu",
+                                  [&] { forward_impl<scalar_t>(a, coef, beta_next); });
+  return {a.x_next, a.a_next, a.mean};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_backward_cpu(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_act, const at::Tensor& x,
-    const at::Tensor& weight, const std::optional<at::Tensor>& shortcut, const at::Tensor& mean, double scale,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_backward_cpu(
+    const std::optional<at::Tensor>& grad_x_next, const std::optional<at::Tensor>& grad_a_next, const at::Tensor& y,
+    const at::Tensor& weight, const std::optional<at::Tensor>& shortcut, const at::Tensor& stats, double coef,
     std::optional<double> beta_next) {
-  auto a = eca_backward_args(grad_out, grad_act, x, weight, shortcut, mean, beta_next);
+  auto a = eca_residual_backward_args(grad_x_next, grad_a_next, y, weight, shortcut, stats, beta_next);
   at::Tensor dw;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "eca_backward_cpu",
-                                  [&] { dw = backward_impl<scalar_t>(a, scale, beta_next); });
-  return {a.dx, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.dsc};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "eca_residual_backward_cpu",
+                                  [&] { dw = backward_impl<scalar_t>(a, coef, beta_next); });
+  return {a.grad_y, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.grad_shortcut};
 }
 
 }  // namespace
 
+// y: (N, C, H, W); weight: the conv1d kernel, (k,) or (1, 1, k); shortcut: like y, or None (then
+// this is ops.eca); x_next = coef * y * gate(y) [+ shortcut]; a_next = silu(x_next) * beta_next when
+// beta_next is given, else (0,); stats = the (N, C) channel means (fp32; fp64 for float64 y), which
+// the backward reuses. The outputs take y's layout (eca_format).
+TORCH_LIBRARY_FRAGMENT(nfnet_fast, m) {
+  m.def(
+      "eca_residual(Tensor y, Tensor weight, Tensor? shortcut, float coef, float? beta_next)"
+      " -> (Tensor x_next, Tensor a_next, Tensor stats)");
+  // Gradients of y, weight and, when grad_a_next is given, of x_next's total, which is the
+  // shortcut's; without grad_a_next the third output is (0,) and the shortcut's gradient is
+  // grad_x_next. A missing grad_x_next is zero.
+  m.def(
+      "_eca_residual_backward(Tensor? grad_x_next, Tensor? grad_a_next, Tensor y, Tensor weight, Tensor? shortcut,"
+      " Tensor stats, float coef, float? beta_next) -> (Tensor grad_y, Tensor grad_weight, Tensor grad_shortcut)");
+}
+
 TORCH_LIBRARY_IMPL(nfnet_fast, CPU, m) {
-  m.impl("eca_forward", &eca_forward_cpu);
-  m.impl("eca_backward", &eca_backward_cpu);
+  m.impl("eca_residual", &eca_residual_cpu);
+  m.impl("_eca_residual_backward", &eca_residual_backward_cpu);
 }
 
 }  // namespace nfnet_fast

@@ -1,4 +1,5 @@
-// CUDA kernels of ECA and the fused NF block tail (see eca.h for the math and the work plan).
+// CUDA kernels of the eca_residual op: ECA and the fused NF block tail (see eca_residual.h for the
+// math, the names and the work plan).
 //
 // Forward: two launches, no grid-wide sync, so any size runs (up to 256x256x72x72 and beyond):
 //   reduce_kernel<kPool>   y -> partial sums [N, splits, C] (fp32)
@@ -28,7 +29,7 @@
 #include <climits>
 #include <cstdlib>
 
-#include "eca.h"
+#include "eca_residual.h"
 #include "reduce.cuh"
 #include "vec.cuh"
 
@@ -467,25 +468,25 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() && t.numel() > 0 ? t.const_data_ptr<T>() : nullptr;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
-                                                                const std::optional<at::Tensor>& shortcut,
-                                                                double scale, std::optional<double> beta_next) {
-  eca_check_activation(x, "x");
-  check_cuda_dtype(x, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto a = eca_forward_args(x, weight, shortcut, beta_next);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_cuda(const at::Tensor& y, const at::Tensor& weight,
+                                                                 const std::optional<at::Tensor>& shortcut,
+                                                                 double coef, std::optional<double> beta_next) {
+  eca_check_activation(y, "y");
+  check_cuda_dtype(y, "y");
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto a = eca_residual_args(y, weight, shortcut, beta_next);
   const bool has_act = beta_next.has_value();
   const int mode = !a.sc.defined() ? kEca : (has_act ? kResidualAct : kResidual);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  NFF_DISPATCH_CUDA_TYPES(a.x.scalar_type(), "eca_forward_cuda", [&] {
+  NFF_DISPATCH_CUDA_TYPES(a.y.scalar_type(), "eca_residual_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* y = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* yp = a.y.const_data_ptr<scalar_t>();
     const scalar_t* sc = ptr_or_null<scalar_t>(a.sc);
-    scalar_t* out = a.out.mutable_data_ptr<scalar_t>();
-    scalar_t* act = has_act ? a.act.mutable_data_ptr<scalar_t>() : nullptr;
-    const int align = common_alignment({y, sc, out, act});
+    scalar_t* out = a.x_next.mutable_data_ptr<scalar_t>();
+    scalar_t* act = has_act ? a.a_next.mutable_data_ptr<scalar_t>() : nullptr;
+    const int align = common_alignment({yp, sc, out, act});
     const EcaPlan pl = eca_plan(a.N, a.C, a.HW, sizeof(scalar_t), a.format == at::MemoryFormat::ChannelsLast, align,
-                                /*cuda=*/true, target_blocks(x.get_device()));
+                                /*cuda=*/true, target_blocks(y.get_device()));
     auto partial = at::empty({pl.N * pl.splits * pl.C}, a.mean.options());
     const Geo g = geo_of(pl, a.k);
     const int p = (a.k - 1) / 2;
@@ -495,12 +496,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_forward_cuda(const at::Tensor
       constexpr int V = decltype(v)::value;
       constexpr bool CL = decltype(cl)::value;
       reduce_kernel<scalar_t, V, CL, kPool><<<grid_of(pl), kThreads, 0, stream>>>(
-          y, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, partial.mutable_data_ptr<acc_t>(), 0.f, 0.f, g);
+          yp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, partial.mutable_data_ptr<acc_t>(), 0.f, 0.f, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       auto apply = [&](auto mode_c) {
         apply_kernel<scalar_t, V, CL, decltype(mode_c)::value><<<grid_of(pl), kThreads, smem, stream>>>(
-            y, sc, partial.const_data_ptr<acc_t>(), w, out, act, a.mean.mutable_data_ptr<acc_t>(),
-            static_cast<float>(scale), static_cast<float>(beta_next.value_or(0.0)), g);
+            yp, sc, partial.const_data_ptr<acc_t>(), w, out, act, a.mean.mutable_data_ptr<acc_t>(),
+            static_cast<float>(coef), static_cast<float>(beta_next.value_or(0.0)), g);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       if (mode == kEca)
@@ -511,48 +512,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_forward_cuda(const at::Tensor
         apply(std::integral_constant<int, kResidualAct>{});
     });
   });
-  return {a.out, a.act, a.mean};
+  return {a.x_next, a.a_next, a.mean};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_backward_cuda(
-    const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_act, const at::Tensor& x,
-    const at::Tensor& weight, const std::optional<at::Tensor>& shortcut, const at::Tensor& mean, double scale,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_backward_cuda(
+    const std::optional<at::Tensor>& grad_x_next, const std::optional<at::Tensor>& grad_a_next, const at::Tensor& y,
+    const at::Tensor& weight, const std::optional<at::Tensor>& shortcut, const at::Tensor& stats, double coef,
     std::optional<double> beta_next) {
-  eca_check_activation(x, "x");
-  check_cuda_dtype(x, "x");
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto a = eca_backward_args(grad_out, grad_act, x, weight, shortcut, mean, beta_next);
+  eca_check_activation(y, "y");
+  check_cuda_dtype(y, "y");
+  const c10::cuda::CUDAGuard guard(y.device());
+  auto a = eca_residual_backward_args(grad_x_next, grad_a_next, y, weight, shortcut, stats, beta_next);
   const bool has_act = a.dact.defined();
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor dw;
-  NFF_DISPATCH_CUDA_TYPES(a.x.scalar_type(), "eca_backward_cuda", [&] {
+  NFF_DISPATCH_CUDA_TYPES(a.y.scalar_type(), "eca_residual_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* y = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* yp = a.y.const_data_ptr<scalar_t>();
     const scalar_t* dout = a.dout.const_data_ptr<scalar_t>();
     const scalar_t* dact = has_act ? a.dact.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* sc = ptr_or_null<scalar_t>(a.sc);
-    scalar_t* dsc = has_act ? a.dsc.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dy = a.dx.mutable_data_ptr<scalar_t>();
-    const int align = common_alignment({y, dout, dact, sc, dsc, dy});
+    scalar_t* dsc = has_act ? a.grad_shortcut.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dy = a.grad_y.mutable_data_ptr<scalar_t>();
+    const int align = common_alignment({yp, dout, dact, sc, dsc, dy});
     const EcaPlan pl = eca_plan(a.N, a.C, a.HW, sizeof(scalar_t), a.format == at::MemoryFormat::ChannelsLast, align,
-                                /*cuda=*/true, target_blocks(x.get_device()));
+                                /*cuda=*/true, target_blocks(y.get_device()));
     auto partial = at::empty({pl.N * pl.splits * pl.C}, a.mean.options());
     auto dz = at::empty({pl.N, pl.C}, a.mean.options());
     const Geo g = geo_of(pl, a.k);
     const int p = (a.k - 1) / 2;
     const acc_t* w = a.w.const_data_ptr<acc_t>();
     const acc_t* mp = a.mean.const_data_ptr<acc_t>();
-    const float scale_f = static_cast<float>(scale), beta_f = static_cast<float>(beta_next.value_or(0.0));
+    const float scale_f = static_cast<float>(coef), beta_f = static_cast<float>(beta_next.value_or(0.0));
     dispatch_plan<scalar_t>(pl, [&](auto v, auto cl) {
       constexpr int V = decltype(v)::value;
       constexpr bool CL = decltype(cl)::value;
       if (has_act) {
         const size_t smem = sizeof(acc_t) * (2 * pl.tile + 2 * p);
         reduce_kernel<scalar_t, V, CL, kDgradAct><<<grid_of(pl), kThreads, smem, stream>>>(
-            y, dout, dact, sc, mp, w, dsc, partial.mutable_data_ptr<acc_t>(), scale_f, beta_f, g);
+            yp, dout, dact, sc, mp, w, dsc, partial.mutable_data_ptr<acc_t>(), scale_f, beta_f, g);
       } else {
         reduce_kernel<scalar_t, V, CL, kDgrad><<<grid_of(pl), kThreads, 0, stream>>>(
-            y, dout, nullptr, nullptr, nullptr, nullptr, nullptr, partial.mutable_data_ptr<acc_t>(), scale_f, beta_f,
+            yp, dout, nullptr, nullptr, nullptr, nullptr, nullptr, partial.mutable_data_ptr<acc_t>(), scale_f, beta_f,
             g);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -567,14 +568,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_backward_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dw = at::sum(ws, at::IntArrayRef{0});
   });
-  return {a.dx, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.dsc};
+  return {a.grad_y, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.grad_shortcut};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nfnet_fast, CUDA, m) {
-  m.impl("eca_forward", &eca_forward_cuda);
-  m.impl("eca_backward", &eca_backward_cuda);
+  m.impl("eca_residual", &eca_residual_cuda);
+  m.impl("_eca_residual_backward", &eca_residual_backward_cuda);
 }
 
 }  // namespace nfnet_fast

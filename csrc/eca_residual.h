@@ -1,17 +1,19 @@
-// ECA (efficient channel attention) fused with the NF block's residual tail:
+// The eca_residual op: ECA (efficient channel attention) fused with the NF block's residual tail.
+// Its names, the same in nfnet_fast/ops.py, kernels/eca_residual.py and here:
 //
 //   mean[n, c]  = sum_hw y[n, c] / HW                           (pooling, fp32 sums)
 //   g[n, c]     = sigmoid(sum_j w[j] * mean[n, c + j - p])      (conv1d over channels, k odd,
 //                                                                zero padding p = (k - 1) / 2)
-//   out         = scale * g * y + shortcut                       (scale = alpha * attn_gain;
-//                                                                no shortcut: ops.eca, scale = gain)
-//   act         = silu(out) * beta_next                          (optional next pre-activation)
+//   x_next      = coef * g * y + shortcut                        (coef = alpha * attn_gain;
+//                                                                no shortcut: ops.eca, coef = gain)
+//   a_next      = silu(x_next) * beta_next                       (optional next pre-activation)
+//   stats       = mean, the (N, C) channel means the backward reuses
 //
-// The per-channel and per-element math below is shared by the CPU twin (eca_cpu.cpp) and the
-// CUDA kernels (eca.cu), and so are the work plan and the host-side argument handling.
+// The per-channel and per-element math below is shared by the CPU twin (eca_residual_cpu.cpp) and
+// the CUDA kernels (eca_residual.cu), and so are the work plan and the host-side argument handling.
 //
-// Backward, with dX = d(loss)/d(out) (its own gradient plus the one through act):
-//   dX        = dout + dact * beta * silu'(out)       (out recomputed in fp32 from y, shortcut, g)
+// Backward, with dX = d(loss)/d(x_next) (its own gradient plus the one through a_next):
+//   dX        = dout + dact * beta * silu'(out)       (out = x_next recomputed in fp32 from y, shortcut, g)
 //   dsum[n,c] = sum_hw dX * y
 //   dz[n,c]   = dsum * scale * g * (1 - g)                         (gradient of the gate's logit)
 //   dmean[c]  = sum_j w[j] * dz[c - j + p]                         (the conv1d transposed)
@@ -20,6 +22,7 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <optional>
@@ -126,7 +129,7 @@ struct EcaPlan {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// `align`: common_alignment of every tensor the kernels touch; `cuda`: block shapes of eca.cu
+// `align`: common_alignment of every tensor the kernels touch; `cuda`: block shapes of eca_residual.cu
 // (else one task per (image, range) with all channels); `target_blocks`: how many blocks fill the
 // device (CUDA: a few waves of resident blocks; CPU: a few tasks per thread).
 inline EcaPlan eca_plan(int64_t N, int64_t C, int64_t HW, int elem_size, bool channels_last, int align, bool cuda,
@@ -169,13 +172,13 @@ inline EcaPlan eca_plan(int64_t N, int64_t C, int64_t HW, int elem_size, bool ch
 // ---------------------------------------------------------------------------------------------
 // host-side argument handling, shared by the CPU and CUDA entry points
 
-// The layout the op runs in and returns: NCHW if x is contiguous, else channels_last if x is
-// channels_last-contiguous, else the format x's strides resemble (x is then copied). The fake
-// kernel in nfnet_fast/_cuda.py applies the same rule.
-inline at::MemoryFormat eca_format(const at::Tensor& x) {
-  if (x.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  return x.suggest_memory_format();
+// The layout the op runs in and returns: NCHW if y is contiguous, else channels_last if y is
+// channels_last-contiguous, else the format y's strides resemble (y is then copied). The same
+// rule as nfnet_fast/_library.py's activation_format (fake kernels, Triton launchers).
+inline at::MemoryFormat eca_format(const at::Tensor& y) {
+  if (y.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (y.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return y.suggest_memory_format();
 }
 
 inline void eca_check_activation(const at::Tensor& t, const char* name) {
@@ -184,97 +187,105 @@ inline void eca_check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.numel() > 0, name, " must be non-empty, got shape ", t.sizes());
 }
 
-inline void eca_check_like(const at::Tensor& t, const char* name, const at::Tensor& x, const char* xname) {
+inline void eca_check_like(const at::Tensor& t, const char* name, const at::Tensor& y, const char* yname) {
   check_float_tensor(t, name);
-  check_same_device(t, name, x, xname);
-  TORCH_CHECK(t.sizes() == x.sizes(), name, " shape ", t.sizes(), " must equal ", xname, " shape ", x.sizes());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " dtype ", t.scalar_type(), " must equal ", xname, " dtype ",
-              x.scalar_type());
+  check_same_device(t, name, y, yname);
+  TORCH_CHECK(t.sizes() == y.sizes(), name, " shape ", t.sizes(), " must equal ", yname, " shape ", y.sizes());
+  TORCH_CHECK(t.scalar_type() == y.scalar_type(), name, " dtype ", t.scalar_type(), " must equal ", yname, " dtype ",
+              y.scalar_type());
 }
 
-// The conv1d kernel as k values in the math dtype of x.
-inline at::Tensor eca_weight(const at::Tensor& weight, const at::Tensor& x) {
+// The conv1d kernel as k values in the math dtype of y.
+inline at::Tensor eca_weight(const at::Tensor& weight, const at::Tensor& y) {
   check_float_tensor(weight, "weight");
-  check_same_device(weight, "weight", x, "x");
+  check_same_device(weight, "weight", y, "y");
   const int64_t k = weight.numel();
   TORCH_CHECK((weight.dim() == 1 || (weight.dim() == 3 && weight.size(0) == 1 && weight.size(1) == 1)) && k % 2 == 1,
               "weight must be the ECA conv1d kernel, shape (k,) or (1, 1, k) with k odd, got shape ", weight.sizes());
   TORCH_CHECK(k <= 255, "weight: ECA kernel size ", k, " is larger than the supported 255");
-  return weight.to(at::toOpMathType(x.scalar_type())).contiguous().reshape({k});
+  return weight.to(at::toOpMathType(y.scalar_type())).contiguous().reshape({k});
 }
 
-// What forward and backward share: x and the shortcut in the op's layout, the kernel, the sizes.
+// What forward and backward share: y and the shortcut in the op's layout, the kernel, the sizes.
 struct EcaInputs {
-  at::Tensor x, sc, w;  // x and shortcut (undefined if absent) in `format`; w: (k,) in the math dtype
+  at::Tensor y, sc, w;  // y and shortcut (undefined if absent) in `format`; w: (k,) in the math dtype
   at::MemoryFormat format;
   int64_t N, C, HW;
   int k;
-  at::Tensor empty_act() const { return at::empty(x.sizes(), x.options().memory_format(format)); }
+  at::Tensor empty_act() const { return at::empty(y.sizes(), y.options().memory_format(format)); }
 };
 
-inline void eca_inputs(EcaInputs& a, const at::Tensor& x, const at::Tensor& weight,
+inline void eca_inputs(EcaInputs& a, const at::Tensor& y, const at::Tensor& weight,
                        const std::optional<at::Tensor>& shortcut) {
-  eca_check_activation(x, "x");
-  a.w = eca_weight(weight, x);
+  eca_check_activation(y, "y");
+  a.w = eca_weight(weight, y);
   a.k = static_cast<int>(a.w.numel());
-  a.format = eca_format(x);
-  a.x = x.contiguous(a.format);
+  a.format = eca_format(y);
+  a.y = y.contiguous(a.format);
   if (shortcut.has_value() && shortcut->defined()) {
-    eca_check_like(*shortcut, "shortcut", x, "x");
+    eca_check_like(*shortcut, "shortcut", y, "y");
     a.sc = shortcut->contiguous(a.format);
   }
-  a.N = x.size(0);
-  a.C = x.size(1);
-  a.HW = x.size(2) * x.size(3);
+  a.N = y.size(0);
+  a.C = y.size(1);
+  a.HW = y.size(2) * y.size(3);
 }
 
-struct EcaForwardArgs : EcaInputs {
-  at::Tensor out, act, mean;  // act: (0,) when there is no beta_next; mean: (N, C) in the math dtype
+struct EcaResidualArgs : EcaInputs {
+  at::Tensor x_next, a_next, mean;  // a_next: (0,) when there is no beta_next; mean: (N, C) in the math dtype
 };
 
-inline EcaForwardArgs eca_forward_args(const at::Tensor& x, const at::Tensor& weight,
-                                       const std::optional<at::Tensor>& shortcut, std::optional<double> beta_next) {
-  EcaForwardArgs a;
-  eca_inputs(a, x, weight, shortcut);
+inline EcaResidualArgs eca_residual_args(const at::Tensor& y, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& shortcut, std::optional<double> beta_next) {
+  EcaResidualArgs a;
+  eca_inputs(a, y, weight, shortcut);
   TORCH_CHECK(!beta_next.has_value() || a.sc.defined(),
               "beta_next needs a shortcut: the next pre-activation belongs to the residual form (eca_residual)");
-  a.out = a.empty_act();
-  a.act = beta_next.has_value() ? a.empty_act() : at::empty({0}, x.options());
-  a.mean = at::empty({a.N, a.C}, x.options().dtype(at::toOpMathType(x.scalar_type())));
+  a.x_next = a.empty_act();
+  a.a_next = beta_next.has_value() ? a.empty_act() : at::empty({0}, y.options());
+  a.mean = at::empty({a.N, a.C}, y.options().dtype(at::toOpMathType(y.scalar_type())));
   return a;
 }
 
-struct EcaBackwardArgs : EcaInputs {
-  at::Tensor dout, dact, mean;  // dact undefined if absent
-  at::Tensor dx, dsc;           // dsc: dX when dact is given, else (0,)
+struct EcaResidualBackwardArgs : EcaInputs {
+  at::Tensor dout, dact, mean;      // d(loss)/d(x_next) and d(loss)/d(a_next) (dact undefined if absent)
+  at::Tensor grad_y, grad_shortcut;  // grad_shortcut: dX when dact is given, else (0,)
 };
 
-inline EcaBackwardArgs eca_backward_args(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_act,
-                                         const at::Tensor& x, const at::Tensor& weight,
-                                         const std::optional<at::Tensor>& shortcut, const at::Tensor& mean,
-                                         std::optional<double> beta_next) {
-  EcaBackwardArgs a;
-  eca_inputs(a, x, weight, shortcut);
-  check_float_tensor(grad_out, "grad_out");
-  check_same_device(grad_out, "grad_out", x, "x");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "grad_out shape ", grad_out.sizes(), " must equal x shape ", x.sizes());
-  a.dout = grad_out.to(x.scalar_type()).contiguous(a.format);
-  if (grad_act.has_value() && grad_act->defined()) {
-    check_float_tensor(*grad_act, "grad_act");
-    check_same_device(*grad_act, "grad_act", x, "x");
-    TORCH_CHECK(grad_act->sizes() == x.sizes(), "grad_act shape ", grad_act->sizes(), " must equal x shape ",
-                x.sizes());
-    a.dact = grad_act->to(x.scalar_type()).contiguous(a.format);
-    TORCH_CHECK(beta_next.has_value(), "grad_act needs beta_next (the scale of act = silu(out) * beta_next)");
+inline EcaResidualBackwardArgs eca_residual_backward_args(
+    const std::optional<at::Tensor>& grad_x_next, const std::optional<at::Tensor>& grad_a_next, const at::Tensor& y,
+    const at::Tensor& weight, const std::optional<at::Tensor>& shortcut, const at::Tensor& stats,
+    std::optional<double> beta_next) {
+  EcaResidualBackwardArgs a;
+  eca_inputs(a, y, weight, shortcut);
+  const bool has_dout = grad_x_next.has_value() && grad_x_next->defined();
+  const bool has_dact = grad_a_next.has_value() && grad_a_next->defined();
+  TORCH_CHECK(has_dout || has_dact, "_eca_residual_backward needs grad_x_next or grad_a_next");
+  auto grad_like_y = [&](const at::Tensor& g, const char* name) {  // any float dtype, y's shape and device
+    check_float_tensor(g, name);
+    check_same_device(g, name, y, "y");
+    TORCH_CHECK(g.sizes() == y.sizes(), name, " shape ", g.sizes(), " must equal y shape ", y.sizes());
+    return g.to(y.scalar_type()).contiguous(a.format);
+  };
+  if (has_dout) {
+    a.dout = grad_like_y(*grad_x_next, "grad_x_next");
+  } else {
+    // x_next was not used: its gradient is zero (the kernels read it; a rare case in a model, where
+    // x_next feeds the next block's shortcut and only a stage's first block drops it)
+    a.dout = at::zeros(y.sizes(), y.options().memory_format(a.format));
   }
-  const auto acc = at::toOpMathType(x.scalar_type());
-  check_same_device(mean, "mean", x, "x");
-  TORCH_CHECK(mean.dim() == 2 && mean.size(0) == a.N && mean.size(1) == a.C && mean.scalar_type() == acc,
-              "mean must be the (N, C) ", acc, " channel means that eca_forward returned, got shape ", mean.sizes(),
-              " and dtype ", mean.scalar_type());
-  a.mean = mean.contiguous();
-  a.dx = a.empty_act();
-  a.dsc = a.dact.defined() ? a.empty_act() : at::empty({0}, x.options());
+  if (has_dact) {
+    a.dact = grad_like_y(*grad_a_next, "grad_a_next");
+    TORCH_CHECK(beta_next.has_value(), "grad_a_next needs beta_next (the scale of a_next = silu(x_next) * beta_next)");
+  }
+  const auto acc = at::toOpMathType(y.scalar_type());
+  check_same_device(stats, "stats", y, "y");
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == a.N && stats.size(1) == a.C && stats.scalar_type() == acc,
+              "stats must be the (N, C) ", acc, " channel means that eca_residual returned, got shape ", stats.sizes(),
+              " and dtype ", stats.scalar_type());
+  a.mean = stats.contiguous();
+  a.grad_y = a.empty_act();
+  a.grad_shortcut = a.dact.defined() ? a.empty_act() : at::empty({0}, y.options());
   return a;
 }
 

@@ -1,10 +1,11 @@
-// Operator schemas of the nfnet_fast namespace, and the module init that loads them.
-// Kernels register in their own files with TORCH_LIBRARY_IMPL; fake kernels and autograd are
-// registered from Python (nfnet_fast/_cuda.py).
+// The Python module nfnet_fast._C: importing it loads this library, whose static initialisers
+// register the ops. Each op's schema (TORCH_LIBRARY_FRAGMENT) and CPU kernels live in
+// csrc/<op>_cpu.cpp, its CUDA kernels in csrc/<op>.cu; fake kernels and autograd are registered
+// from Python (nfnet_fast/_library.py).
 #include <Python.h>
 #include <torch/library.h>
 
-#include "eca.h"
+#include "eca_residual.h"
 
 namespace {
 
@@ -38,25 +39,4 @@ PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
-}
-
-TORCH_LIBRARY(nfnet_fast, m) {
-  m.def("scaled_std_weight(Tensor weight, Tensor gain, float scale, float eps) -> Tensor");
-  m.def(
-      "scaled_std_weight_backward(Tensor grad_out, Tensor weight, Tensor gain, float scale, float eps)"
-      " -> (Tensor, Tensor)");
-  // silu(x) * beta, any shape; the output takes x's strides (x's suggested format if x is not dense).
-  m.def("silu_scale(Tensor x, float beta) -> Tensor");
-  m.def("silu_scale_backward(Tensor grad_out, Tensor x, float beta) -> Tensor");
-  // ECA and the fused NF block tail (eca.h): out = scale * x * gate(x) [+ shortcut],
-  // act = silu(out) * beta_next when beta_next is given (else a (0,) tensor), mean = the (N, C)
-  // channel means (fp32; fp64 for float64 x) that the backward reuses.
-  m.def(
-      "eca_forward(Tensor x, Tensor weight, Tensor? shortcut, float scale, float? beta_next)"
-      " -> (Tensor out, Tensor act, Tensor mean)");
-  // Gradients of x, weight and (when grad_act is given) of out's total, which is the shortcut's
-  // gradient; without grad_act the third output is (0,) and the shortcut's gradient is grad_out.
-  m.def(
-      "eca_backward(Tensor grad_out, Tensor? grad_act, Tensor x, Tensor weight, Tensor? shortcut, Tensor mean,"
-      " float scale, float? beta_next) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_shortcut)");
 }
