@@ -13,7 +13,6 @@ its table here when imported (``nfnet_fast/__init__.py`` imports the ones that r
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -77,7 +76,9 @@ def extension():
 @functools.lru_cache(maxsize=None)
 def _load_extension():
     try:
-        return importlib.import_module("nfnet_fast._C"), ""
+        from . import _C
+
+        return _C, ""
     except ModuleNotFoundError:
         return None, ("nfnet_fast._C is not built (installed with NFNET_FAST_SKIP_EXT=1, or the build was skipped); "
                       "rebuild with `pip install --no-build-isolation -e .`")
@@ -99,7 +100,7 @@ def triton_interpreted() -> bool:
 @functools.lru_cache(maxsize=None)
 def _triton_import_error() -> str:
     try:
-        importlib.import_module("triton")
+        import triton  # noqa: F401
         return ""
     except Exception as e:  # noqa: BLE001 - any failure to import triton means the backend is out
         return f"triton cannot be imported: {e}"
