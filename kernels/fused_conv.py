@@ -1,0 +1,614 @@
+"""Fused convolution on NHWC (channels_last) activations: Triton implicit-GEMM kernels.
+
+One launch computes, for an input ``x`` (N, Cin, H, W) stored channels_last::
+
+    x'  = avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)   (pool=True, on load)
+    y   = act(conv2d(x', w, stride, padding, groups) + bias)              (fp32 accumulation)
+    out = y stored channels_last in x's dtype
+    sums[n, o] = sum_hw y[n, o]                                           (want_sums=True, fp32)
+
+as a GEMM of M = N*Ho*Wo output pixels (rows), Cout output channels (columns) and, per group,
+K = Cin/groups * kh * kw. Two kernels:
+
+- ``_conv1x1_kernel``: the 1x1 stride-1 convolution is a plain GEMM of the (M, Cin) activation
+  matrix (NHWC rows are pixels) by the (Cin, Cout) weight; with POOL the A tile is the average of
+  up to four input pixels, computed in fp32 while loading (the downsample shortcut's pool never
+  reaches memory), rounded to the activation dtype as the unfused pool's output would be.
+- ``_conv_kernel``: any kh x kw, stride, zero padding (top/left given, bottom/right implied by Ho
+  and Wo, so TF 'same' padding fits), grouped. A column tile lies inside one group (BLOCK_N
+  columns of the group's Cout/groups), so every tile is a dense GEMM over its group's K. Two
+  ways to walk K, chosen per layer (constexpr FLAT_K):
+  * tap-major (group width >= BLOCK_K, e.g. L0's width 64): a single loop over (tap, channel
+    block); each step loads BLOCK_K contiguous channels of one shifted pixel per row (16-byte
+    vectors), so the software pipeliner sees one loop with 9 * ceil(width / BLOCK_K) steps;
+  * flat (narrow groups: the stem's Cin 3 and 16, odd widths): k = tap * width + channel runs
+    over all taps at once, so the 3-channel stem conv is one 32-deep step (K = 27) instead of
+    nine steps that are 29/32 padding.
+
+The weight is packed once to (kh, kw, Cin/groups, Cout) = a K-major (K, Cout) matrix in the
+activation dtype (:func:`pack_weight`): the B tile of every step is BLOCK_K contiguous rows of
+BLOCK_N contiguous output channels, for either K walk.
+
+Epilogue, on the fp32 accumulator: + bias (fp32), activation (a runtime index: none, SiLU, ReLU,
+exact erf GELU), one store in the activation dtype. Channel sums (want_sums) are taken from the
+fp32 values before rounding and written without atomics: rows are flattened (n, oh, ow), so a tile
+of BLOCK_M rows may hold the end of one image and the start of the next (several, when HW <
+BLOCK_M); it writes one partial row per image it touches into ``part[n, s, :]``, where s = tile -
+first tile of image n, so each (n, s) slot has exactly one writer. ``_sums_kernel`` then adds each
+image's slots in a fixed order. Atomics would need a zeroing launch and make the sums (ECA's gate,
+and through it every later activation) change from run to run in the last bits; this costs one
+tiny launch instead (N * S * Cout fp32 reads; S = 2 for 9x9 and 4 for 18x18 at BLOCK_M = 128).
+``eca_residual`` consumes (N, S, C) partials too; handing these over directly would need the
+unwritten slots (images touching fewer than S tiles) zeroed.
+
+Tiles (see "launch configurations"): 128-row Hopper tiles with compiler alignment hints where the
+launcher has checked 16-channel alignment (all of eca_nfnet_l0 but the stem's 3-channel input),
+64-row tiles without them otherwise; fp32 runs the same tiles with shorter K steps.
+
+Numerics: fp32 inputs use IEEE fp32 dots (``input_precision="ieee"``, never TF32: the fp32
+contract is 1e-4 of max); fp16/bf16 inputs use tensor cores (wgmma on sm_90, mma.sync on sm_80)
+with fp32 accumulation. Offsets of whole activations are int64.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from . import AotSpec, device_guard
+
+ACTS = (None, "silu", "relu", "gelu")  # the kernels' ``act`` argument is the index in this tuple
+# fp32 inputs take K steps of at most 16, 8 with the pool prologue's four A tiles (see _k_step).
+FP32_BLOCK_K = tl.constexpr(16)
+FP32_POOL_BLOCK_K = tl.constexpr(8)
+
+# ---------------------------------------------------------------------------------------------
+# launch configurations
+#
+# ALIGNED tiles run only where the launcher has checked that Cin, Cout and both per-group widths
+# are multiples of 16 and every tensor starts 16-byte aligned (all of eca_nfnet_l0 but the stem's
+# 3-channel input): the kernels then tell the compiler so (see "kernels" below), so loads and
+# stores are 16-byte vectors and the pipeliner uses cp.async whatever divisibility the JIT's own
+# specialisation saw, and the AOT matrix's compile without divisibility is the code that runs.
+# Without the hints a 128-row 16-bit tile needs a 64-bit address per element and spills up to
+# 850 bytes (measured on the AOT matrix).
+#
+# Hopper tiles: 128-row tiles (two m64 wgmma per warpgroup), BLOCK_K 64 (128 bytes of bf16 per row:
+# whole swizzled shared-memory lines), 3-4 pipeline stages. Shared memory per stage is
+# (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes in 16-bit: 32 KB for 128x128x64 (3 stages: 96 KB),
+# 24 KB for 128x64x64 (4 stages: 96 KB), inside sm_80's 164 KB as well as sm_90's 228 KB.
+# GROUP_M: 8 row tiles share their column tiles in L2 (the weight is small; this keeps an
+# A row-panel hot while all of its column tiles run, which matters for Cout >= 1536).
+#
+# 1x1 GEMM: Cout >= 128 takes 128x128 at 8 warps (L0: 128..2304 outputs; 384 = 3 tiles);
+# Cout <= 64 takes 128x64 at 4 warps.
+GEMM_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, num_warps=8)
+GEMM_NARROW = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, ALIGNED=True, num_warps=4)
+# 1x1 with the pool prologue: each K step loads four A tiles (the 2x2 window), and the pipeliner
+# stages all four in shared memory, so the step is 32 deep: (4 * 128 + 128) * 32 * 2 = 40 KB a
+# stage at 128x128 (3 stages: 120 KB; 64 deep would be 240 KB, over sm_90's 228 KB).
+GEMM_POOL_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, num_warps=8)
+GEMM_POOL_NARROW = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, num_warps=4)
+# kxk implicit GEMM, tap-major: group width >= 64 takes BLOCK_K 64 (L0's grouped 3x3s: width 64,
+# Cout/groups 64, one column tile per group; the stem's 64->128 takes the 128-wide tile);
+# widths 32..63 take BLOCK_K 32 (the stem's 32->64).
+CONV_K64_N64 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, FLAT_K=False, ALIGNED=True,
+                    num_warps=4)
+CONV_K64_N128 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, FLAT_K=False, ALIGNED=True,
+                     num_warps=8)
+CONV_K32_N64 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=4, FLAT_K=False, ALIGNED=True,
+                    num_warps=4)
+# flat K walk for group widths < 32 (the stem's 3->16 and 16->32, odd widths): element gathers,
+# no alignment to exploit; 32-wide column tiles (L0's stem has 16 and 32 outputs).
+CONV_FLAT = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, FLAT_K=True, ALIGNED=False,
+                 num_warps=4)
+# Unaligned channel counts (not in L0; odd widths of other models), a 64-bit address per element:
+# 64x64x32 tiles at 2 stages stay clear of spills (64x64x16 with the pool's four A tiles).
+GEMM_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2, ALIGNED=False, num_warps=4)
+GEMM_POOL_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, NUM_STAGES=2, ALIGNED=False, num_warps=4)
+CONV_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2, FLAT_K=False, ALIGNED=False,
+                    num_warps=4)
+# channel-sum reduction: one program per (image, 128 channels).
+SUMS_BLOCK = 128
+SUMS_WARPS = 4
+# Under the interpreter (CPU tensors) every program and every loop step costs Python time, and
+# tiny test shapes would leave one mostly-masked GPU tile: CPU launches use 32x16x16 tiles (the
+# same kernel code), so small shapes still cover many row/column tiles, images split across
+# tiles, both K walks and the swizzled tile order. tests/test_fused_conv_kernels.py sets
+# GPU_CONFIG_ON_CPU (or passes ``config=``) to run the GPU tiles there too.
+CPU_TILE = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, NUM_STAGES=1, num_warps=4)
+GPU_CONFIG_ON_CPU = False
+
+
+def config(kind: str, group_width: int, cout_per_group: int, device: torch.device = torch.device("cuda"),
+           pool: bool = False, aligned: bool = True) -> dict:
+    """The tile for a ``kind`` ("1x1" or "conv") launch with ``group_width`` input and
+    ``cout_per_group`` output channels per group; ``aligned``: see ALIGNED above (a copy: callers
+    may edit it). fp32 inputs use the same tile with a shorter K step (see _k_step)."""
+    if device.type != "cuda" and not GPU_CONFIG_ON_CPU:
+        cfg = dict(CPU_TILE, ALIGNED=aligned)
+        if kind == "conv":
+            cfg["FLAT_K"] = group_width < cfg["BLOCK_K"]
+        return cfg
+    if kind == "1x1":
+        if not aligned:
+            return dict(GEMM_POOL_GENERIC if pool else GEMM_GENERIC)
+        if pool:
+            return dict(GEMM_POOL_WIDE if cout_per_group >= 128 else GEMM_POOL_NARROW)
+        return dict(GEMM_WIDE if cout_per_group >= 128 else GEMM_NARROW)
+    if group_width < 32:
+        return dict(CONV_FLAT)
+    if not aligned:
+        return dict(CONV_GENERIC)
+    if group_width < 64:
+        return dict(CONV_K32_N64)
+    return dict(CONV_K64_N128 if cout_per_group >= 128 else CONV_K64_N64)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces
+
+
+@triton.jit
+def _tile_ids(num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of this program: GROUP_M row tiles walk all column tiles before the
+    next group starts, so their A panels and the weight stay in L2."""
+    pid = tl.program_id(0)
+    width = GROUP_M * num_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit
+def _mma(a, b, acc):
+    """acc += a @ b: IEEE fp32 FMAs for fp32 operands (never TF32), tensor cores otherwise."""
+    if a.dtype == tl.float32:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _act(y, act):
+    """The activation, picked by a runtime index into ACTS: a uniform branch taken once per tile,
+    which costs nothing next to the tile's GEMM and keeps the compile matrix 4x smaller than an
+    ACT constexpr would."""
+    if act == 1:  # silu
+        y = y * tl.sigmoid(y)
+    elif act == 2:  # relu
+        y = tl.maximum(y, 0.0)
+    elif act == 3:  # exact gelu, as F.gelu(approximate="none")
+        y = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    return y
+
+
+@triton.jit
+def _k_step(x_ptr, BLOCK_K: tl.constexpr, FP32_MAX: tl.constexpr):
+    """The K step a program takes: BLOCK_K for 16-bit inputs (tensor cores), at most FP32_MAX for
+    fp32 inputs, whose IEEE dot runs on FMAs with its operand slices in registers (a 64-deep step
+    of a 128x128 tile spills thousands of bytes). The tile stays the config's, so the launcher's
+    grid and the sums' slots do not depend on the dtype."""
+    if x_ptr.dtype.element_ty == tl.float32:
+        BK: tl.constexpr = min(BLOCK_K, FP32_MAX)
+    else:
+        BK: tl.constexpr = BLOCK_K
+    return BK
+
+
+@triton.jit
+def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, bias_ptr, part_ptr,
+              SUMS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """+ bias, activation, one store of the (BLOCK_M, BLOCK_N) output tile at ``out_ptrs``; with
+    SUMS one fp32 partial channel sum per image the tile touches (see the module docstring)."""
+    y = acc + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+    y = _act(y, act)
+    if SUMS:
+        # No mask needed: columns past Cout hold act(0 + 0) = 0, and rows past M belong to
+        # image M // HW, past the last one summed.
+        img = rows // HW
+        m0 = pid_m * BLOCK_M
+        for j in range(m0 // HW, (tl.minimum(m0 + BLOCK_M, M) - 1) // HW + 1):
+            seg = tl.sum(tl.where((img == j)[:, None], y, 0.0), axis=0)
+            slot = pid_m - (j * HW) // BLOCK_M  # this tile's index among image j's tiles
+            tl.store(part_ptr + (j * S + slot) * Cout + cols, seg, mask=cmask)
+    tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+#
+# ALIGNED hints: ``tl.max_contiguous(tl.multiple_of(ptrs, [1, 16]), [1, RUN])`` says that along
+# the channel axis runs of RUN pointers are contiguous and start 16-byte aligned, and
+# ``tl.max_constancy(mask, [1, 16])`` that the mask only changes at multiples of 16 channels: what
+# the launcher checked. They must be written in the kernel body (the compiler drops them when a
+# helper function applies them), and they are no-ops under the interpreter.
+
+
+@triton.jit
+def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, K, Cout, H, W, Wo, HW, S, act,
+                    POOL: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                    NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr):
+    """out[M, Cout] = act(A[M, K] @ w[K, Cout] + bias): A = x's NHWC rows (K = Cin), or with POOL
+    the 2x2 ceil-mode average of x (H x W) at output pixel m of the (Ho x Wo = HW) pooled grid."""
+    pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(Cout, BLOCK_N), GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < Cout
+    BK: tl.constexpr = _k_step(x_ptr, BLOCK_K, FP32_POOL_BLOCK_K if POOL else FP32_BLOCK_K)
+    kk = tl.arange(0, BK)
+    if POOL:
+        n = rows // HW
+        pix = rows - n * HW
+        ih = 2 * (pix // Wo)
+        iw = 2 * (pix % Wo)
+        # ceil mode, no padding: the window is clipped at the bottom/right edge and the divisor
+        # counts only the pixels inside (count_include_pad is moot without padding).
+        has_r = iw + 1 < W
+        has_b = ih + 1 < H
+        inv = 1.0 / ((1 + has_r.to(tl.float32)) * (1 + has_b.to(tl.float32)))
+        a_row = ((n * H + ih) * W + iw).to(tl.int64) * K
+        # the window's other three pixels: row offsets, and which rows have them
+        r_row = a_row + tl.where(has_r, K, 0)
+        b_row = a_row + tl.where(has_b, W * K, 0)
+        rb_row = b_row + tl.where(has_r, K, 0)
+    else:
+        a_row = rows.to(tl.int64) * K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in tl.range(0, K, BK, num_stages=NUM_STAGES):
+        k = k0 + kk
+        kmask = k < K
+        am = rmask[:, None] & kmask[None, :]
+        a_ptrs = x_ptr + a_row[:, None] + k[None, :]
+        w_ptrs = w_ptr + k[:, None] * Cout + cols[None, :]
+        wm = kmask[:, None] & cmask[None, :]
+        if POOL:
+            # Clipped window pixels re-read the top-left one (always inside; an L1 hit) instead
+            # of masking the load per row, so all four loads share one mask; the divisor
+            # (inv) and the selects below leave them out of the average.
+            r_ptrs = x_ptr + r_row[:, None] + k[None, :]
+            b_ptrs = x_ptr + b_row[:, None] + k[None, :]
+            rb_ptrs = x_ptr + rb_row[:, None] + k[None, :]
+            if ALIGNED:
+                a_ptrs = tl.max_contiguous(tl.multiple_of(a_ptrs, [1, 16]), [1, BK])
+                r_ptrs = tl.max_contiguous(tl.multiple_of(r_ptrs, [1, 16]), [1, BK])
+                b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [1, 16]), [1, BK])
+                rb_ptrs = tl.max_contiguous(tl.multiple_of(rb_ptrs, [1, 16]), [1, BK])
+                am = tl.max_constancy(am, [1, min(BK, 16)])
+            a = tl.load(a_ptrs, mask=am, other=0.0).to(tl.float32)
+            a += tl.where(has_r[:, None], tl.load(r_ptrs, mask=am, other=0.0).to(tl.float32), 0.0)
+            a += tl.where(has_b[:, None], tl.load(b_ptrs, mask=am, other=0.0).to(tl.float32), 0.0)
+            a += tl.where((has_r & has_b)[:, None], tl.load(rb_ptrs, mask=am, other=0.0).to(tl.float32), 0.0)
+            a = (a * inv[:, None]).to(x_ptr.dtype.element_ty)
+        else:
+            if ALIGNED:
+                a_ptrs = tl.max_contiguous(tl.multiple_of(a_ptrs, [1, 16]), [1, BK])
+                am = tl.max_constancy(am, [1, min(BK, 16)])
+            a = tl.load(a_ptrs, mask=am, other=0.0)
+        if ALIGNED:
+            w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [1, 16]), [1, BLOCK_N])
+            wm = tl.max_constancy(wm, [1, 16])
+        b = tl.load(w_ptrs, mask=wm, other=0.0)
+        acc = _mma(a, b, acc)
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * Cout + cols[None, :]
+    out_mask = rmask[:, None] & cmask[None, :]
+    if ALIGNED:
+        out_ptrs = tl.max_contiguous(tl.multiple_of(out_ptrs, [1, 16]), [1, BLOCK_N])
+        out_mask = tl.max_constancy(out_mask, [1, 16])
+    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, bias_ptr, part_ptr,
+              SUMS, BLOCK_M)
+
+
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, H, W, Cin, Wo, HW, Cout, Cg, Cog, stride,
+                 pad_h, pad_w, S, act, KH: tl.constexpr, KW: tl.constexpr, SUMS: tl.constexpr,
+                 FLAT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr):
+    """Grouped KH x KW convolution as an implicit GEMM: row m = output pixel (n, oh, ow) of the
+    (Ho x Wo = HW) grid, columns = Cog outputs of one group (Cg inputs each), K = KH*KW*Cg."""
+    tiles_g = tl.cdiv(Cog, BLOCK_N)
+    pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), (Cout // Cog) * tiles_g, GROUP_M)
+    g = pid_n // tiles_g
+    nn = (pid_n - g * tiles_g) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = nn < Cog
+    cols = g * Cog + nn
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    n = rows // HW
+    pix = rows - n * HW
+    oh = pix // Wo
+    ih0 = oh * stride - pad_h
+    iw0 = (pix - oh * Wo) * stride - pad_w
+    nH = n * H
+    x_g = x_ptr + g * Cg
+    BK: tl.constexpr = _k_step(x_ptr, BLOCK_K, FP32_BLOCK_K)
+    kk = tl.arange(0, BK)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if FLAT_K:
+        KT = KH * KW * Cg
+        for k0 in tl.range(0, KT, BK, num_stages=NUM_STAGES):
+            k = k0 + kk
+            kmask = k < KT
+            tap = k // Cg
+            c = k - tap * Cg
+            kh = tap // KW
+            ih = ih0[:, None] + kh[None, :]
+            iw = iw0[:, None] + (tap - kh * KW)[None, :]
+            ok = rmask[:, None] & kmask[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            src = ((nH[:, None] + ih) * W + iw).to(tl.int64)
+            a = tl.load(x_g + src * Cin + c[None, :], mask=ok, other=0.0)
+            w_ptrs = w_ptr + k[:, None] * Cout + cols[None, :]
+            wm = kmask[:, None] & cmask[None, :]
+            if ALIGNED:
+                w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [1, 16]), [1, BLOCK_N])
+                wm = tl.max_constancy(wm, [1, 16])
+            b = tl.load(w_ptrs, mask=wm, other=0.0)
+            acc = _mma(a, b, acc)
+    else:
+        CB = tl.cdiv(Cg, BK)
+        for step in tl.range(0, KH * KW * CB, num_stages=NUM_STAGES):
+            tap = step // CB
+            c = (step - tap * CB) * BK + kk
+            kmask = c < Cg
+            kh = tap // KW
+            ih = ih0 + kh
+            iw = iw0 + (tap - kh * KW)
+            ok = rmask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            src = ((nH + ih) * W + iw).to(tl.int64)
+            a_ptrs = x_g + src[:, None] * Cin + c[None, :]
+            am = ok[:, None] & kmask[None, :]
+            w_ptrs = w_ptr + (tap * Cg + c)[:, None] * Cout + cols[None, :]
+            wm = kmask[:, None] & cmask[None, :]
+            if ALIGNED:
+                a_ptrs = tl.max_contiguous(tl.multiple_of(a_ptrs, [1, 16]), [1, BK])
+                am = tl.max_constancy(am, [1, min(BK, 16)])
+                w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [1, 16]), [1, BLOCK_N])
+                wm = tl.max_constancy(wm, [1, 16])
+            a = tl.load(a_ptrs, mask=am, other=0.0)
+            b = tl.load(w_ptrs, mask=wm, other=0.0)
+            acc = _mma(a, b, acc)
+    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * Cout + cols[None, :]
+    out_mask = rmask[:, None] & cmask[None, :]
+    if ALIGNED:
+        out_ptrs = tl.max_contiguous(tl.multiple_of(out_ptrs, [1, 16]), [1, BLOCK_N])
+        out_mask = tl.max_constancy(out_mask, [1, 16])
+    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, bias_ptr, part_ptr,
+              SUMS, BLOCK_M)
+
+
+@triton.jit
+def _sums_kernel(part_ptr, sums_ptr, C, HW, S, tile_m, BLOCK: tl.constexpr):
+    """sums[n, c] = sum of image n's partial rows part[n, 0:count, c], in slot order."""
+    n = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    cmask = c < C
+    count = ((n + 1) * HW - 1) // tile_m - (n * HW) // tile_m + 1
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(count):
+        acc += tl.load(part_ptr + (n * S + s) * C + c, mask=cmask, other=0.0)
+    tl.store(sums_ptr + n * C + c, acc, mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+Padding = Union[int, Sequence[int]]
+
+
+def normalize_padding(padding: Padding) -> Tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` from an int, ``(pad_h, pad_w)`` or ``(top, bottom, left, right)``."""
+    if isinstance(padding, int):
+        return (padding,) * 4
+    padding = tuple(int(p) for p in padding)
+    if len(padding) == 2:
+        return padding[0], padding[0], padding[1], padding[1]
+    if len(padding) == 4:
+        return padding
+    raise ValueError(f"padding must be an int, (pad_h, pad_w) or (top, bottom, left, right), got {padding}")
+
+
+def pack_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(Cout, Cin/groups, kh, kw) -> contiguous (kh, kw, Cin/groups, Cout) in ``dtype``: the
+    K-major (K, Cout) matrix the kernels read (k = (tap, channel)). Cache it for a frozen weight."""
+    return weight.detach().to(dtype).permute(2, 3, 1, 0).contiguous()
+
+
+def _act_index(act: Optional[str]) -> int:
+    if act not in ACTS:
+        raise ValueError(f"act must be one of {ACTS}, got {act!r}")
+    return ACTS.index(act)
+
+
+def _sum_slots(hw: int, tile_m: int) -> int:
+    """S: the most row tiles one image of ``hw`` output pixels can touch (partial rows per image)."""
+    return (tile_m - 1 + hw - 1) // tile_m + 1
+
+
+def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1,
+               padding: Padding = 0, groups: int = 1, act: Optional[str] = None, pool: bool = False,
+               want_sums: bool = False, config: Optional[dict] = None, packed_weight: Optional[torch.Tensor] = None):
+    """``act(conv2d(pool(x), weight, stride, padding, groups) + bias)`` in one launch, channels_last.
+
+    Args:
+        x: (N, Cin, H, W), fp32/fp16/bf16; made channels_last-contiguous if it is not (a copy).
+        weight: (Cout, Cin/groups, kh, kw), any float dtype; used in ``x``'s dtype (like a conv
+            under autocast); ignored (only its shape is read) when ``packed_weight`` is given.
+        bias: (Cout,) or None; added in fp32.
+        stride: the convolution's stride (both dimensions).
+        padding: zero padding: an int, ``(pad_h, pad_w)`` or ``(top, bottom, left, right)``.
+        groups: the convolution's groups.
+        act: None, "silu", "relu" or "gelu" (exact erf form), applied after the bias.
+        pool: a 2x2, stride-2, ceil-mode average pool (count_include_pad=False) of ``x`` first,
+            applied while loading; needs a 1x1 kernel, stride 1, no padding and groups 1.
+        want_sums: also return fp32 (N, Cout) sums over H*W of the output (before its rounding
+            to ``x``'s dtype).
+        config: a tile (see :func:`config`) instead of the launcher's choice.
+        packed_weight: :func:`pack_weight` of ``weight`` in ``x``'s dtype, if already packed.
+
+    Returns:
+        ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, or ``(out, sums)``.
+    """
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f"x and weight must be 4-d, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be fp32, fp16 or bf16, got {x.dtype}")
+    nb, cin, h, w = x.shape
+    cout, cg, kh, kw = weight.shape
+    if groups < 1 or cin != cg * groups or cout % groups:
+        raise ValueError(f"groups={groups} does not fit x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    if bias is not None and bias.numel() != cout:
+        raise ValueError(f"bias has {bias.numel()} values for {cout} output channels")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    pt, pb, pl, pr = normalize_padding(padding)
+    if min(pt, pb, pl, pr) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    a = _act_index(act)
+    one_by_one = kh == 1 and kw == 1 and stride == 1 and (pt, pb, pl, pr) == (0, 0, 0, 0) and groups == 1
+    if pool:
+        if not one_by_one:
+            raise ValueError("pool=True needs a 1x1 kernel, stride 1, no padding and groups 1 (the downsample conv)")
+        h, w = (h + 1) // 2, (w + 1) // 2  # the pooled grid the GEMM runs on
+    ho = (h + pt + pb - kh) // stride + 1
+    wo = (w + pl + pr - kw) // stride + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"input {tuple(x.shape)} too small for kernel {kh}x{kw} with padding {padding}")
+    if nb * x.shape[2] * x.shape[3] >= 2 ** 31 or nb * ho * wo >= 2 ** 31:
+        raise ValueError("more than 2**31 pixels in one batch")
+
+    x = x.contiguous(memory_format=torch.channels_last)
+    out = torch.empty((nb, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    wt = pack_weight(weight, x.dtype) if packed_weight is None else packed_weight
+    if wt.shape != (kh, kw, cg, cout) or wt.dtype != x.dtype or not wt.is_contiguous():
+        raise ValueError(f"packed weight must be contiguous {(kh, kw, cg, cout)} in {x.dtype}")
+    b = (torch.zeros(cout, device=x.device, dtype=torch.float32) if bias is None
+         else bias.detach().to(torch.float32).contiguous())
+    m = nb * ho * wo
+    hw = ho * wo
+    cog = cout // groups
+    aligned = _is_aligned((cin, cout, cg, cog), (x, wt, out))
+    if config is None:
+        cfg = config_for(x, weight, groups, stride, padding, pool, aligned)
+    else:  # never claim an alignment the tensors do not have
+        cfg = dict(config)
+        cfg["ALIGNED"] = bool(cfg.get("ALIGNED", aligned)) and aligned
+    if one_by_one:
+        cfg.pop("FLAT_K", None)
+    else:
+        cfg.setdefault("FLAT_K", cg < cfg["BLOCK_K"])
+    tile_m = cfg["BLOCK_M"]
+    slots = _sum_slots(hw, tile_m)
+    part = torch.empty((nb, slots, cout), device=x.device, dtype=torch.float32) if want_sums else b
+    if m:
+        with device_guard(x):
+            if one_by_one:
+                grid = (triton.cdiv(m, tile_m) * triton.cdiv(cout, cfg["BLOCK_N"]),)
+                _conv1x1_kernel[grid](x, wt, b, out, part, m, cin, cout, x.shape[2], x.shape[3], wo, hw, slots, a,
+                                      POOL=bool(pool), SUMS=bool(want_sums), **cfg)
+            else:
+                grid = (triton.cdiv(m, tile_m) * groups * triton.cdiv(cog, cfg["BLOCK_N"]),)
+                _conv_kernel[grid](x, wt, b, out, part, m, h, w, cin, wo, hw, cout, cg, cog, stride, pt, pl,
+                                   slots, a, KH=kh, KW=kw, SUMS=bool(want_sums), **cfg)
+    if not want_sums:
+        return out
+    sums = torch.empty((nb, cout), device=x.device, dtype=torch.float32)  # every (n, c) is written
+    if m:
+        with device_guard(x):
+            _sums_kernel[(nb, triton.cdiv(cout, SUMS_BLOCK))](part, sums, cout, hw, slots, tile_m,
+                                                              BLOCK=SUMS_BLOCK, num_warps=SUMS_WARPS)
+    return out, sums
+
+
+def _is_aligned(channels, tensors) -> bool:
+    """ALIGNED's condition: channel counts multiples of 16, tensors starting 16-byte aligned."""
+    return all(c % 16 == 0 for c in channels) and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def config_for(x: torch.Tensor, weight: torch.Tensor, groups: int = 1, stride: int = 1, padding: Padding = 0,
+               pool: bool = False, aligned: Optional[bool] = None) -> dict:
+    """The tile :func:`fused_conv` picks for these arguments (``aligned``: by default from the
+    channel counts and ``x``'s address)."""
+    cout, cg, kh, kw = weight.shape
+    if aligned is None:
+        aligned = _is_aligned((cg * groups, cout, cg, cout // groups), (x,))
+    one_by_one = (kh, kw, stride, groups) == (1, 1, 1, 1) and normalize_padding(padding) == (0, 0, 0, 0)
+    return config("1x1" if one_by_one else "conv", cg, cout // groups, x.device, pool, aligned)
+
+
+def fused_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+                         stride: int = 1, padding: Padding = 0, groups: int = 1, act: Optional[str] = None,
+                         pool: bool = False, want_sums: bool = False, **_ignored):
+    """The specification of :func:`fused_conv` in plain PyTorch (any device, fp32 math).
+
+    The pooled input and the weight are rounded to ``x``'s dtype (what the kernel multiplies, and
+    what an unfused pool / autocast conv would store); the convolution, bias, activation and sums
+    are fp32; the output is rounded to ``x``'s dtype, the sums are not.
+    """
+    dt = x.dtype
+    xf = x.float()
+    if pool:
+        xf = F.avg_pool2d(xf, 2, 2, ceil_mode=True, count_include_pad=False).to(dt).float()
+    pt, pb, pl, pr = normalize_padding(padding)
+    if any((pt, pb, pl, pr)):
+        xf = F.pad(xf, (pl, pr, pt, pb))
+    y = F.conv2d(xf, weight.detach().to(dt).float(), None, stride, 0, 1, groups)
+    if bias is not None:
+        y = y + bias.detach().float().view(1, -1, 1, 1)
+    _act_index(act)
+    if act == "silu":
+        y = F.silu(y)
+    elif act == "relu":
+        y = F.relu(y)
+    elif act == "gelu":
+        y = F.gelu(y)
+    out = y.to(dt).contiguous(memory_format=torch.channels_last)
+    return (out, y.sum((2, 3))) if want_sums else out
+
+
+def cost(n: int, cin: int, h: int, w: int, cout: int, k: int, *, stride: int = 1, groups: int = 1,
+         padding: Optional[int] = None, pool: bool = False, dtype_bytes: int = 2, want_sums: bool = False) -> dict:
+    """Work of one :func:`fused_conv` launch on an (n, cin, h, w) input with a k x k kernel:
+    ``flops`` (2 per multiply-add) and ``bytes``, the least HBM traffic possible: the input read
+    once (at full resolution with ``pool``), the output written once, the weight once (activation
+    dtype), the fp32 bias and sums. ``padding`` defaults to k // 2."""
+    hin, win = h, w
+    if pool:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    p = k // 2 if padding is None else padding
+    ho, wo = (h + 2 * p - k) // stride + 1, (w + 2 * p - k) // stride + 1
+    flops = 2 * n * ho * wo * cout * (cin // groups) * k * k
+    nbytes = dtype_bytes * (n * cin * hin * win + n * cout * ho * wo + cout * (cin // groups) * k * k) + 4 * cout
+    if want_sums:
+        nbytes += 4 * n * cout
+    return dict(flops=flops, bytes=nbytes, out_shape=(n, cout, ho, wo))
+
+
+# ---------------------------------------------------------------------------------------------
+# ahead-of-time compile matrix: every constexpr combination the launchers above pass (3x3 and 1x1 kernels)
+
+_F32 = "*fp32"
+_SUMS = (False, True)
+GEMM_TILES = [GEMM_WIDE, GEMM_NARROW, GEMM_GENERIC]
+GEMM_POOL_TILES = [GEMM_POOL_WIDE, GEMM_POOL_NARROW, GEMM_POOL_GENERIC]
+CONV_TILES = [CONV_K64_N64, CONV_K64_N128, CONV_K32_N64, CONV_FLAT, CONV_GENERIC]
+# Kernel sizes precompiled for the conv kernel: 3x3, every kxk conv of L0 and of the NF family;
+# other sizes (and 1x1 convs with a stride or groups) take the same kernel through the JIT.
+CONV_KERNEL_SIZES = [(3, 3)]
+AOT = [
+    AotSpec(_conv1x1_kernel, dict(bias_ptr=_F32, part_ptr=_F32),
+            [dict(POOL=False, SUMS=s, **t) for t in GEMM_TILES for s in _SUMS]
+            + [dict(POOL=True, SUMS=s, **t) for t in GEMM_POOL_TILES for s in _SUMS],
+            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "K", "Cout")),
+    AotSpec(_conv_kernel, dict(bias_ptr=_F32, part_ptr=_F32),
+            [dict(KH=kh, KW=kw, SUMS=s, **t) for t in CONV_TILES for (kh, kw) in CONV_KERNEL_SIZES for s in _SUMS],
+            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "Cin", "Cout", "Cg", "Cog")),
+    AotSpec(_sums_kernel, dict(part_ptr=_F32, sums_ptr=_F32), [dict(BLOCK=SUMS_BLOCK, num_warps=SUMS_WARPS)],
+            aligned=("part_ptr", "sums_ptr", "C")),
+]

@@ -1,0 +1,348 @@
+"""kernels/fused_conv.py at the kernel level: the launcher against its PyTorch reference (CPU tensors
+through the Triton interpreter when no GPU is present), the launch configurations against the
+ahead-of-time compile matrix, and that matrix compiled for sm_90 and sm_80 (no GPU needed):
+no spills, shared memory inside the limit, tensor-core instructions where they belong."""
+import concurrent.futures as cf
+import multiprocessing
+import os
+
+import pytest
+import torch
+
+from conftest import assert_rel_close
+
+pytest.importorskip("triton")
+from nfnet_fast.kernels import fused_conv as fc  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 math stored in the activation dtype (DESIGN section 3): a couple of units in the last place
+# of the storage type, relative to the largest value. The sums stay fp32 in every dtype: only the
+# order of the additions differs from the reference.
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+SUMS_TOL = 1e-5
+# bf16 tl.dot is wrong under the interpreter: bf16 is checked by the AOT compile here and on a GPU.
+DTYPES = [torch.float32, torch.float16]
+
+
+def _case(rng, x_shape, w_shape, dtype, bias=True, channels_last=True):
+    """Random x (N, Cin, H, W) in ``dtype``, weight scaled to keep outputs O(1), bias or None."""
+    x = torch.randn(x_shape, generator=rng)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fan_in = w_shape[1] * w_shape[2] * w_shape[3]
+    w = torch.randn(w_shape, generator=rng) * (1.5 / fan_in ** 0.5) + 0.05 * torch.randn((), generator=rng)
+    b = 0.5 * torch.randn(w_shape[0], generator=rng) if bias else None
+    return x.to(DEV, dtype), w.to(DEV), None if b is None else b.to(DEV)
+
+
+def _check(x, w, b, what, **kw):
+    got = fc.fused_conv(x, w, b, **kw)
+    ref = fc.fused_conv_reference(x, w, b, **kw)
+    out, sums = got if kw.get("want_sums") else (got, None)
+    expect, expect_sums = ref if kw.get("want_sums") else (ref, None)
+    assert out.dtype == x.dtype, f"{what}: dtype {out.dtype}"
+    assert out.is_contiguous(memory_format=torch.channels_last), f"{what}: output not channels_last"
+    assert_rel_close(out, expect, TOL[x.dtype], what)
+    if sums is not None:
+        assert sums.dtype == torch.float32 and sums.shape == (x.shape[0], w.shape[0]), what
+        assert_rel_close(sums, expect_sums, SUMS_TOL, f"{what} sums")
+    return got
+
+
+# (x shape, weight shape, stride, padding, groups, act, pool, want_sums): odd channel counts, odd H
+# and W, batch 1, groups 1/2/3 with odd group widths, strides 1 and 2, every activation.
+CASES = {
+    "1x1 silu sums": ((2, 21, 9, 11), (37, 21, 1, 1), 1, 0, 1, "silu", False, True),
+    "1x1 batch1 none": ((1, 19, 7, 5), (24, 19, 1, 1), 1, 0, 1, None, False, False),
+    "1x1 pool gelu sums": ((2, 19, 7, 9), (23, 19, 1, 1), 1, 0, 1, "gelu", True, True),
+    "1x1 pool relu odd": ((3, 33, 5, 3), (17, 33, 1, 1), 1, 0, 1, "relu", True, False),
+    "1x1 pool 1x1 image": ((2, 9, 1, 1), (11, 9, 1, 1), 1, 0, 1, "silu", True, True),
+    "1x1 stride2 g2": ((2, 10, 7, 9), (14, 5, 1, 1), 2, 0, 2, "relu", False, True),
+    "3x3 g1 s1 silu sums": ((2, 13, 9, 7), (22, 13, 3, 3), 1, 1, 1, "silu", False, True),
+    "3x3 g2 s2 relu sums": ((1, 36, 11, 9), (26, 18, 3, 3), 2, 1, 2, "relu", False, True),
+    "3x3 g3 width5 gelu": ((2, 15, 7, 9), (21, 5, 3, 3), 1, 1, 3, "gelu", False, False),
+    "3x3 g3 width7 s2 sums": ((1, 21, 9, 9), (12, 7, 3, 3), 2, 1, 3, None, False, True),
+    "3x3 stem cin3 s2": ((1, 3, 11, 13), (16, 3, 3, 3), 2, 1, 1, "silu", False, False),
+    "3x3 same pad s2": ((2, 12, 8, 10), (16, 12, 3, 3), 2, (0, 1, 0, 1), 1, "gelu", False, True),
+    "3x3 no pad": ((1, 17, 6, 5), (9, 17, 3, 3), 1, 0, 1, "silu", False, True),
+    "5x5 pad2": ((1, 6, 8, 7), (10, 6, 5, 5), 1, 2, 1, "silu", False, False),
+    "1x3 asym pad": ((1, 8, 5, 6), (7, 8, 1, 3), 1, (0, 0, 1, 1), 1, None, False, True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fused_conv_matches_reference(name, dtype, rng):
+    x_shape, w_shape, stride, padding, groups, act, pool, sums = CASES[name]
+    x, w, b = _case(rng, x_shape, w_shape, dtype)
+    _check(x, w, b, f"{name} {dtype}", stride=stride, padding=padding, groups=groups, act=act, pool=pool,
+           want_sums=sums)
+
+
+def test_no_bias_nchw_input_packed_weight(rng):
+    """bias None, an NCHW input (converted by the launcher), a weight packed ahead of time."""
+    x, w, _ = _case(rng, (2, 10, 5, 7), (12, 5, 3, 3), torch.float32, bias=False, channels_last=False)
+    kw = dict(stride=1, padding=1, groups=2, act="silu", want_sums=True)
+    out, sums = fc.fused_conv(x, w, None, packed_weight=fc.pack_weight(w, x.dtype), **kw)
+    expect, expect_sums = fc.fused_conv_reference(x, w, None, **kw)
+    assert_rel_close(out, expect, TOL[torch.float32], "no bias")
+    assert_rel_close(sums, expect_sums, SUMS_TOL, "no bias sums")
+
+
+# The GPU tiles (128-row tiles, BLOCK_K 32/64, fp32 K steps of 16 or 8, the generic 64-row tiles)
+# on CPU tensors: images that span several row tiles and tiles that span several images (the
+# sums' slots), partial column tiles, each K walk, and the tile the launcher picks for each.
+GPU_CASES = {
+    "1x1 narrow, 143-pixel images": ((2, 64, 13, 11), (48, 64, 1, 1), 1, 0, 1, "silu", False, "GEMM_NARROW"),
+    "1x1 wide": ((1, 32, 9, 15), (144, 32, 1, 1), 1, 0, 1, "gelu", False, "GEMM_WIDE"),
+    "1x1 pool narrow, 110-pixel images": ((3, 32, 19, 21), (48, 32, 1, 1), 1, 0, 1, None, True, "GEMM_POOL_NARROW"),
+    "1x1 pool wide": ((2, 16, 11, 13), (160, 16, 1, 1), 1, 0, 1, "relu", True, "GEMM_POOL_WIDE"),
+    "1x1 generic": ((2, 70, 13, 11), (50, 70, 1, 1), 1, 0, 1, "silu", False, "GEMM_GENERIC"),
+    "1x1 pool generic": ((3, 40, 19, 21), (24, 40, 1, 1), 1, 0, 1, None, True, "GEMM_POOL_GENERIC"),
+    "3x3 g2 width 64": ((2, 128, 9, 9), (128, 64, 3, 3), 1, 1, 2, "silu", False, "CONV_K64_N64"),
+    "3x3 128 wide s2": ((1, 64, 9, 11), (128, 64, 3, 3), 2, 1, 1, "relu", False, "CONV_K64_N128"),
+    "3x3 width 32 s2": ((1, 32, 17, 19), (64, 32, 3, 3), 2, 1, 1, "gelu", False, "CONV_K32_N64"),
+    "3x3 stem flat": ((2, 3, 15, 17), (16, 3, 3, 3), 2, 1, 1, "silu", False, "CONV_FLAT"),
+    "3x3 flat width 16": ((1, 16, 16, 17), (40, 16, 3, 3), 1, 1, 1, None, False, "CONV_FLAT"),
+    "3x3 generic g2 width 40": ((1, 80, 9, 9), (36, 40, 3, 3), 1, 1, 2, "silu", False, "CONV_GENERIC"),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_config_on_cpu(name, dtype, rng, monkeypatch):
+    monkeypatch.setattr(fc, "GPU_CONFIG_ON_CPU", True)
+    x_shape, w_shape, stride, padding, groups, act, pool, tile = GPU_CASES[name]
+    x, w, b = _case(rng, x_shape, w_shape, dtype)
+    assert fc.config_for(x, w, groups, stride, padding, pool) == getattr(fc, tile)
+    _check(x, w, b, f"{name} {dtype} {tile}", stride=stride, padding=padding, groups=groups, act=act, pool=pool,
+           want_sums=True)
+
+
+def test_aligned_only_where_checked(rng, monkeypatch):
+    """ALIGNED (compiler hints) is dropped when the tensors do not have it, even if a config asks
+    for it: a channels_last x starting 2 bytes into its storage runs without hints, correctly."""
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["ALIGNED"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    kernel = fc._conv1x1_kernel
+    monkeypatch.setattr(fc, "_conv1x1_kernel", Spy())
+    n, c, h, w = 1, 32, 5, 7
+    buf = torch.randn(1 + n * h * w * c, generator=rng).to(DEV, torch.float16)
+    x = buf[1:].view(n, h, w, c).permute(0, 3, 1, 2)  # channels_last-contiguous, 2 bytes off
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 == 2
+    _, wt, b = _case(rng, (1, 32, 1, 1), (16, 32, 1, 1), torch.float16)
+    out = fc.fused_conv(x, wt, b, config=fc.GEMM_NARROW)
+    assert_rel_close(out, fc.fused_conv_reference(x, wt, b), TOL[torch.float16], "unaligned x")
+    fc.fused_conv(x.contiguous(), wt, b, config=fc.GEMM_NARROW)  # a fresh copy is aligned
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_both_k_walks_on_one_shape(flat, rng):
+    """The tap-major and the flat K walk give the same numbers (group width 20: one full and one
+    partial 16-channel block per tap in the tap-major walk)."""
+    x, w, b = _case(rng, (1, 40, 7, 6), (18, 20, 3, 3), torch.float32)
+    cfg = dict(fc.CPU_TILE, FLAT_K=flat)
+    _check(x, w, b, f"flat={flat}", stride=1, padding=1, groups=2, act="silu", want_sums=True, config=cfg)
+
+
+def test_sums_are_deterministic(rng):
+    """No atomics: the sums are the same bits from run to run."""
+    x, w, b = _case(rng, (3, 24, 9, 9), (20, 24, 1, 1), torch.float32)
+    first = fc.fused_conv(x, w, b, want_sums=True)[1]
+    assert torch.equal(first, fc.fused_conv(x, w, b, want_sums=True)[1])
+
+
+def test_sum_slots_cover_every_image():
+    """S is the most row tiles an image touches, and no image needs more."""
+    for hw in (1, 7, 81, 127, 128, 129, 324, 1296):
+        for tile_m in (16, 32, 128):
+            s = fc._sum_slots(hw, tile_m)
+            worst = max(((n + 1) * hw - 1) // tile_m - (n * hw) // tile_m + 1 for n in range(3 * tile_m))
+            assert worst <= s <= worst + 1, (hw, tile_m, s, worst)
+
+
+def test_argument_errors(rng):
+    x, w, b = _case(rng, (1, 6, 5, 5), (4, 6, 3, 3), torch.float32)
+    with pytest.raises(ValueError, match="pool=True"):
+        fc.fused_conv(x, w, b, padding=1, pool=True)
+    with pytest.raises(ValueError, match="act"):
+        fc.fused_conv(x, w, b, act="tanh")
+    with pytest.raises(ValueError, match="groups"):
+        fc.fused_conv(x, w, b, groups=4)
+    with pytest.raises(ValueError, match="padding"):
+        fc.fused_conv(x, w, b, padding=(1, 2, 3))
+    with pytest.raises(ValueError, match="too small"):
+        fc.fused_conv(x[:, :, :1, :1], w, b)
+
+
+def test_cost_model():
+    c = fc.cost(256, 384, 18, 18, 384, 3, stride=1, groups=6, dtype_bytes=2)
+    assert c["flops"] == 2 * 256 * 18 * 18 * 384 * 64 * 9
+    assert c["bytes"] == 2 * (256 * 384 * 18 * 18 * 2) + 2 * 384 * 64 * 9 + 4 * 384
+    p = fc.cost(256, 512, 18, 18, 1536, 1, pool=True, dtype_bytes=2, want_sums=True)
+    assert p["flops"] == 2 * 256 * 9 * 9 * 512 * 1536
+    assert p["bytes"] == 2 * (256 * 512 * 324 + 256 * 1536 * 81 + 512 * 1536) + 4 * 1536 + 4 * 256 * 1536
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configurations and the AOT matrix
+
+# eca_nfnet_l0's convolutions (DESIGN section 2): (Cin, Cout, k, stride, groups, pool, want_sums).
+L0_CONVS = [
+    (3, 16, 3, 2, 1, False, False), (16, 32, 3, 1, 1, False, False), (32, 64, 3, 1, 1, False, False),
+    (64, 128, 3, 2, 1, False, False),                                       # stem
+    (128, 256, 1, 1, 1, False, False), (256, 512, 1, 1, 1, True, False),    # downsample shortcuts
+    (512, 1536, 1, 1, 1, True, False), (1536, 1536, 1, 1, 1, True, False),
+    (128, 64, 1, 1, 1, False, False), (256, 64, 1, 1, 1, False, False),     # conv1
+    (256, 128, 1, 1, 1, False, False), (512, 128, 1, 1, 1, False, False),
+    (512, 384, 1, 1, 1, False, False), (1536, 384, 1, 1, 1, False, False),
+    (64, 64, 3, 1, 1, False, False), (128, 128, 3, 2, 2, False, False),     # conv2 / conv2b
+    (128, 128, 3, 1, 2, False, False), (384, 384, 3, 2, 6, False, False), (384, 384, 3, 1, 6, False, False),
+    (64, 256, 1, 1, 1, False, True), (128, 512, 1, 1, 1, False, True),      # conv3 (+ ECA sums)
+    (384, 1536, 1, 1, 1, False, True),
+    (1536, 2304, 1, 1, 1, False, True),                                     # final_conv (+ pool sums)
+]
+
+
+@pytest.mark.parametrize("conv", L0_CONVS, ids=lambda c: "{}-{}-k{}s{}g{}{}{}".format(
+    *c[:5], "-pool" if c[5] else "", "-sums" if c[6] else ""))
+def test_l0_launches_are_in_the_aot_matrix(conv, monkeypatch):
+    """Every launch eca_nfnet_l0 makes on a GPU is a configuration the AOT matrix compiles."""
+    monkeypatch.setattr(fc, "GPU_CONFIG_ON_CPU", True)
+    cin, cout, k, stride, groups, pool, sums = conv
+    x = torch.empty(1, cin, 8, 8)
+    w = torch.empty(cout, cin // groups, k, k)
+    cfg = fc.config_for(x, w, groups, stride, k // 2, pool)
+    spec = fc.AOT[0] if k == 1 else fc.AOT[1]
+    want = dict(cfg, SUMS=sums, **(dict(POOL=pool) if k == 1 else dict(KH=k, KW=k)))
+    assert any(c == want for c in spec.configs), want
+
+
+def test_aot_matrix_covers_every_kernel():
+    kernels = {name for name, obj in vars(fc).items() if name.endswith("_kernel") and hasattr(obj, "arg_names")}
+    assert kernels == {s.kernel.__name__ for s in fc.AOT}
+
+
+def _aot_row(job):
+    """One AOT job through kernels/aot.py (registers, spills, shared memory), plus which matrix
+    instructions its PTX holds (the same compile again: a hit in Triton's cache)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nfnet_fast.kernels import aot
+
+    row = aot.compile_one(job)
+    if "error" in row:
+        return row
+    spec = next(s for s in fc.AOT if s.kernel.__name__ == job["kernel"])
+    config = dict(spec.configs[job["config_index"]])
+    num_warps = config.pop("num_warps")
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(spec.kernel.params):
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = config[p.name]
+            continue
+        signature[p.name] = aot._arg_type(spec, p.name).replace("*T", "*" + job["dtype"])
+        if job["aligned"] and p.name in spec.aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(spec.kernel, signature, constexprs, attrs),
+                       target=GPUTarget("cuda", job["arch"], 32), options=dict(num_warps=num_warps))
+    ptx = k.asm["ptx"]
+    row.update(wgmma="wgmma.mma_async" in ptx, mma_sync="mma.sync" in ptx, cp_async="cp.async" in ptx)
+    return row
+
+
+def _aot_subset():
+    """Every configuration of the matrix, each compiled three ways: bf16 for sm_90 and sm_80 with
+    the 16-divisibility a typical launch sees (the tensor-core paths), and fp32 for sm_90 with no
+    divisibility (the FMA path at its worst register pressure). The whole matrix (both archs, three
+    dtypes, aligned or not: 220 compiles) is ``python -m nfnet_fast.kernels.aot --op fused_conv``."""
+    from nfnet_fast.kernels import aot
+
+    picked = {("bf16", 90, True), ("bf16", 80, True), ("fp32", 90, False), ("-", 90, False), ("-", 80, True)}
+    return [j for j in aot.jobs(ops=("fused_conv",)) if (j["dtype"], j["arch"], j["aligned"]) in picked]
+
+
+@pytest.fixture(scope="module")
+def aot_rows():
+    jobs = _aot_subset()
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # the spawned workers inherit it before importing triton
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        from nfnet_fast.kernels import aot
+
+        with cf.ProcessPoolExecutor(max(1, min(4, os.cpu_count() or 1)), mp_context=ctx,
+                                    initializer=aot._init_worker) as pool:
+            return list(pool.map(_aot_row, jobs))
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+def test_aot_compiles_without_spills_within_shared_memory(aot_rows):
+    from nfnet_fast.kernels import aot
+
+    assert len(aot_rows) == sum(len(s.configs) for s in fc.AOT if s.kernel is not fc._sums_kernel) * 3 + 2
+    assert aot.problems(aot_rows) == []
+
+
+def test_aot_tensor_cores(aot_rows):
+    """16-bit GEMMs run on wgmma (sm_90) / mma.sync (sm_80), pipelined with cp.async; fp32 runs IEEE
+    FMAs: no tensor-core instruction at all (so no TF32)."""
+    for r in aot_rows:
+        if r["kernel"] == "_sums_kernel":
+            continue
+        what = f"{r['kernel']} [{r['config']}] {r['dtype']} sm_{r['arch']}"
+        if r["dtype"] == "fp32":
+            assert not (r["wgmma"] or r["mma_sync"]), what
+        elif r["arch"] == 90:
+            assert r["wgmma"] and r["cp_async"], what
+        else:
+            assert r["mma_sync"] and r["cp_async"], what
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: bf16 (wrong under the interpreter), the tiles eca_nfnet_l0 launches, at sizes where
+# every row/column tile and the pipeline run in earnest.
+
+GPU_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("case", [
+    ((8, 1536, 18, 18), (384, 1536, 1, 1), 1, 0, 1, "silu", False),   # conv1, GEMM_WIDE
+    ((8, 384, 18, 18), (1536, 384, 1, 1), 1, 0, 1, None, False),      # conv3 (+ sums)
+    ((8, 128, 36, 36), (64, 128, 1, 1), 1, 0, 1, "silu", False),      # GEMM_NARROW
+    ((8, 512, 36, 36), (1536, 512, 1, 1), 1, 0, 1, None, True),       # downsample, GEMM_POOL_WIDE
+    ((8, 384, 18, 18), (384, 64, 3, 3), 1, 1, 6, "silu", False),      # conv2b g6, CONV_K64_N64
+    ((8, 384, 36, 36), (384, 64, 3, 3), 2, 1, 6, "silu", False),      # conv2 s2 g6
+    ((4, 64, 72, 72), (128, 64, 3, 3), 2, 1, 1, None, False),         # stem s2, CONV_K64_N128
+    ((4, 32, 72, 72), (64, 32, 3, 3), 1, 1, 1, "silu", False),        # stem, CONV_K32_N64
+    ((4, 3, 96, 96), (16, 3, 3, 3), 2, 1, 1, "silu", False),          # stem, CONV_FLAT
+    ((4, 70, 17, 19), (50, 70, 3, 3), 1, 1, 1, "gelu", False),        # CONV_GENERIC
+], ids=lambda c: f"{c[0]}-{c[1]}-s{c[2]}-g{c[4]}{'-pool' if c[6] else ''}")
+def test_gpu_fused_conv(case, dtype, rng):
+    x_shape, w_shape, stride, padding, groups, act, pool = case
+    x, w, b = _case(rng, x_shape, w_shape, dtype)
+    kw = dict(stride=stride, padding=padding, groups=groups, act=act, pool=pool, want_sums=True)
+    out, sums = fc.fused_conv(x, w, b, **kw)
+    expect, expect_sums = fc.fused_conv_reference(x, w, b, **kw)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert_rel_close(out, expect, GPU_TOL[dtype], f"{case} {dtype}")
+    assert_rel_close(sums, expect_sums, 1e-4, f"{case} {dtype} sums")
+    assert torch.equal(sums, fc.fused_conv(x, w, b, **kw)[1]), "sums not deterministic"
