@@ -27,6 +27,38 @@ from . import ops
 __all__ = ["ScaledStdConv2d", "ScaledStdConv2dSame", "EcaModule", "NormFreeBlock", "NormFreeStages"]
 
 
+# The ops as torch.fx leaf functions: torch.fx.symbolic_trace and timm's create_feature_extractor
+# record one call_function node per op instead of tracing into its argument checks (which branch
+# on shapes and dtypes). The modules call the ops through these names only.
+def _std_weight(weight, gain, scale: float, eps: float, backend: str):
+    return ops.scaled_std_weight(weight, gain, scale, eps, backend=backend)
+
+
+def _silu_scale(x, beta: float, backend: str):
+    return ops.silu_scale(x, beta, backend=backend)
+
+
+def _eca(x, weight, gain: float, backend: str):
+    return ops.eca(x, weight, gain, backend=backend)
+
+
+def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next: Optional[float], backend: str):
+    return ops.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, backend=backend)
+
+
+for _name in ("_std_weight", "_silu_scale", "_eca", "_eca_residual"):
+    torch.fx.wrap(_name)
+
+
+def _fx_traced(t) -> bool:
+    """Whether ``t`` is a torch.fx Proxy (symbolic tracing): no value, dtype or grad flag to look at."""
+    return isinstance(t, torch.fx.Proxy)
+
+
+_NO_SCRIPT = ("nfnet_fast modules cannot be compiled by torch.jit.script (TorchScript is deprecated in PyTorch); "
+              "use torch.compile, torch.export or torch.jit.trace, or script the timm model before convert()")
+
+
 class _FastModule:
     """What every nfnet_fast module shares: a backend name and in-place conversion from timm."""
 
@@ -36,6 +68,9 @@ class _FastModule:
     def _fast_init(self, backend: str) -> None:
         ops.check_backend(backend)
         self.backend = backend
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls this on every submodule first
+        raise RuntimeError(_NO_SCRIPT)
 
     @classmethod
     def can_convert(cls, module: nn.Module) -> bool:
@@ -101,19 +136,19 @@ class _StdWeightCache(_FastModule):
     def standardized_weight(self) -> torch.Tensor:
         """The conv's effective weight: ``(w - mean) / sqrt(var + eps) * gain * scale`` per output channel."""
         w, g = self.weight, self.gain
-        if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return ops.scaled_std_weight(w, g, self.scale, self.eps, backend=self.backend)
+        if torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_traced(w):
+            return _std_weight(w, g, self.scale, self.eps, self.backend)
         differentiable = torch.is_grad_enabled() and (w.requires_grad or g.requires_grad)
         if self.training or differentiable or not (_plain_tensor(w) and _plain_tensor(g)):
             self._std_cache = None
-            return ops.scaled_std_weight(w, g, self.scale, self.eps, backend=self.backend)
+            return _std_weight(w, g, self.scale, self.eps, self.backend)
         key = (w._version, g._version, w.data_ptr(), g.data_ptr(), w.device, w.dtype, self.scale, self.eps,
                self.backend)
         cache = self._std_cache
         if cache is None or cache[0] != key or cache[1]() is not w or cache[2]() is not g:
             # A normal tensor even inside inference_mode, so it can serve later autograd-free calls anywhere.
             with torch.inference_mode(False), torch.no_grad():
-                value = ops.scaled_std_weight(w, g, self.scale, self.eps, backend=self.backend)
+                value = _std_weight(w, g, self.scale, self.eps, self.backend)
             cache = self._std_cache = (key, weakref.ref(w), weakref.ref(g), value)
         return cache[3]
 
@@ -180,7 +215,7 @@ class EcaModule(_FastModule, _TimmEca):
         return module.conv2 is None and module.conv.bias is None and _is_sigmoid(module.gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.eca(x, self.conv.weight, 1.0, backend=self.backend)
+        return _eca(x, self.conv.weight, 1.0, self.backend)
 
 
 class NormFreeBlock(_FastModule, _TimmBlock):
@@ -210,7 +245,7 @@ class NormFreeBlock(_FastModule, _TimmBlock):
     def pre_activation(self, x: torch.Tensor) -> torch.Tensor:
         """``act1(x) * beta``, the input of conv1 and of the downsample shortcut."""
         if self.silu_preact:
-            return ops.silu_scale(x, self.beta, backend=self.backend)
+            return _silu_scale(x, self.beta, self.backend)
         return self.act1(x) * self.beta
 
     def forward_fused(self, x: torch.Tensor, a: Optional[torch.Tensor] = None,
@@ -238,10 +273,10 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         out = self.conv3(self.act3(out))
         # (a block called on an fp32 input under autocast has a bf16 branch and an fp32 shortcut:
         # timm's tail promotes, the fused op wants one dtype)
-        if self._fused_tail() and out.dtype == shortcut.dtype:
-            res = ops.eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain,
-                                   beta_next, backend=self.backend)
-            return res if beta_next is not None else (res, None)
+        if self._fused_tail() and (_fx_traced(out) or out.dtype == shortcut.dtype):
+            res = _eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain, beta_next,
+                                self.backend)
+            return (res[0], res[1]) if beta_next is not None else (res, None)
         if self.attn_last is not None:
             out = self.attn_gain * self.attn_last(out)
         out = self.drop_path(out)
@@ -275,8 +310,12 @@ class NormFreeStages(nn.Sequential):
     Children and state_dict keys are timm's (``stages.<i>.<j>...``); each stage still runs on its
     own (timm's ``forward_intermediates``, grad checkpointing, ``features_only``). When any stage or
     block carries hooks (or global module hooks are set), or a block is not exactly nfnet_fast's
-    (FSDP's wrappers subclass it), the stages run module by module, so every hook fires as in timm.
+    (FSDP's wrappers subclass it), or torch.fx traces the model, the stages run module by module, so
+    every hook fires and every module call is seen as in timm.
     """
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_NO_SCRIPT)
 
     def _fusable(self) -> bool:
         if _global_hooks():
@@ -289,7 +328,8 @@ class NormFreeStages(nn.Sequential):
         return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fusable():
+        # (symbolic tracing, too: feature extraction names nodes after the stage modules it sees called)
+        if _fx_traced(x) or not self._fusable():
             for stage in self:
                 x = stage(x)
             return x

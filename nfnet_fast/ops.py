@@ -14,6 +14,7 @@ import numbers
 from typing import Optional, Tuple, Union
 
 import torch
+from torch.autograd import forward_ad
 
 from . import _backends
 
@@ -65,6 +66,40 @@ def _find_impl(op: str, backend: str, device_type: str):
     if fn is None:
         raise RuntimeError(f"backend={backend!r} does not implement {op} yet")
     return backend, fn
+
+
+def _needs_reference(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether this call must run the reference math (plain aten ops) whatever backend was asked:
+
+    * exporting (``torch.export``, hence the dynamo ONNX exporter) or ``torch.jit.trace`` (hence the
+      legacy ONNX exporter): the exported graph records plain aten ops, so it runs and loads
+      anywhere without nfnet_fast, and ONNX needs no translation of our ops;
+    * forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) and the functorch
+      transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``): the compiled ops define no jvp rule and
+      no batching rule, and would give a silently wrong tangent.
+    """
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return True
+    if torch.compiler.is_compiling():  # torch.compile of plain tensors: the compiled ops trace as single nodes
+        return False
+    level = forward_ad._current_level
+    for t in tensors:
+        if t is None:
+            continue
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return True
+        if level >= 0 and forward_ad.unpack_dual(t).tangent is not None:
+            return True
+    return False
+
+
+def _implementation(op: str, backend: str, *tensors: Optional[torch.Tensor]):
+    """The function running `op` for these tensors (the first one's device decides), after
+    :func:`_needs_reference`."""
+    impl = _backend_impl(op, backend, tensors[0].device)
+    if backend != "reference" and _needs_reference(*tensors):
+        return _backend_impl(op, "reference", tensors[0].device)
+    return impl
 
 
 def check_backend(backend) -> None:
@@ -174,9 +209,9 @@ def scaled_std_weight(weight: torch.Tensor, gain: torch.Tensor, scale: float, ep
                          f"got shape {tuple(gain.shape)}")
     _check_number(scale, "scale")
     _check_number(eps, "eps")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
-    return _backend_impl("scaled_std_weight", backend, weight.device)(weight, gain, float(scale), float(eps))
+    if not eps > 0:  # eps = 0 divides by zero on a constant row (timm's batch_norm refuses it too)
+        raise ValueError(f"eps must be > 0, got {eps}")
+    return _implementation("scaled_std_weight", backend, weight, gain)(weight, gain, float(scale), float(eps))
 
 
 def eca(x: torch.Tensor, weight: torch.Tensor, gain: float = 1.0, *, backend: str = "auto") -> torch.Tensor:
@@ -197,7 +232,7 @@ def eca(x: torch.Tensor, weight: torch.Tensor, gain: float = 1.0, *, backend: st
     _check_activation(x, "x")
     _check_eca_weight(weight, x)
     _check_number(gain, "gain")
-    return _backend_impl("eca", backend, x.device)(x, weight, float(gain))
+    return _implementation("eca", backend, x, weight)(x, weight, float(gain))
 
 
 def eca_residual(y: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor, alpha: float, attn_gain: float,
@@ -229,7 +264,7 @@ def eca_residual(y: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor, 
     _check_number(alpha, "alpha")
     _check_number(attn_gain, "attn_gain")
     _check_number(beta_next, "beta_next", optional=True)
-    return _backend_impl("eca_residual", backend, y.device)(
+    return _implementation("eca_residual", backend, y, weight, shortcut)(
         y, weight, shortcut, float(alpha), float(attn_gain), None if beta_next is None else float(beta_next))
 
 
@@ -248,4 +283,4 @@ def silu_scale(x: torch.Tensor, beta: float, *, backend: str = "auto") -> torch.
     if x.numel() == 0:
         raise ValueError(f"x is empty (shape {tuple(x.shape)}): nothing to compute")
     _check_number(beta, "beta")
-    return _backend_impl("silu_scale", backend, x.device)(x, float(beta))
+    return _implementation("silu_scale", backend, x)(x, float(beta))

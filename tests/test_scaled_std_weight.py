@@ -56,11 +56,15 @@ def test_equals_timm_formula(backend, rng):
     (dict(gain=torch.ones(4, 1, 1, 1, dtype=torch.float16)), TypeError, "gain has dtype"),
     (dict(gain="g"), TypeError, "gain must be a torch.Tensor"),
     (dict(scale=None), TypeError, "scale must be a Python float"),
-    (dict(eps=-1.0), ValueError, "eps must be >= 0"),
+    (dict(eps=-1.0), ValueError, "eps must be > 0"),
+    (dict(eps=0.0), ValueError, "eps must be > 0"),
+    (dict(eps=float("nan")), ValueError, "eps must be > 0"),
     (dict(backend="fast"), ValueError, "backend must be one of"),
 ])
-def test_bad_input(kwargs, err, match):
-    args = dict(weight=torch.ones(4, 3, 3, 3), gain=torch.ones(4, 1, 1, 1), scale=0.5, eps=1e-5)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(kwargs, err, match, backend):
+    """The same checks, the same errors, whichever backend runs (ops.py checks before dispatching)."""
+    args = dict(weight=torch.ones(4, 3, 3, 3), gain=torch.ones(4, 1, 1, 1), scale=0.5, eps=1e-5, backend=backend)
     args.update(kwargs)
     with pytest.raises(err, match=match):
         ops.scaled_std_weight(**args)
