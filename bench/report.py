@@ -4,7 +4,8 @@
 
 Writes NAME.md and NAME.json: device, driver, torch/triton/CUDA versions, commit, date; inference
 and training tables with img/s, error against timm, peak memory and the ratio to each timm
-contender; per-op GB/s with the fraction of the device's HBM bandwidth.
+contender; per-op GB/s with the fraction of a device-to-device copy of the same tensor measured in
+the same run (bench/test_bench_ops.py::test_copy).
 """
 import argparse
 import datetime
@@ -18,11 +19,6 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from nfnet_fast.benchmark import Result, format_table  # noqa: E402
-
-# HBM bandwidth by device name (vendor datasheets), to express GB/s as a fraction of the bound.
-HBM_GBPS = {"H100 80GB HBM3": 3350, "H100 SXM": 3350, "H100 PCIe": 2000, "H100 NVL": 3900, "H200": 4800,
-            "A100-SXM4-80GB": 2039, "A100-SXM4-40GB": 1555, "A100-PCIE-40GB": 1555, "A100 80GB PCIe": 1935}
-
 
 def environment() -> dict:
     env = dict(date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -57,13 +53,6 @@ def environment() -> dict:
     return env
 
 
-def hbm_gbps(device: str):
-    for key, bw in HBM_GBPS.items():
-        if key in device:
-            return bw
-    return None
-
-
 def model_tables(benches, kind: str) -> list:
     cases = {}
     for b in benches:
@@ -78,20 +67,21 @@ def model_tables(benches, kind: str) -> list:
     return out
 
 
-def ops_table(benches, device: str) -> list:
+def ops_table(benches) -> list:
     rows = [b for b in benches if "op" in b["extra_info"] and "gb_per_s" in b["extra_info"]]
     if not rows:
         return []
-    bw = hbm_gbps(device)
-    head = "| op | shape | dtype | impl | median us | GB/s |" + (" % of HBM |" if bw else "")
-    lines = ["### ops (bytes each op must move / median time)", "", head, "|" + "---|" * (head.count("|") - 1)]
+    copy = {(str(b["extra_info"]["shape"]), b["extra_info"]["dtype"]): b["extra_info"]["gb_per_s"]
+            for b in rows if b["extra_info"]["op"] == "copy"}
+    head = "| op | shape | dtype | impl | median us | GB/s | of a copy |"
+    lines = ["### ops (bytes each op must move / median time; a copy of the same tensor in the same run)", "",
+             head, "|" + "---|" * (head.count("|") - 1)]
     for b in sorted(rows, key=lambda b: (b["extra_info"]["op"], str(b["extra_info"]["shape"]), b["extra_info"]["impl"])):
         i = b["extra_info"]
-        line = (f"| {i['op']} | {'x'.join(map(str, i['shape']))} | {i['dtype'].replace('torch.', '')} | {i['impl']} "
-                f"| {b['stats']['median'] * 1e6:.1f} | {i['gb_per_s']:.1f} |")
-        if bw:
-            line += f" {100 * i['gb_per_s'] / bw:.0f}% |"
-        lines.append(line)
+        ceiling = copy.get((str(i["shape"]), i["dtype"]))
+        frac = "-" if ceiling is None else f"{100 * i['gb_per_s'] / ceiling:.0f}%"
+        lines.append(f"| {i['op']} | {'x'.join(map(str, i['shape']))} | {i['dtype'].replace('torch.', '')} | {i['impl']} "
+                     f"| {b['stats']['median'] * 1e6:.1f} | {i['gb_per_s']:.1f} | {frac} |")
     return lines + [""]
 
 
@@ -121,7 +111,7 @@ def main(argv=None) -> int:
         md += ["## tests", "", "```", open(args.tests).read().strip(), "```", ""]
     md += ["## throughput", ""] + (model_tables(benches, "inference") + model_tables(benches, "train")
                                    or ["No benchmark finished: see the notes above.", ""])
-    md += ops_table(benches, env["device"])
+    md += ops_table(benches)
     if args.kernels and os.path.exists(args.kernels):
         md += ["## where the time goes", "", open(args.kernels).read().strip(), ""]
     for t in args.tables:

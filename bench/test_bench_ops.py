@@ -2,7 +2,8 @@
 
 Shapes are eca_nfnet_l0's at batch 256, 288 px (CUDA, bf16, channels_last) or tiny ones on a CPU.
 extra_info.gb_per_s counts the bytes the op must move (each input read once, each output written
-once: the bound the kernels are held to), so gb_per_s / HBM bandwidth is the fraction of the bound."""
+once: the bound the kernels are held to); test_copy measures a device-to-device copy of each shape
+in the same run, and bench/report.py divides by it: the fraction of the bandwidth a copy reaches."""
 import pytest
 import torch
 
@@ -67,3 +68,13 @@ def test_scaled_std_weight(benchmark, run_timed, impl, shape):
     with torch.inference_mode():
         _record(benchmark, run_timed, lambda: fn(w, gain, 0.05, 1e-5), 2 * w.numel() * w.element_size(),
                 op="scaled_std_weight", impl=impl, shape=list(shape), dtype=str(w.dtype))
+
+
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_copy(benchmark, run_timed, shape):
+    """The bandwidth ceiling the ops are held to: a plain copy of the same activation (bytes read
+    plus bytes written), measured in the same run on the same device."""
+    x = _act(shape, 3)
+    out = torch.empty_like(x)
+    _record(benchmark, run_timed, lambda: out.copy_(x), 2 * x.numel() * x.element_size(),
+            op="copy", impl="torch", shape=list(shape), dtype=str(DTYPE))

@@ -163,22 +163,32 @@ def inference_contenders(ref: nn.Module, device: torch.device, example: torch.Te
 
 
 def max_rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """max|out - ref| / max|ref|, the contract of docs/design.md section 3's measure."""
+    """max|out - ref| / max|ref|, the measure of the contract in docs/design.md section 3."""
     return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
 
 def measure(step: Step, x: torch.Tensor, iters: int, warmup: int, device: torch.device) -> List[float]:
-    """Seconds per call of `step(x)`, synchronised, after `warmup` calls."""
+    """Seconds per call of ``step(x)`` (about ``iters`` samples), after ``warmup`` calls.
+
+    CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed between calls, every sample
+    returned); elsewhere ``torch.utils.benchmark.Timer``, one call a sample."""
     for _ in range(warmup):
         step(x)
     synchronize(device)
-    times = []
-    for _ in range(iters):
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
         t0 = time.perf_counter()
         step(x)
         synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return times
+        per_call_ms = (time.perf_counter() - t0) * 1e3
+        # do_bench's rep is a time budget (ms), from which it derives the number of calls
+        times_ms = do_bench(lambda: step(x), warmup=0, rep=max(per_call_ms * iters, 1e-3), return_mode="all")
+        return [t / 1e3 for t in times_ms]
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="step(x)", globals={"step": step, "x": x})
+    return [timer.timeit(1).mean for _ in range(iters)]
 
 
 def run_contender(c: Contender, x: torch.Tensor, ref_out: Optional[torch.Tensor], iters: int, warmup: int,
