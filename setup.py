@@ -86,7 +86,21 @@ def _extensions():
     else:
         ext = CppExtension("nfnet_fast._C", sources, **args)
     build = {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
+    if _building():
+        n_cpp = sum(s.endswith(".cpp") for s in sources)
+        if with_cuda:
+            archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "the visible GPU's"
+            _say(f"building nfnet_fast._C, CPU+CUDA: {n_cpp} C++ and {len(sources) - n_cpp} CUDA sources for "
+                 f"TORCH_CUDA_ARCH_LIST={archs} (nvcc takes a few minutes on 2 cores)")
+        else:
+            _say(f"building nfnet_fast._C, CPU only: {n_cpp} C++ sources")
     return [ext], build
+
+
+def _building():
+    """True when this run of setup.py compiles (not when pip only asks for requirements or metadata)."""
+    return any(cmd in sys.argv[1:] for cmd in ("build", "build_ext", "bdist_wheel", "editable_wheel", "develop",
+                                               "install"))
 
 
 ext_modules, cmdclass = _extensions()

@@ -1,7 +1,11 @@
-"""``nfnet-fast``: the command line.
+"""nfnet-fast: timm's eca_nfnet_l0 (and the other NF models) rebuilt from fused kernels, from the
+command line.
 
     nfnet-fast bench     parity-and-throughput table of nfnet_fast against timm on this machine
     nfnet-fast predict   classify images with timm's eval transforms and ImageNet labels
+
+Only the standard library is imported at module level: arguments (and ``--help``) are handled
+before torch, timm or the rest of nfnet_fast load (several seconds); each command imports them.
 """
 from __future__ import annotations
 
@@ -10,27 +14,46 @@ import json
 import os
 import platform
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
-import torch
+if TYPE_CHECKING:  # annotations only; never imported at run time here
+    import torch
+
+# `predict --backend` choices: "auto" plus nfnet_fast._backends.NAMES, written out so that parsing
+# arguments needs no torch (tests/test_cli.py checks the two agree).
+BACKEND_CHOICES = ("auto", "reference", "triton", "cuda")
+
+DESCRIPTION = ("timm's eca_nfnet_l0 (and every timm NF model) rebuilt from fused Triton/CUDA kernels: "
+               "measure it against timm on this machine, or classify images with it.")
+EPILOG = """examples:
+  nfnet-fast bench                                   # CPU: batch 4 @ 160x160, 5 timed calls per contender
+  nfnet-fast bench --device cuda --json out.json     # CUDA: batch 256 @ 288x288, 20 timed calls
+  nfnet-fast predict cat.jpg dog.png --pretrained    # top-5 ImageNet classes per image
+
+Run `nfnet-fast <command> --help` for a command's options."""
 
 
 def _device(name: Optional[str]) -> torch.device:
+    import torch
+
     if name:
         return torch.device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _device_label(device: torch.device) -> str:
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
-    from . import benchmark as B
+    from nfnet_fast import benchmark as B
 
     device = _device(args.device)
     cuda = device.type == "cuda"
@@ -97,7 +120,9 @@ def _offline_unless_hub_reachable() -> None:
 
 
 def _load_model(args: argparse.Namespace, device: torch.device):
-    from . import create_model
+    import torch
+
+    from nfnet_fast import create_model
 
     kwargs = {}
     if args.checkpoint:
@@ -118,6 +143,7 @@ def _load_model(args: argparse.Namespace, device: torch.device):
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    import torch
     from PIL import Image, UnidentifiedImageError
     from timm.data import ImageNetInfo, create_transform, resolve_data_config
     from tqdm import tqdm
@@ -165,34 +191,86 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Fills each paragraph of a description or epilog to the terminal width, but keeps the lines of
+    a paragraph with indented lines (the command list, the examples) as written."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        import textwrap
+
+        paras = []
+        for para in text.strip("\n").split("\n\n"):
+            if any(line[:1].isspace() for line in para.splitlines()):
+                paras.append("\n".join(indent + line for line in para.splitlines()))
+            else:
+                paras.append(textwrap.fill(" ".join(para.split()), width, initial_indent=indent,
+                                           subsequent_indent=indent))
+        return "\n\n".join(paras)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nfnet-fast", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="parity-and-throughput table against timm on this machine")
-    b.add_argument("--model", default="eca_nfnet_l0")
+    """The argument parser of ``nfnet-fast``; builds without importing torch, timm or nfnet_fast."""
+    p = argparse.ArgumentParser(prog="nfnet-fast", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=_HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands")
+
+    bench_help = "parity-and-throughput table of nfnet_fast against timm on this machine"
+    b = sub.add_parser(
+        "bench", help=bench_help, formatter_class=_HelpFormatter,
+        description=f"{bench_help[0].upper()}{bench_help[1:]}.\n\n"
+                    "Builds the model once with random (or --pretrained) weights, then runs each contender in "
+                    "one process on the same channels_last input: timm eager, torch.compile(timm), and nfnet_fast "
+                    "on every backend that runs here, eager and compiled (on CUDA also bf16 autocast and CUDA "
+                    "graphs). Each contender makes one call checked against timm fp32, --warmup untimed calls, "
+                    "then about --iters timed samples (torch.utils.benchmark on a CPU, triton's do_bench on CUDA), "
+                    "of which the table reports the median.\n\n"
+                    "Table columns: contender | max err / max abs (vs timm fp32) | img/s | peak MiB (CUDA only, "
+                    "'-' on a CPU) | vs <each timm contender> (speed-up).")
+    b.add_argument("--model", default="eca_nfnet_l0",
+                   help="timm NF model name, e.g. nfnet_f0, nf_resnet50 (default: %(default)s)")
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    b.add_argument("--batch", type=int, default=None, help="default 256 on CUDA, 4 on CPU")
-    b.add_argument("--size", type=int, default=None, help="input pixels, default 288 on CUDA, 160 on CPU")
-    b.add_argument("--iters", type=int, default=None, help="timed calls per contender (median reported)")
-    b.add_argument("--warmup", type=int, default=2)
-    b.add_argument("--backends", default=None, help="comma-separated nfnet_fast backends (default: all that run)")
-    b.add_argument("--no-compile", action="store_true", help="skip the torch.compile contenders")
+    b.add_argument("--batch", type=int, default=None, help="images per call (default: 256 on CUDA, 4 on CPU)")
+    b.add_argument("--size", type=int, default=None,
+                   help="input height and width in pixels (default: 288 on CUDA, 160 on CPU)")
+    b.add_argument("--iters", type=int, default=None,
+                   help="timed samples per contender, median reported (default: 20 on CUDA, 5 on CPU)")
+    b.add_argument("--warmup", type=int, default=2,
+                   help="untimed calls per contender before the timed ones (default: %(default)s)")
+    b.add_argument("--backends", default=None, metavar="LIST",
+                   help="comma-separated nfnet_fast backends, e.g. reference,cuda (default: all that run here)")
+    b.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile contenders (compiling them takes minutes on a small CPU)")
     b.add_argument("--max-autotune", action="store_true", help="add timm under torch.compile max-autotune (slow)")
     b.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (needs them cached or network)")
-    b.add_argument("--json", default=None, help="also write the results as JSON here")
+    b.add_argument("--json", default=None, metavar="FILE", help="also write the results as JSON to FILE")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
 
-    q = sub.add_parser("predict", help="classify images (timm's eval transforms, ImageNet labels)")
-    q.add_argument("images", nargs="+", metavar="IMAGE")
+    predict_help = "classify images with timm's eval transforms and ImageNet labels"
+    q = sub.add_parser(
+        "predict", help=predict_help, formatter_class=_HelpFormatter,
+        description=f"{predict_help[0].upper()}{predict_help[1:]}.\n\n"
+                    "Prints one line per image with its top-k classes and probabilities (or JSON with --json). "
+                    "Without --pretrained or --checkpoint the weights are random, and so are the predictions.\n\n"
+                    "Exit status: 0; 1 when an image could not be read (it is skipped, the others are classified); "
+                    "2 on a usage or model-loading error.")
+    q.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     w = q.add_mutually_exclusive_group()
     w.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (hub or local cache)")
     w.add_argument("--checkpoint", metavar="FILE", help="a timm-format checkpoint of the model")
-    q.add_argument("--model", default="eca_nfnet_l0")
-    q.add_argument("--topk", type=int, default=5)
-    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--model", default="eca_nfnet_l0",
+                   help="timm NF model name, e.g. nfnet_f0, nf_resnet50 (default: %(default)s)")
+    q.add_argument("--topk", type=int, default=5, metavar="K",
+                   help="classes printed per image, most probable first (default: %(default)s)")
+    q.add_argument("--batch-size", type=int, default=32, metavar="N",
+                   help="images per forward pass (default: %(default)s)")
     q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    q.add_argument("--backend", default="auto", choices=["auto", "reference", "triton", "cuda"])
+    q.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="nfnet_fast kernel backend: %(choices)s (default: %(default)s, the fastest that runs on "
+                        "the device)")
     q.add_argument("--json", action="store_true", help="print the predictions as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict)

@@ -1,5 +1,9 @@
-"""The nfnet-fast command line: bench and predict, including their one-line errors."""
+"""The nfnet-fast command line: bench and predict, including their one-line errors; help texts, and
+help without importing torch."""
+import argparse
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -101,3 +105,123 @@ def test_bench_small(tmp_path, capsys):
     data = json.loads(out_json.read_text())
     errs = {r["name"]: r["max_rel_err"] for r in data["results"]}
     assert errs["timm eager fp32"] == 0.0 and errs["nfnet_fast reference fp32"] < 1e-4
+
+
+# --- help texts, and help without torch ------------------------------------------------------------
+
+def _subparsers(parser):
+    """(the subparsers action, {command name: its parser}) of an argparse parser with subcommands."""
+    (action,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return action, dict(action.choices)
+
+
+def test_help_describes_the_cli_and_each_command(capsys):
+    parser = cli.build_parser()
+    assert parser.description and "``" not in parser.description and "the command line" not in parser.description
+    action, commands = _subparsers(parser)
+    assert set(commands) == {"bench", "predict"}
+    listed = {a.dest: a.help for a in action._choices_actions}
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    assert " ".join(parser.description.split()) in flat
+    for name, sub in commands.items():
+        assert listed.get(name), f"subcommand {name} has no help line in the top-level help"
+        assert sub.description, f"subcommand {name} has no description"
+        assert name in out and listed[name] in flat
+
+
+def test_every_option_has_help(capsys):
+    """Every argument of the top level and of every subcommand has help text, shown by `<cmd> --help`."""
+    parser = cli.build_parser()
+    for name, sub in {"": parser, **_subparsers(parser)[1]}.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue
+            what = f"nfnet-fast {name} {'/'.join(action.option_strings) or action.dest}"
+            assert action.help and action.help != argparse.SUPPRESS, f"{what} has no help text"
+            if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+                assert "default" in action.help, f"{what}: help does not state its default {action.default!r}"
+        if name:
+            with pytest.raises(SystemExit):
+                cli.main([name, "--help"])
+            out = " ".join(capsys.readouterr().out.split())
+            for action in sub._actions:
+                if action.option_strings:
+                    assert action.option_strings[-1] in out
+
+
+def test_backend_choices_match_the_registry():
+    from nfnet_fast import _backends
+    assert cli.BACKEND_CHOICES == ("auto", *_backends.NAMES)
+
+
+def test_bench_cpu_defaults_match_help(monkeypatch, capsys):
+    """On a CPU `nfnet-fast bench` times batch 4 at 160x160 with 2 warm-up and 5 timed calls per contender, as
+    its help and the README's CPU table say."""
+    from nfnet_fast import benchmark as B
+    seen = {}
+
+    def run_contender(c, x, ref_out, iters, warmup, device):
+        seen.update(shape=tuple(x.shape), iters=iters, warmup=warmup, device=device.type)
+        return B.Result(c.name, c.dtype, 1.0, 1.0, [1.0] * iters, 0.0, None)
+
+    monkeypatch.setattr(B, "build_reference", lambda *a, **k: torch.nn.Identity())
+    monkeypatch.setattr(B, "inference_contenders", lambda *a, **k: [B.Contender("timm eager fp32", None)])
+    monkeypatch.setattr(B, "run_contender", run_contender)
+    assert cli.main(["bench", "--device", "cpu", "--quiet"]) == 0
+    assert seen == dict(shape=(4, 3, 160, 160), iters=5, warmup=2, device="cpu")
+    out = capsys.readouterr().out
+    assert "| contender | max err / max abs (vs timm fp32) | img/s | peak MiB | vs timm eager fp32 |" in out
+    text = " ".join(_subparsers(cli.build_parser())[1]["bench"].format_help().split())
+    for stated in ("256 on CUDA, 4 on CPU", "288 on CUDA, 160 on CPU", "20 on CUDA, 5 on CPU", "(default: 2)"):
+        assert stated in text
+
+
+_HEAVY = ("torch", "timm", "triton", "numpy")
+_CHECK = """
+import sys
+{load}
+for argv in (["--help"], ["bench", "--help"], ["predict", "--help"], []):
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == (0 if argv else 2), (argv, e.code)
+    else:
+        raise AssertionError(f"{{argv}} did not exit")
+print("HEAVY:" + ",".join(m for m in {heavy!r} if m in sys.modules))
+"""
+
+
+def _run_help(load):
+    r = subprocess.run([sys.executable, "-c", _CHECK.format(load=load, heavy=_HEAVY)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.rsplit("HEAVY:", 1)[1].strip()
+
+
+def test_cli_module_parses_and_helps_without_torch():
+    """cli.py itself imports nothing heavy before parsing: loaded on its own (outside the package), its help
+    runs without importing torch, timm, triton or numpy."""
+    heavy = _run_help(f"import importlib.util\n"
+                      f"spec = importlib.util.spec_from_file_location('nfnet_fast_cli_alone', {cli.__file__!r})\n"
+                      f"mod = importlib.util.module_from_spec(spec)\n"
+                      f"spec.loader.exec_module(mod)\n"
+                      f"main = mod.main")
+    assert heavy == "", f"nfnet_fast/cli.py imports {heavy} at module level"
+
+
+def test_entry_point_help_without_torch():
+    """`nfnet-fast --help` (the console script does `from nfnet_fast.cli import main`) imports no torch.
+
+    That also needs the package's __init__ to import torch lazily; until it does, this test reports
+    xfail rather than fail."""
+    heavy = _run_help("from nfnet_fast.cli import main")
+    if heavy:
+        r = subprocess.run([sys.executable, "-c", "import sys, nfnet_fast; print('torch' in sys.modules)"],
+                           capture_output=True, text=True, timeout=120)
+        if r.stdout.strip() == "True":
+            pytest.xfail(f"nfnet_fast/__init__.py imports torch eagerly, so `nfnet-fast --help` loads {heavy}")
+    assert heavy == "", f"`nfnet-fast --help` imports {heavy}"
