@@ -10,6 +10,7 @@ before torch, timm or the rest of nfnet_fast load (several seconds); each comman
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -34,11 +35,22 @@ Run `nfnet-fast <command> --help` for a command's options."""
 
 
 def _device(name: Optional[str]) -> torch.device:
+    """The torch device of --device (default: cuda when present), or a CliError saying why it cannot be used."""
     import torch
 
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise CliError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
+                           f"use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _device_label(device: torch.device) -> str:
@@ -61,11 +73,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     size = args.size or (288 if cuda else 160)
     iters = args.iters or (20 if cuda else 5)
     torch.manual_seed(0)
-    if args.pretrained:
-        _offline_unless_hub_reachable()
     try:
-        ref = B.build_reference(args.model, device, pretrained=args.pretrained)
-    except (OSError, RuntimeError, ValueError) as e:
+        with _hub_quiet(args.pretrained):
+            ref = B.build_reference(args.model, device, pretrained=args.pretrained)
+    except Exception as e:  # noqa: BLE001 - sorted below: the hub's errors, then the usual ones; the rest re-raised
+        if args.pretrained:
+            _raise_if_hub_failed(e, args.model, "or run without --pretrained (random weights)")
+        if not isinstance(e, (OSError, RuntimeError, ValueError)):
+            raise
         raise CliError(f"cannot build {args.model}{' with pretrained weights' if args.pretrained else ''}: "
                        f"{_first_line(e)}") from e
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
@@ -102,21 +117,167 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+def _exception_chain(e: BaseException) -> List[BaseException]:
+    """`e`, then what caused it (``raise ... from``), then what that came from, and so on."""
+    chain: List[BaseException] = []
+    while e is not None and all(e is not seen for seen in chain):
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    return chain
+
+
+def _network_error_types() -> tuple:
+    """The exceptions that mean "could not reach the server" in the HTTP clients huggingface_hub has used
+    (httpx2, httpx, requests) and the standard library."""
     import socket
+    import urllib.error
+
+    types = [ConnectionError, TimeoutError, socket.timeout, socket.gaierror, urllib.error.URLError]
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests.exceptions", ("ConnectionError", "Timeout"))):
+        try:
+            mod = __import__(module, fromlist=list(names))
+        except ImportError:
+            continue
+        types += [getattr(mod, n) for n in names if hasattr(mod, n)]
+    return tuple(types)
+
+
+def _raise_if_hub_failed(e: BaseException, model: str, alternative: str) -> None:
+    """Raise a one-line CliError when `e` (or what caused it) says the pretrained weights could not come from
+    the Hugging Face Hub: huggingface_hub's offline mode (HF_HUB_OFFLINE) with nothing cached, the hub
+    (or HF_ENDPOINT's mirror, through the proxies huggingface_hub uses) unreachable or timing out, or an HTTP
+    error from it. Return for any other error. Every network decision (endpoint, offline switch, proxies,
+    timeouts, retries) is huggingface_hub's: this only reports its outcome."""
+    from huggingface_hub import constants as hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    chain = _exception_chain(e)
+    if any(isinstance(x, OfflineModeIsEnabled) for x in chain) or (
+            hub.HF_HUB_OFFLINE and any(isinstance(x, LocalEntryNotFoundError) for x in chain)):
+        raise CliError(f"the pretrained weights of {model} are not in the local Hugging Face cache "
+                       f"({hub.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set; unset it to download them, "
+                       f"{alternative}") from e
+    network = [x for x in chain if isinstance(x, _network_error_types())]
+    http = [x for x in chain if isinstance(x, HfHubHTTPError)]
+    if network:  # the HTTP client's, e.g. "ConnectError: [Errno -2] Name or service not known"
+        reason = f"{type(network[0]).__name__}: {_first_line(network[0])}"
+    elif http:
+        reason = _first_line(http[0])
+    elif any(isinstance(x, LocalEntryNotFoundError) for x in chain):
+        reason = "not in the local cache, and the hub could not be reached"
+    else:
+        return
+    raise CliError(f"cannot download the pretrained weights of {model} from the Hugging Face Hub at "
+                   f"{hub.ENDPOINT} ({reason}); set HF_ENDPOINT for a mirror, {alternative}") from e
+
+
+@contextlib.contextmanager
+def _hub_quiet(pretrained: bool):
+    """While the pretrained weights load, huggingface_hub logs only errors, not a warning per retry of an
+    unreachable hub, so that a failure reads as one line; HF_HUB_VERBOSITY, when set, wins."""
+    if not pretrained or os.environ.get("HF_HUB_VERBOSITY"):
+        yield
+        return
+    from huggingface_hub.utils import logging as hub_logging
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
 
 
-def _offline_unless_hub_reachable() -> None:
-    """Without network, make huggingface_hub look in the local cache only: it would otherwise retry
-    for about a minute, logging each try, before failing."""
-    if not _hub_reachable():
-        import huggingface_hub.constants
-        huggingface_hub.constants.HF_HUB_OFFLINE = True
+# The first bytes of a file torch.save wrote: a zip archive (torch >= 1.6), or the legacy format, which starts
+# with a pickled magic number.
+_ZIP_MAGIC = b"PK\x03\x04"
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+
+
+def _unreadable_because(path: str, e: Exception) -> str:
+    """Why timm could not read the checkpoint file `path` (it raised `e`), in a few words."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    if not head:
+        return "the file is empty"
+    if path.endswith(".safetensors"):
+        return f"not a valid safetensors file ({_first_line(e)})"
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(path):
+            return "the file is truncated or damaged (its zip archive has no central directory)"
+        import torch
+
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # noqa: BLE001 - only a better reason; the generic one follows
+            unsafe = []
+        if unsafe:
+            return (f"it pickles Python objects, not just tensors ({', '.join(unsafe[:3])}), which torch.load"
+                    f"(weights_only=True) refuses; save the model's state_dict() instead")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - as above
+            obj = {}
+        if not isinstance(obj, dict):
+            return f"it holds a {type(obj).__name__}, not a state_dict (a dict of tensors)"
+        return f"{type(e).__name__}: {_first_line(e)}"
+    if head.startswith(_LEGACY_MAGIC):
+        return f"the file is truncated or damaged ({type(e).__name__}: {_first_line(e)})"
+    return "it is neither a PyTorch (torch.save) nor a safetensors file"
+
+
+def _read_checkpoint(path: str, model: str) -> dict:
+    """The state_dict in checkpoint file `path`, read as timm reads it (safetensors, or torch.load with
+    weights_only; a 'state_dict', 'model' or EMA entry unwrapped; 'module.' prefixes stripped)."""
+    from timm.models import load_state_dict
+
+    if os.path.isdir(path):
+        raise CliError(f"checkpoint is a directory, not a file: {path}")
+    if not os.path.exists(path):
+        raise CliError(f"checkpoint not found: {path}")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise CliError(f"cannot read checkpoint {path}: {e.strerror or _first_line(e)}") from e
+    try:
+        state_dict = load_state_dict(path)
+    except Exception as e:  # noqa: BLE001 - torch.load raises anything for a damaged file (a KeyError, EOFError...)
+        raise CliError(f"{path} is not a loadable checkpoint of {model}: {_unreadable_because(path, e)}") from e
+    if not isinstance(state_dict, dict):
+        raise CliError(f"{path} is not a loadable checkpoint of {model}: it holds a {type(state_dict).__name__}, "
+                       f"not a state_dict")
+    return state_dict
+
+
+def _load_checkpoint(model_obj, state_dict: dict, path: str, model: str) -> None:
+    """Load `state_dict` into the model strictly (as timm's checkpoint_path does), or say in a few words which
+    tensors do not fit."""
+    import torch
+
+    own = model_obj.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    other = [k for k in own if k in state_dict and not (isinstance(state_dict[k], torch.Tensor)
+                                                          and state_dict[k].shape == own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(own)} tensors missing (e.g. {missing[0]!r})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]!r})")
+    if other:
+        k, v = other[0], state_dict[other[0]]
+        got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        parts.append(f"{len(other)} tensors of another shape (e.g. {k!r}: {got}, the model's {list(own[k].shape)})")
+    if parts:
+        raise CliError(f"{path} is not a loadable checkpoint of {model}: " + ", ".join(parts))
+    try:
+        model_obj.load_state_dict(state_dict)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CliError(f"{path} is not a loadable checkpoint of {model}: {_first_line(e)}") from e
 
 
 def _load_model(args: argparse.Namespace, device: torch.device):
@@ -124,21 +285,21 @@ def _load_model(args: argparse.Namespace, device: torch.device):
 
     from nfnet_fast import create_model
 
-    kwargs = {}
-    if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
-            raise CliError(f"checkpoint not found: {args.checkpoint}")
-        kwargs["checkpoint_path"] = args.checkpoint
-    if args.pretrained:
-        _offline_unless_hub_reachable()
+    # The checkpoint is read before the model is built: a bad file fails in a moment, not after the build.
+    state_dict = _read_checkpoint(args.checkpoint, args.model) if args.checkpoint else None
     try:
-        model = create_model(args.model, pretrained=args.pretrained, backend=args.backend, **kwargs)
-    except (OSError, RuntimeError, ValueError, KeyError) as e:
-        first = _first_line(e)
+        with _hub_quiet(args.pretrained):
+            model = create_model(args.model, pretrained=args.pretrained, backend=args.backend)
+    except Exception as e:  # noqa: BLE001 - sorted below: the hub's errors, then the usual ones; the rest re-raised
         if args.pretrained:
-            raise CliError(f"cannot load pretrained weights for {args.model} (no network, and not in the local "
-                           f"cache?): {first}") from e
-        raise CliError(f"cannot create {args.model}: {first}") from e
+            _raise_if_hub_failed(e, args.model, "or pass --checkpoint FILE")
+        if not isinstance(e, (OSError, RuntimeError, ValueError, KeyError)):
+            raise
+        if args.pretrained:
+            raise CliError(f"cannot load pretrained weights for {args.model}: {_first_line(e)}") from e
+        raise CliError(f"cannot create {args.model}: {_first_line(e)}") from e
+    if state_dict is not None:
+        _load_checkpoint(model, state_dict, args.checkpoint, args.model)
     return model.eval().to(device=device, memory_format=torch.channels_last)
 
 
@@ -153,6 +314,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print("nfnet-fast predict: warning: no --pretrained or --checkpoint, the weights are random and so are "
               "the predictions", file=sys.stderr)
     model = _load_model(args, device)
+    if args.topk > model.num_classes:
+        raise CliError(f"--topk {args.topk} is more than the {model.num_classes} classes of {args.model}")
     transform = create_transform(**resolve_data_config({}, model=model))
     labels = ImageNetInfo() if model.num_classes == 1000 else None
     failed, results = 0, []
@@ -161,7 +324,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         x = torch.stack(batch).to(device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             probs = model(x).float().softmax(-1)
-        top = probs.topk(min(args.topk, probs.shape[-1]), dim=-1)
+        top = probs.topk(args.topk, dim=-1)
         for path, p, i in zip(paths, top.values.tolist(), top.indices.tolist()):
             names = [labels.index_to_description(k) if labels else str(k) for k in i]
             results.append(dict(image=path, topk=[dict(index=k, label=n, prob=v) for k, n, v in zip(i, names, p)]))
@@ -209,6 +372,17 @@ class _HelpFormatter(argparse.HelpFormatter):
                 paras.append(textwrap.fill(" ".join(para.split()), width, initial_indent=indent,
                                            subsequent_indent=indent))
         return "\n\n".join(paras)
+
+
+def _topk(text: str) -> int:
+    """argparse type of --topk: an integer >= 1 (checked against the model's number of classes once loaded)."""
+    try:
+        k = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"topk must be an integer >= 1, not {text!r}") from None
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"topk must be >= 1, got {k}")
+    return k
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,11 +433,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "2 on a usage or model-loading error.")
     q.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     w = q.add_mutually_exclusive_group()
-    w.add_argument("--pretrained", action="store_true", help="timm's pretrained weights (hub or local cache)")
+    w.add_argument("--pretrained", action="store_true",
+                   help="timm's pretrained weights (Hugging Face Hub or local cache; huggingface_hub's settings apply: "
+                        "HF_ENDPOINT, HF_HUB_OFFLINE, proxies, timeouts)")
     w.add_argument("--checkpoint", metavar="FILE", help="a timm-format checkpoint of the model")
     q.add_argument("--model", default="eca_nfnet_l0",
                    help="timm NF model name, e.g. nfnet_f0, nf_resnet50 (default: %(default)s)")
-    q.add_argument("--topk", type=int, default=5, metavar="K",
+    q.add_argument("--topk", type=_topk, default=5, metavar="K",
                    help="classes printed per image, most probable first (default: %(default)s)")
     q.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images per forward pass (default: %(default)s)")
