@@ -7,7 +7,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.nfnet_fast-installed
 # torch 2.14.1 is the CUDA 13.0 build (found on local disk on the project's machines); triton comes with it.
-DEPS   := "torch==2.14.1" "timm>=1.0" tqdm pytest pytest-benchmark ninja "setuptools>=64" wheel
+# onnx, onnxscript, onnxruntime: the export tests (both ONNX exporters, run in onnxruntime).
+DEPS   := "torch==2.14.1" "timm>=1.0" tqdm pytest pytest-benchmark ninja "setuptools>=64" wheel \
+          onnx onnxscript onnxruntime
 
 .PHONY: setup test bench clean
 

@@ -187,7 +187,7 @@ def measure(step: Step, x: torch.Tensor, iters: int, warmup: int, device: torch.
         return [t / 1e3 for t in times_ms]
     from torch.utils.benchmark import Timer
 
-    timer = Timer(stmt="step(x)", globals={"step": step, "x": x})
+    timer = Timer(stmt="step(x)", globals={"step": step, "x": x}, num_threads=torch.get_num_threads())
     return [timer.timeit(1).mean for _ in range(iters)]
 
 

@@ -449,6 +449,7 @@ def test_jit_trace_and_inference_mode_built_model():
     with torch.no_grad(), warnings.catch_warnings():
         # expected: the ops' argument checks read shapes, which the tracer notes it will freeze
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
         traced = torch.jit.trace(fast, x)
         assert_rel_close(traced(x), ref(x), what="jit.trace")
     with torch.inference_mode():
