@@ -163,6 +163,7 @@ bench inference-eager 90 bench/test_bench_model.py -k "test_inference and not co
 # (the ops' compiled-reference rows wait for the compile warm-up where compiled contenders are on)
 bench ops 60 bench/test_bench_ops.py $([ "$compiled" = 1 ] && echo '-k not compiled')
 bench train-eager 60 bench/test_bench_model.py -k "test_train_step and not compile"
+bench conv 60 bench/test_bench_conv.py -k "not compile"
 step "kernel-time profiles (eager)"
 run_step "profiles-eager" 60 $PY bench/profile_kernels.py --out "$work/prof" --no-compile
 
@@ -180,7 +181,8 @@ t0=$(elapsed)
 gpu_tests & tests_pid=$!
 if [ "$compiled" = 1 ]; then
   run_step "compile-warmup" 120 env NFNET_BENCH_ROUNDS=1 $PY -m pytest -q -p no:cacheprovider \
-    bench/test_bench_model.py bench/test_bench_ops.py -k "compile and not test_train_step" >"$work/warmup.log" 2>&1
+    bench/test_bench_model.py bench/test_bench_ops.py bench/test_bench_conv.py -k "compile and not test_train_step" \
+    >"$work/warmup.log" 2>&1
   tail -3 "$work/warmup.log"
 else
   echo "   compile warm-up: skipped, the compiled contenders are off here (NFNET_BENCH_COMPILE=0; default on a CPU)"
@@ -202,6 +204,7 @@ tail -25 "$work/tests.log"
 if [ "$compiled" = 1 ]; then
   bench inference-compiled 120 bench/test_bench_model.py -k "test_inference and compile"
   bench ops-compiled 40 bench/test_bench_ops.py -k "compiled"
+  bench conv-compiled 40 bench/test_bench_conv.py -k "compile"
   step "kernel-time profile (timm compiled)"
   run_step "profiles-compiled" 60 $PY bench/profile_kernels.py --out "$work/prof" --only-compiled
 else

@@ -85,6 +85,48 @@ def ops_table(benches) -> list:
     return lines + [""]
 
 
+def conv_table(benches) -> list:
+    """One row per convolution shape of the model: each implementation's median, the fused one's
+    TFLOP/s and fraction of the large GEMM measured in the same run, and the cost model's
+    prediction (max of FLOPs / GEMM rate and bytes / copy rate); a last row weighs every shape
+    by how often a forward runs it."""
+    rows = [b for b in benches if "conv" in b["extra_info"]]
+    if not rows:
+        return []
+    impls = list(dict.fromkeys(b["extra_info"]["impl"] for b in rows))
+    by_conv = {}
+    for b in rows:
+        by_conv.setdefault(b["extra_info"]["conv"], {})[b["extra_info"]["impl"]] = b
+    i0 = rows[0]["extra_info"]
+    head = ["conv (Cin x H x W - Cout - kernel, runs per forward)"] + [f"{m} ms" for m in impls] + [
+        "fused TFLOP/s", "of GEMM", "predicted ms", "fused / conv alone"]
+    lines = [f"### convolutions (batch {i0['batch']}, {i0['dtype'].replace('torch.', '')}; GEMM "
+             f"{i0['gemm_tflops']:.3g} TFLOP/s, copy {i0['copy_gbps']:.3g} GB/s, both measured in this run)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    totals = dict.fromkeys(impls, 0.0)
+    predicted_total = 0.0
+    for conv, found in by_conv.items():
+        any_row = next(iter(found.values()))["extra_info"]
+        runs = any_row["runs_per_forward"]
+        ms = {m: found[m]["stats"]["median"] * 1e3 for m in impls if m in found}
+        for m, v in ms.items():
+            totals[m] += v * runs
+        predicted_total += any_row["predicted_s"] * 1e3 * runs
+        fused = found.get("fused")
+        cells = [f"{ms[m]:.3f}" if m in ms else "-" for m in impls]
+        if fused:
+            f = fused["extra_info"]
+            cells += [f"{f['tflops']:.1f}", f"{100 * f['tflops'] / f['gemm_tflops']:.0f}%",
+                      f"{f['predicted_s'] * 1e3:.3f}",
+                      f"{ms['fused'] / ms['conv alone']:.2f}" if "conv alone" in ms else "-"]
+        else:
+            cells += ["-"] * 4
+        lines.append(f"| {conv} | " + " | ".join(cells) + " |")
+    lines.append("| **one forward (x runs)** | " + " | ".join(f"**{totals[m]:.2f}**" for m in impls)
+                 + f" | | | **{predicted_total:.2f}** | |")
+    return lines + [""]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bench_json", nargs="*", help="pytest-benchmark --benchmark-json files (none: a report of the rest)")
@@ -112,6 +154,7 @@ def main(argv=None) -> int:
     md += ["## throughput", ""] + (model_tables(benches, "inference") + model_tables(benches, "train")
                                    or ["No benchmark finished: see the notes above.", ""])
     md += ops_table(benches)
+    md += conv_table(benches)
     if args.kernels and os.path.exists(args.kernels):
         md += ["## where the time goes", "", open(args.kernels).read().strip(), ""]
     for t in args.tables:

@@ -51,6 +51,7 @@ constexpr int kMinBlocksApplyAct = 3;
 struct Geo {
   int64_t C, HW;
   int splits, split_len, ctiles, tile, ct, k;
+  int sum_splits;  // pixel ranges of the sums the forward's apply reads: `splits`, or 1 for a producer's sums
 };
 
 Geo geo_of(const EcaPlan& p, int k) {
@@ -62,7 +63,8 @@ Geo geo_of(const EcaPlan& p, int k) {
              static_cast<int>(p.ctiles),
              static_cast<int>(p.tile),
              p.ct,
-             k};
+             k,
+             static_cast<int>(p.splits)};
 }
 
 struct BlockPos {
@@ -162,7 +164,7 @@ __device__ __forceinline__ void load_means_from_partials(acc_t* m_s, int64_t c_l
     acc_t m = 0;
     if (c >= 0 && c < g.C) {
       acc_t sum = 0;
-      for (int s = 0; s < g.splits; ++s) sum += partial[(n * g.splits + s) * g.C + c];
+      for (int s = 0; s < g.sum_splits; ++s) sum += partial[(n * g.sum_splits + s) * g.C + c];
       m = eca_mean(sum, g.HW);
     }
     m_s[t] = m;
@@ -470,11 +472,12 @@ const T* ptr_or_null(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_cuda(const at::Tensor& y, const at::Tensor& weight,
                                                                  const std::optional<at::Tensor>& shortcut,
-                                                                 double coef, std::optional<double> beta_next) {
+                                                                 double coef, std::optional<double> beta_next,
+                                                                 const std::optional<at::Tensor>& sums) {
   eca_check_activation(y, "y");
   check_cuda_dtype(y, "y");
   const c10::cuda::CUDAGuard guard(y.device());
-  auto a = eca_residual_args(y, weight, shortcut, beta_next);
+  auto a = eca_residual_args(y, weight, shortcut, beta_next, sums);
   const bool has_act = beta_next.has_value();
   const int mode = !a.sc.defined() ? kEca : (has_act ? kResidualAct : kResidual);
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -487,17 +490,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_cuda(const at::Tenso
     const int align = common_alignment({yp, sc, out, act});
     const EcaPlan pl = eca_plan(a.N, a.C, a.HW, sizeof(scalar_t), a.format == at::MemoryFormat::ChannelsLast, align,
                                 /*cuda=*/true, target_blocks(y.get_device()));
-    auto partial = at::empty({pl.N * pl.splits * pl.C}, a.mean.options());
-    const Geo g = geo_of(pl, a.k);
+    // the producer's sums (one range per channel) stand in for the pooling pass's partial sums
+    const bool pool = !a.sums.defined();
+    auto partial = pool ? at::empty({pl.N * pl.splits * pl.C}, a.mean.options()) : a.sums;
+    Geo g = geo_of(pl, a.k);
+    if (!pool) g.sum_splits = 1;
     const int p = (a.k - 1) / 2;
     const size_t smem = sizeof(acc_t) * (2 * pl.tile + 2 * p);
     const acc_t* w = a.w.const_data_ptr<acc_t>();
     dispatch_plan<scalar_t>(pl, [&](auto v, auto cl) {
       constexpr int V = decltype(v)::value;
       constexpr bool CL = decltype(cl)::value;
-      reduce_kernel<scalar_t, V, CL, kPool><<<grid_of(pl), kThreads, 0, stream>>>(
-          yp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, partial.mutable_data_ptr<acc_t>(), 0.f, 0.f, g);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (pool) {
+        reduce_kernel<scalar_t, V, CL, kPool><<<grid_of(pl), kThreads, 0, stream>>>(
+            yp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, partial.mutable_data_ptr<acc_t>(), 0.f, 0.f, g);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       auto apply = [&](auto mode_c) {
         apply_kernel<scalar_t, V, CL, decltype(mode_c)::value><<<grid_of(pl), kThreads, smem, stream>>>(
             yp, sc, partial.const_data_ptr<acc_t>(), w, out, act, a.mean.mutable_data_ptr<acc_t>(),

@@ -233,17 +233,28 @@ inline void eca_inputs(EcaInputs& a, const at::Tensor& y, const at::Tensor& weig
 
 struct EcaResidualArgs : EcaInputs {
   at::Tensor x_next, a_next, mean;  // a_next: (0,) when there is no beta_next; mean: (N, C) in the math dtype
+  at::Tensor sums;                  // y's (N, C) channel sums from its producer, contiguous in the math
+                                    // dtype; undefined when the op pools y itself
 };
 
 inline EcaResidualArgs eca_residual_args(const at::Tensor& y, const at::Tensor& weight,
-                                         const std::optional<at::Tensor>& shortcut, std::optional<double> beta_next) {
+                                         const std::optional<at::Tensor>& shortcut, std::optional<double> beta_next,
+                                         const std::optional<at::Tensor>& sums) {
   EcaResidualArgs a;
   eca_inputs(a, y, weight, shortcut);
   TORCH_CHECK(!beta_next.has_value() || a.sc.defined(),
               "beta_next needs a shortcut: the next pre-activation belongs to the residual form (eca_residual)");
   a.x_next = a.empty_act();
   a.a_next = beta_next.has_value() ? a.empty_act() : at::empty({0}, y.options());
-  a.mean = at::empty({a.N, a.C}, y.options().dtype(at::toOpMathType(y.scalar_type())));
+  const auto acc = at::toOpMathType(y.scalar_type());
+  a.mean = at::empty({a.N, a.C}, y.options().dtype(acc));
+  if (sums.has_value() && sums->defined()) {
+    check_float_tensor(*sums, "sums");
+    check_same_device(*sums, "sums", y, "y");
+    TORCH_CHECK(sums->dim() == 2 && sums->size(0) == a.N && sums->size(1) == a.C,
+                "sums must be y's (N, C) channel sums (", a.N, ", ", a.C, "), got shape ", sums->sizes());
+    a.sums = sums->to(acc).contiguous();
+  }
   return a;
 }
 

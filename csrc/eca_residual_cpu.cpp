@@ -109,7 +109,7 @@ void forward_impl(EcaResidualArgs& a, double scale_d, std::optional<double> beta
   using acc_t = at::opmath_type<scalar_t>;
   const EcaPlan pl = cpu_plan(a.N, a.C, a.HW, sizeof(scalar_t), a.format,
                               common_alignment({a.y.const_data_ptr(), a.x_next.const_data_ptr()}));
-  auto partial = at::empty({pl.N * pl.splits * pl.C}, a.mean.options());
+  auto partial = at::empty({a.sums.defined() ? 0 : pl.N * pl.splits * pl.C}, a.mean.options());
   const scalar_t* y = a.y.const_data_ptr<scalar_t>();
   const scalar_t* sc = a.sc.defined() ? a.sc.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* out = a.x_next.mutable_data_ptr<scalar_t>();
@@ -118,13 +118,18 @@ void forward_impl(EcaResidualArgs& a, double scale_d, std::optional<double> beta
   const acc_t* w = a.w.const_data_ptr<acc_t>();
   const acc_t scale = static_cast<acc_t>(scale_d), beta = static_cast<acc_t>(beta_next.value_or(0.0));
 
-  reduce_ranges<acc_t>(pl, partial.mutable_data_ptr<acc_t>(),
-                       [&](int64_t i, int64_t, int64_t) { return static_cast<acc_t>(y[i]); });
-  const acc_t* part = partial.const_data_ptr<acc_t>();
-  at::parallel_for(0, pl.N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n)
-      for (int64_t c = 0; c < pl.C; ++c) mean[n * pl.C + c] = eca_mean(sum_partials(pl, part, n, c), pl.HW);
-  });
+  if (a.sums.defined()) {  // y's sums came from its producer: no pooling pass
+    const acc_t* sums = a.sums.const_data_ptr<acc_t>();
+    for (int64_t i = 0; i < pl.N * pl.C; ++i) mean[i] = eca_mean(sums[i], pl.HW);
+  } else {
+    reduce_ranges<acc_t>(pl, partial.mutable_data_ptr<acc_t>(),
+                         [&](int64_t i, int64_t, int64_t) { return static_cast<acc_t>(y[i]); });
+    const acc_t* part = partial.const_data_ptr<acc_t>();
+    at::parallel_for(0, pl.N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n)
+        for (int64_t c = 0; c < pl.C; ++c) mean[n * pl.C + c] = eca_mean(sum_partials(pl, part, n, c), pl.HW);
+    });
+  }
   std::vector<acc_t> coef(pl.N * pl.C);
   gates_from_means<acc_t>(pl, mean, w, a.k, scale, nullptr, coef.data());
   for_each_element(pl, [&](int64_t i, int64_t n, int64_t c) {
@@ -212,8 +217,9 @@ at::Tensor backward_impl(EcaResidualBackwardArgs& a, double scale_d, std::option
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_cpu(const at::Tensor& y, const at::Tensor& weight,
                                                                 const std::optional<at::Tensor>& shortcut,
-                                                                double coef, std::optional<double> beta_next) {
-  auto a = eca_residual_args(y, weight, shortcut, beta_next);
+                                                                double coef, std::optional<double> beta_next,
+                                                                const std::optional<at::Tensor>& sums) {
+  auto a = eca_residual_args(y, weight, shortcut, beta_next, sums);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "eca_residual_cpu",
                                   [&] { forward_impl<scalar_t>(a, coef, beta_next); });
   return {a.x_next, a.a_next, a.mean};
@@ -235,10 +241,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_backward_cpu(
 // y: (N, C, H, W); weight: the conv1d kernel, (k,) or (1, 1, k); shortcut: like y, or None (then
 // this is ops.eca); x_next = coef * y * gate(y) [+ shortcut]; a_next = silu(x_next) * beta_next when
 // beta_next is given, else (0,); stats = the (N, C) channel means (fp32; fp64 for float64 y), which
-// the backward reuses. The outputs take y's layout (eca_format).
+// the backward reuses. The outputs take y's layout (eca_format). sums: y's (N, C) channel sums over
+// its pixels when y's producer computed them (fused_conv's want_sums), so y is not read to pool it;
+// they are y's function, not an input of their own: the backward differentiates through y.
 TORCH_LIBRARY_FRAGMENT(nfnet_fast, m) {
   m.def(
-      "eca_residual(Tensor y, Tensor weight, Tensor? shortcut, float coef, float? beta_next)"
+      "eca_residual(Tensor y, Tensor weight, Tensor? shortcut, float coef, float? beta_next, Tensor? sums=None)"
       " -> (Tensor x_next, Tensor a_next, Tensor stats)");
   // Gradients of y, weight and, when grad_a_next is given, of x_next's total, which is the
   // shortcut's; without grad_a_next the third output is (0,) and the shortcut's gradient is

@@ -30,9 +30,9 @@ Activation volumes moved from/to HBM (one volume = N*C*H*W elements): forward 5 
 pre-activation (pool: y in; apply: y and shortcut in, x and a out), 4 without it, 3 for ops.eca;
 backward 7 with a gradient for a (reduce: dx, da, y, shortcut in, dshortcut out; dy pass:
 dshortcut in, dy out), 4 without (reduce: dx, y in; dy pass: dx in, dy out). The pooling read of
-y is the one read beyond "each activation once": removing it needs the sums from the producer of
-y (conv3's epilogue, docs/design.md section 5), which could hand them to the apply kernels in the same
-(N, S, C) form.
+y is the one read beyond "each activation once": with ``sums`` from y's producer (conv3's fused
+epilogue, docs/design.md section 5) it is skipped, the apply kernels reading them as (N, 1, C)
+partial sums: 4 volumes with the next pre-activation, 3 without.
 
 Memory formats: NCHW (pixels contiguous) and channels_last (channels contiguous) have their own
 kernels, so the contiguous axis is always the vectorised one; the caller makes other strides
@@ -414,14 +414,16 @@ def _pool(y: torch.Tensor, cl: bool, gpu_config: bool) -> torch.Tensor:
 
 
 def forward(y: torch.Tensor, weight: torch.Tensor, shortcut: Optional[torch.Tensor], coef: float,
-            beta_next: Optional[float], gpu_config: bool = False):
+            beta_next: Optional[float], gpu_config: bool = False, sums: Optional[torch.Tensor] = None):
     """``(x_next, a_next, stats)``: ``x_next = coef * y * gate (+ shortcut)``, ``a_next =
     silu(x_next) * beta_next`` (None without ``beta_next``) and ``stats``, the (N, S, C) fp32 partial
     channel sums the backward needs.
 
     ``y`` is NCHW- or channels_last-contiguous; ``shortcut`` (or None) has ``y``'s strides;
     ``weight`` holds the K conv1d taps in fp32, contiguous. Outputs have ``y``'s strides.
-    ``gpu_config``: the GPU launch configuration on CPU tensors too (tests).
+    ``gpu_config``: the GPU launch configuration on CPU tensors too (tests). ``sums``: y's fp32
+    (N, C) channel sums from y's producer (contiguous): then no pooling launch reads y, and they are
+    the stats (S = 1).
     """
     _check(y)
     n, c, h, w = y.shape
@@ -429,7 +431,7 @@ def forward(y: torch.Tensor, weight: torch.Tensor, shortcut: Optional[torch.Tens
     x_next = torch.empty_like(y)
     a_next = torch.empty_like(y) if beta_next is not None else None
     with device_guard(y):
-        stats = _pool(y, cl, gpu_config)
+        stats = _pool(y, cl, gpu_config) if sums is None else sums.view(n, 1, c)
         pl = plan(y.shape, cl, y.device, gpu_config=gpu_config)
         args = (y, y if shortcut is None else shortcut, x_next, x_next if a_next is None else a_next, stats, weight)
         scal = (stats.shape[1], weight.numel(), 1.0 / (h * w), float(coef),

@@ -3,7 +3,7 @@
 One launch computes, for an input ``x`` (N, Cin, H, W) stored channels_last::
 
     x'  = avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)   (pool=True, on load)
-    y   = act(conv2d(x', w, stride, padding, groups) + bias)              (fp32 accumulation)
+    y   = act(conv2d(x', w, stride, padding, groups) + bias) * act_gain   (fp32 accumulation)
     out = y stored channels_last in x's dtype
     sums[n, o] = sum_hw y[n, o]                                           (want_sums=True, fp32)
 
@@ -30,7 +30,8 @@ activation dtype (:func:`pack_weight`): the B tile of every step is BLOCK_K cont
 BLOCK_N contiguous output channels, for either K walk.
 
 Epilogue, on the fp32 accumulator: + bias (fp32), activation (a runtime index: none, SiLU, ReLU,
-exact erf GELU), one store in the activation dtype. Channel sums (want_sums) are taken from the
+exact erf GELU) times act_gain (timm's GammaAct, the dm_ variants' gamma), one store in the
+activation dtype. Channel sums (want_sums) are taken from the
 fp32 values before rounding and written without atomics: rows are flattened (n, oh, ow), so a tile
 of BLOCK_M rows may hold the end of one image and the start of the next (several, when HW <
 BLOCK_M); it writes one partial row per image it touches into ``part[n, s, :]``, where s = tile -
@@ -54,16 +55,14 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import AotSpec, device_guard
 
 ACTS = (None, "silu", "relu", "gelu")  # the kernels' ``act`` argument is the index in this tuple
-# fp32 inputs take K steps of at most 16, 8 with the pool prologue's four A tiles (see _k_step).
-FP32_BLOCK_K = tl.constexpr(16)
-FP32_POOL_BLOCK_K = tl.constexpr(8)
+# fp32 inputs take K steps of at most FP32_K (a constexpr of each tile): 16 on a GPU, 8 with the
+# pool prologue's four A tiles (see _k_step); under the interpreter the whole BLOCK_K.
 
 # ---------------------------------------------------------------------------------------------
 # launch configurations
@@ -85,51 +84,62 @@ FP32_POOL_BLOCK_K = tl.constexpr(8)
 #
 # 1x1 GEMM: Cout >= 128 takes 128x128 at 8 warps (L0: 128..2304 outputs; 384 = 3 tiles);
 # Cout <= 64 takes 128x64 at 4 warps.
-GEMM_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, num_warps=8)
-GEMM_NARROW = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, ALIGNED=True, num_warps=4)
+GEMM_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, FP32_K=16, num_warps=8)
+GEMM_NARROW = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, ALIGNED=True, FP32_K=16, num_warps=4)
 # 1x1 with the pool prologue: each K step loads four A tiles (the 2x2 window), and the pipeliner
 # stages all four in shared memory, so the step is 32 deep: (4 * 128 + 128) * 32 * 2 = 40 KB a
 # stage at 128x128 (3 stages: 120 KB; 64 deep would be 240 KB, over sm_90's 228 KB).
-GEMM_POOL_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, num_warps=8)
-GEMM_POOL_NARROW = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, num_warps=4)
+GEMM_POOL_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, FP32_K=8, num_warps=8)
+GEMM_POOL_NARROW = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, FP32_K=8, num_warps=4)
 # kxk implicit GEMM, tap-major: group width >= 64 takes BLOCK_K 64 (L0's grouped 3x3s: width 64,
 # Cout/groups 64, one column tile per group; the stem's 64->128 takes the 128-wide tile);
 # widths 32..63 take BLOCK_K 32 (the stem's 32->64).
 CONV_K64_N64 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, FLAT_K=False, ALIGNED=True,
-                    num_warps=4)
+                    FP32_K=16, num_warps=4)
 CONV_K64_N128 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, FLAT_K=False, ALIGNED=True,
-                     num_warps=8)
+                     FP32_K=16, num_warps=8)
 CONV_K32_N64 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=4, FLAT_K=False, ALIGNED=True,
-                    num_warps=4)
+                    FP32_K=16, num_warps=4)
 # flat K walk for group widths < 32 (the stem's 3->16 and 16->32, odd widths): element gathers,
 # no alignment to exploit; 32-wide column tiles (L0's stem has 16 and 32 outputs).
 CONV_FLAT = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, FLAT_K=True, ALIGNED=False,
-                 num_warps=4)
+                 FP32_K=16, num_warps=4)
 # Unaligned channel counts (not in L0; odd widths of other models), a 64-bit address per element:
 # 64x64x32 tiles at 2 stages stay clear of spills (64x64x16 with the pool's four A tiles).
-GEMM_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2, ALIGNED=False, num_warps=4)
-GEMM_POOL_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, NUM_STAGES=2, ALIGNED=False, num_warps=4)
+GEMM_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2, ALIGNED=False, FP32_K=16, num_warps=4)
+GEMM_POOL_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, NUM_STAGES=2, ALIGNED=False, FP32_K=8, num_warps=4)
 CONV_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2, FLAT_K=False, ALIGNED=False,
-                    num_warps=4)
+                    FP32_K=16, num_warps=4)
 # channel-sum reduction: one program per (image, 128 channels).
 SUMS_BLOCK = 128
 SUMS_WARPS = 4
-# Under the interpreter (CPU tensors) every program and every loop step costs Python time, and
-# tiny test shapes would leave one mostly-masked GPU tile: CPU launches use 32x16x16 tiles (the
-# same kernel code), so small shapes still cover many row/column tiles, images split across
-# tiles, both K walks and the swizzled tile order. tests/test_fused_conv_kernels.py sets
-# GPU_CONFIG_ON_CPU (or passes ``config=``) to run the GPU tiles there too.
-CPU_TILE = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, NUM_STAGES=1, num_warps=4)
-GPU_CONFIG_ON_CPU = False
+# Under the interpreter (CPU tensors) every program and every loop step costs milliseconds of
+# Python (index arithmetic over the whole tile) whatever the tile's size, while numpy does the tile
+# math fast: CPU launches take one tile as large as the problem (powers of two, capped), so a conv
+# is a few programs of a few K steps (eca_nfnet_l0's forward at 64 px: 234 s with 32x16x16 tiles).
+# SMALL_TILE (32x16x16) is what tests pass as config= to cover many row/column tiles, images split
+# across tiles and the swizzled tile order on small shapes; gpu_config=True runs the GPU tiles.
+SMALL_TILE = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, GROUP_M=2, NUM_STAGES=1, FP32_K=16, num_warps=4)
+CPU_MAX = dict(BLOCK_M=1024, BLOCK_N=1024, BLOCK_K=512)
+
+
+def _pow2(n: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(max(int(n), 1))))
 
 
 def config(kind: str, group_width: int, cout_per_group: int, device: torch.device = torch.device("cuda"),
-           pool: bool = False, aligned: bool = True) -> dict:
+           pool: bool = False, aligned: bool = True, gpu_config: bool = False, rows: int = 1,
+           taps: int = 1) -> dict:
     """The tile for a ``kind`` ("1x1" or "conv") launch with ``group_width`` input and
     ``cout_per_group`` output channels per group; ``aligned``: see ALIGNED above (a copy: callers
-    may edit it). fp32 inputs use the same tile with a shorter K step (see _k_step)."""
-    if device.type != "cuda" and not GPU_CONFIG_ON_CPU:
-        cfg = dict(CPU_TILE, ALIGNED=aligned)
+    may edit it). fp32 inputs use the same tile with a shorter K step (see _k_step). CPU tensors
+    (the interpreter) get a tile as large as the problem (``rows`` output pixels, ``taps`` kernel
+    taps) unless ``gpu_config``."""
+    if device.type != "cuda" and not gpu_config:
+        cfg = dict(BLOCK_M=_pow2(rows, 16, CPU_MAX["BLOCK_M"]), BLOCK_N=_pow2(cout_per_group, 16, CPU_MAX["BLOCK_N"]),
+                   BLOCK_K=_pow2(group_width * taps, 16, CPU_MAX["BLOCK_K"]), GROUP_M=8, NUM_STAGES=1,
+                   num_warps=4, ALIGNED=aligned)
+        cfg["FP32_K"] = cfg["BLOCK_K"]  # (no registers to spill under the interpreter)
         if kind == "conv":
             cfg["FLAT_K"] = group_width < cfg["BLOCK_K"]
         return cfg
@@ -189,7 +199,7 @@ def _act(y, act):
 
 
 @triton.jit
-def _k_step(x_ptr, BLOCK_K: tl.constexpr, FP32_MAX: tl.constexpr):
+def _k_step(x_ptr, BLOCK_K: tl.constexpr, FP32_MAX: tl.constexpr):  # FP32_MAX: the tile's FP32_K
     """The K step a program takes: BLOCK_K for 16-bit inputs (tensor cores), at most FP32_MAX for
     fp32 inputs, whose IEEE dot runs on FMAs with its operand slices in registers (a 64-deep step
     of a 128x128 tile spills thousands of bytes). The tile stays the config's, so the launcher's
@@ -202,12 +212,13 @@ def _k_step(x_ptr, BLOCK_K: tl.constexpr, FP32_MAX: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, bias_ptr, part_ptr,
-              SUMS: tl.constexpr, BLOCK_M: tl.constexpr):
-    """+ bias, activation, one store of the (BLOCK_M, BLOCK_N) output tile at ``out_ptrs``; with
-    SUMS one fp32 partial channel sum per image the tile touches (see the module docstring)."""
+def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr,
+              part_ptr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """+ bias, activation times act_gain, one store of the (BLOCK_M, BLOCK_N) output tile at
+    ``out_ptrs``; with SUMS one fp32 partial channel sum per image the tile touches (see the module
+    docstring)."""
     y = acc + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
-    y = _act(y, act)
+    y = _act(y, act) * act_gain
     if SUMS:
         # No mask needed: columns past Cout hold act(0 + 0) = 0, and rows past M belong to
         # image M // HW, past the last one summed.
@@ -231,10 +242,10 @@ def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S,
 
 
 @triton.jit
-def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, K, Cout, H, W, Wo, HW, S, act,
+def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, K, Cout, H, W, Wo, HW, S, act, act_gain,
                     POOL: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                    NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr):
+                    NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr, FP32_K: tl.constexpr):
     """out[M, Cout] = act(A[M, K] @ w[K, Cout] + bias): A = x's NHWC rows (K = Cin), or with POOL
     the 2x2 ceil-mode average of x (H x W) at output pixel m of the (Ho x Wo = HW) pooled grid."""
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(Cout, BLOCK_N), GROUP_M)
@@ -242,7 +253,7 @@ def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, K, Cout, H, W,
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
     cmask = cols < Cout
-    BK: tl.constexpr = _k_step(x_ptr, BLOCK_K, FP32_POOL_BLOCK_K if POOL else FP32_BLOCK_K)
+    BK: tl.constexpr = _k_step(x_ptr, BLOCK_K, FP32_K)
     kk = tl.arange(0, BK)
     if POOL:
         n = rows // HW
@@ -302,15 +313,15 @@ def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, K, Cout, H, W,
     if ALIGNED:
         out_ptrs = tl.max_contiguous(tl.multiple_of(out_ptrs, [1, 16]), [1, BLOCK_N])
         out_mask = tl.max_constancy(out_mask, [1, 16])
-    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, bias_ptr, part_ptr,
+    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr, part_ptr,
               SUMS, BLOCK_M)
 
 
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, H, W, Cin, Wo, HW, Cout, Cg, Cog, stride,
-                 pad_h, pad_w, S, act, KH: tl.constexpr, KW: tl.constexpr, SUMS: tl.constexpr,
+                 pad_h, pad_w, S, act, act_gain, KH: tl.constexpr, KW: tl.constexpr, SUMS: tl.constexpr,
                  FLAT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr):
+                 GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr, FP32_K: tl.constexpr):
     """Grouped KH x KW convolution as an implicit GEMM: row m = output pixel (n, oh, ow) of the
     (Ho x Wo = HW) grid, columns = Cog outputs of one group (Cg inputs each), K = KH*KW*Cg."""
     tiles_g = tl.cdiv(Cog, BLOCK_N)
@@ -328,7 +339,7 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, H, W, Cin, Wo, HW
     iw0 = (pix - oh * Wo) * stride - pad_w
     nH = n * H
     x_g = x_ptr + g * Cg
-    BK: tl.constexpr = _k_step(x_ptr, BLOCK_K, FP32_BLOCK_K)
+    BK: tl.constexpr = _k_step(x_ptr, BLOCK_K, FP32_K)
     kk = tl.arange(0, BK)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if FLAT_K:
@@ -379,7 +390,7 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, H, W, Cin, Wo, HW
     if ALIGNED:
         out_ptrs = tl.max_contiguous(tl.multiple_of(out_ptrs, [1, 16]), [1, BLOCK_N])
         out_mask = tl.max_constancy(out_mask, [1, 16])
-    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, bias_ptr, part_ptr,
+    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr, part_ptr,
               SUMS, BLOCK_M)
 
 
@@ -432,9 +443,11 @@ def _sum_slots(hw: int, tile_m: int) -> int:
 
 
 def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1,
-               padding: Padding = 0, groups: int = 1, act: Optional[str] = None, pool: bool = False,
-               want_sums: bool = False, config: Optional[dict] = None, packed_weight: Optional[torch.Tensor] = None):
-    """``act(conv2d(pool(x), weight, stride, padding, groups) + bias)`` in one launch, channels_last.
+               padding: Padding = 0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0,
+               pool: bool = False, want_sums: bool = False, config: Optional[dict] = None,
+               packed_weight: Optional[torch.Tensor] = None, gpu_config: bool = False):
+    """``act(conv2d(pool(x), weight, stride, padding, groups) + bias) * act_gain`` in one launch,
+    channels_last. The specification is ``nfnet_fast._reference.fused_conv``.
 
     Args:
         x: (N, Cin, H, W), fp32/fp16/bf16; made channels_last-contiguous if it is not (a copy).
@@ -445,12 +458,14 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         padding: zero padding: an int, ``(pad_h, pad_w)`` or ``(top, bottom, left, right)``.
         groups: the convolution's groups.
         act: None, "silu", "relu" or "gelu" (exact erf form), applied after the bias.
+        act_gain: multiplies the activation's output (timm's GammaAct).
         pool: a 2x2, stride-2, ceil-mode average pool (count_include_pad=False) of ``x`` first,
             applied while loading; needs a 1x1 kernel, stride 1, no padding and groups 1.
         want_sums: also return fp32 (N, Cout) sums over H*W of the output (before its rounding
             to ``x``'s dtype).
         config: a tile (see :func:`config`) instead of the launcher's choice.
         packed_weight: :func:`pack_weight` of ``weight`` in ``x``'s dtype, if already packed.
+        gpu_config: the GPU tiles on CPU tensors too (tests).
 
     Returns:
         ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, or ``(out, sums)``.
@@ -495,7 +510,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     cog = cout // groups
     aligned = _is_aligned((cin, cout, cg, cog), (x, wt, out))
     if config is None:
-        cfg = config_for(x, weight, groups, stride, padding, pool, aligned)
+        cfg = config_for(x, weight, groups, stride, padding, pool, aligned, gpu_config)
     else:  # never claim an alignment the tensors do not have
         cfg = dict(config)
         cfg["ALIGNED"] = bool(cfg.get("ALIGNED", aligned)) and aligned
@@ -511,11 +526,11 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             if one_by_one:
                 grid = (triton.cdiv(m, tile_m) * triton.cdiv(cout, cfg["BLOCK_N"]),)
                 _conv1x1_kernel[grid](x, wt, b, out, part, m, cin, cout, x.shape[2], x.shape[3], wo, hw, slots, a,
-                                      POOL=bool(pool), SUMS=bool(want_sums), **cfg)
+                                      float(act_gain), POOL=bool(pool), SUMS=bool(want_sums), **cfg)
             else:
                 grid = (triton.cdiv(m, tile_m) * groups * triton.cdiv(cog, cfg["BLOCK_N"]),)
                 _conv_kernel[grid](x, wt, b, out, part, m, h, w, cin, wo, hw, cout, cg, cog, stride, pt, pl,
-                                   slots, a, KH=kh, KW=kw, SUMS=bool(want_sums), **cfg)
+                                   slots, a, float(act_gain), KH=kh, KW=kw, SUMS=bool(want_sums), **cfg)
     if not want_sums:
         return out
     sums = torch.empty((nb, cout), device=x.device, dtype=torch.float32)  # every (n, c) is written
@@ -532,44 +547,20 @@ def _is_aligned(channels, tensors) -> bool:
 
 
 def config_for(x: torch.Tensor, weight: torch.Tensor, groups: int = 1, stride: int = 1, padding: Padding = 0,
-               pool: bool = False, aligned: Optional[bool] = None) -> dict:
+               pool: bool = False, aligned: Optional[bool] = None, gpu_config: bool = False) -> dict:
     """The tile :func:`fused_conv` picks for these arguments (``aligned``: by default from the
     channel counts and ``x``'s address)."""
     cout, cg, kh, kw = weight.shape
     if aligned is None:
         aligned = _is_aligned((cg * groups, cout, cg, cout // groups), (x,))
     one_by_one = (kh, kw, stride, groups) == (1, 1, 1, 1) and normalize_padding(padding) == (0, 0, 0, 0)
-    return config("1x1" if one_by_one else "conv", cg, cout // groups, x.device, pool, aligned)
-
-
-def fused_conv_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
-                         stride: int = 1, padding: Padding = 0, groups: int = 1, act: Optional[str] = None,
-                         pool: bool = False, want_sums: bool = False, **_ignored):
-    """The specification of :func:`fused_conv` in plain PyTorch (any device, fp32 math).
-
-    The pooled input and the weight are rounded to ``x``'s dtype (what the kernel multiplies, and
-    what an unfused pool / autocast conv would store); the convolution, bias, activation and sums
-    are fp32; the output is rounded to ``x``'s dtype, the sums are not.
-    """
-    dt = x.dtype
-    xf = x.float()
-    if pool:
-        xf = F.avg_pool2d(xf, 2, 2, ceil_mode=True, count_include_pad=False).to(dt).float()
     pt, pb, pl, pr = normalize_padding(padding)
-    if any((pt, pb, pl, pr)):
-        xf = F.pad(xf, (pl, pr, pt, pb))
-    y = F.conv2d(xf, weight.detach().to(dt).float(), None, stride, 0, 1, groups)
-    if bias is not None:
-        y = y + bias.detach().float().view(1, -1, 1, 1)
-    _act_index(act)
-    if act == "silu":
-        y = F.silu(y)
-    elif act == "relu":
-        y = F.relu(y)
-    elif act == "gelu":
-        y = F.gelu(y)
-    out = y.to(dt).contiguous(memory_format=torch.channels_last)
-    return (out, y.sum((2, 3))) if want_sums else out
+    h, w = x.shape[2:]
+    if pool:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    rows = x.shape[0] * ((h + pt + pb - kh) // stride + 1) * ((w + pl + pr - kw) // stride + 1)
+    return config("1x1" if one_by_one else "conv", cg, cout // groups, x.device, pool, aligned, gpu_config,
+                  rows=rows, taps=kh * kw)
 
 
 def cost(n: int, cin: int, h: int, w: int, cout: int, k: int, *, stride: int = 1, groups: int = 1,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 # Nothing heavy is imported here, so that `nfnet-fast --help` (nfnet_fast.cli) does not pay for torch.
 # The public names load on first access (PEP 562); importing nfnet_fast.ops (as nn, model and
 # benchmark do) imports the backends, which fill the registry that ops dispatches through.
-_PUBLIC = ("create_model", "convert", "list_models", "backends", "BackendInfo", "ops", "nn")
+_PUBLIC = ("create_model", "convert", "list_models", "backends", "BackendInfo", "ops", "nn", "adaptive_clip_grad_")
 
 
 def __getattr__(name: str):
@@ -34,6 +34,9 @@ def __getattr__(name: str):
     if name in ("backends", "BackendInfo"):
         from . import _backends
         return getattr(_backends, name)
+    if name == "adaptive_clip_grad_":
+        from . import train
+        return train.adaptive_clip_grad_
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -45,6 +48,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from . import nn, ops  # noqa: F401
     from ._backends import BackendInfo, backends  # noqa: F401
     from .model import convert, create_model, list_models  # noqa: F401
+    from .train import adaptive_clip_grad_  # noqa: F401
 
 __version__ = "0.1.0"
 __all__ = list(_PUBLIC)

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 
 NAMES = ("reference", "triton", "cuda")  # the one list of backend names (ops, CLI, benchmarks use it)
-OPS = ("scaled_std_weight", "eca", "eca_residual", "silu_scale")  # what every backend implements
+OPS = ("scaled_std_weight", "eca", "eca_residual", "silu_scale", "fused_conv")  # every backend implements these
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class BackendInfo:
         reason: why it is unavailable, or on which devices it is not (empty when it runs everywhere).
         any_device: it also runs on every other device type PyTorch supports (meta, mps, ...):
             plain PyTorch code (``reference``).
+        notes: what else to know, e.g. an op that runs another backend's kernel.
     """
 
     name: str
@@ -41,6 +42,7 @@ class BackendInfo:
     devices: tuple[str, ...]
     reason: str = ""
     any_device: bool = False
+    notes: str = ""
 
     def runs_on(self, device_type: str) -> bool:
         return self.any_device or device_type in self.devices
@@ -128,16 +130,22 @@ def _triton() -> BackendInfo:
     return BackendInfo("triton", True, tuple(devices), reason)
 
 
+# No vendor fused convolution (cuDNN's graph API, CUTLASS) is adopted before a GPU measurement shows
+# one faster than the Triton kernel on a shape (issue: fused convolutions).
+_CUDA_NOTES = ("fused_conv runs the Triton kernel (or the reference where triton does not run): no vendor fused "
+               "convolution is adopted yet")
+
+
 def _cuda() -> BackendInfo:
     ext, err = _load_extension()
     if ext is None:
         return BackendInfo("cuda", False, (), err)
     if not extension_has_cuda_kernels():
-        return BackendInfo("cuda", True, ("cpu",),
-                           "nfnet_fast._C was built without nvcc: CPU twins only (rebuild with the CUDA toolkit)")
+        return BackendInfo("cuda", True, ("cpu",), "nfnet_fast._C was built without nvcc: CPU twins only (rebuild "
+                           "with the CUDA toolkit)", notes=_CUDA_NOTES)
     if not _cuda_device_present():
-        return BackendInfo("cuda", True, ("cpu",), "no CUDA device: CPU twins only")
-    return BackendInfo("cuda", True, ("cpu", "cuda"))
+        return BackendInfo("cuda", True, ("cpu",), "no CUDA device: CPU twins only", notes=_CUDA_NOTES)
+    return BackendInfo("cuda", True, ("cpu", "cuda"), notes=_CUDA_NOTES)
 
 
 _infos: dict = {}

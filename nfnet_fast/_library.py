@@ -12,13 +12,15 @@ The names are the ops' vocabulary everywhere (ops.py, csrc/, kernels/, tests)::
         _scaled_std_weight_backward(grad_out, weight, gain, scale, eps) -> (grad_weight, grad_gain)
     silu_scale(x, beta) -> out
         _silu_scale_backward(grad_out, x, beta) -> grad_x
-    eca_residual(y, weight, shortcut?, coef, beta_next?) -> (x_next, a_next, stats)
+    eca_residual(y, weight, shortcut?, coef, beta_next?, sums?) -> (x_next, a_next, stats)
         _eca_residual_backward(grad_x_next?, grad_a_next?, y, weight, shortcut?, stats, coef, beta_next?)
             -> (grad_y, grad_weight, grad_shortcut)
 
 ``x_next = coef * y * gate(y) [+ shortcut]``, ``a_next = silu(x_next) * beta_next`` (a (0,) tensor
 without ``beta_next``), ``stats`` the backend's saved channel statistics (C++: the (N, C) means;
-Triton: (N, S, C) fp32 partial sums). ``ops.eca`` is ``eca_residual`` without a shortcut.
+Triton: (N, S, C) fp32 partial sums; with ``sums``, y's (N, C) channel sums from its producer, no
+pooling pass reads y, and the backward differentiates through y alone). ``ops.eca`` is
+``eca_residual`` without a shortcut.
 """
 from __future__ import annotations
 
@@ -117,10 +119,14 @@ def _check_eca(y, weight, shortcut, beta_next):
 
 
 def _fake_eca(stats_like):
-    def fake(y, weight, shortcut, coef, beta_next):
+    def fake(y, weight, shortcut, coef, beta_next, sums=None):
         _check_eca(y, weight, shortcut, beta_next)
+        if sums is not None:
+            torch._check(sums.shape == y.shape[:2], lambda: f"sums must be (N, C) = {tuple(y.shape[:2])}, got "
+                                                            f"{tuple(sums.shape)}")
+            _check_same(sums, "sums", y, "y", dtype=False)
         a_next = _empty_act(y) if beta_next is not None else y.new_empty((0,))
-        return _empty_act(y), a_next, stats_like(y)
+        return _empty_act(y), a_next, stats_like(y, sums)
     return fake
 
 
@@ -167,7 +173,8 @@ def _silu_backward(backward_op):
 
 
 def _eca_setup(ctx, inputs, output):
-    y, weight, shortcut, ctx.coef, ctx.beta_next = inputs
+    # (sums, when given, are y's: their gradient is taken through y, see ops.eca_residual)
+    y, weight, shortcut, ctx.coef, ctx.beta_next = inputs[:5]
     ctx.mark_non_differentiable(output[2])  # the statistics: saved for the backward only
     if ctx.beta_next is None:
         ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
@@ -183,24 +190,24 @@ def _eca_backward(backward_op):
         if ctx.beta_next is None:
             grad_a_next = None
         if grad_x_next is None and grad_a_next is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if grad_a_next is None:
             # x_next = coef * gate * y + shortcut: the shortcut's gradient is grad_x_next itself
             grad_shortcut = grad_x_next if need_shortcut else None
             if not (need_y or need_w):
-                return None, None, grad_shortcut, None, None
+                return None, None, grad_shortcut, None, None, None
             grad_y, grad_weight, _ = backward_op(grad_x_next, None, y, weight, None, stats, ctx.coef, None)
         else:
             grad_y, grad_weight, grad_total = backward_op(grad_x_next, grad_a_next, y, weight, shortcut, stats,
                                                           ctx.coef, ctx.beta_next)
             grad_shortcut = grad_total if need_shortcut else None
-        return grad_y if need_y else None, grad_weight if need_w else None, grad_shortcut, None, None
+        return grad_y if need_y else None, grad_weight if need_w else None, grad_shortcut, None, None, None
     return backward
 
 
 def register(prefix: str, eca_stats_like: Callable[[Tensor], Tensor]) -> None:
     """Fake kernels and autograd for one backend's three op pairs (``prefix``: see the module doc);
-    ``eca_stats_like(y)`` is the empty ``stats`` tensor that backend's eca_residual returns."""
+    ``eca_stats_like(y, sums)`` is the empty ``stats`` tensor that backend's eca_residual returns."""
     fakes = {"scaled_std_weight": (_fake_std, _fake_std_backward, _std_setup, _std_backward),
              "silu_scale": (_fake_silu, _fake_silu_backward, _silu_setup, _silu_backward),
              "eca_residual": (_fake_eca(eca_stats_like), _fake_eca_backward, _eca_setup, _eca_backward)}
@@ -236,11 +243,137 @@ def public_functions(prefix: str, float64=None) -> dict:
         return eca_res(x, weight, None, gain, None)[0]
 
     def eca_residual(y: Tensor, weight: Tensor, shortcut: Tensor, alpha: float, attn_gain: float,
-                     beta_next: Optional[float]):
+                     beta_next: Optional[float], sums: Optional[Tensor] = None):
         if wide(y):
             return float64.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next)
         # the reference multiplies the gate by the Python float alpha * attn_gain: the same product here
-        x_next, a_next, _ = eca_res(y, weight, shortcut, alpha * attn_gain, beta_next)
+        x_next, a_next, _ = eca_res(y, weight, shortcut, alpha * attn_gain, beta_next, sums)
         return x_next if beta_next is None else (x_next, a_next)
 
     return dict(scaled_std_weight=scaled_std_weight, eca=eca, eca_residual=eca_residual, silu_scale=silu_scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused_conv: one op per compiled backend that has the kernels (the Triton one today; the cuda
+# backend routes to it), with this fake kernel and this autograd:
+#
+#   <prefix>fused_conv(x, weight, bias?, stride, padding[4], groups, act, act_gain, pool, want_sums)
+#       -> (out, sums)          act: index into ops.ACTIVATIONS; sums (N, C_out) fp32, or (0,)
+#
+# The backward is aten's convolution backward (cuDNN on a GPU) around the recomputed
+# pre-activation: fast training is the training issue's work.
+
+ACTIVATIONS = (None, "silu", "relu", "gelu")  # == ops.ACTIVATIONS (the op takes the index)
+
+
+def _conv_out_size(size: int, before: int, after: int, k: int, stride: int) -> int:
+    return (size + before + after - k) // stride + 1
+
+
+def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums):
+    _check_float(x, "x")
+    torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
+    _check_same(weight, "weight", x, "x")
+    torch._check(x.shape[1] == weight.shape[1] * groups,
+                 lambda: f"weight shape {tuple(weight.shape)} and groups={groups} do not fit x {tuple(x.shape)}")
+    torch._check(len(padding) == 4, lambda: "padding must be (top, bottom, left, right)")
+    if bias is not None:
+        torch._check(bias.numel() == weight.shape[0], lambda: "bias must have one value per output channel")
+        _check_same(bias, "bias", x, "x", dtype=False)
+    n, _, h, w = x.shape
+    if pool:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    ho = _conv_out_size(h, padding[0], padding[1], weight.shape[2], stride)
+    wo = _conv_out_size(w, padding[2], padding[3], weight.shape[3], stride)
+    out = torch.empty((n, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    sums = x.new_empty((n, weight.shape[0]) if want_sums else (0,), dtype=torch.float32)
+    return out, sums
+
+
+def _fused_conv_setup(ctx, inputs, output):
+    x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums = inputs
+    if not want_sums:
+        ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
+    ctx.set_materialize_grads(False)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, bias)
+
+
+def _act_grad(z: Tensor, act: int) -> Tensor:
+    """d act(z) / dz, in fp32."""
+    if ACTIVATIONS[act] == "silu":
+        s = torch.sigmoid(z)
+        return s * (1 + z * (1 - s))
+    if ACTIVATIONS[act] == "relu":
+        return (z > 0).to(z.dtype)
+    cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))  # gelu, exact
+    return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+def _fused_conv_backward(ctx, grad_out, grad_sums):
+    x, weight, bias = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    if grad_sums is not None and grad_sums.dim() != 2:  # the (0,) placeholder of an op without sums
+        grad_sums = None
+    if grad_out is None and grad_sums is None:
+        return (None,) * 10
+    top, bottom, left, right = ctx.padding
+    symmetric = top == bottom and left == right
+    xin = torch.ops.aten.avg_pool2d(x, [2, 2], [2, 2], [0, 0], True, False) if ctx.pool else x
+    xpad = xin if symmetric else torch.nn.functional.pad(xin, (left, right, top, bottom))
+    conv_pad = [top, left] if symmetric else [0, 0]
+    conv = ([ctx.stride] * 2, conv_pad, [1, 1], False, [0, 0], ctx.groups)
+    ho = (xpad.shape[2] + 2 * conv_pad[0] - weight.shape[2]) // ctx.stride + 1
+    wo = (xpad.shape[3] + 2 * conv_pad[1] - weight.shape[3]) // ctx.stride + 1
+    g = (grad_out.float() if grad_out is not None
+         else x.new_zeros((x.shape[0], weight.shape[0], ho, wo), dtype=torch.float32))
+    if grad_sums is not None:  # sums = sum over pixels of out: each pixel gets its channel's gradient
+        g = g + grad_sums.float()[:, :, None, None]
+    g = g * ctx.act_gain
+    if ACTIVATIONS[ctx.act] is not None:  # the pre-activation, recomputed
+        z = torch.ops.aten.convolution(xpad, weight, bias.to(x.dtype) if bias is not None else None, *conv)
+        g = g * _act_grad(z.float(), ctx.act)
+    g = g.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        g, xpad, weight, [weight.shape[0]] if ctx.has_bias else None, *conv,
+        [need_x, need_w, need_b and ctx.has_bias])
+    if grad_x is not None and not symmetric:
+        grad_x = grad_x[:, :, top:top + xin.shape[2], left:left + xin.shape[3]]
+    if grad_x is not None and ctx.pool:
+        grad_x = torch.ops.aten.avg_pool2d_backward(grad_x, x, [2, 2], [2, 2], [0, 0], True, False, None)
+    if grad_b is not None:
+        grad_b = grad_b.to(bias.dtype)
+    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 7
+
+
+def register_fused_conv(prefix: str) -> None:
+    """Fake kernel and autograd of ``nfnet_fast::<prefix>fused_conv``."""
+    name = f"nfnet_fast::{prefix}fused_conv"
+    torch.library.register_fake(name)(_fake_fused_conv)
+    torch.library.register_autograd(name, _fused_conv_backward, setup_context=_fused_conv_setup)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype on ``device_type``, or None where autocast is off or does not exist (meta)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def fused_conv_function(prefix: str, float64=None):
+    """ops.fused_conv's signature over ``nfnet_fast::<prefix>fused_conv`` (see public_functions):
+    under autocast x and weight are cast to the autocast dtype first, as F.conv2d does."""
+    op = _op(f"nfnet_fast::{prefix}fused_conv")
+
+    def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding, groups: int,
+                   act: Optional[str], act_gain: float, pool: bool, want_sums: bool):
+        if float64 is not None and x.dtype == torch.float64:
+            return float64.fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums)
+        dtype = autocast_dtype(x.device.type)
+        if dtype is not None:
+            x, weight = x.to(dtype), weight.to(dtype)
+        out, sums = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
+                       want_sums)
+        return (out, sums) if want_sums else out
+
+    return fused_conv

@@ -6,6 +6,7 @@ results are stored in the input's dtype; autograd comes from PyTorch.
 from __future__ import annotations
 
 import contextlib
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +45,8 @@ def eca(x: torch.Tensor, weight: torch.Tensor, gain: float) -> torch.Tensor:
         return (x.float() * (g * gain)[:, :, None, None]).to(x.dtype)
 
 
-def eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next):
+def eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, sums=None):
+    # (sums: y's channel sums, a shortcut for the compiled backends; the specification pools y)
     with _no_autocast(y):
         g = eca_gate(y, weight) * (alpha * attn_gain)
         x_next = torch.addcmul(shortcut.float(), y.float(), g[:, :, None, None])
@@ -57,6 +59,31 @@ def eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next):
 def silu_scale(x: torch.Tensor, beta: float) -> torch.Tensor:
     with _no_autocast(x):
         return F.silu(x.float()).mul_(beta).to(x.dtype)  # silu's backward needs its input, not its output
+
+
+
+ACTS = {None: None, "silu": F.silu, "relu": F.relu, "gelu": F.gelu}  # gelu: the exact (erf) form
+
+
+def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+               padding: Tuple[int, int, int, int], groups: int, act: Optional[str], act_gain: float, pool: bool,
+               want_sums: bool):
+    """``act(conv2d(pool(x), weight) + bias) * act_gain`` as timm's layers compute it, call for call
+    (avg_pool2d, the conv with its bias, the activation, GammaAct's multiply), so fp32 results and
+    autocast behaviour equal timm's; ``padding`` is (top, bottom, left, right); with ``want_sums``
+    also the fp32 (N, C) sums of the output over its pixels."""
+    if pool:
+        x = F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+    top, bottom, left, right = padding
+    if top == bottom and left == right:
+        out = F.conv2d(x, weight, bias, stride, (top, left), 1, groups)
+    else:  # TF 'same' padding, as timm's pad_same then conv2d
+        out = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, stride, 0, 1, groups)
+    if ACTS[act] is not None:
+        out = ACTS[act](out)
+    if act_gain != 1.0:
+        out = out * act_gain
+    return (out, out.float().sum((2, 3))) if want_sums else out
 
 
 _backends.register_ops("reference", {op: globals()[op] for op in _backends.OPS})

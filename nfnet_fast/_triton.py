@@ -17,13 +17,14 @@ either way, and the kernels are compiled and verified for fp32, fp16 and bf16 on
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _backends, _library, _reference
 from .kernels import eca_residual as _eca
+from .kernels import fused_conv as _conv
 from .kernels import scaled_std_weight as _std
 from .kernels import silu_scale as _silu
 
@@ -66,11 +67,17 @@ def _taps(weight: Tensor) -> Tensor:
     return weight.reshape(-1).to(torch.float32).contiguous()
 
 
-def _stats_like(y: Tensor) -> Tensor:
-    """The (N, S, C) fp32 partial channel sums eca_residual saves for its backward."""
+def _own_copy(sums: Tensor) -> Tensor:
+    """The producer's (N, C) sums as fp32 contiguous in new memory: they become the op's saved
+    ``stats`` output, which must not alias an input."""
+    return sums.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+
+def _stats_like(y: Tensor, sums: Optional[Tensor] = None) -> Tensor:
+    """The (N, S, C) fp32 partial channel sums eca_residual saves for its backward (S = 1: ``sums``)."""
     y = torch.empty(y.shape, device=y.device, memory_format=_library.activation_format(y))
     n, c = y.shape[:2]
-    s = _eca.pool_splits(tuple(y.shape), _eca.is_channels_last(y), y.device)
+    s = 1 if sums is not None else _eca.pool_splits(tuple(y.shape), _eca.is_channels_last(y), y.device)
     return y.new_empty((n, s, c), dtype=torch.float32)
 
 
@@ -106,10 +113,10 @@ def _scaled_std_weight_backward_op(grad_out: Tensor, weight: Tensor, gain: Tenso
 # a_next or x_next costs no traffic.
 @torch.library.custom_op("nfnet_fast::triton_eca_residual", mutates_args=())
 def eca_residual_op(y: Tensor, weight: Tensor, shortcut: Optional[Tensor], coef: float,
-                    beta_next: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
+                    beta_next: Optional[float], sums: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     y = _activation(y)
     x_next, a_next, stats = _eca.forward(y, _taps(weight), None if shortcut is None else _like(shortcut, y), coef,
-                                         beta_next)
+                                         beta_next, sums=None if sums is None else _own_copy(sums))
     return x_next, y.new_empty((0,)) if a_next is None else a_next, stats
 
 
@@ -125,7 +132,18 @@ def _eca_residual_backward_op(grad_x_next: Optional[Tensor], grad_a_next: Option
     return grad_y, grad_weight, y.new_empty((0,)) if grad_shortcut is None else grad_shortcut
 
 
+@torch.library.custom_op("nfnet_fast::triton_fused_conv", mutates_args=())
+def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: List[int], groups: int,
+                  act: int, act_gain: float, pool: bool, want_sums: bool) -> Tuple[Tensor, Tensor]:
+    res = _conv.fused_conv(x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
+                           act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, want_sums=want_sums)
+    out, sums = res if want_sums else (res, None)
+    return out, x.new_empty((0,), dtype=torch.float32) if sums is None else sums
+
+
 _library.register("triton_", eca_stats_like=_stats_like)
-_functions = _library.public_functions("triton_", float64=_reference)
-scaled_std_weight, eca, eca_residual, silu_scale = (_functions[op] for op in _backends.OPS)
+_library.register_fused_conv("triton_")
+_functions = dict(_library.public_functions("triton_", float64=_reference),
+                  fused_conv=_library.fused_conv_function("triton_", float64=_reference))
+scaled_std_weight, eca, eca_residual, silu_scale, fused_conv = (_functions[op] for op in _backends.OPS)
 _backends.register_ops("triton", _functions)

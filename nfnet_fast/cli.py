@@ -3,6 +3,7 @@ command line.
 
     nfnet-fast bench     parity-and-throughput table of nfnet_fast against timm on this machine
     nfnet-fast predict   classify images with timm's eval transforms and ImageNet labels
+    nfnet-fast finetune  fine-tune an NF model on an image folder (new head, SGD + AGC, cosine schedule)
 
 Only the standard library is imported at module level: arguments (and ``--help``) are handled
 before torch, timm or the rest of nfnet_fast load (several seconds); each command imports them.
@@ -25,11 +26,12 @@ if TYPE_CHECKING:  # annotations only; never imported at run time here
 BACKEND_CHOICES = ("auto", "reference", "triton", "cuda")
 
 DESCRIPTION = ("timm's eca_nfnet_l0 (and every timm NF model) rebuilt from fused Triton/CUDA kernels: "
-               "measure it against timm on this machine, or classify images with it.")
+               "measure it against timm on this machine, classify images with it, or fine-tune it on yours.")
 EPILOG = """examples:
   nfnet-fast bench                                   # CPU: batch 4 @ 160x160, 5 timed calls per contender
   nfnet-fast bench --device cuda --json out.json     # CUDA: batch 256 @ 288x288, 20 timed calls
   nfnet-fast predict cat.jpg dog.png --pretrained    # top-5 ImageNet classes per image
+  nfnet-fast finetune --data flowers/ --pretrained --output runs/flowers   # new head, 10 epochs
 
 Run `nfnet-fast <command> --help` for a command's options."""
 
@@ -280,27 +282,55 @@ def _load_checkpoint(model_obj, state_dict: dict, path: str, model: str) -> None
         raise CliError(f"{path} is not a loadable checkpoint of {model}: {_first_line(e)}") from e
 
 
-def _load_model(args: argparse.Namespace, device: torch.device):
-    import torch
-
+def _create_model(args: argparse.Namespace, alternative: str, **kwargs):
+    """nfnet_fast.create_model(args.model, pretrained=args.pretrained, backend=args.backend, **kwargs), with the
+    hub's failures and the usual build errors as one-line CliErrors (`alternative`: what else the user can do
+    when the pretrained weights cannot be had)."""
     from nfnet_fast import create_model
 
-    # The checkpoint is read before the model is built: a bad file fails in a moment, not after the build.
-    state_dict = _read_checkpoint(args.checkpoint, args.model) if args.checkpoint else None
     try:
         with _hub_quiet(args.pretrained):
-            model = create_model(args.model, pretrained=args.pretrained, backend=args.backend)
+            return create_model(args.model, pretrained=args.pretrained, backend=args.backend, **kwargs)
     except Exception as e:  # noqa: BLE001 - sorted below: the hub's errors, then the usual ones; the rest re-raised
         if args.pretrained:
-            _raise_if_hub_failed(e, args.model, "or pass --checkpoint FILE")
+            _raise_if_hub_failed(e, args.model, alternative)
         if not isinstance(e, (OSError, RuntimeError, ValueError, KeyError)):
             raise
         if args.pretrained:
             raise CliError(f"cannot load pretrained weights for {args.model}: {_first_line(e)}") from e
         raise CliError(f"cannot create {args.model}: {_first_line(e)}") from e
+
+
+def _load_model(args: argparse.Namespace, device: torch.device):
+    import torch
+
+    # The checkpoint is read before the model is built: a bad file fails in a moment, not after the build.
+    state_dict = _read_checkpoint(args.checkpoint, args.model) if args.checkpoint else None
+    model = _create_model(args, "or pass --checkpoint FILE")
     if state_dict is not None:
+        # a fine-tuned checkpoint (nfnet-fast finetune) has its own number of classes: take the head's from it
+        head = state_dict.get(f"{model.pretrained_cfg.get('classifier', '')}.weight")
+        if (isinstance(head, torch.Tensor) and head.dim() == 2 and head.shape[1] == model.num_features
+                and head.shape[0] != model.num_classes):
+            model.reset_classifier(head.shape[0])
         _load_checkpoint(model, state_dict, args.checkpoint, args.model)
     return model.eval().to(device=device, memory_format=torch.channels_last)
+
+
+def _class_names(checkpoint: Optional[str], num_classes: int) -> Optional[List[str]]:
+    """The class names nfnet-fast finetune writes beside its checkpoints (classes.json), when there are as many
+    as the model has classes; else None."""
+    if not checkpoint:
+        return None
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "classes.json")
+    try:
+        with open(path) as f:
+            names = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
+        return names
+    return None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -314,20 +344,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print("nfnet-fast predict: warning: no --pretrained or --checkpoint, the weights are random and so are "
               "the predictions", file=sys.stderr)
     model = _load_model(args, device)
-    if args.topk > model.num_classes:
-        raise CliError(f"--topk {args.topk} is more than the {model.num_classes} classes of {args.model}")
+    topk = args.topk if args.topk is not None else min(5, model.num_classes)
+    if topk > model.num_classes:
+        raise CliError(f"--topk {topk} is more than the {model.num_classes} classes of {args.model}")
     transform = create_transform(**resolve_data_config({}, model=model))
-    labels = ImageNetInfo() if model.num_classes == 1000 else None
+    names = _class_names(args.checkpoint, model.num_classes)
+    labels = ImageNetInfo() if model.num_classes == 1000 and names is None else None
     failed, results = 0, []
 
     def flush(paths, batch):
         x = torch.stack(batch).to(device).contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             probs = model(x).float().softmax(-1)
-        top = probs.topk(args.topk, dim=-1)
+        top = probs.topk(topk, dim=-1)
         for path, p, i in zip(paths, top.values.tolist(), top.indices.tolist()):
-            names = [labels.index_to_description(k) if labels else str(k) for k in i]
-            results.append(dict(image=path, topk=[dict(index=k, label=n, prob=v) for k, n, v in zip(i, names, p)]))
+            texts = [labels.index_to_description(k) if labels else names[k] if names else str(k) for k in i]
+            results.append(dict(image=path, topk=[dict(index=k, label=n, prob=v) for k, n, v in zip(i, texts, p)]))
 
     paths, batch = [], []
     for path in tqdm(args.images, desc="images", unit="img", file=sys.stderr,
@@ -352,6 +384,101 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for r in results:
             print(f"{r['image']}: " + " | ".join(f"{t['label']} {100 * t['prob']:.1f}%" for t in r["topk"]))
     return 1 if failed else 0
+
+
+def _read_resume(path: str, model: str) -> dict:
+    """The checkpoint --resume names, read with torch.load(weights_only=True), or a one-line CliError saying why
+    it cannot be read (whether it continues this run is nfnet_fast.train.check_resume's to say)."""
+    import torch
+
+    if os.path.isdir(path):
+        raise CliError(f"--resume {path} is a directory, not a checkpoint file")
+    if not os.path.exists(path):
+        raise CliError(f"--resume checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises anything for a damaged file
+        raise CliError(f"{path} is not a loadable checkpoint of {model}: {_unreadable_because(path, e)}") from e
+
+
+def _finetune_output(args: argparse.Namespace) -> str:
+    """The --output folder (default: the --resume file's folder, else finetune-<model>), or a CliError when it is
+    a file, or holds another run that --resume does not continue."""
+    from nfnet_fast import train as T
+
+    output = args.output or ((os.path.dirname(args.resume) or ".") if args.resume else f"finetune-{args.model}")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise CliError(f"--output {output} is a file, not a folder")
+    held = [f for f in (T.RESUME_FILE, T.FINAL_FILE) if os.path.exists(os.path.join(output, f))]
+    resumed_here = args.resume and os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) == \
+        os.path.realpath(output)
+    if held and not resumed_here:
+        raise CliError(f"--output {output} already holds a fine-tuning run ({held[0]}); continue it with --resume "
+                       f"{os.path.join(output, T.RESUME_FILE)}, or pass another --output")
+    return output
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from nfnet_fast import train as T
+
+    device = _device(args.device)
+    if not (args.data or args.dataset):
+        raise CliError("no data: pass --data DIR (an image folder, one subfolder per class, or train/ and val/ "
+                       "folders of them) or --dataset NAME (a timm dataset)")
+    output = _finetune_output(args)
+    resume = _read_resume(args.resume, args.model) if args.resume else None
+    try:
+        if args.dataset:
+            data = T.timm_dataset_data(args.dataset, args.data, train_split=args.train_split,
+                                       eval_split=args.eval_split or None, val_split=args.val_split,
+                                       download=args.download, seed=args.seed)
+        else:
+            data = T.image_folder_data(args.data, val_split=args.val_split, seed=args.seed, progress=not args.quiet)
+        if resume is not None:
+            T.check_resume(resume, args.resume, args.model, data.classes, args.epochs)
+    except T.FinetuneError as e:
+        raise CliError(str(e)) from e
+    from timm.utils import random_seed
+
+    random_seed(args.seed)  # the new head's (and, without --pretrained, every layer's) initial weights
+    model = _create_model(args, "or run without --pretrained (random weights)", num_classes=len(data.classes),
+                          drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate)
+    if resume is not None:
+        _load_checkpoint(model, resume["state_dict"], args.resume, args.model)
+    config = T.FinetuneConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
+        weight_decay=args.weight_decay, clip_grad=args.clip_grad, smoothing=args.smoothing,
+        aa=None if args.aa.lower() in ("", "none") else args.aa, img_size=args.img_size, ema_decay=args.ema_decay,
+        amp=not args.no_amp, channels_last=not args.no_channels_last, workers=args.workers, seed=args.seed)
+    cuda = device.type == "cuda"
+    precision = "bf16 autocast" if config.amp and cuda else "fp32"
+    weights = "pretrained" if args.pretrained else "random"
+    print(f"nfnet-fast finetune: {args.model} ({weights} weights, new {len(data.classes)}-class head, backend "
+          f"{args.backend}) on {data.describe()}; {_device_label(device)}, {precision}, batch {config.batch_size}, "
+          f"{config.epochs} epochs, SGD nesterov lr {config.lr:g} (cosine, {config.warmup_epochs} warm-up), "
+          f"AGC {config.clip_grad:g} (head excluded), smoothing {config.smoothing:g}, aa {config.aa}"
+          f"{f', EMA {config.ema_decay:g}' if config.ema_decay else ''} -> {output}", flush=True)
+    if resume is not None:
+        print(f"resuming from {args.resume} after epoch {int(resume['epoch']) + 1}", flush=True)
+    try:
+        summary = T.finetune(model, data, config, output, model_name=args.model, device=device, resume=resume,
+                             progress=not args.quiet, log=lambda line: print(line, flush=True))
+    except T.FinetuneError as e:
+        raise CliError(str(e)) from e
+    except KeyboardInterrupt:
+        last = os.path.join(output, T.RESUME_FILE)
+        print(f"nfnet-fast finetune: interrupted{f'; continue with --resume {last}' if os.path.exists(last) else ''}",
+              file=sys.stderr)
+        return 130
+    final = os.path.join(output, T.FINAL_FILE)
+    best = summary["best"]
+    if best:
+        print(f"best: epoch {best['epoch']}, top-1 {best['top1']:.1f}%{' (EMA)' if best['ema'] else ''} -> "
+              f"{os.path.join(output, T.BEST_FILE)}")
+    print(f"wrote {final} ({'EMA ' if config.ema_decay else ''}weights after epoch {config.epochs}); load it with "
+          f"timm.create_model({args.model!r}, num_classes={len(data.classes)}, checkpoint_path={final!r}) or "
+          f"nfnet-fast predict IMAGE --model {args.model} --checkpoint {final}")
+    return 0
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -383,6 +510,24 @@ def _topk(text: str) -> int:
     if k < 1:
         raise argparse.ArgumentTypeError(f"topk must be >= 1, got {k}")
     return k
+
+
+def _number(kind: type, low: float, high: Optional[float] = None, low_open: bool = False, high_open: bool = True):
+    """argparse type: a `kind` (int or float) in [low, high) (or (low, ...) with low_open, ..., high] without
+    high_open), refused while parsing with the range in the message."""
+    lo, hi = "(" if low_open else "[", "]" if not high_open else ")"
+    what = f"{'an integer' if kind is int else 'a number'} in {lo}{low:g}, {'inf' if high is None else f'{high:g}'}{hi}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}") from None
+        if (value <= low if low_open else value < low) or (high is not None and (
+                value >= high if high_open else value > high)) or value != value:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,11 +581,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--pretrained", action="store_true",
                    help="timm's pretrained weights (Hugging Face Hub or local cache; huggingface_hub's settings apply: "
                         "HF_ENDPOINT, HF_HUB_OFFLINE, proxies, timeouts)")
-    w.add_argument("--checkpoint", metavar="FILE", help="a timm-format checkpoint of the model")
+    w.add_argument("--checkpoint", metavar="FILE",
+                   help="a timm-format checkpoint of the model (its number of classes is the checkpoint's; the class "
+                        "names of a checkpoint nfnet-fast finetune wrote come from classes.json beside it)")
     q.add_argument("--model", default="eca_nfnet_l0",
                    help="timm NF model name, e.g. nfnet_f0, nf_resnet50 (default: %(default)s)")
-    q.add_argument("--topk", type=_topk, default=5, metavar="K",
-                   help="classes printed per image, most probable first (default: %(default)s)")
+    q.add_argument("--topk", type=_topk, default=None, metavar="K",
+                   help="classes printed per image, most probable first (default: 5, or all the classes of a model "
+                        "with fewer)")
     q.add_argument("--batch-size", type=int, default=32, metavar="N",
                    help="images per forward pass (default: %(default)s)")
     q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
@@ -450,6 +598,91 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the predictions as JSON")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_predict)
+
+    finetune_help = "fine-tune an NF model on an image folder, the way the NFNet model cards train"
+    f = sub.add_parser(
+        "finetune", help=finetune_help, formatter_class=_HelpFormatter,
+        description=f"{finetune_help[0].upper()}{finetune_help[1:]}.\n\n"
+                    "A new head for the data's classes (the other pretrained weights kept, as timm does with "
+                    "num_classes); SGD with Nesterov momentum and a cosine schedule with warm-up, stepped per update "
+                    "(timm's optimizer and scheduler factories); adaptive gradient clipping of every parameter but "
+                    "the head's (nfnet_fast.adaptive_clip_grad_); label smoothing; timm's training transforms with "
+                    "RandAugment; dropout and stochastic depth; optionally an EMA of the weights; bf16 autocast and "
+                    "channels_last on a GPU. Each epoch ends with top-1 (and, with 5 classes or more, top-5) "
+                    "validation and checkpoints written atomically in --output: last.pth (resumable with --resume), "
+                    "model_best.pth (best validation top-1), model.pth at the end, summary.json, classes.json. "
+                    "model.pth and model_best.pth are plain state_dicts: timm.create_model(MODEL, num_classes=K, "
+                    "checkpoint_path=...) loads them, and so does nfnet-fast predict --checkpoint.\n\n"
+                    "Data: --data DIR with DIR/train/<class>/*.jpg and optionally DIR/val/<class>/ (or "
+                    "DIR/<class>/ alone, with --val-split to hold out a fraction per class), or --dataset NAME (a "
+                    "timm.data.create_dataset name such as torch/cifar10, with --data its root folder). Every image "
+                    "is opened before training starts.\n\n"
+                    "Exit status: 0; 2 on bad input (no images, a single class, an unreadable image, a --resume "
+                    "checkpoint of another model or other classes, an --output that is a file or holds another run), "
+                    "said in one line, with nothing written.",
+        epilog="example:\n"
+               "  nfnet-fast finetune --data flowers/ --model eca_nfnet_l0 --pretrained --epochs 10 --batch-size 64 "
+               "--lr 0.01 --output runs/flowers")
+    f.add_argument("--data", metavar="DIR",
+                   help="image folder: DIR/train/<class>/ (and optionally DIR/val/<class>/), or DIR/<class>/; with "
+                        "--dataset, that dataset's root folder")
+    f.add_argument("--dataset", metavar="NAME",
+                   help="a timm dataset instead of an image folder (timm.data.create_dataset), e.g. torch/cifar10")
+    f.add_argument("--download", action="store_true", help="let --dataset download its data into --data")
+    f.add_argument("--train-split", default="train", metavar="SPLIT",
+                   help="--dataset split to train on (default: %(default)s)")
+    f.add_argument("--eval-split", default="validation", metavar="SPLIT",
+                   help="--dataset split to validate on, '' for none (default: %(default)s)")
+    f.add_argument("--val-split", type=_number(float, 0, 1, low_open=True), default=None, metavar="F",
+                   help="hold out this fraction of each class's training images for validation (when there is no "
+                        "val/ folder or --eval-split)")
+    f.add_argument("--model", default="eca_nfnet_l0",
+                   help="timm NF model name, e.g. nfnet_f0, nf_resnet50 (default: %(default)s)")
+    f.add_argument("--pretrained", action="store_true",
+                   help="start from timm's pretrained weights (Hugging Face Hub or local cache; huggingface_hub's "
+                        "settings apply: HF_ENDPOINT, HF_HUB_OFFLINE, proxies, timeouts); the head is new")
+    f.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
+                   help="nfnet_fast kernel backend: %(choices)s (default: %(default)s, the fastest that runs on "
+                        "the device)")
+    f.add_argument("--epochs", type=_number(int, 1), default=10, help="epochs in all (default: %(default)s)")
+    f.add_argument("--batch-size", type=_number(int, 1), default=32, metavar="N",
+                   help="images per training step (default: %(default)s)")
+    f.add_argument("--lr", type=_number(float, 0, low_open=True), default=0.01,
+                   help="peak learning rate after the warm-up (default: %(default)s)")
+    f.add_argument("--warmup-epochs", type=_number(int, 0), default=1, metavar="N",
+                   help="epochs of linear warm-up from 1e-5, per update (default: %(default)s)")
+    f.add_argument("--weight-decay", type=_number(float, 0), default=2e-5, metavar="WD",
+                   help="SGD weight decay, not on biases and 1-D gains (default: %(default)s)")
+    f.add_argument("--clip-grad", type=_number(float, 0), default=0.015, metavar="F",
+                   help="adaptive gradient clipping factor, the head excluded; 0 for none (default: %(default)s)")
+    f.add_argument("--smoothing", type=_number(float, 0, 1), default=0.1,
+                   help="label smoothing (default: %(default)s)")
+    f.add_argument("--aa", default="rand-m9-mstd0.5", metavar="SPEC",
+                   help="timm auto-augment spec of the training transform, 'none' for none (default: %(default)s, "
+                        "RandAugment)")
+    f.add_argument("--drop-rate", type=_number(float, 0, 1), default=0.0, metavar="P",
+                   help="dropout before the classifier (default: %(default)s)")
+    f.add_argument("--drop-path-rate", type=_number(float, 0, 1), default=0.0, metavar="P",
+                   help="stochastic depth: the last block's drop probability (default: %(default)s)")
+    f.add_argument("--ema-decay", type=_number(float, 0, 1, low_open=True), default=None, metavar="D",
+                   help="keep an EMA of the weights with this decay, e.g. 0.9998 (timm's ModelEmaV3 with warm-up), "
+                        "validated beside the model; model.pth and model_best.pth are then the EMA's (default: none)")
+    f.add_argument("--img-size", type=_number(int, 8), default=None, metavar="PX",
+                   help="training and validation image size (default: the model's, e.g. 224 for eca_nfnet_l0)")
+    f.add_argument("--workers", type=_number(int, 0), default=4, metavar="N",
+                   help="data loading processes, 0 to load in this one (default: %(default)s)")
+    f.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    f.add_argument("--no-amp", action="store_true", help="on a GPU, train in fp32 instead of bf16 autocast")
+    f.add_argument("--no-channels-last", action="store_true", help="on a GPU, keep NCHW instead of channels_last")
+    f.add_argument("--seed", type=int, default=0, help="seed of the weights, shuffling and augmentation "
+                                                         "(default: %(default)s)")
+    f.add_argument("--output", metavar="DIR", default=None,
+                   help="folder for the checkpoints (default: the --resume file's folder, else finetune-MODEL)")
+    f.add_argument("--resume", metavar="FILE",
+                   help="continue the run whose last.pth this is (same model and classes; --epochs counts all "
+                        "epochs, those done included)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
+    f.set_defaults(func=cmd_finetune)
     return p
 
 

@@ -34,7 +34,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Swap the NF layers of a live timm model for nfnet_fast's, in place, keeping its weights.
 
     Converted: ``ScaledStdConv2d``, ``ScaledStdConv2dSame``, ``EcaModule`` (sigmoid gate),
-    ``NormFreeBlock``, and a ``NormFreeNet``'s ``stages``. Parameters stay the same objects, so
+    ``NormFreeBlock``, and a ``NormFreeNet``'s ``stem``, ``stages`` and class (:class:`nfnet_fast.nn.NormFreeNet`,
+    a subclass: final conv and head pooling fused). Parameters stay the same objects, so
     optimizers, hooks and state_dict keys are untouched. Converting twice only changes the backend.
 
     Args:
@@ -62,6 +63,10 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
             found = True
     if isinstance(model, NormFreeNet) and type(model.stages) is nn.Sequential:
         model.stages.__class__ = fnn.NormFreeStages
+    if isinstance(model, NormFreeNet) and type(model.stem) is nn.Sequential:
+        model.stem.__class__ = fnn.NormFreeStem
+    if type(model) is NormFreeNet:
+        model.__class__ = fnn.NormFreeNet
     if not found:
         raise TypeError(f"{type(model).__name__} holds no timm NF layer (ScaledStdConv2d, EcaModule, NormFreeBlock)")
     return model

@@ -19,12 +19,20 @@ import torch.nn.functional as F
 from timm.layers import EcaModule as _TimmEca
 from timm.layers import ScaledStdConv2d as _TimmStdConv
 from timm.layers import ScaledStdConv2dSame as _TimmStdConvSame
-from timm.layers.padding import pad_same
+from timm.layers.adaptive_avgmax_pool import FastAdaptiveAvgPool as _TimmFastAvgPool
+from timm.layers.adaptive_avgmax_pool import SelectAdaptivePool2d as _TimmSelectPool
+from timm.layers.classifier import ClassifierHead as _TimmHead
+from timm.layers.padding import get_same_padding, pad_same
+from timm.models._manipulate import checkpoint_seq
+from timm.models.nfnet import DownsampleAvg as _TimmDownsampleAvg
+from timm.models.nfnet import GammaAct as _TimmGammaAct
 from timm.models.nfnet import NormFreeBlock as _TimmBlock
+from timm.models.nfnet import NormFreeNet as _TimmNet
 
 from . import ops
 
-__all__ = ["ScaledStdConv2d", "ScaledStdConv2dSame", "EcaModule", "NormFreeBlock", "NormFreeStages"]
+__all__ = ["ScaledStdConv2d", "ScaledStdConv2dSame", "EcaModule", "NormFreeBlock", "NormFreeStages", "NormFreeStem",
+           "NormFreeNet"]
 
 
 # The ops as torch.fx leaf functions: torch.fx.symbolic_trace and timm's create_feature_extractor
@@ -42,11 +50,18 @@ def _eca(x, weight, gain: float, backend: str):
     return ops.eca(x, weight, gain, backend=backend)
 
 
-def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next: Optional[float], backend: str):
-    return ops.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, backend=backend)
+def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next: Optional[float], backend: str,
+                  sums=None):
+    return ops.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, sums=sums, backend=backend)
 
 
-for _name in ("_std_weight", "_silu_scale", "_eca", "_eca_residual"):
+def _fused_conv(x, weight, bias, stride: int, padding, groups: int, act: Optional[str], act_gain: float, pool: bool,
+                backend: str, want_sums: bool = False):
+    return ops.fused_conv(x, weight, bias, stride=stride, padding=padding, groups=groups, act=act, act_gain=act_gain,
+                          pool=pool, want_sums=want_sums, backend=backend)
+
+
+for _name in ("_std_weight", "_silu_scale", "_eca", "_eca_residual", "_fused_conv"):
     torch.fx.wrap(_name)
 
 
@@ -153,11 +168,45 @@ class _StdWeightCache(_FastModule):
         return cache[3]
 
 
-class ScaledStdConv2d(_StdWeightCache, _TimmStdConv):
-    """timm's ``ScaledStdConv2d`` (scaled weight standardisation) with a cached standardised weight.
+class _FusedConv(_StdWeightCache):
+    """A standardised conv that runs as ``ops.fused_conv``: its bias in the epilogue, and, when the
+    caller fuses them (:meth:`fused`), the activation after it or the 2x2 pool before it."""
+
+    def _padding4(self, x: torch.Tensor):
+        """(top, bottom, left, right), or None where the fused op does not apply (string padding
+        modes other than 'same' handled below, dilation, unequal strides, non-zero padding modes)."""
+        if self.dilation != (1, 1) or self.stride[0] != self.stride[1] or self.padding_mode != "zeros" \
+                or isinstance(self.padding, str):
+            return None
+        return self.padding[0], self.padding[0], self.padding[1], self.padding[1]
+
+    def fused(self, x: torch.Tensor, act: Optional[str] = None, act_gain: float = 1.0,
+              pool: bool = False, want_sums: bool = False):
+        """``act(self(pool(x))) * act_gain`` in one op where it applies, else as timm computes it.
+        With ``want_sums``, ``(out, sums)``: the fp32 (N, C) sums of ``out`` over its pixels from
+        the op's epilogue, or None where the op does not apply (the caller then pools)."""
+        padding = self._padding4(x)
+        if padding is None:
+            if pool:
+                x = F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+            out = self._timm_forward(x)
+            if act is not None:
+                out = ops_act(act)(out)
+            out = out * act_gain if act_gain != 1.0 else out
+            return (out, None) if want_sums else out
+        return _fused_conv(x, self.standardized_weight(), self.bias, self.stride[0], padding, self.groups, act,
+                           act_gain, pool, self.backend, want_sums)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fused(x)
+
+
+class ScaledStdConv2d(_FusedConv, _TimmStdConv):
+    """timm's ``ScaledStdConv2d`` (scaled weight standardisation) with a cached standardised weight,
+    run as one fused op (conv and bias; with the neighbouring activation or pool when a block asks).
 
     Args are timm's (in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
-    bias, gamma, eps, gain_init, device, dtype), plus ``backend`` for the standardisation op.
+    bias, gamma, eps, gain_init, device, dtype), plus ``backend`` for the ops.
     """
 
     timm_class = _TimmStdConv
@@ -166,13 +215,14 @@ class ScaledStdConv2d(_StdWeightCache, _TimmStdConv):
         super().__init__(*args, **kwargs)
         self._fast_init(backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _timm_forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
 
 
-class ScaledStdConv2dSame(_StdWeightCache, _TimmStdConvSame):
-    """timm's ``ScaledStdConv2dSame`` (TF 'SAME' padding) with a cached standardised weight."""
+class ScaledStdConv2dSame(_FusedConv, _TimmStdConvSame):
+    """timm's ``ScaledStdConv2dSame`` (TF 'SAME' padding) with a cached standardised weight, the
+    padding passed to the fused op as (top, bottom, left, right)."""
 
     timm_class = _TimmStdConvSame
 
@@ -180,11 +230,61 @@ class ScaledStdConv2dSame(_StdWeightCache, _TimmStdConvSame):
         super().__init__(*args, **kwargs)
         self._fast_init(backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _padding4(self, x: torch.Tensor):
+        if not self.same_pad:
+            return super()._padding4(x)
+        if self.dilation != (1, 1) or self.stride[0] != self.stride[1] or _fx_traced(x):
+            return None  # (symbolic tracing: no sizes to compute the padding from)
+        pad_h = get_same_padding(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
+        pad_w = get_same_padding(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
+        return pad_h // 2, pad_h - pad_h // 2, pad_w // 2, pad_w - pad_w // 2
+
+    def _timm_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.same_pad:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
         return F.conv2d(x, self.standardized_weight(), self.bias, self.stride, self.padding, self.dilation,
                         self.groups)
+
+
+def ops_act(act: str):
+    """The activation function of ``ops.fused_conv``'s ``act`` name."""
+    return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}[act]
+
+
+def _act_spec(m: Optional[nn.Module]):
+    """``(act, act_gain)`` for ops.fused_conv when ``m`` is an activation it computes, else None."""
+    if _is_silu(m):
+        return "silu", 1.0
+    if isinstance(m, nn.ReLU):
+        return "relu", 1.0
+    if isinstance(m, nn.GELU) and m.approximate == "none" or (type(m).__name__ == "GELU"
+                                                             and "timm" in type(m).__module__):
+        return "gelu", 1.0
+    if isinstance(m, _TimmGammaAct):
+        name = getattr(m.act_fn, "__name__", "")
+        act = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu"}.get(name)
+        return (act, float(m.gamma)) if act is not None else None
+    return None
+
+
+def _conv_act(conv: nn.Module, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
+    """``act(conv(x))``, as one fused op when the conv is ours, the activation one it computes, and
+    neither carries hooks (those must see their module called)."""
+    spec = _act_spec(act)
+    if spec is None or not isinstance(conv, _FusedConv) or _hooked(conv) or _hooked(act):
+        return act(conv(x))
+    return conv.fused(x, act=spec[0], act_gain=spec[1])
+
+
+def _downsample(ds: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's DownsampleAvg (2x2 ceil-mode average pool, then a 1x1 conv) as one fused op."""
+    pool = ds.pool
+    pooled = (isinstance(pool, nn.AvgPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
+              and pool.ceil_mode and not pool.count_include_pad and pool.padding in (0, (0, 0))
+              and pool.divisor_override is None)
+    fusable = (isinstance(ds, _TimmDownsampleAvg) and isinstance(ds.conv, _FusedConv) and ds.conv.kernel_size == (1, 1)
+               and (pooled or isinstance(pool, nn.Identity)) and not any(_hooked(m) for m in (ds, pool, ds.conv)))
+    return ds.conv.fused(x, pool=pooled) if fusable else ds(x)
 
 
 def _is_sigmoid(m: Optional[nn.Module]) -> bool:
@@ -263,19 +363,29 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         """
         if a is None:
             a = self.pre_activation(x)
-        shortcut = self.downsample(a) if self.downsample is not None else x
-        out = self.conv1(a)
-        out = self.conv2(self.act2(out))
+        shortcut = _downsample(self.downsample, a) if self.downsample is not None else x
+        # timm: conv2(act2(conv1(a))), then conv2b(act2b(.)), attn, conv3(act3(.)); each activation
+        # runs in the epilogue of the conv before it
+        out = _conv_act(self.conv1, a, self.act2)
         if self.conv2b is not None:
-            out = self.conv2b(self.act2b(out))
+            out = _conv_act(self.conv2, out, self.act2b)
+        last = self.conv2b if self.conv2b is not None else self.conv2
         if self.attn is not None:
-            out = self.attn_gain * self.attn(out)
-        out = self.conv3(self.act3(out))
+            out = self.act3(self.attn_gain * self.attn(last(out)))
+        else:
+            out = _conv_act(last, out, self.act3)
+        sums = None
+        if (self._fused_tail() and isinstance(self.conv3, _FusedConv) and not _hooked(self.conv3)
+                and not _fx_traced(out)):
+            # conv3's epilogue also sums its output per channel: ECA's pooling without reading it again
+            out, sums = self.conv3.fused(out, want_sums=True)
+        else:
+            out = self.conv3(out)
         # (a block called on an fp32 input under autocast has a bf16 branch and an fp32 shortcut:
         # timm's tail promotes, the fused op wants one dtype)
         if self._fused_tail() and (_fx_traced(out) or out.dtype == shortcut.dtype):
             res = _eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain, beta_next,
-                                self.backend)
+                                self.backend, sums)
             return (res[0], res[1]) if beta_next is not None else (res, None)
         if self.attn_last is not None:
             out = self.attn_gain * self.attn_last(out)
@@ -339,3 +449,84 @@ class NormFreeStages(nn.Sequential):
             nxt = blocks[i + 1] if i + 1 < len(blocks) else None
             x, a = blk.forward_fused(x, a, nxt.beta if nxt is not None and nxt.silu_preact else None)
         return x
+
+
+class NormFreeStem(nn.Sequential):
+    """``model.stem`` (timm's Sequential of convs and activations: conv1, act2, conv2, ... ) run so
+    that each activation is the epilogue of the conv before it. Children and state_dict keys are
+    timm's; a conv or activation with hooks (or torch.fx tracing) runs as its own module call."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_NO_SCRIPT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mods = list(self)
+        traced = _fx_traced(x) or _global_hooks()
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            if not traced and nxt is not None and isinstance(m, _FusedConv) and _act_spec(nxt) is not None:
+                x = _conv_act(m, x, nxt)
+                i += 2
+            else:
+                x = m(x)
+                i += 1
+        return x
+
+
+def _global_avg_pool_flat(pool: nn.Module) -> bool:
+    """Whether timm's ``SelectAdaptivePool2d`` ``pool`` is a global average pool to (N, C) over NCHW."""
+    if type(pool) is not _TimmSelectPool or _hooked(pool) or _hooked(pool.pool) or _hooked(pool.flatten):
+        return False
+    inner = pool.pool
+    if isinstance(inner, nn.AdaptiveAvgPool2d):
+        return inner.output_size in (1, (1, 1)) and isinstance(pool.flatten, nn.Flatten) and pool.flatten.start_dim == 1
+    return (type(inner) is _TimmFastAvgPool and inner.flatten and tuple(inner.dim) == (2, 3)
+            and isinstance(pool.flatten, nn.Identity))
+
+
+class NormFreeNet(_TimmNet):
+    """timm's ``NormFreeNet`` (the converted model's class) whose final conv runs with its
+    activation in the epilogue and whose ``forward`` takes the head's global average pool from that
+    conv's per-channel sums: no separate activation or pooling pass over the last feature map.
+
+    Every method but ``forward_features`` and ``forward`` is timm's; ``forward`` falls back to
+    timm's ``forward_head`` for any other head (max or cat pooling, a conv classifier, hooks on
+    the head's modules, symbolic tracing), and the result is the same either way.
+    """
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(_NO_SCRIPT)
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """Stem and stages, as timm's ``forward_features`` runs them."""
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
+        return self.stages(x)
+
+    def _final(self, x: torch.Tensor, want_sums: bool):
+        """``final_act(final_conv(x))``, one op where it fuses; with ``want_sums`` also its fp32
+        channel sums (None where it does not fuse)."""
+        spec = _act_spec(self.final_act)
+        if (spec is None or not isinstance(self.final_conv, _FusedConv) or _hooked(self.final_conv)
+                or _hooked(self.final_act) or _fx_traced(x) or _global_hooks()):
+            x = self.final_act(self.final_conv(x))
+            return (x, None) if want_sums else x
+        return self.final_conv.fused(x, act=spec[0], act_gain=spec[1], want_sums=want_sums)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._final(self._trunk(x), want_sums=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        head = self.head
+        if (type(head) is not _TimmHead or _hooked(head) or _hooked(head.drop) or _hooked(head.fc)
+                or not isinstance(head.fc, (nn.Linear, nn.Identity)) or not _global_avg_pool_flat(head.global_pool)):
+            return super().forward(x)
+        x, sums = self._final(self._trunk(x), want_sums=True)
+        if sums is None:
+            return self.forward_head(x)
+        # timm's mean over the pixels, from the sums the final conv's epilogue made
+        pooled = (sums / (x.shape[2] * x.shape[3])).to(x.dtype)
+        return head.flatten(head.fc(head.drop(pooled)))

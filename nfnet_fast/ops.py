@@ -16,10 +16,12 @@ from typing import Optional, Tuple, Union
 import torch
 from torch.autograd import forward_ad
 
-from . import _backends
+from . import _backends, _library
 
-__all__ = ["scaled_std_weight", "eca", "eca_residual", "silu_scale", "resolve_backend", "check_backend",
-           "AUTO_ORDER"]
+__all__ = ["scaled_std_weight", "eca", "eca_residual", "silu_scale", "fused_conv", "resolve_backend",
+           "check_backend", "AUTO_ORDER", "ACTIVATIONS"]
+
+ACTIVATIONS = (None, "silu", "relu", "gelu")  # fused_conv's act: gelu is the exact (erf) form
 
 # Per device type, the order in which backend="auto" tries backends. On CUDA, set by the first H200
 # run (docs/design.md section 10): cuda equals triton in inference (8267 vs 8216 img/s, eca_nfnet_l0 bs 256
@@ -236,7 +238,7 @@ def eca(x: torch.Tensor, weight: torch.Tensor, gain: float = 1.0, *, backend: st
 
 
 def eca_residual(y: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor, alpha: float, attn_gain: float,
-                 beta_next: Optional[float] = None, *,
+                 beta_next: Optional[float] = None, *, sums: Optional[torch.Tensor] = None,
                  backend: str = "auto") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """The tail of an NF block: ECA, residual scaling and add, and optionally the next pre-activation.
 
@@ -250,6 +252,12 @@ def eca_residual(y: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor, 
         alpha: residual branch scale.
         attn_gain: attention gain.
         beta_next: the next block's pre-activation scale, or None.
+        sums: ``y``'s fp32 (N, C) channel sums over its pixels, from the op that produced ``y``
+            (``fused_conv(..., want_sums=True)``), so that the compiled backends need not read ``y``
+            to pool it; None to pool here. They are a function of ``y``, not an input of their own:
+            the gradient reaches ``y`` (through the means too) and none is returned for ``sums``,
+            and the reference backend (the specification) pools ``y`` itself. Passing sums of
+            anything else than ``y`` makes the compiled backends' gate wrong.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -264,8 +272,14 @@ def eca_residual(y: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor, 
     _check_number(alpha, "alpha")
     _check_number(attn_gain, "attn_gain")
     _check_number(beta_next, "beta_next", optional=True)
-    return _implementation("eca_residual", backend, y, weight, shortcut)(
-        y, weight, shortcut, float(alpha), float(attn_gain), None if beta_next is None else float(beta_next))
+    if sums is not None:
+        _check_tensor(sums, "sums", ndim=2)
+        _check_same(sums, "sums", y, "y", dtype=False)
+        if sums.dtype != torch.float32 or tuple(sums.shape) != tuple(y.shape[:2]):
+            raise ValueError(f"sums must be y's fp32 (N, C) = {tuple(y.shape[:2])} channel sums, got "
+                             f"{sums.dtype} of shape {tuple(sums.shape)}")
+    return _implementation("eca_residual", backend, y, weight, shortcut, sums)(
+        y, weight, shortcut, float(alpha), float(attn_gain), None if beta_next is None else float(beta_next), sums)
 
 
 def silu_scale(x: torch.Tensor, beta: float, *, backend: str = "auto") -> torch.Tensor:
@@ -284,3 +298,88 @@ def silu_scale(x: torch.Tensor, beta: float, *, backend: str = "auto") -> torch.
         raise ValueError(f"x is empty (shape {tuple(x.shape)}): nothing to compute")
     _check_number(beta, "beta")
     return _implementation("silu_scale", backend, x)(x, float(beta))
+
+
+def _padding4(padding) -> Tuple[int, int, int, int]:
+    if isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
+        padding = (int(padding),) * 4
+    elif isinstance(padding, (tuple, list)) and len(padding) == 2:
+        padding = (padding[0], padding[0], padding[1], padding[1])
+    if not (isinstance(padding, (tuple, list)) and len(padding) == 4
+            and all(isinstance(p, numbers.Integral) and not isinstance(p, bool) and p >= 0 for p in padding)):
+        raise ValueError(f"padding must be an int >= 0, (pad_h, pad_w) or (top, bottom, left, right), got {padding!r}")
+    return tuple(int(p) for p in padding)
+
+
+def _check_int(v, name: str, low: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    return int(v)
+
+
+def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1,
+               padding=0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
+               want_sums: bool = False, backend: str = "auto"):
+    """A convolution with its neighbours fused: ``act(conv2d(pool(x), weight) + bias) * act_gain``.
+
+    What an NF block does around each convolution, in one pass on the compiled backends: the 2x2
+    average pool of the downsample shortcut on load (``pool``), the bias and the activation in the
+    epilogue, and optionally the per-(sample, channel) sums of the output that ECA and the head's
+    global pool need. On the reference backend it is timm's own sequence of calls.
+
+    Args:
+        x: activation (N, C_in, H, W), NCHW or channels_last (the compiled backends compute and
+            return channels_last).
+        weight: (C_out, C_in / groups, kh, kw), in ``x``'s dtype (under autocast both are cast to the
+            autocast dtype, as ``F.conv2d`` does).
+        bias: (C_out,) or None.
+        stride: the convolution's stride.
+        padding: zero padding: an int, ``(pad_h, pad_w)`` or ``(top, bottom, left, right)`` (TF
+            'same' padding of the ``dm_`` models).
+        groups: the convolution's groups.
+        act: None, ``"silu"``, ``"relu"`` or ``"gelu"`` (exact erf form), after the bias.
+        act_gain: multiplies the activation (timm's ``GammaAct``).
+        pool: first a 2x2, stride-2 average pool with ceil_mode and count_include_pad=False (timm's
+            ``DownsampleAvg``); needs a 1x1 kernel, stride 1, no padding and groups 1.
+        want_sums: also return the fp32 (N, C_out) sums of the output over its pixels.
+        backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``out`` (N, C_out, H_out, W_out), or ``(out, sums)`` with ``want_sums``.
+    """
+    _check_activation(x, "x")
+    _check_tensor(weight, "weight", ndim=4)
+    _check_same(weight, "weight", x, "x", dtype=_library.autocast_dtype(x.device.type) is None)
+    cout, cin_g = weight.shape[:2]
+    groups = _check_int(groups, "groups", 1)
+    if cout == 0 or x.shape[1] != cin_g * groups or cout % groups:
+        raise ValueError(f"weight shape {tuple(weight.shape)} and groups={groups} do not fit x shape {tuple(x.shape)}")
+    if bias is not None:
+        _check_tensor(bias, "bias", ndim=1)
+        _check_same(bias, "bias", x, "x", dtype=False)
+        if bias.numel() != cout:
+            raise ValueError(f"bias must have one value per output channel ({cout}), got shape {tuple(bias.shape)}")
+    stride = _check_int(stride, "stride", 1)
+    padding = _padding4(padding)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    _check_number(act_gain, "act_gain")
+    if pool and (weight.shape[2:] != (1, 1) or stride != 1 or any(padding) or groups != 1):
+        raise ValueError("pool=True needs a 1x1 kernel, stride 1, no padding and groups 1 (the downsample conv)")
+    h, w = x.shape[2:]
+    if pool:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h + padding[0] + padding[1] < weight.shape[2] or w + padding[2] + padding[3] < weight.shape[3]:
+        raise ValueError(f"x {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape[2:])} with its padding")
+    return _implementation("fused_conv", backend, x, weight, bias)(
+        x, weight, bias, stride, padding, groups, act, float(act_gain), bool(pool), bool(want_sums))
+
+
+# The backends, imported here, outside any compiled region (dynamo cannot trace an import): each
+# enters its op table in the registry (_backends.register_ops) that this module dispatches
+# through; the compiled ones also register their fake kernels and autograd (_library.py).
+from . import _reference  # noqa: F401,E402
+if _backends.backends()["cuda"].available:
+    from . import _cuda  # noqa: F401
+if _backends.backends()["triton"].available:  # imports triton (about a second)
+    from . import _triton  # noqa: F401

@@ -57,15 +57,19 @@ def test_eca(backend, dtype, shape, layout, rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("with_next", [False, True])
-def test_eca_residual(backend, dtype, shape, layout, with_next, rng):
+@pytest.mark.parametrize("with_next, with_sums", [(False, False), (True, False), (True, True)],
+                         ids=["x", "x+a", "x+a from sums"])
+def test_eca_residual(backend, dtype, shape, layout, with_next, with_sums, rng):
+    """With ``sums`` (y's channel sums, as conv3's epilogue hands them over) the compiled backends
+    skip pooling y; the outputs and y's gradient (through the means too) are the same."""
     y = _make(shape, layout, dtype, rng)
     shortcut = _make(shape, layout, dtype, rng, scale=2.0)
     eca = _timm_eca(shape[1], rng)
     weight = eca.conv.weight.detach().to(dtype).requires_grad_()
     alpha, attn_gain = 0.2 + 0.1 * float(torch.rand((), generator=rng)), 2.0
     beta_next = 1 / (1 + 0.04 * float(torch.randint(1, 6, (), generator=rng))) ** 0.5 if with_next else None
-    out = ops.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, backend=backend)
+    sums = y.detach().float().sum((2, 3)) if with_sums else None
+    out = ops.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, sums=sums, backend=backend)
 
     yd, sd = y.detach().double().requires_grad_(), shortcut.detach().double().requires_grad_()
     x_ref = attn_gain * eca(yd) * alpha + sd  # timm's NormFreeBlock tail, in float64
@@ -109,6 +113,10 @@ def _good():
     (dict(attn_gain=None), TypeError, "attn_gain must be a Python float"),
     (dict(beta_next=[1.0]), TypeError, "beta_next must be a Python float"),
     (dict(backend="triton2"), ValueError, "backend must be one of"),
+    (dict(sums=torch.randn(2, 9)), ValueError, r"sums must be y's fp32 \(N, C\) = \(2, 8\)"),
+    (dict(sums=torch.randn(2, 8, dtype=torch.float16)), ValueError, "sums must be y's fp32"),
+    (dict(sums=torch.randn(2, 8, 1, 1)), ValueError, "sums must be 2-D"),
+    (dict(sums=torch.randn(2, 8, device="meta")), ValueError, "sums is on meta"),
 ])
 def test_eca_residual_bad_input(change, err, match):
     args = _good()

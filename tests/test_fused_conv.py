@@ -1,0 +1,214 @@
+"""ops.fused_conv on every CPU backend here against the reference (timm's own calls: avg_pool2d,
+conv2d with its bias, the activation, GammaAct's gain), forward and gradients; its registration
+(opcheck, torch.compile); and eca_nfnet_l0's forward running no separate bias, SiLU or pool pass."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import nfnet_fast
+from conftest import assert_rel_close, cpu_backends, randomize_
+from nfnet_fast import _backends, ops
+from nfnet_fast import _reference as ref_ops
+
+BACKENDS = cpu_backends("fused_conv")
+COMPILED = [b for b in BACKENDS if b != "reference"]
+
+# (x shape, weight shape, stride, padding, groups, act, act_gain, pool): odd channel counts, odd H
+# and W, batch 1, groups 1/2/3 with odd widths, strides 1 and 2, TF 'same' padding, every activation.
+CASES = {
+    "1x1 silu": ((2, 21, 9, 11), (37, 21, 1, 1), 1, 0, 1, "silu", 1.0, False),
+    "1x1 pool": ((3, 19, 7, 9), (23, 19, 1, 1), 1, 0, 1, None, 1.0, True),
+    "1x1 batch1 relu": ((1, 19, 7, 5), (24, 19, 1, 1), 1, 0, 1, "relu", 1.0, False),
+    "3x3 g3 width5 s2": ((2, 15, 9, 7), (21, 5, 3, 3), 2, 1, 3, "silu", 1.0, False),
+    "3x3 g2 gelu gain": ((1, 16, 8, 9), (24, 8, 3, 3), 1, 1, 2, "gelu", 1.7015043497085571, False),
+    "3x3 same pad s2": ((2, 6, 9, 10), (10, 6, 3, 3), 2, (0, 1, 0, 1), 1, "silu", 1.0, False),
+    "5x5 stem-like": ((2, 3, 13, 11), (8, 3, 5, 5), 2, 2, 1, None, 1.0, False),
+}
+
+
+def _case(name, rng, dtype=torch.float32):
+    x_shape, w_shape, stride, padding, groups, act, gain, pool = CASES[name]
+    x = torch.randn(x_shape, generator=rng).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(w_shape, generator=rng) * (w_shape[1] * w_shape[2] * w_shape[3]) ** -0.5).to(dtype)
+    b = (0.3 * torch.randn(w_shape[0], generator=rng)).to(dtype)
+    return (x, w, b), dict(stride=stride, padding=padding, groups=groups, act=act, act_gain=gain, pool=pool)
+
+
+def _leaves(tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("want_sums", [False, True])
+@pytest.mark.parametrize("name", list(CASES))
+def test_against_reference(name, want_sums, backend, rng):
+    """Forward, sums and the gradients of x, weight and bias (the sums' gradient included)."""
+    tensors, kw = _case(name, rng)
+    got_in, ref_in = _leaves(tensors), _leaves(tensors)
+    got = ops.fused_conv(*got_in, want_sums=want_sums, backend=backend, **kw)
+    ref = ops.fused_conv(*ref_in, want_sums=want_sums, backend="reference", **kw)
+    got, ref = (got, ref) if want_sums else ((got,), (ref,))
+    assert_rel_close(got[0], ref[0], 1e-5, f"{backend} {name} out")
+    if want_sums:
+        assert got[1].dtype == torch.float32 and got[1].shape == (tensors[0].shape[0], tensors[1].shape[0])
+        assert_rel_close(got[1], ref[1], 1e-5, f"{backend} {name} sums")
+    grads = [torch.randn(t.shape, generator=rng) for t in ref]
+    torch.autograd.backward(got, grads)
+    torch.autograd.backward(ref, grads)
+    for a, r, what in zip(got_in, ref_in, ("x", "weight", "bias")):
+        assert_rel_close(a.grad, r.grad, 1e-5, f"{backend} {name} {what} grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sums_hand_over_to_eca_residual(backend, rng):
+    """conv3 -> ECA tail as the block runs it: the conv's sums feed eca_residual (no pooling pass);
+    forward, next pre-activation and the gradients of x, the conv's weight and bias, ECA's weight and
+    the shortcut equal the reference's, which pools y itself."""
+    x, w, b = (torch.randn(2, 12, 7, 5, generator=rng), torch.randn(20, 12, 1, 1, generator=rng) * 12 ** -0.5,
+               torch.randn(20, generator=rng))
+    taps, shortcut = torch.randn(1, 1, 5, generator=rng), torch.randn(2, 20, 7, 5, generator=rng)
+    shortcut = shortcut.contiguous(memory_format=torch.channels_last)
+    results = []
+    for b_name in (backend, "reference"):
+        leaves = _leaves((x, w, b, taps, shortcut))
+        y, sums = ops.fused_conv(*leaves[:3], want_sums=True, backend=b_name)
+        x_next, a_next = ops.eca_residual(y, leaves[3], leaves[4], 0.2, 2.0, 0.9, sums=sums, backend=b_name)
+        (x_next * torch.linspace(-1, 1, x_next.numel()).view_as(x_next) + a_next.square()).sum().backward()
+        results.append((x_next, a_next, *(t.grad for t in leaves)))
+    for got, ref, what in zip(*results, ("x_next", "a_next", "x", "weight", "bias", "eca weight", "shortcut")):
+        assert_rel_close(got, ref, 1e-5, f"{backend} {what}")
+
+
+def test_reference_is_timms_sequence_of_calls(rng):
+    """The reference backend is the specification: timm's modules, call for call (bit for bit)."""
+    from timm.models.nfnet import DownsampleAvg, GammaAct
+
+    tensors, kw = _case("3x3 g2 gelu gain", rng)
+    x, w, b = tensors
+    act = GammaAct("gelu", gamma=kw["act_gain"])
+    expect = act(F.conv2d(x, w, b, 1, 1, 1, 2))
+    assert torch.equal(ops.fused_conv(x, w, b, backend="reference", **kw), expect)
+    ds = DownsampleAvg(19, 23, stride=2)
+    xp = torch.randn(2, 19, 7, 9, generator=rng)
+    weight = ds.conv.get_weight() if hasattr(ds.conv, "get_weight") else None
+    if weight is None:
+        weight = F.batch_norm(ds.conv.weight.reshape(1, 23, -1), None, None, weight=(ds.conv.gain * ds.conv.scale)
+                              .view(-1), training=True, momentum=0., eps=ds.conv.eps).reshape_as(ds.conv.weight)
+    with torch.no_grad():
+        assert torch.equal(ops.fused_conv(xp, weight, ds.conv.bias, pool=True, backend="reference"), ds(xp))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_fp16(backend, rng):
+    tensors, kw = _case("3x3 g3 width5 s2", rng, torch.float16)
+    got = ops.fused_conv(*tensors, backend=backend, **kw)
+    expect = ops.fused_conv(*[t.float() for t in tensors], backend="reference", **kw)
+    assert got.dtype == torch.float16
+    assert_rel_close(got, expect, 2e-3, f"{backend} fp16")
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(x=torch.ones(2, 4, 5)), ValueError, "x must be 4-D"),
+    (dict(x=torch.ones(0, 4, 5, 5)), ValueError, "empty batch"),
+    (dict(weight=torch.ones(6, 3, 3, 3)), ValueError, "do not fit x"),
+    (dict(weight=torch.ones(6, 4, 3, 3, dtype=torch.float16)), TypeError, "weight has dtype"),
+    (dict(bias=torch.ones(5)), ValueError, "one value per output channel"),
+    (dict(stride=0), ValueError, "stride must be an int >= 1"),
+    (dict(padding=(1, 2, 3)), ValueError, "padding must be"),
+    (dict(padding=-1), ValueError, "padding must be"),
+    (dict(groups=5), ValueError, "do not fit x"),
+    (dict(act="tanh"), ValueError, "act must be one of"),
+    (dict(act_gain="2"), TypeError, "act_gain must be a Python float"),
+    (dict(pool=True), ValueError, "pool=True needs a 1x1 kernel"),
+    (dict(x=torch.ones(1, 4, 2, 2), padding=0), ValueError, "smaller than the kernel"),
+    (dict(backend="fast"), ValueError, "backend must be one of"),
+])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_input(kwargs, err, match, backend):
+    args = dict(x=torch.ones(2, 4, 5, 5), weight=torch.ones(6, 4, 3, 3), bias=torch.ones(6), padding=1,
+                backend=backend)
+    args.update(kwargs)
+    x, weight, bias = args.pop("x"), args.pop("weight"), args.pop("bias")
+    with pytest.raises(err, match=match):
+        ops.fused_conv(x, weight, bias, **args)
+
+
+def test_autocast_casts_like_conv2d(rng):
+    """Under autocast an fp32 input and weight run in the autocast dtype, as F.conv2d does."""
+    tensors, kw = _case("3x3 g3 width5 s2", rng)
+    for backend in BACKENDS:
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = ops.fused_conv(*tensors, backend=backend, **kw)
+        assert out.dtype == torch.float16, backend
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_opcheck_and_compile(backend, rng):
+    tensors, kw = _case("1x1 pool", rng)
+    x, w, b = _leaves(tensors)
+    op = torch.ops.nfnet_fast.triton_fused_conv
+    torch.library.opcheck(op, (x, w, b, 1, [0, 0, 0, 0], 1, 1, 1.5, True, True))
+    torch.library.opcheck(op, (x, w, None, 1, [0, 0, 0, 0], 1, 0, 1.0, True, False))
+
+    def f(x, w, b):
+        out, sums = ops.fused_conv(x, w, b, act="silu", pool=True, want_sums=True, backend=backend)
+        return out.sum() + sums.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    assert_rel_close(compiled(x, w, b), f(x, w, b), 1e-5, f"{backend} compiled")
+
+
+def test_cuda_backend_says_its_convolutions_run_the_triton_kernel():
+    info = nfnet_fast.backends()["cuda"]
+    if info.available:
+        assert "fused_conv" in info.notes and "Triton" in info.notes
+
+
+# --- the model: no separate bias, activation or pool passes around the convolutions ---------------
+
+class _AtenCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_eca_nfnet_l0_forward_runs_fused_convolutions(backend):
+    """An eval forward of a converted eca_nfnet_l0 on a compiled backend runs all 57 convolutions as
+    fused ops (bias in the epilogue: no aten convolution and so no separate bias pass; ECA's conv1d
+    is inside the ECA op), no avg_pool2d (the downsample pool is the 1x1 conv's prologue), no SiLU
+    pass (each is its conv's epilogue, the head's too), no global pooling (the final conv's sums),
+    no add on activations (the residual is inside the ECA op), and every ECA-residual op gets its
+    channel sums from conv3's epilogue instead of pooling y again."""
+    ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 3).eval()
+    fast = nfnet_fast.convert(copy.deepcopy(ref), backend=backend).eval()
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fast(x)  # warm the standardised-weight cache: its batch_norm-free op runs once per weight
+        with _AtenCounter() as counter:
+            out = fast(x)
+        expect = ref(x)
+    assert_rel_close(out, expect, what=f"{backend} fused model")
+    names = [str(f.overloadpacket.__name__) if hasattr(f, "overloadpacket") else str(f) for f, _ in counter.calls]
+    assert names.count("triton_fused_conv") == 57, names.count("triton_fused_conv")
+    for banned in ("convolution", "cudnn_convolution", "avg_pool2d", "silu", "silu_", "mean", "adaptive_avg_pool2d",
+                   "_adaptive_avg_pool2d", "sigmoid", "mul"):
+        assert banned not in names, (banned, names.count(banned))
+    adds = [args for f, args in counter.calls if f.overloadpacket.__name__ in ("add", "add_", "addcmul")
+            and any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args)]
+    assert not adds, f"{len(adds)} adds on activations"
+    eca = [args for f, args in counter.calls if f.overloadpacket.__name__.endswith("eca_residual")]
+    assert len(eca) == 12, len(eca)  # one per block
+    for args in eca:
+        y, sums = args[0], args[5]
+        assert isinstance(sums, torch.Tensor) and sums.shape == y.shape[:2] and sums.dtype == torch.float32
+        torch.testing.assert_close(sums, y.float().sum((2, 3)), rtol=1e-5, atol=1e-5 * y.abs().amax().item())
