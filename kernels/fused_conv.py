@@ -39,12 +39,14 @@ first tile of image n, so each (n, s) slot has exactly one writer. ``_sums_kerne
 image's slots in a fixed order. Atomics would need a zeroing launch and make the sums (ECA's gate,
 and through it every later activation) change from run to run in the last bits; this costs one
 tiny launch instead (N * S * Cout fp32 reads; S = 2 for 9x9 and 4 for 18x18 at BLOCK_M = 128).
-``eca_residual`` consumes (N, S, C) partials too; handing these over directly would need the
-unwritten slots (images touching fewer than S tiles) zeroed.
+Its (N, Cout) result is what conv3 hands to ``eca_residual(sums=)`` and the final conv to the
+head's global average pool.
 
 Tiles (see "launch configurations"): 128-row Hopper tiles with compiler alignment hints where the
 launcher has checked 16-channel alignment (all of eca_nfnet_l0 but the stem's 3-channel input),
-64-row tiles without them otherwise; fp32 runs the same tiles with shorter K steps.
+64-row tiles without them otherwise; fp32 runs the same tiles with shorter K steps. On a GPU the
+launcher times the verified tiles that fit a shape once and keeps the fastest in a cache file
+(see "autotuning").
 
 Numerics: fp32 inputs use IEEE fp32 dots (``input_precision="ieee"``, never TF32: the fp32
 contract is 1e-4 of max); fp16/bf16 inputs use tensor cores (wgmma on sm_90, mma.sync on sm_80)
@@ -52,7 +54,12 @@ with fp32 accumulation. Offsets of whole activations are int64.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+import json
+import os
+import re
+import tempfile
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -156,6 +163,117 @@ def config(kind: str, group_width: int, cout_per_group: int, device: torch.devic
     if group_width < 64:
         return dict(CONV_K32_N64)
     return dict(CONV_K64_N128 if cout_per_group >= 128 else CONV_K64_N64)
+
+
+# ---------------------------------------------------------------------------------------------
+# autotuning
+#
+# Only among tiles of the AOT matrix (compiled for sm_90 and sm_80 without spills, inside shared
+# memory: tests/test_fused_conv_kernels.py), so tuning can change speed but never correctness or
+# resource use. The first launch of a shape on a GPU times each candidate with
+# triton.testing.do_bench and keeps the fastest, in memory and in a JSON file per GPU model and
+# Triton version, so later processes (and CUDA-graph captures, which cannot time) use it at once.
+
+AUTOTUNE_ENV = "NFNET_FAST_AUTOTUNE"    # "0": always the heuristic tile of config(), nothing timed
+CACHE_DIR_ENV = "NFNET_FAST_CACHE_DIR"  # where the cache file lives (default ~/.cache/nfnet_fast)
+TILES = dict(GEMM_WIDE=GEMM_WIDE, GEMM_NARROW=GEMM_NARROW, GEMM_GENERIC=GEMM_GENERIC, GEMM_POOL_WIDE=GEMM_POOL_WIDE,
+             GEMM_POOL_NARROW=GEMM_POOL_NARROW, GEMM_POOL_GENERIC=GEMM_POOL_GENERIC, CONV_K64_N64=CONV_K64_N64,
+             CONV_K64_N128=CONV_K64_N128, CONV_K32_N64=CONV_K32_N64, CONV_FLAT=CONV_FLAT, CONV_GENERIC=CONV_GENERIC)
+
+
+def tile_name(tile: dict) -> str:
+    """The name in TILES of a tile returned by :func:`config` (on a GPU)."""
+    return next(name for name, t in TILES.items() if t == tile)
+
+
+def candidates(kind: str, group_width: int, cout_per_group: int, pool: bool = False, aligned: bool = True) -> List[str]:
+    """Names of the verified tiles that can run a ``kind`` launch ("1x1" or "conv"): the heuristic
+    choice of :func:`config` first (the pick when timing ties or is off), then the others."""
+    first = tile_name(config(kind, group_width, cout_per_group, torch.device("cuda"), pool, aligned))
+    wide = cout_per_group >= 128  # (a 128-wide column tile on 64 columns would compute half padding)
+    if kind == "1x1":
+        same = ((["GEMM_POOL_WIDE"] * wide + ["GEMM_POOL_NARROW"]) if pool else (["GEMM_WIDE"] * wide + ["GEMM_NARROW"])
+                ) if aligned else []
+    elif aligned and group_width >= 64:  # a 32-deep step walks a 64-wide group in two channel blocks
+        same = ["CONV_K64_N128"] * wide + ["CONV_K64_N64", "CONV_K32_N64"]
+    else:  # flat K walk, unaligned, or width 32..63: one tile fits
+        same = []
+    return [first] + [name for name in same if name != first]
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "1") != "0"
+
+
+def cache_path(device: torch.device) -> str:
+    """The cache file of ``device``'s GPU model and this Triton version."""
+    root = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "nfnet_fast")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    gpu = re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-")
+    return os.path.join(root, f"fused_conv-{gpu}-triton{triton.__version__}.json")
+
+
+_TABLES: Dict[str, Dict[str, str]] = {}  # cache file -> {shape key: tile name}, as read and as tuned
+
+
+def _read_table(path: str) -> Dict[str, str]:
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise ValueError("not a JSON object of tile names")
+        return table
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        warnings.warn(f"nfnet_fast: ignoring the fused_conv tile cache {path} ({e}); shapes are timed again",
+                      RuntimeWarning, stacklevel=3)
+        return {}
+
+
+def _write_table(path: str, table: Dict[str, str]) -> None:
+    """Merge ``table`` into the file (another process may have added shapes) and replace it
+    atomically, so a reader never sees half a file."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        merged = {**_read_table(path), **table}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".fused_conv-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(merged, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"nfnet_fast: cannot write the fused_conv tile cache {path} ({e}); tuned tiles last "
+                      f"for this process only (set {CACHE_DIR_ENV} to a writable folder)", RuntimeWarning, stacklevel=3)
+
+
+def _bench(fn: Callable[[], object]) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=20)
+
+
+def tuned_tile(key: str, names: Sequence[str], device: torch.device, launch: Callable[[dict], object]) -> dict:
+    """The tile for the launch ``key``: from the cache, or the fastest of ``names`` timed now with
+    ``launch(tile)`` (which must run the whole launch on a copy of the tile) and then cached. The
+    first name without timing: a single candidate, autotuning off, or a CUDA graph capturing."""
+    if len(names) == 1 or not autotune_enabled() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return dict(TILES[names[0]])
+    path = cache_path(device)
+    table = _TABLES.get(path)
+    if table is None:
+        table = _TABLES[path] = _read_table(path)
+    if table.get(key) in names:
+        return dict(TILES[table[key]])
+    times = {name: _bench(lambda name=name: launch(dict(TILES[name]))) for name in names}
+    best = min(names, key=lambda name: times[name])  # (a tie keeps the heuristic's, listed first)
+    table[key] = best
+    _write_table(path, {key: best})
+    return dict(TILES[best])
+
+
+def _tune_key(x: torch.Tensor, weight_shape, stride: int, padding, groups: int, pool: bool, want_sums: bool) -> str:
+    n, cin, h, w = x.shape
+    cout, _, kh, kw = weight_shape
+    return (f"{str(x.dtype).replace('torch.', '')} n{n} x{cin}x{h}x{w} w{cout}x{kh}x{kw} s{stride} "
+            f"p{','.join(map(str, padding))} g{groups}{' pool' if pool else ''}{' sums' if want_sums else ''}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,7 +563,8 @@ def _sum_slots(hw: int, tile_m: int) -> int:
 def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1,
                padding: Padding = 0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0,
                pool: bool = False, want_sums: bool = False, config: Optional[dict] = None,
-               packed_weight: Optional[torch.Tensor] = None, gpu_config: bool = False):
+               packed_weight: Optional[torch.Tensor] = None, gpu_config: bool = False,
+               autotune: Optional[bool] = None):
     """``act(conv2d(pool(x), weight, stride, padding, groups) + bias) * act_gain`` in one launch,
     channels_last. The specification is ``nfnet_fast._reference.fused_conv``.
 
@@ -466,6 +585,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         config: a tile (see :func:`config`) instead of the launcher's choice.
         packed_weight: :func:`pack_weight` of ``weight`` in ``x``'s dtype, if already packed.
         gpu_config: the GPU tiles on CPU tensors too (tests).
+        autotune: pick the tile among :func:`candidates` by timing (:func:`tuned_tile`); default:
+            on for CUDA tensors unless ``NFNET_FAST_AUTOTUNE=0``, off elsewhere.
 
     Returns:
         ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, or ``(out, sums)``.
@@ -509,28 +630,40 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     hw = ho * wo
     cog = cout // groups
     aligned = _is_aligned((cin, cout, cg, cog), (x, wt, out))
-    if config is None:
-        cfg = config_for(x, weight, groups, stride, padding, pool, aligned, gpu_config)
-    else:  # never claim an alignment the tensors do not have
+
+    def launch(cfg: dict):
+        """Run the conv with tile ``cfg`` into ``out``; the sums' partial rows and their slots count."""
+        if one_by_one:
+            cfg.pop("FLAT_K", None)
+        else:
+            cfg.setdefault("FLAT_K", cg < cfg["BLOCK_K"])
+        slots = _sum_slots(hw, cfg["BLOCK_M"])
+        part = torch.empty((nb, slots, cout), device=x.device, dtype=torch.float32) if want_sums else b
+        if m:
+            with device_guard(x):
+                if one_by_one:
+                    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cout, cfg["BLOCK_N"]),)
+                    _conv1x1_kernel[grid](x, wt, b, out, part, m, cin, cout, x.shape[2], x.shape[3], wo, hw, slots,
+                                          a, float(act_gain), POOL=bool(pool), SUMS=bool(want_sums), **cfg)
+                else:
+                    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * groups * triton.cdiv(cog, cfg["BLOCK_N"]),)
+                    _conv_kernel[grid](x, wt, b, out, part, m, h, w, cin, wo, hw, cout, cg, cog, stride, pt, pl,
+                                       slots, a, float(act_gain), KH=kh, KW=kw, SUMS=bool(want_sums), **cfg)
+        return part, slots
+
+    if autotune is None:
+        autotune = x.is_cuda
+    if config is not None:  # never claim an alignment the tensors do not have
         cfg = dict(config)
         cfg["ALIGNED"] = bool(cfg.get("ALIGNED", aligned)) and aligned
-    if one_by_one:
-        cfg.pop("FLAT_K", None)
+    elif autotune and m and (x.is_cuda or gpu_config):
+        kind = "1x1" if one_by_one else "conv"
+        cfg = tuned_tile(_tune_key(x, weight.shape, stride, (pt, pb, pl, pr), groups, pool, want_sums),
+                         candidates(kind, cg, cog, pool, aligned), x.device, launch)
     else:
-        cfg.setdefault("FLAT_K", cg < cfg["BLOCK_K"])
+        cfg = config_for(x, weight, groups, stride, padding, pool, aligned, gpu_config)
     tile_m = cfg["BLOCK_M"]
-    slots = _sum_slots(hw, tile_m)
-    part = torch.empty((nb, slots, cout), device=x.device, dtype=torch.float32) if want_sums else b
-    if m:
-        with device_guard(x):
-            if one_by_one:
-                grid = (triton.cdiv(m, tile_m) * triton.cdiv(cout, cfg["BLOCK_N"]),)
-                _conv1x1_kernel[grid](x, wt, b, out, part, m, cin, cout, x.shape[2], x.shape[3], wo, hw, slots, a,
-                                      float(act_gain), POOL=bool(pool), SUMS=bool(want_sums), **cfg)
-            else:
-                grid = (triton.cdiv(m, tile_m) * groups * triton.cdiv(cog, cfg["BLOCK_N"]),)
-                _conv_kernel[grid](x, wt, b, out, part, m, h, w, cin, wo, hw, cout, cg, cog, stride, pt, pl,
-                                   slots, a, float(act_gain), KH=kh, KW=kw, SUMS=bool(want_sums), **cfg)
+    part, slots = launch(cfg)
     if not want_sums:
         return out
     sums = torch.empty((nb, cout), device=x.device, dtype=torch.float32)  # every (n, c) is written

@@ -373,3 +373,108 @@ def test_act_gain(act, rng):
     x, w, b = _case(rng, (2, 16, 7, 5), (24, 8, 3, 3), torch.float32)
     _check(x, w, b, f"act_gain {act}", stride=1, padding=(1, 1, 0, 2), groups=2, act=act, act_gain=1.7015043497085571,
            want_sums=True)
+
+
+# --- autotuning: among the verified tiles, timed once per shape, cached in a file -----------------
+
+def _candidate_grid():
+    """Every (kind, group width, outputs per group, pool, aligned) class the launcher meets."""
+    for aligned in (True, False):
+        for cout in (64, 128, 2304):
+            yield "1x1", 256, cout, False, aligned
+            yield "1x1", 256, cout, True, aligned
+            for width in (3, 16, 32, 64, 128):
+                yield "conv", width, cout, False, aligned
+
+
+@pytest.mark.parametrize("args", list(_candidate_grid()), ids=str)
+def test_autotune_candidates_are_in_the_aot_matrix(args):
+    """Tuning may change speed, never correctness or resources: every tile it can pick for a launch
+    is one the AOT matrix compiles (no spills, shared memory inside the limit) for that kernel."""
+    kind, width, cout, pool, aligned = args
+    names = fc.candidates(kind, width, cout, pool, aligned)
+    assert names[0] == fc.tile_name(fc.config(kind, width, cout, torch.device("cuda"), pool, aligned))
+    assert len(set(names)) == len(names)
+    spec = fc.AOT[0] if kind == "1x1" else fc.AOT[1]
+    for name in names:
+        want = dict(fc.TILES[name], SUMS=True, **(dict(POOL=pool) if kind == "1x1" else dict(KH=3, KW=3)))
+        assert any(c == want for c in spec.configs), (name, want)
+
+
+# (x shape, weight shape, groups): a 1x1 with two candidate tiles, a grouped 3x3 with three
+TUNE_CASES = {"1x1": ((2, 32, 5, 7), (128, 32, 1, 1), 1), "3x3 g2": ((1, 128, 5, 5), (256, 64, 3, 3), 2)}
+
+
+@pytest.fixture
+def tile_cache(tmp_path, monkeypatch):
+    """An empty cache folder and in-memory table; ``calls`` lists the tiles timed."""
+    monkeypatch.setenv(fc.CACHE_DIR_ENV, str(tmp_path))
+    monkeypatch.delenv(fc.AUTOTUNE_ENV, raising=False)
+    monkeypatch.setattr(fc, "_TABLES", {})
+    calls = []
+    return tmp_path, calls
+
+
+def _fake_bench(calls, fastest):
+    def bench(fn):
+        fn()  # the launch runs (and must work), its time is made up: `fastest` wins
+        calls.append(len(calls))
+        return 1.0 if len(calls) - 1 == fastest else 2.0
+    return bench
+
+
+@pytest.mark.parametrize("name", list(TUNE_CASES))
+def test_autotune_times_every_candidate_once_and_caches_the_fastest(name, tile_cache, monkeypatch, rng):
+    path, calls = tile_cache
+    xs, ws, groups = TUNE_CASES[name]
+    x, w, b = _case(rng, xs, ws, torch.float32)
+    kind = "1x1" if ws[2] == 1 else "conv"
+    names = fc.candidates(kind, ws[1], ws[0] // groups, False, True)
+    assert len(names) >= 2
+    fastest = len(names) - 1  # not the heuristic's choice
+    monkeypatch.setattr(fc, "_bench", _fake_bench(calls, fastest))
+    kw = dict(padding=ws[2] // 2, groups=groups, act="silu", want_sums=True, gpu_config=True, autotune=True)
+    _check(x, w, b, f"{name} tuned", **kw)
+    assert len(calls) == len(names)
+    files = list(path.glob("fused_conv-*.json"))
+    assert len(files) == 1 and f"triton{fc.triton.__version__}" in files[0].name
+    import json
+    table = json.loads(files[0].read_text())
+    assert list(table.values()) == [names[fastest]]
+
+    def no_bench(fn):
+        raise AssertionError("timed again")
+    monkeypatch.setattr(fc, "_bench", no_bench)
+    _check(x, w, b, f"{name} from memory", **kw)
+    monkeypatch.setattr(fc, "_TABLES", {})  # a new process: the file answers
+    _check(x, w, b, f"{name} from the file", **kw)
+    # every candidate computes the same thing (the launch after timing used the chosen tile)
+    for n in names:
+        _check(x, w, b, f"{name} tile {n}", config=fc.TILES[n], **{k: v for k, v in kw.items() if k != "autotune"})
+
+
+def test_autotune_off_or_corrupt_cache(tile_cache, monkeypatch, rng):
+    path, calls = tile_cache
+    xs, ws, groups = TUNE_CASES["1x1"]
+    x, w, b = _case(rng, xs, ws, torch.float32)
+    monkeypatch.setattr(fc, "_bench", _fake_bench(calls, 1))
+    kw = dict(act="relu", gpu_config=True, autotune=True)
+    monkeypatch.setenv(fc.AUTOTUNE_ENV, "0")
+    _check(x, w, b, "autotune off", **kw)
+    assert calls == [] and not list(path.iterdir())
+    monkeypatch.delenv(fc.AUTOTUNE_ENV)
+    cache = path / fc.cache_path(torch.device("cpu")).rsplit(os.sep, 1)[1]
+    cache.write_text("{ half a file")
+    with pytest.warns(RuntimeWarning, match="ignoring the fused_conv tile cache"):
+        _check(x, w, b, "corrupt cache", **kw)
+    assert len(calls) == 2
+    import json
+    assert len(json.loads(cache.read_text())) == 1  # rewritten whole
+
+
+def test_autotune_never_on_cpu_by_default(monkeypatch, rng):
+    def no_bench(fn):
+        raise AssertionError("timed on the CPU")
+    monkeypatch.setattr(fc, "_bench", no_bench)
+    x, w, b = _case(rng, (1, 32, 3, 3), (128, 32, 1, 1), torch.float32)
+    _check(x, w, b, "cpu default", gpu_config=True)
