@@ -99,7 +99,7 @@ def conv_table(benches) -> list:
         by_conv.setdefault(b["extra_info"]["conv"], {})[b["extra_info"]["impl"]] = b
     i0 = rows[0]["extra_info"]
     head = ["conv (Cin x H x W - Cout - kernel, runs per forward)"] + [f"{m} ms" for m in impls] + [
-        "fused TFLOP/s", "of GEMM", "predicted ms", "fused / conv alone"]
+        "fused TFLOP/s", "of GEMM", "predicted ms", "fused / conv alone", "fused runs"]
     lines = [f"### convolutions (batch {i0['batch']}, {i0['dtype'].replace('torch.', '')}; GEMM "
              f"{i0['gemm_tflops']:.3g} TFLOP/s, copy {i0['copy_gbps']:.3g} GB/s, both measured in this run)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -118,12 +118,13 @@ def conv_table(benches) -> list:
             f = fused["extra_info"]
             cells += [f"{f['tflops']:.1f}", f"{100 * f['tflops'] / f['gemm_tflops']:.0f}%",
                       f"{f['predicted_s'] * 1e3:.3f}",
-                      f"{ms['fused'] / ms['conv alone']:.2f}" if "conv alone" in ms else "-"]
+                      f"{ms['fused'] / ms['conv alone']:.2f}" if "conv alone" in ms else "-",
+                      f.get("pick", "-")]
         else:
-            cells += ["-"] * 4
+            cells += ["-"] * 5
         lines.append(f"| {conv} | " + " | ".join(cells) + " |")
     lines.append("| **one forward (x runs)** | " + " | ".join(f"**{totals[m]:.2f}**" for m in impls)
-                 + f" | | | **{predicted_total:.2f}** | |")
+                 + f" | | | **{predicted_total:.2f}** | | |")
     return lines + [""]
 
 

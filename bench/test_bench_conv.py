@@ -117,6 +117,9 @@ def test_conv(benchmark, run_timed, shape, impl):
         fn()  # compile / autotune outside the timing
         median = run_timed(fn)
     predicted = max(model["flops"] / ceilings["gemm_flops"], model["bytes"] / ceilings["copy_bytes"])
+    if impl == "fused":  # which candidate the autotuning picked (a Triton tile, or "aten": cuDNN + passes)
+        from nfnet_fast.kernels.fused_conv import tuned_choice
+        benchmark.extra_info["pick"] = tuned_choice(x, wt.shape, s, k // 2, g, pool, sums) or "heuristic"
     benchmark.extra_info.update(conv=_id(shape), impl=impl, runs_per_forward=count, flops=model["flops"],
                                 bytes=model["bytes"], tflops=model["flops"] / median / 1e12,
                                 gemm_tflops=ceilings["gemm_flops"] / 1e12, copy_gbps=ceilings["copy_bytes"] / 1e9,

@@ -250,23 +250,64 @@ def _bench(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=20)
 
 
-def tuned_tile(key: str, names: Sequence[str], device: torch.device, launch: Callable[[dict], object]) -> dict:
-    """The tile for the launch ``key``: from the cache, or the fastest of ``names`` timed now with
-    ``launch(tile)`` (which must run the whole launch on a copy of the tile) and then cached. The
+def tuned(key: str, names: Sequence[str], device: torch.device, launch: Callable[[str], object]) -> str:
+    """The candidate (a name of TILES, or VENDOR) for the launch ``key``: from the cache, or the
+    fastest of ``names`` timed now with ``launch(name)`` (the whole launch) and then cached. The
     first name without timing: a single candidate, autotuning off, or a CUDA graph capturing."""
     if len(names) == 1 or not autotune_enabled() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return dict(TILES[names[0]])
+        return names[0]
     path = cache_path(device)
     table = _TABLES.get(path)
     if table is None:
         table = _TABLES[path] = _read_table(path)
     if table.get(key) in names:
-        return dict(TILES[table[key]])
-    times = {name: _bench(lambda name=name: launch(dict(TILES[name]))) for name in names}
+        return table[key]
+    times = {name: _bench(lambda name=name: launch(name)) for name in names}
     best = min(names, key=lambda name: times[name])  # (a tie keeps the heuristic's, listed first)
     table[key] = best
     _write_table(path, {key: best})
-    return dict(TILES[best])
+    return best
+
+
+# The vendor candidate: the same function as separate aten ops, the convolution (with its bias) in
+# cuDNN or cuBLAS, then the activation, gain and sums as passes of their own. Slower wherever the
+# Triton kernel is near the vendor's conv (the passes cost what fusing saves), but the grouped 3x3
+# convs at 18x18 and 36x36 ran 4-5x faster in cuDNN than in inductor's Triton templates on the H200
+# (../shared/DESIGN.md section 10): timing decides per shape. 16-bit only: fp32 convs in cuDNN may
+# use TF32 (torch.backends.cudnn.allow_tf32), which the fp32 contract excludes.
+VENDOR = "aten"
+
+
+def _vendor_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding4,
+                 groups: int, act: int, act_gain: float, pool: bool, want_sums: bool):
+    dt = x.dtype
+    if pool:
+        x = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
+    pt, pb, pl, pr = padding4
+    b = None if bias is None else bias.to(dt)
+    if pt == pb and pl == pr:
+        y = torch.nn.functional.conv2d(x, weight.to(dt), b, stride, (pt, pl), 1, groups)
+    else:
+        y = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (pl, pr, pt, pb)), weight.to(dt), b, stride, 0, 1,
+                                       groups)
+    y = y.contiguous(memory_format=torch.channels_last)
+    if ACTS[act] == "silu":
+        y = torch.nn.functional.silu(y, inplace=True)
+    elif ACTS[act] == "relu":
+        y = y.relu_()
+    elif ACTS[act] == "gelu":
+        y = torch.nn.functional.gelu(y)
+    if act_gain != 1.0:
+        y = y.mul_(act_gain)
+    return (y, y.float().sum((2, 3))) if want_sums else y
+
+
+def tuned_choice(x: torch.Tensor, weight_shape, stride: int = 1, padding: Padding = 0, groups: int = 1,
+                 pool: bool = False, want_sums: bool = False) -> Optional[str]:
+    """What the tuning picked for this launch in this process or the cache file (a name of TILES,
+    or VENDOR), or None if it has not tuned it (reports say which path ran)."""
+    table = _TABLES.get(cache_path(x.device), {})
+    return table.get(_tune_key(x, weight_shape, stride, normalize_padding(padding), groups, pool, want_sums))
 
 
 def _tune_key(x: torch.Tensor, weight_shape, stride: int, padding, groups: int, pool: bool, want_sums: bool) -> str:
@@ -564,7 +605,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                padding: Padding = 0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0,
                pool: bool = False, want_sums: bool = False, config: Optional[dict] = None,
                packed_weight: Optional[torch.Tensor] = None, gpu_config: bool = False,
-               autotune: Optional[bool] = None):
+               autotune: Optional[bool] = None, vendor: Optional[bool] = None):
     """``act(conv2d(pool(x), weight, stride, padding, groups) + bias) * act_gain`` in one launch,
     channels_last. The specification is ``nfnet_fast._reference.fused_conv``.
 
@@ -585,8 +626,10 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         config: a tile (see :func:`config`) instead of the launcher's choice.
         packed_weight: :func:`pack_weight` of ``weight`` in ``x``'s dtype, if already packed.
         gpu_config: the GPU tiles on CPU tensors too (tests).
-        autotune: pick the tile among :func:`candidates` by timing (:func:`tuned_tile`); default:
+        autotune: pick the tile among :func:`candidates` by timing (:func:`tuned`); default:
             on for CUDA tensors unless ``NFNET_FAST_AUTOTUNE=0``, off elsewhere.
+        vendor: let the tuning also time the VENDOR candidate (aten's convolution, then separate
+            passes); default: for fp16/bf16 CUDA tensors.
 
     Returns:
         ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, or ``(out, sums)``.
@@ -651,15 +694,24 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                                        slots, a, float(act_gain), KH=kh, KW=kw, SUMS=bool(want_sums), **cfg)
         return part, slots
 
+    def vendor_launch():
+        w = weight if packed_weight is None else packed_weight.permute(3, 2, 0, 1)
+        return _vendor_conv(x, w, bias, stride, (pt, pb, pl, pr), groups, a, float(act_gain), pool, want_sums)
+
     if autotune is None:
         autotune = x.is_cuda
+    if vendor is None:
+        vendor = x.is_cuda and x.dtype != torch.float32
     if config is not None:  # never claim an alignment the tensors do not have
         cfg = dict(config)
         cfg["ALIGNED"] = bool(cfg.get("ALIGNED", aligned)) and aligned
     elif autotune and m and (x.is_cuda or gpu_config):
-        kind = "1x1" if one_by_one else "conv"
-        cfg = tuned_tile(_tune_key(x, weight.shape, stride, (pt, pb, pl, pr), groups, pool, want_sums),
-                         candidates(kind, cg, cog, pool, aligned), x.device, launch)
+        names = candidates("1x1" if one_by_one else "conv", cg, cog, pool, aligned) + [VENDOR] * bool(vendor)
+        pick = tuned(_tune_key(x, weight.shape, stride, (pt, pb, pl, pr), groups, pool, want_sums), names, x.device,
+                     lambda name: vendor_launch() if name == VENDOR else launch(dict(TILES[name])))
+        if pick == VENDOR:
+            return vendor_launch()
+        cfg = dict(TILES[pick])
     else:
         cfg = config_for(x, weight, groups, stride, padding, pool, aligned, gpu_config)
     tile_m = cfg["BLOCK_M"]

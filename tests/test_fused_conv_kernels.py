@@ -423,18 +423,32 @@ def _fake_bench(calls, fastest):
     return bench
 
 
+@pytest.mark.parametrize("vendor", [False, True], ids=["triton tiles", "vendor fastest"])
 @pytest.mark.parametrize("name", list(TUNE_CASES))
-def test_autotune_times_every_candidate_once_and_caches_the_fastest(name, tile_cache, monkeypatch, rng):
+def test_autotune_times_every_candidate_once_and_caches_the_fastest(name, vendor, tile_cache, monkeypatch, rng):
+    """Every candidate is timed once (the made-up timer makes the last one fastest: a Triton tile
+    the heuristic did not pick, or the vendor path of aten ops), the pick is written to the cache
+    file, and later calls (same process, or a new one reading the file) time nothing."""
     path, calls = tile_cache
     xs, ws, groups = TUNE_CASES[name]
-    x, w, b = _case(rng, xs, ws, torch.float32)
+    dtype = torch.float16 if vendor else torch.float32
+    x, w, b = _case(rng, xs, ws, dtype)
     kind = "1x1" if ws[2] == 1 else "conv"
-    names = fc.candidates(kind, ws[1], ws[0] // groups, False, True)
+    names = fc.candidates(kind, ws[1], ws[0] // groups, False, True) + [fc.VENDOR] * vendor
     assert len(names) >= 2
     fastest = len(names) - 1  # not the heuristic's choice
     monkeypatch.setattr(fc, "_bench", _fake_bench(calls, fastest))
-    kw = dict(padding=ws[2] // 2, groups=groups, act="silu", want_sums=True, gpu_config=True, autotune=True)
-    _check(x, w, b, f"{name} tuned", **kw)
+    kw = dict(padding=ws[2] // 2, groups=groups, act="silu", want_sums=True, gpu_config=True, autotune=True,
+              vendor=vendor)
+
+    def check(what):
+        if not vendor:
+            return _check(x, w, b, what, **kw)
+        got = fc.fused_conv(x, w, b, **kw)  # the vendor path itself, bit for bit
+        expect = fc._vendor_conv(x, w, b, 1, fc.normalize_padding(kw["padding"]), groups, 1, 1.0, False, True)
+        assert all(torch.equal(g, e) for g, e in zip(got, expect)), what
+
+    check(f"{name} tuned")
     assert len(calls) == len(names)
     files = list(path.glob("fused_conv-*.json"))
     assert len(files) == 1 and f"triton{fc.triton.__version__}" in files[0].name
@@ -445,12 +459,14 @@ def test_autotune_times_every_candidate_once_and_caches_the_fastest(name, tile_c
     def no_bench(fn):
         raise AssertionError("timed again")
     monkeypatch.setattr(fc, "_bench", no_bench)
-    _check(x, w, b, f"{name} from memory", **kw)
+    check(f"{name} from memory")
     monkeypatch.setattr(fc, "_TABLES", {})  # a new process: the file answers
-    _check(x, w, b, f"{name} from the file", **kw)
-    # every candidate computes the same thing (the launch after timing used the chosen tile)
+    check(f"{name} from the file")
+    # every Triton candidate computes the same thing (the launch after timing used the chosen tile)
     for n in names:
-        _check(x, w, b, f"{name} tile {n}", config=fc.TILES[n], **{k: v for k, v in kw.items() if k != "autotune"})
+        if n != fc.VENDOR:
+            _check(x, w, b, f"{name} tile {n}", config=fc.TILES[n],
+                   **{k: v for k, v in kw.items() if k not in ("autotune", "vendor")})
 
 
 def test_autotune_off_or_corrupt_cache(tile_cache, monkeypatch, rng):
