@@ -418,7 +418,12 @@ def _finetune_output(args: argparse.Namespace) -> str:
     return output
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    import nfnet_fast
     from nfnet_fast import train as T
 
     device = _device(args.device)
@@ -453,9 +458,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     cuda = device.type == "cuda"
     precision = "bf16 autocast" if config.amp and cuda else "fp32"
     weights = "pretrained" if args.pretrained else "random"
+    backend = args.backend if args.backend != "auto" else f"auto: {nfnet_fast.ops.resolve_backend('auto', device)}"
     print(f"nfnet-fast finetune: {args.model} ({weights} weights, new {len(data.classes)}-class head, backend "
-          f"{args.backend}) on {data.describe()}; {_device_label(device)}, {precision}, batch {config.batch_size}, "
-          f"{config.epochs} epochs, SGD nesterov lr {config.lr:g} (cosine, {config.warmup_epochs} warm-up), "
+          f"{backend}) on {data.describe()}; {_device_label(device)}, {precision}, batch {config.batch_size}, "
+          f"{_count(config.epochs, 'epoch')}, SGD nesterov lr {config.lr:g} (cosine, "
+          f"{_count(config.warmup_epochs, 'warm-up epoch')}), "
           f"AGC {config.clip_grad:g} (head excluded), smoothing {config.smoothing:g}, aa {config.aa}"
           f"{f', EMA {config.ema_decay:g}' if config.ema_decay else ''} -> {output}", flush=True)
     if resume is not None:
@@ -619,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "is opened before training starts.\n\n"
                     "Exit status: 0; 2 on bad input (no images, a single class, an unreadable image, a --resume "
                     "checkpoint of another model or other classes, an --output that is a file or holds another run), "
-                    "said in one line, with nothing written.",
+                    "said in one line, with nothing written; 130 when interrupted (Ctrl-C), last.pth of the last "
+                    "finished epoch kept.",
         epilog="example:\n"
                "  nfnet-fast finetune --data flowers/ --model eca_nfnet_l0 --pretrained --epochs 10 --batch-size 64 "
                "--lr 0.01 --output runs/flowers")

@@ -343,7 +343,7 @@ def test_help_describes_the_cli_and_each_command(capsys):
     parser = cli.build_parser()
     assert parser.description and "``" not in parser.description and "the command line" not in parser.description
     action, commands = _subparsers(parser)
-    assert set(commands) == {"bench", "predict"}
+    assert set(commands) == {"bench", "predict", "finetune"}
     listed = {a.dest: a.help for a in action._choices_actions}
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])

@@ -1,0 +1,345 @@
+"""nfnet-fast finetune on a tiny synthetic image folder made here (3 colours, 40 px PNGs): the loss goes down,
+the checkpoints load in plain timm and in nfnet-fast predict, an interrupted run resumes to the same weights as an
+uninterrupted one, and every bad input is one line and exit status 2 with nothing written."""
+import contextlib
+import io
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
+from nfnet_fast import cli, train
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 200, 40), "blue": (40, 40, 200)}
+# test_nfnet (timm's smallest NF model, 0.4M parameters) at 32 px on the reference backend: seconds per epoch.
+# RandAugment (the default --aa) stays on: the colours survive it well enough to learn in two epochs.
+ARGS = ["--model", "test_nfnet", "--backend", "reference", "--device", "cpu", "--img-size", "32", "--batch-size", "12",
+        "--workers", "0", "--lr", "0.05", "--warmup-epochs", "0", "--ema-decay", "0.999", "--seed", "0", "--quiet"]
+
+
+def _make_images(root, per_class=12, val_per_class=3, classes=tuple(COLOURS), size=40, seed=0):
+    """root/train/<colour>/*.png and root/val/<colour>/*.png: a colour plus strong noise."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for c in classes:
+            os.makedirs(os.path.join(root, split, c), exist_ok=True)
+            for i in range(n):
+                img = np.clip(np.array(COLOURS[c]) + rng.normal(0, 40, (size, size, 3)), 0, 255).astype("uint8")
+                Image.fromarray(img).save(os.path.join(root, split, c, f"{i}.png"))
+    return str(root)
+
+
+def _finetune(data, output, *extra, epochs=2):
+    return cli.main(["finetune", "--data", data, "--output", str(output), "--epochs", str(epochs), *ARGS, *extra])
+
+
+def _one_line(err):
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _make_images(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """One 2-epoch run: (output folder, its summary.json, its stdout)."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert _finetune(data, out) == 0
+    with open(out / train.SUMMARY_FILE) as f:
+        return out, json.load(f), buf.getvalue()
+
+
+def test_loss_goes_down_and_files_are_written(run):
+    out, summary, stdout = run
+    losses = [e["train_loss"] for e in summary["history"]]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
+    assert sorted(os.listdir(out)) == sorted([train.RESUME_FILE, train.FINAL_FILE, train.BEST_FILE, train.SUMMARY_FILE,
+                                              train.CLASSES_FILE])  # no temporary file left behind
+    assert summary["classes"] == ["blue", "green", "red"]
+    assert [line.split()[:2] for line in stdout.splitlines() if line.startswith("epoch")] == [
+        ["epoch", "1/2"], ["epoch", "2/2"]]
+    for e in summary["history"]:  # 3 classes: top-1 only; the EMA validated beside the model
+        assert e["val"]["top5"] is None and e["val_ema"] is not None and 0 <= e["val"]["top1"] <= 100
+    assert "aa rand-m9-mstd0.5" in stdout and "AGC 0.015 (head excluded)" in stdout
+
+
+def _val_images(data):
+    paths, labels = [], []
+    for i, c in enumerate(["blue", "green", "red"]):
+        folder = os.path.join(data, "val", c)
+        for name in sorted(os.listdir(folder)):
+            paths.append(os.path.join(folder, name))
+            labels.append(i)
+    return paths, torch.tensor(labels)
+
+
+def test_checkpoint_loads_in_plain_timm_and_predicts(run, data):
+    """model.pth is a plain state_dict of timm's keys (the EMA weights here): timm.create_model(checkpoint_path=...)
+    loads it, and its top-1 on the validation images is the one finetune reported for the last epoch."""
+    out, summary, _ = run
+    state = torch.load(out / train.FINAL_FILE, weights_only=True)
+    model = timm.create_model("test_nfnet", num_classes=3, checkpoint_path=str(out / train.FINAL_FILE)).eval()
+    assert set(state) == set(model.state_dict())
+    paths, labels = _val_images(data)
+    tf = create_transform(**resolve_data_config({"input_size": (3, 32, 32)}, model=model))
+    with torch.no_grad():
+        pred = model(torch.stack([tf(Image.open(p).convert("RGB")) for p in paths])).argmax(-1)
+    top1 = 100 * (pred == labels).double().mean().item()
+    assert top1 == pytest.approx(summary["history"][-1]["val_ema"]["top1"])
+    assert top1 > 50
+    best = timm.create_model("test_nfnet", num_classes=3, checkpoint_path=str(out / train.BEST_FILE))
+    assert best.num_classes == 3
+    # last.pth, the resumable checkpoint, loads in timm too (its state_dict_ema, as timm's own train.py writes it)
+    timm.create_model("test_nfnet", num_classes=3, checkpoint_path=str(out / train.RESUME_FILE))
+
+
+def test_predict_reads_the_checkpoint_and_its_class_names(run, data, capsys):
+    out, _, _ = run
+    paths, _ = _val_images(data)
+    assert cli.main(["predict", paths[0], paths[-1], "--model", "test_nfnet", "--checkpoint", str(out / train.FINAL_FILE),
+                     "--device", "cpu", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert [len(r["topk"]) for r in got] == [3, 3]  # the default top-5, capped at the 3 classes
+    assert {t["label"] for t in got[0]["topk"]} == {"blue", "green", "red"}  # from classes.json beside it
+
+
+def test_interrupted_run_resumes_to_the_same_weights(run, data, tmp_path, monkeypatch, capsys):
+    """Interrupted during epoch 2 (Ctrl-C: exit 130, last.pth of epoch 1 kept), then --resume: the same weights,
+    history and files as the uninterrupted run (each epoch's randomness is seeded by the epoch)."""
+    out, summary, _ = run
+    calls = []
+    validate = train._validate
+
+    def interrupt_in_epoch_2(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # model and EMA are validated each epoch: the third call is epoch 2's
+            raise KeyboardInterrupt
+        return validate(*a, **k)
+
+    monkeypatch.setattr(train, "_validate", interrupt_in_epoch_2)
+    part = tmp_path / "part"
+    assert _finetune(data, part) == 130
+    assert capsys.readouterr().err.strip().endswith(f"interrupted; continue with --resume {part / train.RESUME_FILE}")
+    assert not (part / train.FINAL_FILE).exists()
+    assert torch.load(part / train.RESUME_FILE, weights_only=True)["epoch"] == 0
+    monkeypatch.setattr(train, "_validate", validate)
+
+    assert cli.main(["finetune", "--data", data, "--resume", str(part / train.RESUME_FILE), "--epochs", "2",
+                     *ARGS]) == 0  # --output defaults to the checkpoint's folder
+    stdout = capsys.readouterr().out
+    assert f"resuming from {part / train.RESUME_FILE} after epoch 1" in stdout
+    assert [line.split()[1] for line in stdout.splitlines() if line.startswith("epoch")] == ["2/2"]
+    resumed = torch.load(part / train.FINAL_FILE, weights_only=True)
+    full = torch.load(out / train.FINAL_FILE, weights_only=True)
+    for k in full:
+        assert torch.equal(resumed[k], full[k]), k
+    with open(part / train.SUMMARY_FILE) as f:
+        history = json.load(f)["history"]
+    assert [e["epoch"] for e in history] == [1, 2]
+    assert [e["train_loss"] for e in history] == [e["train_loss"] for e in summary["history"]]
+
+
+def test_resume_extends_a_finished_run(run, data, tmp_path, capsys):
+    """--resume with a larger --epochs trains the epochs left, on a cosine schedule stretched to the new total."""
+    out, _, _ = run
+    more = tmp_path / "more"
+    shutil.copytree(out, more)
+    assert cli.main(["finetune", "--data", data, "--resume", str(more / train.RESUME_FILE), "--epochs", "3", *ARGS,
+                     "--batch-size", "36"]) == 0
+    stdout = capsys.readouterr().out
+    assert "note: the schedule changed" in stdout
+    assert [line.split()[1] for line in stdout.splitlines() if line.startswith("epoch")] == ["3/3"]
+    with open(more / train.SUMMARY_FILE) as f:
+        assert [e["epoch"] for e in json.load(f)["history"]] == [1, 2, 3]
+
+
+# --- bad input: one line, exit status 2, nothing written ----------------------------------------------------
+
+def _garbage_png(root):
+    path = os.path.join(root, "train", "red", "broken.png")
+    with open(path, "wb") as f:
+        f.write(b"not a png at all")
+    return path
+
+
+def _bad_data(kind, root):
+    """A data folder with one thing wrong, and the start of the error line it must give."""
+    if kind == "empty":
+        os.makedirs(os.path.join(root, "train", "red"))
+        return root, f"no images in training folder {os.path.join(root, 'train')}: expected one subfolder per class"
+    if kind == "nothing":
+        os.makedirs(root)
+        return root, f"no images in training folder {root}"
+    if kind == "one-class":
+        _make_images(root, per_class=2, val_per_class=1, classes=("red",))
+        return root, (f"training folder {os.path.join(root, 'train')} has a single class (red): fine-tuning a "
+                      f"classifier needs at least two class subfolders")
+    if kind == "unreadable":
+        _make_images(root, per_class=2, val_per_class=1)
+        return root, f"cannot read image {_garbage_png(root)}: UnidentifiedImageError"
+    if kind == "loose-images":
+        _make_images(root, per_class=2, val_per_class=1)
+        Image.new("RGB", (8, 8)).save(os.path.join(root, "train", "stray.png"))
+        return root, (f"training folder {os.path.join(root, 'train')} holds images outside any class subfolder (e.g. "
+                      f"{os.path.join(root, 'train', 'stray.png')}): put each class's images in a subfolder")
+    if kind == "val-class-unknown":
+        _make_images(root, per_class=2, val_per_class=1, classes=("red", "green"))
+        _make_images(os.path.join(root, "extra"), per_class=1, val_per_class=1, classes=("blue",))
+        shutil.move(os.path.join(root, "extra", "val", "blue"), os.path.join(root, "val", "blue"))
+        shutil.rmtree(os.path.join(root, "extra"))
+        return root, f"validation folder {os.path.join(root, 'val')} has classes that"
+    if kind == "missing":
+        return root, f"--data {root}: no such directory"
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["empty", "nothing", "one-class", "unreadable", "loose-images", "val-class-unknown",
+                                  "missing"])
+def test_bad_data(kind, tmp_path, capsys):
+    root, message = _bad_data(kind, str(tmp_path / "data"))
+    out = tmp_path / "out"
+    assert _finetune(root, out) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"nfnet-fast finetune: error: {message}"), line
+    assert not out.exists()
+
+
+def _two_class_data(root):
+    return _make_images(root, per_class=2, val_per_class=1, classes=("red", "green"))
+
+
+@pytest.mark.parametrize("case", ["another-model", "other-classes", "plain-state-dict", "finished", "garbage"])
+def test_bad_resume(case, run, data, tmp_path, capsys):
+    out, _, _ = run
+    last = str(out / train.RESUME_FILE)
+    args, message = {
+        "another-model": (["--data", data, "--resume", last, "--model", "nf_regnet_b0"],
+                          f"{last} is a checkpoint of test_nfnet, not of nf_regnet_b0 (--model)"),
+        "other-classes": (["--data", _two_class_data(str(tmp_path / "two")), "--resume", last],
+                          f"{last} was trained on 3 classes (blue, green, red), this data has 2 (green, red)"),
+        "plain-state-dict": (["--data", data, "--resume", str(out / train.FINAL_FILE)],
+                             f"{out / train.FINAL_FILE} is not a resumable checkpoint of nfnet-fast finetune"),
+        "finished": (["--data", data, "--resume", last, "--epochs", "2"],
+                     f"{last} has completed 2 epochs, --epochs is 2: nothing left to train"),
+        "garbage": (["--data", data, "--resume", str(tmp_path / "x.pth")],
+                    f"{tmp_path / 'x.pth'} is not a loadable checkpoint of"),
+    }[case]
+    (tmp_path / "x.pth").write_bytes(b"\x00" * 64)
+    before = {f: os.path.getmtime(out / f) for f in os.listdir(out)}
+    new = tmp_path / "new-out"
+    assert cli.main(["finetune", *ARGS, *args, "--output", str(new)]) == 2  # the case's flags win over ARGS'
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"nfnet-fast finetune: error: {message}"), line
+    assert not new.exists()
+    assert {f: os.path.getmtime(out / f) for f in os.listdir(out)} == before  # the run resumed from is untouched
+
+
+def test_bad_output(run, data, tmp_path, capsys):
+    out, _, _ = run
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    assert _finetune(data, afile) == 2
+    assert _one_line(capsys.readouterr().err) == f"nfnet-fast finetune: error: --output {afile} is a file, not a folder"
+    assert afile.read_text() == "x"
+    before = {f: os.path.getmtime(out / f) for f in os.listdir(out)}
+    assert _finetune(data, out) == 2  # holds a run that this one does not resume
+    line = _one_line(capsys.readouterr().err)
+    assert line == (f"nfnet-fast finetune: error: --output {out} already holds a fine-tuning run (last.pth); continue "
+                    f"it with --resume {out / train.RESUME_FILE}, or pass another --output")
+    assert {f: os.path.getmtime(out / f) for f in os.listdir(out)} == before
+
+
+def test_no_data_and_conflicting_split(data, tmp_path, capsys):
+    assert cli.main(["finetune", "--output", str(tmp_path / "o"), *ARGS]) == 2
+    assert _one_line(capsys.readouterr().err).startswith("nfnet-fast finetune: error: no data: pass --data DIR")
+    assert _finetune(data, tmp_path / "o", "--val-split", "0.2") == 2
+    assert "--val-split 0.2 and a validation folder" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, value, why", [("--epochs", "0", "expected an integer in [1, inf), got 0"),
+                                              ("--lr", "-1", "expected a number in (0, inf), got -1"),
+                                              ("--val-split", "1.5", "expected a number in (0, 1), got 1.5"),
+                                              ("--batch-size", "two", "expected an integer in [1, inf), not 'two'")])
+def test_bad_numbers_refused_while_parsing(flag, value, why, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["finetune", "--data", "x", flag, value])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"nfnet-fast finetune: error: argument {flag}: {why}"
+
+
+# --- the data helpers without training -------------------------------------------------------------------
+
+def test_val_split_holds_out_each_class(tmp_path):
+    """A flat DIR/<class>/ folder with --val-split: a seeded, per-class split; the datasets take timm's reader."""
+    root = _make_images(str(tmp_path / "d"), per_class=10, val_per_class=0)
+    flat = os.path.join(root, "train")
+    d = train.image_folder_data(flat, val_split=0.3, seed=1, progress=False)
+    assert (d.num_train, d.num_val) == (21, 9) and d.classes == ["blue", "green", "red"]
+    val = d.make_val(None)
+    assert sorted(int(val[i][1]) for i in range(len(val))) == [0] * 3 + [1] * 3 + [2] * 3
+    assert len(d.make_train(None)) == 21
+    assert train.image_folder_data(flat, val_split=0.3, seed=1, progress=False).num_val == 9
+    with pytest.raises(train.FinetuneError, match="leaves no validation image"):
+        train.image_folder_data(flat, val_split=0.01, progress=False)
+
+
+class _FakeDataset(torch.utils.data.Dataset):
+    """What timm.data.create_dataset gives for a torch/ dataset: classes, targets, PIL images."""
+    classes = ["cat", "dog"]
+
+    def __init__(self, n):
+        self.targets = [i % 2 for i in range(n)]
+        self.transform = None
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        img = Image.new("RGB", (8, 8), (255 * self.targets[i], 0, 0))
+        return (self.transform(img) if self.transform else img), self.targets[i]
+
+
+def test_timm_dataset(monkeypatch):
+    made = []
+
+    def create_dataset(name, root=None, split="validation", is_training=False, download=False, **kw):
+        made.append((name, root, split, is_training, download))
+        if name == "torch/missing":
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        return _FakeDataset(8 if split == "train" else 4)
+
+    monkeypatch.setattr("timm.data.create_dataset", create_dataset)
+    d = train.timm_dataset_data("torch/fake", "/data", seed=0)
+    assert d.classes == ["cat", "dog"] and (d.num_train, d.num_val) == (8, 4)
+    assert made[-1] == ("torch/fake", "/data", "validation", False, False)
+    assert d.make_train(lambda im: im.size).transform is not None
+    split = train.timm_dataset_data("torch/fake", "/data", val_split=0.25)
+    assert (split.num_train, split.num_val) == (6, 2) and len(split.make_val(None)) == 2
+    with pytest.raises(train.FinetuneError, match=r"^cannot load dataset torch/missing \(split 'train', root /x\): "
+                                                  r"Dataset not found or corrupted"):
+        train.timm_dataset_data("torch/missing", "/x")
+
+
+def test_help_lists_finetune(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["finetune", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for flag in ("--data", "--dataset", "--val-split", "--pretrained", "--backend", "--epochs", "--batch-size", "--lr",
+                 "--warmup-epochs", "--clip-grad", "--smoothing", "--aa", "--drop-rate", "--drop-path-rate",
+                 "--ema-decay", "--img-size", "--workers", "--device", "--seed", "--output", "--resume", "--no-amp",
+                 "--no-channels-last"):
+        assert flag in out

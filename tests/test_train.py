@@ -1,0 +1,295 @@
+"""Training: nfnet_fast.adaptive_clip_grad_ against timm.utils.adaptive_clip_grad, and one SGD + AGC training step
+of every backend against timm's (docs/design.md section 3)."""
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from timm.utils import adaptive_clip_grad
+
+import nfnet_fast
+from conftest import assert_rel_close, cpu_backends, randomize_
+from nfnet_fast import _backends, train
+from nfnet_fast.train import adaptive_clip_grad_
+
+# fp32 against timm's fp32: both take each unit's norm with the same reduction (torch.linalg.vector_norm over the
+# unit's elements; bit-identical on this CPU), so the only room left is another order of the same fp32 sum (another
+# build's vectorisation, a GPU): a few ulps (1.2e-7 each) in a norm, carried linearly through
+# max_norm / grad_norm into the scaled gradient. 1e-6 * max|timm| per tensor is about 8 ulps.
+FP32_TOL = 1e-6
+# bf16 (unit roundoff 2^-8): a unit's scale is rounded to bf16 before the multiply, whose result is rounded again:
+# each element within 2 * 2^-8 of the exact (float64) AGC of the same bf16 inputs.
+BF16_TOL = 2.0 ** -7
+PATHS = {"per-tensor": False, "batched": True}  # the CPU path, and the accelerator path run on the CPU
+
+# Backends that run a whole model on the CPU here (triton through the interpreter, cuda through its C++ twins).
+STEP_BACKENDS = [b for b in _backends.NAMES if all(b in cpu_backends(op) for op in _backends.OPS)]
+
+
+def _unit_norms(t):
+    t = t.double()
+    return t.norm().reshape(1) if t.dim() <= 1 else t.flatten(1).norm(dim=1)
+
+
+def _random_grads(params, seed):
+    """Gradients that put some units far below AGC's threshold and some far above: per tensor a scale 10**U(-4, 0),
+    per unit (row) another 10**U(-1, 0)."""
+    g = torch.Generator().manual_seed(seed)
+    grads = []
+    for p in params:
+        r = torch.randn(p.shape, generator=g) * 10 ** (-4 * torch.rand((), generator=g))
+        if p.dim() > 1:
+            r *= (10 ** -torch.rand(p.shape[0], generator=g)).view(-1, *[1] * (p.dim() - 1))
+        grads.append(r.to(p.dtype))
+    return grads
+
+
+def _leaves(params, grads, dtype=None, memory_format=None):
+    """Fresh leaf copies of `params` with `grads` (both in `dtype`, 4-D ones in `memory_format`)."""
+    out = []
+    for p, g in zip(params, grads):
+        fmt = memory_format if (memory_format is not None and p.dim() == 4) else torch.contiguous_format
+        q = p.detach().to(dtype or p.dtype).clone(memory_format=fmt).requires_grad_()
+        q.grad = g.to(dtype or g.dtype).clone(memory_format=fmt)
+        out.append(q)
+    return out
+
+
+@pytest.fixture(scope="module")
+def l0_params():
+    """eca_nfnet_l0's parameters (randomised as in conftest.randomize_) and random gradients."""
+    params = [p.detach() for p in randomize_(timm.create_model("eca_nfnet_l0"), seed=3).parameters()]
+    return params, _random_grads(params, seed=4)
+
+
+def _check_against_timm(params, grads, tol, what, clip_factor=0.015, norm_type=2.0, batched=None, **kwargs):
+    ref, out = _leaves(params, grads, **kwargs), _leaves(params, grads, **kwargs)
+    adaptive_clip_grad(ref, clip_factor, norm_type=norm_type)
+    adaptive_clip_grad_(out, clip_factor, norm_type=norm_type, _batched=batched)
+    for i, (r, o) in enumerate(zip(ref, out)):
+        assert o.grad.stride() == r.grad.stride(), f"{what}: tensor {i} changed layout"
+        assert_rel_close(o.grad, r.grad, tol, f"{what} tensor {i} {tuple(r.shape)}")
+    return ref
+
+
+def _clipped_units(before, after):
+    """(units whose gradient changed, units left alone) over all tensors."""
+    changed = torch.cat([(_unit_norms(a.grad) != _unit_norms(b)) for a, b in zip(after, before)])
+    return int(changed.sum()), int((~changed).sum())
+
+
+@pytest.mark.parametrize("norm_type, channels_last", [(2.0, False), (math.inf, False), (2.0, True)],
+                         ids=["2-nchw", "inf-nchw", "2-channels_last"])
+def test_matches_timm_on_eca_nfnet_l0(l0_params, norm_type, channels_last):
+    """Every parameter of eca_nfnet_l0 (ndim 1, 2, 3, 4; the gains are (C, 1, 1, 1)), thousands of units clipped
+    and thousands not, on both paths: the result within fp32 rounding of timm's, the gradients' layout kept."""
+    params, grads = l0_params
+    assert {p.dim() for p in params} == {1, 2, 3, 4}
+    fmt = torch.channels_last if channels_last else None
+    ref = _leaves(params, grads, memory_format=fmt)
+    adaptive_clip_grad(ref, 0.015, norm_type=norm_type)
+    for path, batched in PATHS.items():
+        out = _leaves(params, grads, memory_format=fmt)
+        adaptive_clip_grad_(out, 0.015, norm_type=norm_type, _batched=batched)
+        for i, (r, o) in enumerate(zip(ref, out)):
+            assert o.grad.stride() == r.grad.stride(), f"{path}: tensor {i} changed layout"
+            assert_rel_close(o.grad, r.grad, FP32_TOL, f"{path} ord={norm_type} tensor {i} {tuple(r.shape)}")
+    clipped, kept = _clipped_units(grads, ref)
+    assert clipped > 1000 and kept > 1000, (clipped, kept)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_ndim(path, dtype):
+    """Tensors of ndim 0 to 5, with units (rows) designed above and below the threshold, in one call: the clipped
+    units end at max_norm exactly as in timm, the others unchanged."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(), (7,), (6, 5), (4, 3, 5), (8, 3, 3, 3), (1, 1, 1, 1), (3, 2, 2, 2, 2), (5, 1, 1, 1)]
+    ratios = torch.tensor([0.1, 3.0, 0.5, 10.0, 0.99, 1.01, 100.0, 1.5], dtype=torch.float64)  # of the threshold
+    params, grads = [torch.randn(s, generator=g, dtype=dtype) for s in shapes], []
+    for i, p in enumerate(params):
+        rows = p.shape[0] if p.dim() > 1 else 1
+        r = torch.randn(p.shape, generator=g, dtype=dtype)
+        want = _unit_norms(p).clamp(min=1e-3) * 0.015 * ratios[(torch.arange(rows) + i) % len(ratios)]
+        factor = (want / _unit_norms(r)).to(dtype)
+        grads.append(r * (factor.view(rows, *[1] * (p.dim() - 1)) if p.dim() > 1 else factor[0]))
+    ref = _check_against_timm(params, grads, FP32_TOL if dtype == torch.float32 else 1e-12, f"{path} {dtype}",
+                              batched=PATHS[path])
+    clipped, kept = _clipped_units(grads, ref)
+    assert clipped >= 8 and kept >= 8
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bf16(l0_params, path):
+    """bf16 parameters and gradients: each element within 2^-7 of the exact AGC (float64 math on the same bf16
+    inputs); timm's own bf16 result (norms rounded to bf16) is further from it."""
+    params, grads = l0_params
+    params, grads = params[:60], grads[:60]  # the stem and the first stages: enough units, a fraction of the time
+    exact = _leaves(params, grads, dtype=torch.bfloat16)
+    exact = _leaves([p.double() for p in exact], [p.grad.double() for p in exact])
+    adaptive_clip_grad(exact, 0.015)
+    out, ref = _leaves(params, grads, dtype=torch.bfloat16), _leaves(params, grads, dtype=torch.bfloat16)
+    adaptive_clip_grad_(out, 0.015, _batched=PATHS[path])
+    adaptive_clip_grad(ref, 0.015)
+    worst_ours = worst_timm = 0.0
+    for i, (o, r, e) in enumerate(zip(out, ref, exact)):
+        assert o.grad.dtype == torch.bfloat16
+        err = (o.grad.double() - e.grad).abs()
+        bound = BF16_TOL * e.grad.abs() + 1e-30
+        assert (err <= bound).all(), f"tensor {i}: {(err / bound).max().item():.2f}x the bf16 bound"
+        worst_ours = max(worst_ours, (err / bound).max().item())
+        worst_timm = max(worst_timm, ((r.grad.double() - e.grad).abs() / bound).max().item())
+    assert worst_ours <= worst_timm
+    clipped, kept = _clipped_units([g.to(torch.bfloat16).double() for g in grads], exact)
+    assert clipped > 100 and kept > 100
+
+
+def test_tensor_argument_and_generator():
+    g = torch.Generator().manual_seed(1)
+    p = torch.randn(16, 8, generator=g).requires_grad_()
+    p.grad = torch.randn(16, 8, generator=g) * torch.logspace(-4, 0, 16).view(-1, 1)
+    ref = p.detach().clone().requires_grad_()
+    ref.grad = p.grad.clone()
+    adaptive_clip_grad(ref, 0.02)
+    adaptive_clip_grad_(p, 0.02)
+    assert_rel_close(p.grad, ref.grad, FP32_TOL, "tensor argument")
+    q = torch.randn(5, generator=g).requires_grad_()
+    q.grad = torch.full((5,), 10.0)
+    adaptive_clip_grad_((t for t in [q]), 0.01)  # any iterable, a generator included
+    torch.testing.assert_close(q.grad.norm(), q.detach().norm() * 0.01)
+
+
+def test_params_without_grad_and_empty():
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(4, 3, generator=g).requires_grad_() for _ in range(4)]
+    params[0].grad = torch.full((4, 3), 5.0)
+    params[2].grad = torch.full((4, 3), 1e-6)
+    ref = [p.detach().clone().requires_grad_() for p in params]
+    for r, p in zip(ref, params):
+        r.grad = None if p.grad is None else p.grad.clone()
+    adaptive_clip_grad(ref, 0.01)
+    adaptive_clip_grad_(params, 0.01)
+    assert params[1].grad is None and params[3].grad is None
+    for r, p in zip(ref, params):
+        if p.grad is not None:
+            assert_rel_close(p.grad, r.grad, FP32_TOL, "with grad")
+    adaptive_clip_grad_([])
+    adaptive_clip_grad_([params[1], params[3]])  # none with a gradient
+    adaptive_clip_grad_(torch.nn.Linear(2, 2).parameters())  # never had a backward
+    empty = torch.empty(0, 3).requires_grad_()
+    empty.grad = torch.empty(0, 3)
+    adaptive_clip_grad_([empty])
+
+
+def test_zero_parameters_use_eps_and_duplicates_clip_once():
+    """A zero-initialised unit gets a gradient of norm eps * clip_factor (timm's max(||p||, eps)); a tensor given
+    twice is clipped once (timm's second pass is a no-op but for rounding)."""
+    p = torch.zeros(3, 4).requires_grad_()
+    p.grad = torch.ones(3, 4)
+    adaptive_clip_grad_([p, p], clip_factor=0.5, eps=1e-2)
+    torch.testing.assert_close(p.grad.norm(dim=1), torch.full((3,), 0.5 * 1e-2))
+
+
+def test_mixed_dtypes_in_one_call():
+    """fp32 and fp64 tensors in one call, grouped by (device, dtype) as torch's clip_grad_norm_ groups them."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.randn(6, 4, generator=g, dtype=dt) for dt in (torch.float32, torch.float64, torch.float32)]
+    grads = _random_grads(params, seed=5)
+    for path in PATHS.values():
+        _check_against_timm(params, grads, FP32_TOL, "mixed dtypes", batched=path)
+
+
+def test_exported_lazily_from_the_package():
+    assert nfnet_fast.adaptive_clip_grad_ is train.adaptive_clip_grad_
+    assert "adaptive_clip_grad_" in dir(nfnet_fast) and "adaptive_clip_grad_" in nfnet_fast.__all__
+
+
+def test_fewer_ops_than_timm(l0_params):
+    """The point of it: on eca_nfnet_l0 the batched path dispatches under a tenth of the (kernel-launching) ops of
+    timm's per-parameter loop."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+            self.n += not view  # views and detach launch nothing
+            return func(*args, **(kwargs or {}))
+
+    params, grads = l0_params
+    counts = {}
+    for name, clip in (("timm", adaptive_clip_grad), ("ours", lambda ps, c: adaptive_clip_grad_(ps, c, _batched=True))):
+        leaves = _leaves(params, grads)
+        with Count() as mode:
+            clip(leaves, 0.015)
+        counts[name] = mode.n
+    assert counts["ours"] * 10 < counts["timm"], counts
+
+
+# --- one training step against timm --------------------------------------------------------------------
+
+# test_nfnet with ECA attention: timm's smallest NF model with the eca_nfnet block (every fused op), small enough
+# for the Triton interpreter; eca_nfnet_l0 itself on the backends that are fast on a CPU (the interpreter takes
+# about 30 s for its step).
+STEP_CASES = [pytest.param("test_nfnet", 48, dict(attn_layer="eca", attn_kwargs={}), b, id=f"test_nfnet-eca-{b}")
+              for b in STEP_BACKENDS]
+STEP_CASES += [pytest.param("eca_nfnet_l0", 32, {}, b, id=f"eca_nfnet_l0-{b}") for b in STEP_BACKENDS
+               if b != "triton"]
+
+
+def _train_step(model, x, y, clip):
+    """One step as finetune takes it: cross-entropy, backward, AGC 0.015 on all but the classifier, SGD with
+    Nesterov momentum and weight decay from timm's optimizer factory. Returns the loss and the clipped gradients."""
+    opt = create_optimizer_v2(model, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
+    assert all(group["nesterov"] for group in opt.param_groups)
+    model.train()
+    loss = F.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    head = {id(p) for p in model.get_classifier().parameters()}
+    clip([p for p in model.parameters() if id(p) not in head], 0.015)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("name, size, kwargs, backend", STEP_CASES)
+def test_training_step_matches_timm(name, size, kwargs, backend):
+    """Same random weights (every parameter, gains included), same batch: timm with timm's AGC against nfnet_fast
+    with adaptive_clip_grad_. Loss, every clipped gradient and every parameter after the step within
+    1e-4 * max|timm| (docs/design.md section 3)."""
+    ref = randomize_(timm.create_model(name, num_classes=10, **kwargs), seed=21)
+    fast = nfnet_fast.create_model(name, backend=backend, num_classes=10, **kwargs)
+    fast.load_state_dict(ref.state_dict())
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 3, size, size, generator=g)
+    y = torch.randint(0, 10, (2,), generator=g)
+    before = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    loss_ref, grads_ref = _train_step(ref, x, y, adaptive_clip_grad)
+    loss, grads = _train_step(fast, x, y, adaptive_clip_grad_)
+    assert_rel_close(loss, loss_ref, what=f"{name} {backend} loss")
+    params_ref = dict(ref.named_parameters())
+    for n, p in fast.named_parameters():
+        assert_rel_close(grads[n], grads_ref[n], what=f"{name} {backend} clipped grad of {n}")
+        assert_rel_close(p.detach(), params_ref[n].detach(), what=f"{name} {backend} {n} after the step")
+    moved = sum(not torch.equal(params_ref[n], before[n]) for n in before)
+    assert moved == len(before), "every parameter takes a step"
+
+
+def test_training_step_clips_some_units_and_not_others():
+    """The step above exercises both branches of AGC: timm's clipping changes some units' gradients, not all."""
+    model = randomize_(timm.create_model("test_nfnet", num_classes=10, attn_layer="eca", attn_kwargs={}), seed=21)
+    g = torch.Generator().manual_seed(8)
+    x, y = torch.randn(2, 3, 48, 48, generator=g), torch.randint(0, 10, (2,), generator=g)
+    F.cross_entropy(model(x), y).backward()
+    head = {id(p) for p in model.get_classifier().parameters()}
+    params = [p for p in model.parameters() if id(p) not in head]
+    before = [p.grad.clone() for p in params]
+    adaptive_clip_grad(params, 0.015)
+    clipped, kept = _clipped_units(before, params)
+    assert clipped > 0 and kept > 0, (clipped, kept)
