@@ -159,10 +159,12 @@ if [ "$TRAIN_COMPILED" = 1 ]; then  # likewise: timm eager's step as the baselin
 fi
 
 # 2. on a quiet GPU: the eager contenders, per-op GB/s, the training step, kernel-time profiles.
-bench inference-eager 90 bench/test_bench_model.py -k "test_inference and not compile"
+# (its first nfnet_fast call JIT-compiles the conv tiles and autotunes every conv shape: ~30 s more)
+bench inference-eager 120 bench/test_bench_model.py -k "test_inference and not compile"
 # (the ops' compiled-reference rows wait for the compile warm-up where compiled contenders are on)
 bench ops 60 bench/test_bench_ops.py $([ "$compiled" = 1 ] && echo '-k not compiled')
 bench train-eager 60 bench/test_bench_model.py -k "test_train_step and not compile"
+bench agc 30 bench/test_bench_agc.py
 bench conv 60 bench/test_bench_conv.py -k "not compile"
 step "kernel-time profiles (eager)"
 run_step "profiles-eager" 60 $PY bench/profile_kernels.py --out "$work/prof" --no-compile

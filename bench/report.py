@@ -64,7 +64,29 @@ def model_tables(benches, kind: str) -> list:
     out = []
     for (batch, size), results in sorted(cases.items(), reverse=True):
         out += [f"### {kind}: batch {batch} @ {size}x{size}, channels_last", "", format_table(results), ""]
+        saved = {b["extra_info"]["contender"]: b["extra_info"]["saved_mb"] for b in benches
+                 if b["extra_info"].get("kind") == kind and "saved_mb" in b["extra_info"]
+                 and (b["extra_info"]["batch"], b["extra_info"]["size"]) == (batch, size)}
+        if saved:
+            out += ["Saved for the backward by one forward (MiB; the activation memory of a step's peak, any device): "
+                    + ", ".join(f"{name} {mb:.0f}" + (f" ({mb / saved[base]:.2f}x of {base})"
+                                                      if (base := f"timm eager {name.split()[-1]}") in saved
+                                                      and name != base else "")
+                                for name, mb in saved.items()), ""]
     return out
+
+
+def agc_table(benches) -> list:
+    """Adaptive gradient clipping over the model's parameters: each implementation's time, the aten
+    ops it dispatches, and its difference from timm's result."""
+    rows = [b["extra_info"] for b in benches if b["extra_info"].get("kind") == "agc"]
+    if not rows:
+        return []
+    lines = [f"### adaptive gradient clipping ({rows[0]['model']}: {rows[0]['tensors']} tensors, "
+             f"{rows[0]['values'] / 1e6:.1f}M values, clip {rows[0]['clip_factor']})", "",
+             "| impl | ms | aten ops | max err / max abs (vs timm) |", "|---|---|---|---|"]
+    lines += [f"| {r['impl']} | {r['ms']:.3f} | {r['ops']} | {r['max_rel_err']:.1e} |" for r in rows]
+    return lines + [""]
 
 
 def ops_table(benches) -> list:
@@ -156,6 +178,7 @@ def main(argv=None) -> int:
                                    or ["No benchmark finished: see the notes above.", ""])
     md += ops_table(benches)
     md += conv_table(benches)
+    md += agc_table(benches)
     if args.kernels and os.path.exists(args.kernels):
         md += ["## where the time goes", "", open(args.kernels).read().strip(), ""]
     for t in args.tables:

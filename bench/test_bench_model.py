@@ -1,7 +1,9 @@
 """Whole-model throughput: every contender, same process, same input (docs/design.md section 8).
 
 extra_info of each benchmark holds img_per_s, max_rel_err (against timm eager fp32 on the same
-input), peak_mem_mb (CUDA), batch and size; bench/report.py turns the JSON into ratios."""
+input), peak_mem_mb (CUDA), batch and size, and for eager training steps saved_mb: what one
+forward saves for the backward (on any device: the activation memory a step holds at its peak
+besides parameters, gradients and optimizer state); bench/report.py turns the JSON into ratios."""
 import copy
 
 import pytest
@@ -66,6 +68,25 @@ def _train_step(model, opt, x, target, dtype):
     return loss
 
 
+def _saved_mb(model, x, target, dtype) -> float:
+    """MiB of the tensors one training forward saves for its backward (autograd's saved-tensor
+    hooks; each storage once; parameters excluded, autocast's weight copies included)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = F.cross_entropy(model(x), target)
+    del loss
+    return sum(saved.values()) / 2**20
+
+
 def _train_names():
     dtypes = ["fp32", "bf16"] if CUDA else ["fp32"]
     names = [f"timm eager {d}" for d in dtypes]
@@ -97,3 +118,5 @@ def test_train_step(benchmark, run_timed, batch, size, name):
     benchmark.extra_info.update(kind="train", contender=name, dtype=dtype, batch=batch, size=size,
                                 img_per_s=batch / median,
                                 peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if CUDA else None)
+    if " compile " not in name:  # (saved-tensor hooks would only see the compiled graph's own choices)
+        benchmark.extra_info["saved_mb"] = _saved_mb(model, x, target, dtype)
