@@ -257,8 +257,13 @@ def public_functions(prefix: str, float64=None) -> dict:
 # fused_conv: one op per compiled backend that has the kernels (the Triton one today; the cuda
 # backend routes to it), with this fake kernel and this autograd:
 #
-#   <prefix>fused_conv(x, weight, bias?, stride, padding[4], groups, act, act_gain, pool, want_sums)
+#   <prefix>fused_conv(x, weight, bias?, stride, padding[4], groups, act, act_gain, pool, want_sums,
+#                      pre_x?, pre_beta)
 #       -> (out, sums)          act: index into ops.ACTIVATIONS; sums (N, C_out) fp32, or (0,)
+#
+# With pre_x (x = silu(pre_x) * pre_beta, an NF block's pre-activation) the autograd saves pre_x,
+# which the block keeps anyway as its shortcut, instead of x, recomputes x in the backward, and
+# sends x's gradient through the SiLU to pre_x: one activation less held per block in training.
 #
 # The backward is aten's convolution backward (cuDNN on a GPU) around the recomputed
 # pre-activation: fast training is the training issue's work.
@@ -270,13 +275,18 @@ def _conv_out_size(size: int, before: int, after: int, k: int, stride: int) -> i
     return (size + before + after - k) // stride + 1
 
 
-def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums):
+def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x=None,
+                     pre_beta=1.0):
     _check_float(x, "x")
     torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
     _check_same(weight, "weight", x, "x")
     torch._check(x.shape[1] == weight.shape[1] * groups,
                  lambda: f"weight shape {tuple(weight.shape)} and groups={groups} do not fit x {tuple(x.shape)}")
     torch._check(len(padding) == 4, lambda: "padding must be (top, bottom, left, right)")
+    if pre_x is not None:
+        torch._check(pre_x.shape == x.shape, lambda: f"pre_x shape {tuple(pre_x.shape)} must equal x shape "
+                                                     f"{tuple(x.shape)}")
+        _check_same(pre_x, "pre_x", x, "x", dtype=False)
     if bias is not None:
         torch._check(bias.numel() == weight.shape[0], lambda: "bias must have one value per output channel")
         _check_same(bias, "bias", x, "x", dtype=False)
@@ -291,12 +301,20 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
 
 
 def _fused_conv_setup(ctx, inputs, output):
-    x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums = inputs
+    x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums = inputs[:10]
+    pre_x, ctx.pre_beta = (inputs[10], inputs[11]) if len(inputs) > 10 else (None, 1.0)
     if not want_sums:
         ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, bias)
+    ctx.pre = pre_x is not None
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(pre_x if ctx.pre else x, weight, bias)
+
+
+def _pre_activation(pre_x: Tensor, beta: float, dtype: torch.dtype) -> Tensor:
+    """``silu(pre_x) * beta`` as silu_scale and eca_residual compute it (fp32 math, rounded once)."""
+    return (torch.nn.functional.silu(pre_x.float()) * beta).to(dtype)
 
 
 def _act_grad(z: Tensor, act: int) -> Tensor:
@@ -313,10 +331,14 @@ def _act_grad(z: Tensor, act: int) -> Tensor:
 def _fused_conv_backward(ctx, grad_out, grad_sums):
     x, weight, bias = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    pre_x = None
+    if ctx.pre:  # x was silu(pre_x) * pre_beta: recompute it; its gradient goes to pre_x
+        pre_x, x = x, _pre_activation(x, ctx.pre_beta, ctx.x_dtype)
+        need_x = ctx.needs_input_grad[10]
     if grad_sums is not None and grad_sums.dim() != 2:  # the (0,) placeholder of an op without sums
         grad_sums = None
     if grad_out is None and grad_sums is None:
-        return (None,) * 10
+        return (None,) * 12
     top, bottom, left, right = ctx.padding
     symmetric = top == bottom and left == right
     xin = torch.ops.aten.avg_pool2d(x, [2, 2], [2, 2], [0, 0], True, False) if ctx.pool else x
@@ -343,7 +365,12 @@ def _fused_conv_backward(ctx, grad_out, grad_sums):
         grad_x = torch.ops.aten.avg_pool2d_backward(grad_x, x, [2, 2], [2, 2], [0, 0], True, False, None)
     if grad_b is not None:
         grad_b = grad_b.to(bias.dtype)
-    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 7
+    if pre_x is not None:
+        grad_pre = None
+        if need_x:  # d(silu(p) * beta)/dp = beta * silu'(p)
+            grad_pre = (grad_x.float() * ctx.pre_beta * _act_grad(pre_x.float(), 1)).to(pre_x.dtype)
+        return (None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 7 + (grad_pre, None)
+    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 9
 
 
 def register_fused_conv(prefix: str) -> None:
@@ -366,14 +393,17 @@ def fused_conv_function(prefix: str, float64=None):
     op = _op(f"nfnet_fast::{prefix}fused_conv")
 
     def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding, groups: int,
-                   act: Optional[str], act_gain: float, pool: bool, want_sums: bool):
+                   act: Optional[str], act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
+                   pre_beta: float = 1.0):
         if float64 is not None and x.dtype == torch.float64:
             return float64.fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums)
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
+            if x.dtype != dtype:  # (the cast x is no longer silu(pre_x) * pre_beta as computed: keep x)
+                pre_x = None
             x, weight = x.to(dtype), weight.to(dtype)
         out, sums = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
-                       want_sums)
+                       want_sums, pre_x, pre_beta)
         return (out, sums) if want_sums else out
 
     return fused_conv

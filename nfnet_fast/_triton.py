@@ -134,7 +134,9 @@ def _eca_residual_backward_op(grad_x_next: Optional[Tensor], grad_a_next: Option
 
 @torch.library.custom_op("nfnet_fast::triton_fused_conv", mutates_args=())
 def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: List[int], groups: int,
-                  act: int, act_gain: float, pool: bool, want_sums: bool) -> Tuple[Tensor, Tensor]:
+                  act: int, act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
+                  pre_beta: float = 1.0) -> Tuple[Tensor, Tensor]:
+    # (pre_x, pre_beta: for the autograd only, which saves pre_x instead of x; see _library)
     res = _conv.fused_conv(x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, want_sums=want_sums)
     out, sums = res if want_sums else (res, None)

@@ -56,9 +56,9 @@ def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next
 
 
 def _fused_conv(x, weight, bias, stride: int, padding, groups: int, act: Optional[str], act_gain: float, pool: bool,
-                backend: str, want_sums: bool = False):
+                backend: str, want_sums: bool = False, pre_x=None, pre_beta: float = 1.0):
     return ops.fused_conv(x, weight, bias, stride=stride, padding=padding, groups=groups, act=act, act_gain=act_gain,
-                          pool=pool, want_sums=want_sums, backend=backend)
+                          pool=pool, want_sums=want_sums, pre_x=pre_x, pre_beta=pre_beta, backend=backend)
 
 
 for _name in ("_std_weight", "_silu_scale", "_eca", "_eca_residual", "_fused_conv"):
@@ -181,10 +181,11 @@ class _FusedConv(_StdWeightCache):
         return self.padding[0], self.padding[0], self.padding[1], self.padding[1]
 
     def fused(self, x: torch.Tensor, act: Optional[str] = None, act_gain: float = 1.0,
-              pool: bool = False, want_sums: bool = False):
+              pool: bool = False, want_sums: bool = False, pre: Optional[Tuple[torch.Tensor, float]] = None):
         """``act(self(pool(x))) * act_gain`` in one op where it applies, else as timm computes it.
         With ``want_sums``, ``(out, sums)``: the fp32 (N, C) sums of ``out`` over its pixels from
-        the op's epilogue, or None where the op does not apply (the caller then pools)."""
+        the op's epilogue, or None where the op does not apply (the caller then pools).
+        ``pre``: ``(pre_x, beta)`` when ``x`` is ``silu(pre_x) * beta`` (see ``ops.fused_conv``)."""
         padding = self._padding4(x)
         if padding is None:
             if pool:
@@ -194,8 +195,9 @@ class _FusedConv(_StdWeightCache):
                 out = ops_act(act)(out)
             out = out * act_gain if act_gain != 1.0 else out
             return (out, None) if want_sums else out
+        pre_x, pre_beta = pre if pre is not None else (None, 1.0)
         return _fused_conv(x, self.standardized_weight(), self.bias, self.stride[0], padding, self.groups, act,
-                           act_gain, pool, self.backend, want_sums)
+                           act_gain, pool, self.backend, want_sums, pre_x, pre_beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)
@@ -267,16 +269,16 @@ def _act_spec(m: Optional[nn.Module]):
     return None
 
 
-def _conv_act(conv: nn.Module, x: torch.Tensor, act: nn.Module) -> torch.Tensor:
+def _conv_act(conv: nn.Module, x: torch.Tensor, act: nn.Module, pre=None) -> torch.Tensor:
     """``act(conv(x))``, as one fused op when the conv is ours, the activation one it computes, and
-    neither carries hooks (those must see their module called)."""
+    neither carries hooks (those must see their module called). ``pre``: see _FusedConv.fused."""
     spec = _act_spec(act)
     if spec is None or not isinstance(conv, _FusedConv) or _hooked(conv) or _hooked(act):
         return act(conv(x))
-    return conv.fused(x, act=spec[0], act_gain=spec[1])
+    return conv.fused(x, act=spec[0], act_gain=spec[1], pre=pre)
 
 
-def _downsample(ds: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _downsample(ds: nn.Module, x: torch.Tensor, pre=None) -> torch.Tensor:
     """timm's DownsampleAvg (2x2 ceil-mode average pool, then a 1x1 conv) as one fused op."""
     pool = ds.pool
     pooled = (isinstance(pool, nn.AvgPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
@@ -284,7 +286,7 @@ def _downsample(ds: nn.Module, x: torch.Tensor) -> torch.Tensor:
               and pool.divisor_override is None)
     fusable = (isinstance(ds, _TimmDownsampleAvg) and isinstance(ds.conv, _FusedConv) and ds.conv.kernel_size == (1, 1)
                and (pooled or isinstance(pool, nn.Identity)) and not any(_hooked(m) for m in (ds, pool, ds.conv)))
-    return ds.conv.fused(x, pool=pooled) if fusable else ds(x)
+    return ds.conv.fused(x, pool=pooled, pre=pre) if fusable else ds(x)
 
 
 def _is_sigmoid(m: Optional[nn.Module]) -> bool:
@@ -363,10 +365,13 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         """
         if a is None:
             a = self.pre_activation(x)
-        shortcut = _downsample(self.downsample, a) if self.downsample is not None else x
+        # a = silu(x) * beta: the convs reading a save x (kept anyway as the shortcut or the
+        # downsample's input) for their backward instead of a, and recompute a there
+        pre = (x, self.beta) if self.silu_preact and not _fx_traced(x) else None
+        shortcut = _downsample(self.downsample, a, pre) if self.downsample is not None else x
         # timm: conv2(act2(conv1(a))), then conv2b(act2b(.)), attn, conv3(act3(.)); each activation
         # runs in the epilogue of the conv before it
-        out = _conv_act(self.conv1, a, self.act2)
+        out = _conv_act(self.conv1, a, self.act2, pre)
         if self.conv2b is not None:
             out = _conv_act(self.conv2, out, self.act2b)
         last = self.conv2b if self.conv2b is not None else self.conv2

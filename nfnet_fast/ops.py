@@ -319,7 +319,8 @@ def _check_int(v, name: str, low: int) -> int:
 
 def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1,
                padding=0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
-               want_sums: bool = False, backend: str = "auto"):
+               want_sums: bool = False, pre_x: Optional[torch.Tensor] = None, pre_beta: float = 1.0,
+               backend: str = "auto"):
     """A convolution with its neighbours fused: ``act(conv2d(pool(x), weight) + bias) * act_gain``.
 
     What an NF block does around each convolution, in one pass on the compiled backends: the 2x2
@@ -342,6 +343,14 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         pool: first a 2x2, stride-2 average pool with ceil_mode and count_include_pad=False (timm's
             ``DownsampleAvg``); needs a 1x1 kernel, stride 1, no padding and groups 1.
         want_sums: also return the fp32 (N, C_out) sums of the output over its pixels.
+        pre_x: None, or the tensor ``x`` was made from as ``silu(pre_x) * pre_beta`` (an NF block's
+            pre-activation, as ``silu_scale`` or ``eca_residual``'s ``a_next`` made it): the compiled
+            backends then save ``pre_x`` for the backward instead of ``x`` and recompute ``x`` there,
+            so a training step holds one tensor less per block; ``x``'s gradient goes to
+            ``pre_x`` (none is returned for ``x``). The reference backend (the specification)
+            ignores it. Passing a ``pre_x`` that did not make ``x`` makes the compiled backends'
+            gradients wrong.
+        pre_beta: the scale of that pre-activation.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -371,8 +380,15 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         h, w = (h + 1) // 2, (w + 1) // 2
     if h + padding[0] + padding[1] < weight.shape[2] or w + padding[2] + padding[3] < weight.shape[3]:
         raise ValueError(f"x {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape[2:])} with its padding")
-    return _implementation("fused_conv", backend, x, weight, bias)(
-        x, weight, bias, stride, padding, groups, act, float(act_gain), bool(pool), bool(want_sums))
+    _check_number(pre_beta, "pre_beta")
+    if pre_x is not None:
+        _check_tensor(pre_x, "pre_x", ndim=4)
+        _check_same(pre_x, "pre_x", x, "x", dtype=False)
+        if pre_x.shape != x.shape:
+            raise ValueError(f"pre_x shape {tuple(pre_x.shape)} must equal x shape {tuple(x.shape)}")
+    return _implementation("fused_conv", backend, x, weight, bias, pre_x)(
+        x, weight, bias, stride, padding, groups, act, float(act_gain), bool(pool), bool(want_sums), pre_x,
+        float(pre_beta))
 
 
 # The backends, imported here, outside any compiled region (dynamo cannot trace an import): each

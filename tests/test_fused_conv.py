@@ -83,6 +83,37 @@ def test_sums_hand_over_to_eca_residual(backend, rng):
         assert_rel_close(got, ref, 1e-5, f"{backend} {what}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pool", [False, True])
+def test_pre_activation_saved_as_its_input(backend, pool, rng):
+    """x = silu(pre_x) * beta (a block's pre-activation) read by two convs (conv1 and the pooled
+    downsample, as in a block): with pre_x the compiled backends save pre_x instead of x and send
+    x's gradient to pre_x; every gradient equals the reference's, and x is not among the tensors
+    saved for the backward."""
+    pre = torch.randn(2, 16, 7, 9, generator=rng).contiguous(memory_format=torch.channels_last)
+    w1, b1 = torch.randn(24, 16, 1, 1, generator=rng) / 4, torch.randn(24, generator=rng)
+    w2, b2 = torch.randn(20, 16, 1, 1, generator=rng) / 4, torch.randn(20, generator=rng)
+    beta = 0.87
+    results = []
+    for b_name in (backend, "reference"):
+        leaves = _leaves((pre, w1, b1, w2, b2))
+        saved = set()
+
+        def pack(t):
+            saved.add(t.untyped_storage().data_ptr())
+            return t
+        x = ops.silu_scale(leaves[0], beta, backend=b_name)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y1 = ops.fused_conv(x, leaves[1], leaves[2], act="silu", pre_x=leaves[0], pre_beta=beta, backend=b_name)
+            y2 = ops.fused_conv(x, leaves[3], leaves[4], pool=pool, pre_x=leaves[0], pre_beta=beta, backend=b_name)
+        if b_name != "reference":
+            assert x.untyped_storage().data_ptr() not in saved, "the pre-activation was saved"
+        (y1 * torch.linspace(-1, 1, y1.numel()).view_as(y1)).sum().add(y2.square().sum()).backward()
+        results.append([y1, y2] + [t.grad for t in leaves])
+    for got, ref, what in zip(*results, ("y1", "y2", "pre_x", "w1", "b1", "w2", "b2")):
+        assert_rel_close(got, ref, 1e-5, f"{backend} {what}")
+
+
 def test_reference_is_timms_sequence_of_calls(rng):
     """The reference backend is the specification: timm's modules, call for call (bit for bit)."""
     from timm.models.nfnet import DownsampleAvg, GammaAct
@@ -126,6 +157,9 @@ def test_fp16(backend, rng):
     (dict(pool=True), ValueError, "pool=True needs a 1x1 kernel"),
     (dict(x=torch.ones(1, 4, 2, 2), padding=0), ValueError, "smaller than the kernel"),
     (dict(backend="fast"), ValueError, "backend must be one of"),
+    (dict(pre_x=torch.ones(2, 4, 5, 6)), ValueError, "pre_x shape"),
+    (dict(pre_x=torch.ones(2, 4, 5, 5, device="meta")), ValueError, "pre_x is on meta"),
+    (dict(pre_beta=None), TypeError, "pre_beta must be a Python float"),
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(kwargs, err, match, backend):
@@ -212,3 +246,36 @@ def test_eca_nfnet_l0_forward_runs_fused_convolutions(backend):
         y, sums = args[0], args[5]
         assert isinstance(sums, torch.Tensor) and sums.shape == y.shape[:2] and sums.dtype == torch.float32
         torch.testing.assert_close(sums, y.float().sum((2, 3)), rtol=1e-5, atol=1e-5 * y.abs().amax().item())
+
+
+def _saved_bytes(fn):
+    """Bytes of the distinct storages autograd saves for the backward while ``fn`` runs."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(saved.values()), out
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_training_block_does_not_save_its_pre_activation(backend, rng):
+    """A converted NF block in training on a compiled backend holds one activation less for its
+    backward than the reference (timm's sequence): the pre-activation silu(x) * beta, which its
+    convs recompute from x; its gradients stay equal."""
+    ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 5).train()
+    block = ref.stages[1][1]
+    x = torch.randn(2, block.conv1.in_channels, 10, 9, generator=rng).contiguous(memory_format=torch.channels_last)
+    results = []
+    for b_name in (backend, "reference"):
+        fast = nfnet_fast.convert(copy.deepcopy(block), backend=b_name).train()
+        xi = x.clone().requires_grad_()
+        nbytes, out = _saved_bytes(lambda: fast(xi))
+        out.square().sum().backward()
+        results.append((nbytes, out, xi.grad, fast.conv1.weight.grad, fast.conv3.gain.grad))
+    (got_bytes, *got), (ref_bytes, *expect) = results
+    assert got_bytes <= ref_bytes - x.numel() * x.element_size(), (got_bytes, ref_bytes)
+    for g, e, what in zip(got, expect, ("out", "x grad", "conv1 weight grad", "conv3 gain grad")):
+        assert_rel_close(g, e, 1e-5, f"{backend} {what}")
