@@ -16,6 +16,10 @@ from conftest import assert_rel_close, cpu_backends, randomize_
 from nfnet_fast import _backends, ops
 from nfnet_fast import _reference as ref_ops
 
+# torch's own forward-mode decompositions script a helper on first use, and torch.jit.script now
+# warns that it is deprecated: torch's business, not this project's (nfnet_fast never scripts)
+pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.script` is deprecated:FutureWarning")
+
 MODEL_BACKENDS = [b for b in _backends.NAMES if all(b in cpu_backends(op) for op in _backends.OPS)]
 
 
