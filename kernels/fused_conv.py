@@ -54,6 +54,7 @@ with fp32 accumulation. Offsets of whole activations are int64.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -208,9 +209,15 @@ def autotune_enabled() -> bool:
 def cache_path(device: torch.device) -> str:
     """The cache file of ``device``'s GPU model and this Triton version."""
     root = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "nfnet_fast")
+    return os.path.join(root, _cache_file_name(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_file_name(device: torch.device) -> str:
+    """(Looked up once per device: tuned() asks on every launch.)"""
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     gpu = re.sub(r"[^A-Za-z0-9.]+", "-", gpu).strip("-")
-    return os.path.join(root, f"fused_conv-{gpu}-triton{triton.__version__}.json")
+    return f"fused_conv-{gpu}-triton{triton.__version__}.json"
 
 
 _TABLES: Dict[str, Dict[str, str]] = {}  # cache file -> {shape key: tile name}, as read and as tuned

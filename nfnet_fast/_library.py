@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
+from . import _reference
+
 KERNEL_OPS = ("scaled_std_weight", "silu_scale", "eca_residual")  # each a schema pair (forward, backward)
 
 
@@ -174,7 +176,7 @@ def _silu_backward(backward_op):
 
 def _eca_setup(ctx, inputs, output):
     # (sums, when given, are y's: their gradient is taken through y, see ops.eca_residual)
-    y, weight, shortcut, ctx.coef, ctx.beta_next = inputs[:5]
+    y, weight, shortcut, ctx.coef, ctx.beta_next, _sums = inputs
     ctx.mark_non_differentiable(output[2])  # the statistics: saved for the backward only
     if ctx.beta_next is None:
         ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
@@ -268,7 +270,7 @@ def public_functions(prefix: str, float64=None) -> dict:
 # The backward is aten's convolution backward (cuDNN on a GPU) around the recomputed
 # pre-activation: fast training is the training issue's work.
 
-ACTIVATIONS = (None, "silu", "relu", "gelu")  # == ops.ACTIVATIONS (the op takes the index)
+ACTIVATIONS = (None, "silu", "relu", "gelu")  # ops.ACTIVATIONS (the op takes the index)
 
 
 def _conv_out_size(size: int, before: int, after: int, k: int, stride: int) -> int:
@@ -301,8 +303,8 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
 
 
 def _fused_conv_setup(ctx, inputs, output):
-    x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums = inputs[:10]
-    pre_x, ctx.pre_beta = (inputs[10], inputs[11]) if len(inputs) > 10 else (None, 1.0)
+    (x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums, pre_x,
+     ctx.pre_beta) = inputs
     if not want_sums:
         ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
     ctx.set_materialize_grads(False)
@@ -310,11 +312,6 @@ def _fused_conv_setup(ctx, inputs, output):
     ctx.pre = pre_x is not None
     ctx.x_dtype = x.dtype
     ctx.save_for_backward(pre_x if ctx.pre else x, weight, bias)
-
-
-def _pre_activation(pre_x: Tensor, beta: float, dtype: torch.dtype) -> Tensor:
-    """``silu(pre_x) * beta`` as silu_scale and eca_residual compute it (fp32 math, rounded once)."""
-    return (torch.nn.functional.silu(pre_x.float()) * beta).to(dtype)
 
 
 def _act_grad(z: Tensor, act: int) -> Tensor:
@@ -333,7 +330,7 @@ def _fused_conv_backward(ctx, grad_out, grad_sums):
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     pre_x = None
     if ctx.pre:  # x was silu(pre_x) * pre_beta: recompute it; its gradient goes to pre_x
-        pre_x, x = x, _pre_activation(x, ctx.pre_beta, ctx.x_dtype)
+        pre_x, x = x, _reference.silu_scale(x, ctx.pre_beta).to(ctx.x_dtype)
         need_x = ctx.needs_input_grad[10]
     if grad_sums is not None and grad_sums.dim() != 2:  # the (0,) placeholder of an op without sums
         grad_sums = None
@@ -368,7 +365,8 @@ def _fused_conv_backward(ctx, grad_out, grad_sums):
     if pre_x is not None:
         grad_pre = None
         if need_x:  # d(silu(p) * beta)/dp = beta * silu'(p)
-            grad_pre = (grad_x.float() * ctx.pre_beta * _act_grad(pre_x.float(), 1)).to(pre_x.dtype)
+            grad_pre = (grad_x.float() * ctx.pre_beta * _act_grad(pre_x.float(), ACTIVATIONS.index("silu"))
+                        ).to(pre_x.dtype)
         return (None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 7 + (grad_pre, None)
     return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 9
 

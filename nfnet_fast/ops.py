@@ -21,7 +21,7 @@ from . import _backends, _library
 __all__ = ["scaled_std_weight", "eca", "eca_residual", "silu_scale", "fused_conv", "resolve_backend",
            "check_backend", "AUTO_ORDER", "ACTIVATIONS"]
 
-ACTIVATIONS = (None, "silu", "relu", "gelu")  # fused_conv's act: gelu is the exact (erf) form
+ACTIVATIONS = _library.ACTIVATIONS  # fused_conv's act: gelu is the exact (erf) form
 
 # Per device type, the order in which backend="auto" tries backends. On CUDA, set by the first H200
 # run (docs/design.md section 10): cuda equals triton in inference (8267 vs 8216 img/s, eca_nfnet_l0 bs 256
