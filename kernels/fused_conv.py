@@ -27,7 +27,17 @@ K = Cin/groups * kh * kw. Two kernels:
 
 The weight is packed once to (kh, kw, Cin/groups, Cout) = a K-major (K, Cout) matrix in the
 activation dtype (:func:`pack_weight`): the B tile of every step is BLOCK_K contiguous rows of
-BLOCK_N contiguous output channels, for either K walk.
+BLOCK_N contiguous output channels, for either K walk. A weight already laid out that way (a view
+``packed.permute(3, 2, 0, 1)``, as the modules cache their eval weights) is used without a copy.
+
+Weight standardisation (``gain`` given: ``weight`` is the raw weight of a ScaledStdConv2d): one
+launch of ``scaled_std_weight``'s kernel standardises the raw (fp32) weight per output channel and
+writes it straight into the packed matrix in the activation dtype, where unfused it would take
+three (standardise, cast, pack). Why not standardise while the conv loads its weight tiles: every
+row tile of the GEMM loads the whole weight again (162 row tiles for the 1536x1536 conv at bs 256,
+9x9), so the fp32 raw weight would cross L2 162 times (1.5 GB, about the GEMM's own 0.13 ms) and
+every B tile would pass through registers for the affine map instead of going to shared memory
+by cp.async; the one launch moves each weight once (fp32 in, 16-bit out).
 
 Epilogue, on the fp32 accumulator: + bias (fp32), activation (a runtime index: none, SiLU, ReLU,
 exact erf GELU) times act_gain (timm's GammaAct, the dm_ variants' gamma), one store in the
@@ -41,6 +51,15 @@ and through it every later activation) change from run to run in the last bits; 
 tiny launch instead (N * S * Cout fp32 reads; S = 2 for 9x9 and 4 for 18x18 at BLOCK_M = 128).
 Its (N, Cout) result is what conv3 hands to ``eca_residual(sums=)`` and the final conv to the
 head's global average pool.
+
+Backward (:func:`backward`, BWD): the gradient of the pre-activation ``z = conv + bias`` needs z,
+which the forward does not keep (it would be one more activation held per conv). The same kernel
+recomputes it: with BWD its epilogue loads the output's gradient tile instead of storing y, adds
+the sums' gradient of its image, and stores ``(grad_out + grad_sums) * act_gain * act'(z)`` in the
+activation dtype, with the per-(image, channel) fp32 sums of it that the bias gradient needs. That
+is one GEMM plus two activation volumes (grad_out in, z's gradient out) where aten's formula
+took a convolution and about ten fp32 elementwise passes (~86 bytes an output element); cuDNN and
+cuBLAS then compute the data and weight gradients from it (``aten.convolution_backward``).
 
 Tiles (see "launch configurations"): 128-row Hopper tiles with compiler alignment hints where the
 launcher has checked 16-channel alignment (all of eca_nfnet_l0 but the stem's 3-channel input),
@@ -67,6 +86,7 @@ import triton
 import triton.language as tl
 
 from . import AotSpec, device_guard
+from . import scaled_std_weight as _std
 
 ACTS = (None, "silu", "relu", "gelu")  # the kernels' ``act`` argument is the index in this tuple
 # fp32 inputs take K steps of at most FP32_K (a constexpr of each tile): 16 on a GPU, 8 with the
@@ -118,6 +138,16 @@ GEMM_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2,
 GEMM_POOL_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, NUM_STAGES=2, ALIGNED=False, FP32_K=8, num_warps=4)
 CONV_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2, FLAT_K=False, ALIGNED=False,
                     FP32_K=16, num_warps=4)
+# The backward's recompute (BWD) holds the output's gradient tile beside the accumulator: at
+# 128x128 per 8 warps (64 fp32 values a thread of each) that spilled 150-550 bytes on sm_90 and
+# sm_80 (the AOT matrix, bf16 and fp32); at most 64 columns per 8 warps (32 a thread) spills none.
+
+
+def bwd_tile(tile: dict) -> dict:
+    """The tile a backward launch runs in place of the forward's ``tile`` (see above)."""
+    return dict(tile, BLOCK_N=min(64, tile["BLOCK_N"]), num_warps=8)
+
+
 # channel-sum reduction: one program per (image, 128 channels).
 SUMS_BLOCK = 128
 SUMS_WARPS = 4
@@ -317,11 +347,13 @@ def tuned_choice(x: torch.Tensor, weight_shape, stride: int = 1, padding: Paddin
     return table.get(_tune_key(x, weight_shape, stride, normalize_padding(padding), groups, pool, want_sums))
 
 
-def _tune_key(x: torch.Tensor, weight_shape, stride: int, padding, groups: int, pool: bool, want_sums: bool) -> str:
+def _tune_key(x: torch.Tensor, weight_shape, stride: int, padding, groups: int, pool: bool, want_sums: bool,
+              backward: bool = False) -> str:
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight_shape
     return (f"{str(x.dtype).replace('torch.', '')} n{n} x{cin}x{h}x{w} w{cout}x{kh}x{kw} s{stride} "
-            f"p{','.join(map(str, padding))} g{groups}{' pool' if pool else ''}{' sums' if want_sums else ''}")
+            f"p{','.join(map(str, padding))} g{groups}{' pool' if pool else ''}{' sums' if want_sums else ''}"
+            f"{' backward' if backward else ''}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,6 +397,20 @@ def _act(y, act):
 
 
 @triton.jit
+def _act_grad(z, act):
+    """d act(z) / dz (fp32) for the runtime index ``act``, as ``nfnet_fast._library._act_grad``."""
+    d = z * 0.0 + 1.0
+    if act == 1:  # silu
+        s = tl.sigmoid(z)
+        d = s * (1.0 + z * (1.0 - s))
+    elif act == 2:  # relu
+        d = (z > 0.0).to(tl.float32)
+    elif act == 3:  # exact gelu: Phi(z) + z * phi(z)
+        d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    return d
+
+
+@triton.jit
 def _k_step(x_ptr, BLOCK_K: tl.constexpr, FP32_MAX: tl.constexpr):  # FP32_MAX: the tile's FP32_K
     """The K step a program takes: BLOCK_K for 16-bit inputs (tensor cores), at most FP32_MAX for
     fp32 inputs, whose IEEE dot runs on FMAs with its operand slices in registers (a 64-deep step
@@ -378,16 +424,27 @@ def _k_step(x_ptr, BLOCK_K: tl.constexpr, FP32_MAX: tl.constexpr):  # FP32_MAX: 
 
 
 @triton.jit
-def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr,
-              part_ptr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, Cout, HW, S, act, act_gain,
+              bias_ptr, part_ptr, gsums_ptr, has_grad, has_gsums, SUMS: tl.constexpr, BWD: tl.constexpr,
+              BLOCK_M: tl.constexpr):
     """+ bias, activation times act_gain, one store of the (BLOCK_M, BLOCK_N) output tile at
     ``out_ptrs``; with SUMS one fp32 partial channel sum per image the tile touches (see the module
-    docstring)."""
-    y = acc + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
-    y = _act(y, act) * act_gain
+    docstring). With BWD (see "backward") the tile stored and summed is instead the gradient of the
+    pre-activation z = acc + bias: (grad_out + grad_sums[n]) * act_gain * act'(z), grad_out's tile
+    at ``grad_ptrs`` (if has_grad), grad_sums (N, Cout) fp32 at ``gsums_ptr`` (if has_gsums)."""
+    z = acc + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+    if BWD:
+        g = z * 0.0
+        if has_grad:
+            g += tl.load(grad_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+        if has_gsums:
+            g += tl.load(gsums_ptr + (rows // HW)[:, None] * Cout + cols[None, :], mask=out_mask, other=0.0)
+        y = g * act_gain * _act_grad(z, act)
+    else:
+        y = _act(z, act) * act_gain
     if SUMS:
-        # No mask needed: columns past Cout hold act(0 + 0) = 0, and rows past M belong to
-        # image M // HW, past the last one summed.
+        # No mask needed: columns past Cout hold act(0 + 0) = 0 (BWD: a zero gradient), and rows
+        # past M belong to image M // HW, past the last one summed.
         img = rows // HW
         m0 = pid_m * BLOCK_M
         for j in range(m0 // HW, (tl.minimum(m0 + BLOCK_M, M) - 1) // HW + 1):
@@ -408,8 +465,9 @@ def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S,
 
 
 @triton.jit
-def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, K, Cout, H, W, Wo, HW, S, act, act_gain,
-                    POOL: tl.constexpr, SUMS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr, M, K, Cout, H, W, Wo, HW, S,
+                    act, act_gain, has_grad, has_gsums, POOL: tl.constexpr, SUMS: tl.constexpr, BWD: tl.constexpr,
+                    BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr, FP32_K: tl.constexpr):
     """out[M, Cout] = act(A[M, K] @ w[K, Cout] + bias): A = x's NHWC rows (K = Cin), or with POOL
@@ -474,18 +532,22 @@ def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, K, Cout, H, W,
             wm = tl.max_constancy(wm, [1, 16])
         b = tl.load(w_ptrs, mask=wm, other=0.0)
         acc = _mma(a, b, acc)
-    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * Cout + cols[None, :]
+    out_offs = rows.to(tl.int64)[:, None] * Cout + cols[None, :]
+    out_ptrs = out_ptr + out_offs
+    grad_ptrs = grad_ptr + out_offs
     out_mask = rmask[:, None] & cmask[None, :]
     if ALIGNED:
         out_ptrs = tl.max_contiguous(tl.multiple_of(out_ptrs, [1, 16]), [1, BLOCK_N])
+        grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptrs, [1, 16]), [1, BLOCK_N])
         out_mask = tl.max_constancy(out_mask, [1, 16])
-    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr, part_ptr,
-              SUMS, BLOCK_M)
+    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr,
+              part_ptr, gsums_ptr, has_grad, has_gsums, SUMS, BWD, BLOCK_M)
 
 
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, H, W, Cin, Wo, HW, Cout, Cg, Cog, stride,
-                 pad_h, pad_w, S, act, act_gain, KH: tl.constexpr, KW: tl.constexpr, SUMS: tl.constexpr,
+def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr, M, H, W, Cin, Wo, HW, Cout, Cg,
+                 Cog, stride, pad_h, pad_w, S, act, act_gain, has_grad, has_gsums, KH: tl.constexpr,
+                 KW: tl.constexpr, SUMS: tl.constexpr, BWD: tl.constexpr,
                  FLAT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr, FP32_K: tl.constexpr):
     """Grouped KH x KW convolution as an implicit GEMM: row m = output pixel (n, oh, ow) of the
@@ -551,13 +613,16 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, H, W, Cin, Wo, HW
             a = tl.load(a_ptrs, mask=am, other=0.0)
             b = tl.load(w_ptrs, mask=wm, other=0.0)
             acc = _mma(a, b, acc)
-    out_ptrs = out_ptr + rows.to(tl.int64)[:, None] * Cout + cols[None, :]
+    out_offs = rows.to(tl.int64)[:, None] * Cout + cols[None, :]
+    out_ptrs = out_ptr + out_offs
+    grad_ptrs = grad_ptr + out_offs
     out_mask = rmask[:, None] & cmask[None, :]
     if ALIGNED:
         out_ptrs = tl.max_contiguous(tl.multiple_of(out_ptrs, [1, 16]), [1, BLOCK_N])
+        grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptrs, [1, 16]), [1, BLOCK_N])
         out_mask = tl.max_constancy(out_mask, [1, 16])
-    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr, part_ptr,
-              SUMS, BLOCK_M)
+    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr,
+              part_ptr, gsums_ptr, has_grad, has_gsums, SUMS, BWD, BLOCK_M)
 
 
 @triton.jit
@@ -593,7 +658,8 @@ def normalize_padding(padding: Padding) -> Tuple[int, int, int, int]:
 
 def pack_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(Cout, Cin/groups, kh, kw) -> contiguous (kh, kw, Cin/groups, Cout) in ``dtype``: the
-    K-major (K, Cout) matrix the kernels read (k = (tap, channel)). Cache it for a frozen weight."""
+    K-major (K, Cout) matrix the kernels read (k = (tap, channel)). Free (no copy) for a weight
+    that is already a view ``packed.permute(3, 2, 0, 1)`` in ``dtype``: cache frozen weights so."""
     return weight.detach().to(dtype).permute(2, 3, 1, 0).contiguous()
 
 
@@ -612,7 +678,9 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                padding: Padding = 0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0,
                pool: bool = False, want_sums: bool = False, config: Optional[dict] = None,
                packed_weight: Optional[torch.Tensor] = None, gpu_config: bool = False,
-               autotune: Optional[bool] = None, vendor: Optional[bool] = None):
+               autotune: Optional[bool] = None, vendor: Optional[bool] = None, gain: Optional[torch.Tensor] = None,
+               std_scale: float = 1.0, std_eps: float = 0.0, backward: bool = False,
+               grad_out: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None):
     """``act(conv2d(pool(x), weight, stride, padding, groups) + bias) * act_gain`` in one launch,
     channels_last. The specification is ``nfnet_fast._reference.fused_conv``.
 
@@ -637,6 +705,18 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             on for CUDA tensors unless ``NFNET_FAST_AUTOTUNE=0``, off elsewhere.
         vendor: let the tuning also time the VENDOR candidate (aten's convolution, then separate
             passes); default: for fp16/bf16 CUDA tensors.
+        gain: None, or ``weight`` is a raw ScaledStdConv2d weight and the conv uses
+            ``(w - mean) / sqrt(var + eps) * gain * std_scale`` per output channel (fp32 statistics
+            over the fan-in, as ``scaled_std_weight``), standardised into the packed matrix by one
+            launch (see "Weight standardisation" above).
+        std_scale, std_eps: the standardisation's scale (``gamma * fan_in ** -0.5``) and eps.
+        backward: compute, instead of the output, the gradient of the pre-activation
+            ``z = conv2d(x, weight) + bias`` for the output's gradient ``grad_out`` (N, Cout, Ho,
+            Wo) and the sums' gradient ``grad_sums`` (N, Cout) fp32 (either may be None):
+            ``(grad_out + grad_sums[:, :, None, None]) * act_gain * act'(z)``, z recomputed in the
+            GEMM (see "backward"); ``want_sums`` then sums that gradient per (image, channel) (the
+            bias gradient, summed over images). No pool (the backward pools once for cuDNN's weight
+            gradient anyway and passes the pooled input).
 
     Returns:
         ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, or ``(out, sums)``.
@@ -659,8 +739,9 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     a = _act_index(act)
     one_by_one = kh == 1 and kw == 1 and stride == 1 and (pt, pb, pl, pr) == (0, 0, 0, 0) and groups == 1
     if pool:
-        if not one_by_one:
-            raise ValueError("pool=True needs a 1x1 kernel, stride 1, no padding and groups 1 (the downsample conv)")
+        if not one_by_one or backward:
+            raise ValueError("pool=True needs a 1x1 kernel, stride 1, no padding and groups 1 (the downsample conv), "
+                             "and no backward")
         h, w = (h + 1) // 2, (w + 1) // 2  # the pooled grid the GEMM runs on
     ho = (h + pt + pb - kh) // stride + 1
     wo = (w + pl + pr - kw) // stride + 1
@@ -671,7 +752,14 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
     x = x.contiguous(memory_format=torch.channels_last)
     out = torch.empty((nb, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
-    wt = pack_weight(weight, x.dtype) if packed_weight is None else packed_weight
+    if gain is not None:
+        if gain.numel() != cout:
+            raise ValueError(f"gain has {gain.numel()} values for {cout} output channels")
+        wt = torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype)
+        _std.forward(weight.detach().contiguous(), gain.detach().reshape(-1).contiguous(), std_scale, std_eps,
+                     gpu_config, packed=wt)
+    else:
+        wt = pack_weight(weight, x.dtype) if packed_weight is None else packed_weight
     if wt.shape != (kh, kw, cg, cout) or wt.dtype != x.dtype or not wt.is_contiguous():
         raise ValueError(f"packed weight must be contiguous {(kh, kw, cg, cout)} in {x.dtype}")
     b = (torch.zeros(cout, device=x.device, dtype=torch.float32) if bias is None
@@ -679,7 +767,21 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     m = nb * ho * wo
     hw = ho * wo
     cog = cout // groups
-    aligned = _is_aligned((cin, cout, cg, cog), (x, wt, out))
+    if backward:
+        if grad_out is not None:
+            if grad_out.shape != out.shape:
+                raise ValueError(f"grad_out must have the output's shape {tuple(out.shape)}, got {tuple(grad_out.shape)}")
+            grad_out = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        if grad_sums is not None:
+            if grad_sums.shape != (nb, cout):
+                raise ValueError(f"grad_sums must be ({nb}, {cout}), got {tuple(grad_sums.shape)}")
+            grad_sums = grad_sums.to(torch.float32).contiguous()
+        vendor = False  # (the vendor candidate computes the forward)
+    # absent gradients: any tensor of the right types stands in (has_grad / has_gsums say 0)
+    grad_t = grad_out if grad_out is not None else out
+    gsums_t = grad_sums if grad_sums is not None else b
+    aligned = _is_aligned((cin, cout, cg, cog), (x, wt, out, grad_t, gsums_t))
+    flags = dict(has_grad=int(grad_out is not None), has_gsums=int(grad_sums is not None))
 
     def launch(cfg: dict):
         """Run the conv with tile ``cfg`` into ``out``; the sums' partial rows and their slots count."""
@@ -693,17 +795,19 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             with device_guard(x):
                 if one_by_one:
                     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cout, cfg["BLOCK_N"]),)
-                    _conv1x1_kernel[grid](x, wt, b, out, part, m, cin, cout, x.shape[2], x.shape[3], wo, hw, slots,
-                                          a, float(act_gain), POOL=bool(pool), SUMS=bool(want_sums), **cfg)
+                    _conv1x1_kernel[grid](x, wt, b, out, part, grad_t, gsums_t, m, cin, cout, x.shape[2], x.shape[3],
+                                          wo, hw, slots, a, float(act_gain), **flags, POOL=bool(pool),
+                                          SUMS=bool(want_sums), BWD=bool(backward), **cfg)
                 else:
                     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * groups * triton.cdiv(cog, cfg["BLOCK_N"]),)
-                    _conv_kernel[grid](x, wt, b, out, part, m, h, w, cin, wo, hw, cout, cg, cog, stride, pt, pl,
-                                       slots, a, float(act_gain), KH=kh, KW=kw, SUMS=bool(want_sums), **cfg)
+                    _conv_kernel[grid](x, wt, b, out, part, grad_t, gsums_t, m, h, w, cin, wo, hw, cout, cg, cog, stride,
+                                       pt, pl, slots, a, float(act_gain), **flags, KH=kh, KW=kw, SUMS=bool(want_sums),
+                                       BWD=bool(backward), **cfg)
         return part, slots
 
     def vendor_launch():
-        w = weight if packed_weight is None else packed_weight.permute(3, 2, 0, 1)
-        return _vendor_conv(x, w, bias, stride, (pt, pb, pl, pr), groups, a, float(act_gain), pool, want_sums)
+        return _vendor_conv(x, wt.permute(3, 2, 0, 1), bias, stride, (pt, pb, pl, pr), groups, a, float(act_gain),
+                            pool, want_sums)
 
     if autotune is None:
         autotune = x.is_cuda
@@ -714,13 +818,17 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         cfg["ALIGNED"] = bool(cfg.get("ALIGNED", aligned)) and aligned
     elif autotune and m and (x.is_cuda or gpu_config):
         names = candidates("1x1" if one_by_one else "conv", cg, cog, pool, aligned) + [VENDOR] * bool(vendor)
-        pick = tuned(_tune_key(x, weight.shape, stride, (pt, pb, pl, pr), groups, pool, want_sums), names, x.device,
-                     lambda name: vendor_launch() if name == VENDOR else launch(dict(TILES[name])))
+        tile = bwd_tile if backward else dict
+        pick = tuned(_tune_key(x, weight.shape, stride, (pt, pb, pl, pr), groups, pool, want_sums, backward), names,
+                     x.device,
+                     lambda name: vendor_launch() if name == VENDOR else launch(tile(TILES[name])))
         if pick == VENDOR:
             return vendor_launch()
-        cfg = dict(TILES[pick])
+        cfg = tile(TILES[pick])
     else:
         cfg = config_for(x, weight, groups, stride, padding, pool, aligned, gpu_config)
+        if backward and (x.is_cuda or gpu_config):
+            cfg = bwd_tile(cfg)
     tile_m = cfg["BLOCK_M"]
     part, slots = launch(cfg)
     if not want_sums:
@@ -731,6 +839,69 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             _sums_kernel[(nb, triton.cdiv(cout, SUMS_BLOCK))](part, sums, cout, hw, slots, tile_m,
                                                               BLOCK=SUMS_BLOCK, num_warps=SUMS_WARPS)
     return out, sums
+
+
+def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor], x: torch.Tensor,
+             weight: torch.Tensor, bias: Optional[torch.Tensor], *, stride: int = 1, padding: Padding = 0,
+             groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
+             needs: Sequence[bool] = (True, True, True), gpu_config: bool = False):
+    """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`fused_conv` (each None where
+    ``needs`` says so), for the output's gradient ``grad_out`` and the sums' ``grad_sums`` (either
+    may be None); ``weight`` in ``x``'s dtype (the standardised weight, if any). See "backward".
+
+    grad_x comes back in x's memory format (NCHW or channels_last), grad_weight contiguous,
+    grad_bias fp32.
+    """
+    need_x, need_w, need_b = needs
+    pt, pb, pl, pr = normalize_padding(padding)
+    xin = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) if pool else x
+    conv = dict(stride=stride, padding=(pt, pb, pl, pr), groups=groups)
+    grad_b = None
+    if act is not None:  # z recomputed in the GEMM, its gradient made in the epilogue (with its sums)
+        grad_z, sums = fused_conv(xin, weight, bias, act=act, act_gain=act_gain, want_sums=True, backward=True,
+                                  grad_out=grad_out, grad_sums=grad_sums, gpu_config=gpu_config, **conv)
+        if need_b:
+            grad_b = sums.sum(0)
+    else:  # no activation: z is the output, its gradient needs no recompute (and often no pass at all)
+        g = grad_out
+        if g is None or grad_sums is not None or act_gain != 1.0:
+            if g is None:  # only the sums have a gradient: each output pixel gets its channel's
+                ho, wo = _out_hw(xin.shape[2:], weight.shape[2:], stride, (pt, pb, pl, pr))
+                g = torch.zeros((x.shape[0], weight.shape[0], ho, wo), device=x.device, dtype=torch.float32)
+            else:
+                g = g.float()
+            if grad_sums is not None:
+                g = g + grad_sums.float()[:, :, None, None]
+            if act_gain != 1.0:
+                g = g * act_gain
+        grad_z = g.to(x.dtype).contiguous(memory_format=torch.channels_last)
+        if need_b:
+            grad_b = g.sum((0, 2, 3), dtype=torch.float32)
+    symmetric = pt == pb and pl == pr
+    xpad = xin if symmetric else torch.nn.functional.pad(xin, (pl, pr, pt, pb))
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_z, xpad, weight, None, [stride] * 2, [pt, pl] if symmetric else [0, 0], [1, 1], False, [0, 0], groups,
+        [need_x, need_w, False])
+    if grad_x is not None:
+        if not symmetric:
+            grad_x = grad_x[:, :, pt:pt + xin.shape[2], pl:pl + xin.shape[3]]
+        if pool:
+            grad_x = torch.ops.aten.avg_pool2d_backward(grad_x, x, [2, 2], [2, 2], [0, 0], True, False, None)
+        grad_x = grad_x.contiguous(memory_format=_memory_format(x))
+    if grad_w is not None:
+        grad_w = grad_w.contiguous()
+    return grad_x, grad_w, grad_b
+
+
+def _out_hw(hw, khw, stride: int, padding4):
+    pt, pb, pl, pr = padding4
+    return (hw[0] + pt + pb - khw[0]) // stride + 1, (hw[1] + pl + pr - khw[1]) // stride + 1
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last for a channels_last-contiguous (and not NCHW-contiguous) tensor, else NCHW."""
+    cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _is_aligned(channels, tensors) -> bool:
@@ -784,14 +955,19 @@ CONV_TILES = [CONV_K64_N64, CONV_K64_N128, CONV_K32_N64, CONV_FLAT, CONV_GENERIC
 # Kernel sizes precompiled for the conv kernel: 3x3, every kxk conv of L0 and of the NF family;
 # other sizes (and 1x1 convs with a stride or groups) take the same kernel through the JIT.
 CONV_KERNEL_SIZES = [(3, 3)]
+# BWD (the backward's recompute, see "backward"): every tile but the pool's (the backward passes a
+# pooled input)
 AOT = [
-    AotSpec(_conv1x1_kernel, dict(bias_ptr=_F32, part_ptr=_F32),
-            [dict(POOL=False, SUMS=s, **t) for t in GEMM_TILES for s in _SUMS]
-            + [dict(POOL=True, SUMS=s, **t) for t in GEMM_POOL_TILES for s in _SUMS],
-            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "K", "Cout")),
-    AotSpec(_conv_kernel, dict(bias_ptr=_F32, part_ptr=_F32),
-            [dict(KH=kh, KW=kw, SUMS=s, **t) for t in CONV_TILES for (kh, kw) in CONV_KERNEL_SIZES for s in _SUMS],
-            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "Cin", "Cout", "Cg", "Cog")),
+    AotSpec(_conv1x1_kernel, dict(bias_ptr=_F32, part_ptr=_F32, gsums_ptr=_F32),
+            [dict(POOL=False, SUMS=s, BWD=False, **t) for t in GEMM_TILES for s in _SUMS]
+            + [dict(POOL=True, SUMS=s, BWD=False, **t) for t in GEMM_POOL_TILES for s in _SUMS]
+            + [dict(POOL=False, SUMS=s, BWD=True, **bwd_tile(t)) for t in GEMM_TILES for s in _SUMS],
+            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "K", "Cout")),
+    AotSpec(_conv_kernel, dict(bias_ptr=_F32, part_ptr=_F32, gsums_ptr=_F32),
+            [dict(KH=kh, KW=kw, SUMS=s, BWD=bwd, **(bwd_tile(t) if bwd else t)) for t in CONV_TILES
+             for (kh, kw) in CONV_KERNEL_SIZES for s in _SUMS for bwd in (False, True)],
+            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "Cin", "Cout", "Cg",
+                     "Cog")),
     AotSpec(_sums_kernel, dict(part_ptr=_F32, sums_ptr=_F32), [dict(BLOCK=SUMS_BLOCK, num_warps=SUMS_WARPS)],
             aligned=("part_ptr", "sums_ptr", "C")),
 ]

@@ -5,11 +5,17 @@ The weight is viewed as rows, one per output channel, of ``K = fan_in`` elements
 in fp32. A program owns ``ROWS`` whole rows held in registers, so statistics and normalisation
 take one read of the weight; rows longer than the largest tile (never in eca_nfnet_l0, whose
 largest fan-in is 1536) loop over the row instead (reading it again from L2).
+With ``packed`` the forward writes the result in another layout and dtype: the fused
+convolution's K-major ``(kh, kw, C_in/groups, C_out)`` matrix in the activation dtype, so a
+training step standardises, casts and packs each weight in one launch (see
+``kernels/fused_conv.py``, "weight standardisation").
 The backward is batch norm's over the fan-in:
 ``dw = rstd * gs * (dy - mean(dy) - xhat * mean(dy * xhat))`` and ``dgain = scale * sum(dy * xhat)``,
 where ``xhat = (w - mean) * rstd`` and ``gs = gain * scale``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -67,9 +73,19 @@ def _looped_stats(w_ptr, rows, rmask, K, eps, ROWS: tl.constexpr, BLOCK_K: tl.co
     return mean, tl.div_rn(1.0, tl.sqrt_rn(var + eps))
 
 
+@triton.jit
+def _out_offsets(offs, rows, k, C_out, K, TAPS, PACKED: tl.constexpr):
+    """Where weight element (row, k) goes: ``offs`` (the input's own layout), or with PACKED the
+    (tap, channel, row) position of the (kh, kw, C_in/groups, C_out) matrix, k = channel * TAPS + tap."""
+    if PACKED:
+        c = k // TAPS
+        return ((k - c * TAPS) * (K // TAPS) + c).to(tl.int64)[None, :] * C_out + rows[:, None]
+    return offs
+
+
 @triton.jit(do_not_specialize=["C_out"])
-def _std_fwd_kernel(w_ptr, gain_ptr, out_ptr, C_out, K, scale, eps,
-                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr):
+def _std_fwd_kernel(w_ptr, gain_ptr, out_ptr, C_out, K, TAPS, scale, eps,
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < C_out
     gs = tl.load(gain_ptr + rows, mask=rmask, other=0.0).to(tl.float32) * scale
@@ -77,13 +93,15 @@ def _std_fwd_kernel(w_ptr, gain_ptr, out_ptr, C_out, K, scale, eps,
         w, offs, m = _load_rows(w_ptr, rows, rmask, K, 0, BLOCK_K)
         d, rstd = _tile_stats(w, m, K, eps)
         out = d * (rstd * gs)[:, None]
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+        dst = _out_offsets(offs, rows, tl.arange(0, BLOCK_K), C_out, K, TAPS, PACKED)
+        tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=m)
     else:
         mean, rstd = _looped_stats(w_ptr, rows, rmask, K, eps, ROWS, BLOCK_K)
         for k0 in range(0, K, BLOCK_K):
             w, offs, m = _load_rows(w_ptr, rows, rmask, K, k0, BLOCK_K)
             out = (w - mean[:, None]) * (rstd * gs)[:, None]
-            tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=m)
+            dst = _out_offsets(offs, rows, k0 + tl.arange(0, BLOCK_K), C_out, K, TAPS, PACKED)
+            tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["C_out"])
@@ -136,8 +154,11 @@ def config(fan_in: int, device: torch.device = torch.device("cuda"), gpu_config:
 
 _CONFIGS = [config(k) for k in BLOCK_KS] + [config(BLOCK_KS[-1] + 1)]
 AOT = [
-    AotSpec(_std_fwd_kernel, dict(scale="fp32", eps="fp32"), _CONFIGS,
+    AotSpec(_std_fwd_kernel, dict(scale="fp32", eps="fp32"), [dict(PACKED=False, **c) for c in _CONFIGS],
             aligned=("w_ptr", "gain_ptr", "out_ptr", "K")),
+    # packed: fp32 weight in, 16-bit out (the fused conv's operand under autocast)
+    AotSpec(_std_fwd_kernel, dict(w_ptr="*fp32", gain_ptr="*fp32", scale="fp32", eps="fp32"),
+            [dict(PACKED=True, **c) for c in _CONFIGS], aligned=("w_ptr", "gain_ptr", "out_ptr", "K")),
     AotSpec(_std_bwd_kernel, dict(dgain_ptr="*fp32", scale="fp32", eps="fp32"), _CONFIGS,
             aligned=("dy_ptr", "w_ptr", "gain_ptr", "dw_ptr", "dgain_ptr", "K")),
 ]
@@ -148,16 +169,26 @@ def _rows(weight: torch.Tensor):
     return c_out, weight.numel() // c_out
 
 
-def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, gpu_config: bool = False
-            ) -> torch.Tensor:
+def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, gpu_config: bool = False,
+            packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out``, the standardised ``weight`` (contiguous, its dtype); ``weight`` contiguous, ``gain``
-    C_out contiguous values. ``gpu_config``: the GPU tiles on CPU tensors too (tests)."""
+    C_out contiguous values. ``packed``: instead write the result into this contiguous
+    (kh, kw, C_in/groups, C_out) tensor, in its dtype, and return it. ``gpu_config``: the GPU tiles
+    on CPU tensors too (tests)."""
     c_out, fan_in = _rows(weight)
-    out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    taps = weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 1
+    if packed is None:
+        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    else:
+        if weight.dim() != 4 or packed.shape != (*weight.shape[2:], weight.shape[1], c_out) \
+                or not packed.is_contiguous():
+            raise ValueError(f"packed must be a contiguous (kh, kw, C_in/groups, C_out) tensor for weight "
+                             f"{tuple(weight.shape)}, got {tuple(packed.shape)}")
+        out = packed
     cfg = config(fan_in, weight.device, gpu_config)
     with device_guard(weight):
-        _std_fwd_kernel[(triton.cdiv(c_out, cfg["ROWS"]),)](weight, gain, out, c_out, fan_in, float(scale),
-                                                            float(eps), **cfg)
+        _std_fwd_kernel[(triton.cdiv(c_out, cfg["ROWS"]),)](weight, gain, out, c_out, fan_in, taps, float(scale),
+                                                            float(eps), PACKED=packed is not None, **cfg)
     return out
 
 

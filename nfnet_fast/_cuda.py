@@ -20,14 +20,16 @@ def _stats_like(y: torch.Tensor, sums=None) -> torch.Tensor:
     return y.new_empty(y.shape[:2], dtype=torch.float64 if y.dtype == torch.float64 else torch.float32)
 
 
-def fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x=None, pre_beta=1.0):
+def fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x=None, pre_beta=1.0,
+               gain=None, std_scale=1.0, std_eps=0.0):
     """No vendor fused convolution is adopted yet (cuDNN's graph API or CUTLASS would be, where a GPU
     measurement shows it faster than the Triton kernel on a shape): the cuda backend runs the Triton
     kernel where triton runs on the tensor's device, else the reference."""
     fn = _backends.op_function("triton", "fused_conv")
     if fn is None or not _backends.backends()["triton"].runs_on(x.device.type):
         fn = _backends.op_function("reference", "fused_conv")
-    return fn(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x, pre_beta)
+    return fn(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x, pre_beta, gain,
+              std_scale, std_eps)
 
 
 _library.register("", eca_stats_like=_stats_like)

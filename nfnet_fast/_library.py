@@ -30,7 +30,6 @@ import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
-from . import _reference
 
 KERNEL_OPS = ("scaled_std_weight", "silu_scale", "eca_residual")  # each a schema pair (forward, backward)
 
@@ -260,15 +259,26 @@ def public_functions(prefix: str, float64=None) -> dict:
 # backend routes to it), with this fake kernel and this autograd:
 #
 #   <prefix>fused_conv(x, weight, bias?, stride, padding[4], groups, act, act_gain, pool, want_sums,
-#                      pre_x?, pre_beta)
+#                      pre_x?, pre_beta, gain?, std_scale, std_eps)
 #       -> (out, sums)          act: index into ops.ACTIVATIONS; sums (N, C_out) fp32, or (0,)
+#
+# With gain, weight is a ScaledStdConv2d's raw weight (any float dtype, fp32 under autocast) and the
+# op standardises it itself (scaled_std_weight(weight, gain, std_scale, std_eps), written straight
+# into the kernels' packed operand); the backward recomputes the standardised weight and turns its
+# gradient into the weight's and the gain's with <prefix>scaled_std_weight's backward (one kernel).
 #
 # With pre_x (x = silu(pre_x) * pre_beta, an NF block's pre-activation) the autograd saves pre_x,
 # which the block keeps anyway as its shortcut, instead of x, recomputes x in the backward, and
 # sends x's gradient through the SiLU to pre_x: one activation less held per block in training.
 #
-# The backward is aten's convolution backward (cuDNN on a GPU) around the recomputed
-# pre-activation: fast training is the training issue's work.
+#   _<prefix>fused_conv_backward(grad_out?, grad_sums?, x, weight, bias?, stride, padding[4], groups, act,
+#                                act_gain, pool, need_x, need_weight, need_bias)
+#       -> (grad_x, grad_weight, grad_bias)     (0,) where not needed; weight: the one convolved
+#
+# The backward op recomputes the pre-activation z = conv(x) + bias in the forward kernel, whose
+# epilogue turns the incoming gradients into z's, (grad_out + grad_sums) * act_gain * act'(z), and
+# sums it per channel (the bias gradient): one launch where aten needed a conv and about ten fp32
+# passes (kernels/fused_conv.py, "backward"); cuDNN/cuBLAS do the data and weight gradients.
 
 ACTIVATIONS = (None, "silu", "relu", "gelu")  # ops.ACTIVATIONS (the op takes the index)
 
@@ -278,10 +288,14 @@ def _conv_out_size(size: int, before: int, after: int, k: int, stride: int) -> i
 
 
 def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x=None,
-                     pre_beta=1.0):
+                     pre_beta=1.0, gain=None, std_scale=1.0, std_eps=0.0):
     _check_float(x, "x")
     torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
-    _check_same(weight, "weight", x, "x")
+    _check_same(weight, "weight", x, "x", dtype=gain is None)  # (a raw weight to standardise: any float dtype)
+    if gain is not None:
+        _check_float(weight, "weight")
+        _check_same(gain, "gain", x, "x", dtype=False)
+        torch._check(gain.numel() == weight.shape[0], lambda: "gain must have one value per output channel")
     torch._check(x.shape[1] == weight.shape[1] * groups,
                  lambda: f"weight shape {tuple(weight.shape)} and groups={groups} do not fit x {tuple(x.shape)}")
     torch._check(len(padding) == 4, lambda: "padding must be (top, bottom, left, right)")
@@ -304,78 +318,70 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
 
 def _fused_conv_setup(ctx, inputs, output):
     (x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums, pre_x,
-     ctx.pre_beta) = inputs
+     ctx.pre_beta, gain, ctx.std_scale, ctx.std_eps) = inputs
     if not want_sums:
         ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.pre = pre_x is not None
     ctx.x_dtype = x.dtype
-    ctx.save_for_backward(pre_x if ctx.pre else x, weight, bias)
+    ctx.save_for_backward(pre_x if ctx.pre else x, weight, bias, gain)
 
 
-def _act_grad(z: Tensor, act: int) -> Tensor:
-    """d act(z) / dz, in fp32."""
-    if ACTIVATIONS[act] == "silu":
-        s = torch.sigmoid(z)
-        return s * (1 + z * (1 - s))
-    if ACTIVATIONS[act] == "relu":
-        return (z > 0).to(z.dtype)
-    cdf = 0.5 * (1 + torch.erf(z * 0.7071067811865476))  # gelu, exact
-    return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padding, groups, act, act_gain, pool,
+                              need_x, need_weight, need_bias):
+    none = x.new_empty((0,))
+    grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device,
+                         memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                         and not x.is_contiguous() else torch.contiguous_format)
+    return (grad_x if need_x else none, torch.empty_like(weight, memory_format=torch.contiguous_format)
+            if need_weight else none, bias.new_empty(bias.shape) if need_bias and bias is not None else none)
 
 
-def _fused_conv_backward(ctx, grad_out, grad_sums):
-    x, weight, bias = ctx.saved_tensors
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    pre_x = None
-    if ctx.pre:  # x was silu(pre_x) * pre_beta: recompute it; its gradient goes to pre_x
-        pre_x, x = x, _reference.silu_scale(x, ctx.pre_beta).to(ctx.x_dtype)
-        need_x = ctx.needs_input_grad[10]
-    if grad_sums is not None and grad_sums.dim() != 2:  # the (0,) placeholder of an op without sums
-        grad_sums = None
-    if grad_out is None and grad_sums is None:
-        return (None,) * 12
-    top, bottom, left, right = ctx.padding
-    symmetric = top == bottom and left == right
-    xin = torch.ops.aten.avg_pool2d(x, [2, 2], [2, 2], [0, 0], True, False) if ctx.pool else x
-    xpad = xin if symmetric else torch.nn.functional.pad(xin, (left, right, top, bottom))
-    conv_pad = [top, left] if symmetric else [0, 0]
-    conv = ([ctx.stride] * 2, conv_pad, [1, 1], False, [0, 0], ctx.groups)
-    ho = (xpad.shape[2] + 2 * conv_pad[0] - weight.shape[2]) // ctx.stride + 1
-    wo = (xpad.shape[3] + 2 * conv_pad[1] - weight.shape[3]) // ctx.stride + 1
-    g = (grad_out.float() if grad_out is not None
-         else x.new_zeros((x.shape[0], weight.shape[0], ho, wo), dtype=torch.float32))
-    if grad_sums is not None:  # sums = sum over pixels of out: each pixel gets its channel's gradient
-        g = g + grad_sums.float()[:, :, None, None]
-    g = g * ctx.act_gain
-    if ACTIVATIONS[ctx.act] is not None:  # the pre-activation, recomputed
-        z = torch.ops.aten.convolution(xpad, weight, bias.to(x.dtype) if bias is not None else None, *conv)
-        g = g * _act_grad(z.float(), ctx.act)
-    g = g.to(x.dtype).contiguous(memory_format=torch.channels_last)
-    grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g, xpad, weight, [weight.shape[0]] if ctx.has_bias else None, *conv,
-        [need_x, need_w, need_b and ctx.has_bias])
-    if grad_x is not None and not symmetric:
-        grad_x = grad_x[:, :, top:top + xin.shape[2], left:left + xin.shape[3]]
-    if grad_x is not None and ctx.pool:
-        grad_x = torch.ops.aten.avg_pool2d_backward(grad_x, x, [2, 2], [2, 2], [0, 0], True, False, None)
-    if grad_b is not None:
-        grad_b = grad_b.to(bias.dtype)
-    if pre_x is not None:
+def _fused_conv_backward(std_op, std_backward_op, silu_op, silu_backward_op, backward_op):
+    """The autograd formula over the backend's ops: ``backward_op`` (its fused_conv backward), and
+    for ``gain`` / ``pre_x`` its scaled_std_weight and silu_scale pairs (one kernel each)."""
+    def backward(ctx, grad_out, grad_sums):
+        x, raw, bias, gain = ctx.saved_tensors
+        # (under AOT dispatch needs_input_grad covers only the arguments the caller passed)
+        need_x, need_raw, need_b = ctx.needs_input_grad[:3]
+        need_gain = gain is not None and ctx.needs_input_grad[12]
+        pre_x = None
+        if ctx.pre:  # x was silu(pre_x) * pre_beta: recompute it; its gradient goes to pre_x
+            pre_x, x = x, silu_op(x, ctx.pre_beta).to(ctx.x_dtype)
+            need_x = ctx.needs_input_grad[10]
+        if grad_sums is not None and grad_sums.dim() != 2:  # the (0,) placeholder of an op without sums
+            grad_sums = None
+        need_w = need_raw or need_gain
+        if (grad_out is None and grad_sums is None) or not (need_x or need_w or need_b):
+            return (None,) * 15
+        weight = raw if gain is None else std_op(raw, gain, ctx.std_scale, ctx.std_eps).to(ctx.x_dtype)
+        grad_x, grad_w, grad_b = backward_op(grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding,
+                                             ctx.groups, ctx.act, ctx.act_gain, ctx.pool, need_x, need_w,
+                                             need_b and bias is not None)
+        grad_x = grad_x if need_x else None
+        grad_w = grad_w if need_w else None
+        grad_b = grad_b if need_b and bias is not None else None
+        grad_gain = None
+        if gain is not None and grad_w is not None:  # standardisation's backward: one kernel makes both
+            grad_w, grad_gain = std_backward_op(grad_w.to(raw.dtype), raw, gain, ctx.std_scale, ctx.std_eps)
+            grad_gain = grad_gain.to(gain.dtype).reshape(gain.shape) if need_gain else None
+            grad_w = grad_w if need_raw else None
         grad_pre = None
-        if need_x:  # d(silu(p) * beta)/dp = beta * silu'(p)
-            grad_pre = (grad_x.float() * ctx.pre_beta * _act_grad(pre_x.float(), ACTIVATIONS.index("silu"))
-                        ).to(pre_x.dtype)
-        return (None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 7 + (grad_pre, None)
-    return (grad_x if need_x else None, grad_w if need_w else None, grad_b if need_b else None) + (None,) * 9
+        if pre_x is not None and grad_x is not None:  # d(silu(p) * beta)/dp = beta * silu'(p), one kernel
+            grad_pre, grad_x = silu_backward_op(grad_x, pre_x, ctx.pre_beta), None
+        return (grad_x, grad_w, grad_b) + (None,) * 7 + (grad_pre, None, grad_gain, None, None)
+    return backward
 
 
 def register_fused_conv(prefix: str) -> None:
-    """Fake kernel and autograd of ``nfnet_fast::<prefix>fused_conv``."""
-    name = f"nfnet_fast::{prefix}fused_conv"
+    """Fake kernel and autograd of ``nfnet_fast::<prefix>fused_conv`` (after :func:`register` of
+    the same prefix: the backward uses its scaled_std_weight pair)."""
+    name, backward = _names(prefix, "fused_conv")
     torch.library.register_fake(name)(_fake_fused_conv)
-    torch.library.register_autograd(name, _fused_conv_backward, setup_context=_fused_conv_setup)
+    torch.library.register_fake(backward)(_fake_fused_conv_backward)
+    ops = [_op(n) for op in ("scaled_std_weight", "silu_scale") for n in _names(prefix, op)]
+    torch.library.register_autograd(name, _fused_conv_backward(*ops, _op(backward)), setup_context=_fused_conv_setup)
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -387,21 +393,27 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 def fused_conv_function(prefix: str, float64=None):
     """ops.fused_conv's signature over ``nfnet_fast::<prefix>fused_conv`` (see public_functions):
-    under autocast x and weight are cast to the autocast dtype first, as F.conv2d does."""
+    under autocast x and weight are cast to the autocast dtype first, as F.conv2d does (a raw weight
+    to standardise, with ``gain``, stays as it is: the op standardises it in fp32 and writes the
+    result in x's dtype, as timm's fp32 batch_norm and then the conv's cast do)."""
     op = _op(f"nfnet_fast::{prefix}fused_conv")
 
     def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding, groups: int,
                    act: Optional[str], act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
-                   pre_beta: float = 1.0):
+                   pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
+                   std_eps: float = 0.0):
         if float64 is not None and x.dtype == torch.float64:
-            return float64.fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums)
+            return float64.fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums,
+                                      gain=gain, std_scale=std_scale, std_eps=std_eps)
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
             if x.dtype != dtype:  # (the cast x is no longer silu(pre_x) * pre_beta as computed: keep x)
                 pre_x = None
-            x, weight = x.to(dtype), weight.to(dtype)
+            x = x.to(dtype)
+            if gain is None:
+                weight = weight.to(dtype)
         out, sums = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
-                       want_sums, pre_x, pre_beta)
+                       want_sums, pre_x, pre_beta, gain, std_scale, std_eps)
         return (out, sums) if want_sums else out
 
     return fused_conv

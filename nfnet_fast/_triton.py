@@ -135,12 +135,27 @@ def _eca_residual_backward_op(grad_x_next: Optional[Tensor], grad_a_next: Option
 @torch.library.custom_op("nfnet_fast::triton_fused_conv", mutates_args=())
 def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: List[int], groups: int,
                   act: int, act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
-                  pre_beta: float = 1.0) -> Tuple[Tensor, Tensor]:
+                  pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
+                  std_eps: float = 0.0) -> Tuple[Tensor, Tensor]:
     # (pre_x, pre_beta: for the autograd only, which saves pre_x instead of x; see _library)
     res = _conv.fused_conv(x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
-                           act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, want_sums=want_sums)
+                           act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, want_sums=want_sums,
+                           gain=gain, std_scale=std_scale, std_eps=std_eps)
     out, sums = res if want_sums else (res, None)
     return out, x.new_empty((0,), dtype=torch.float32) if sums is None else sums
+
+
+@torch.library.custom_op("nfnet_fast::_triton_fused_conv_backward", mutates_args=())
+def _fused_conv_backward_op(grad_out: Optional[Tensor], grad_sums: Optional[Tensor], x: Tensor, weight: Tensor,
+                            bias: Optional[Tensor], stride: int, padding: List[int], groups: int, act: int,
+                            act_gain: float, pool: bool, need_x: bool, need_weight: bool,
+                            need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    grad_x, grad_weight, grad_bias = _conv.backward(
+        grad_out, grad_sums, x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
+        act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, needs=(need_x, need_weight, need_bias))
+    none = x.new_empty((0,))
+    return (none if grad_x is None else grad_x, none if grad_weight is None else grad_weight,
+            none if grad_bias is None else grad_bias.to(bias.dtype))
 
 
 _library.register("triton_", eca_stats_like=_stats_like)

@@ -29,7 +29,7 @@ from timm.models.nfnet import GammaAct as _TimmGammaAct
 from timm.models.nfnet import NormFreeBlock as _TimmBlock
 from timm.models.nfnet import NormFreeNet as _TimmNet
 
-from . import ops
+from . import _library, ops
 
 __all__ = ["ScaledStdConv2d", "ScaledStdConv2dSame", "EcaModule", "NormFreeBlock", "NormFreeStages", "NormFreeStem",
            "NormFreeNet"]
@@ -56,9 +56,11 @@ def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next
 
 
 def _fused_conv(x, weight, bias, stride: int, padding, groups: int, act: Optional[str], act_gain: float, pool: bool,
-                backend: str, want_sums: bool = False, pre_x=None, pre_beta: float = 1.0):
+                backend: str, want_sums: bool = False, pre_x=None, pre_beta: float = 1.0, gain=None,
+                std_scale: float = 1.0, std_eps: float = 0.0):
     return ops.fused_conv(x, weight, bias, stride=stride, padding=padding, groups=groups, act=act, act_gain=act_gain,
-                          pool=pool, want_sums=want_sums, pre_x=pre_x, pre_beta=pre_beta, backend=backend)
+                          pool=pool, want_sums=want_sums, pre_x=pre_x, pre_beta=pre_beta, gain=gain,
+                          std_scale=std_scale, std_eps=std_eps, backend=backend)
 
 
 for _name in ("_std_weight", "_silu_scale", "_eca", "_eca_residual", "_fused_conv"):
@@ -126,6 +128,11 @@ class _StdWeightCache(_FastModule):
     one that leaves the version counter alone). Edits through ``.data`` bypass PyTorch's version
     counter: call ``.eval()`` (or :meth:`clear_cache`) after them. Tracing, compiling and
     functorch transforms never use the cache. It is not pickled or deep-copied.
+
+    The cached weight is laid out as the fused convolution's packed operand (a view
+    ``packed.permute(3, 2, 0, 1)`` of a contiguous (kh, kw, C_in/groups, C_out) tensor: same
+    values, other strides), and under autocast its cast to the autocast dtype is cached too, so an
+    eval forward on the compiled backends neither casts nor packs any weight.
     """
 
     def _fast_init(self, backend: str) -> None:
@@ -148,24 +155,43 @@ class _StdWeightCache(_FastModule):
         state = super().__getstate__()
         return {**state, "_std_cache": None}
 
-    def standardized_weight(self) -> torch.Tensor:
-        """The conv's effective weight: ``(w - mean) / sqrt(var + eps) * gain * scale`` per output channel."""
+    def _cache_key(self):
+        """The key of the cached weight, or None where no cache may serve (see the class doc)."""
         w, g = self.weight, self.gain
         if torch.compiler.is_compiling() or torch.jit.is_tracing() or _fx_traced(w):
-            return _std_weight(w, g, self.scale, self.eps, self.backend)
+            return None
         differentiable = torch.is_grad_enabled() and (w.requires_grad or g.requires_grad)
         if self.training or differentiable or not (_plain_tensor(w) and _plain_tensor(g)):
             self._std_cache = None
-            return _std_weight(w, g, self.scale, self.eps, self.backend)
-        key = (w._version, g._version, w.data_ptr(), g.data_ptr(), w.device, w.dtype, self.scale, self.eps,
-               self.backend)
+            return None
+        return (w._version, g._version, w.data_ptr(), g.data_ptr(), w.device, w.dtype, self.scale, self.eps,
+                self.backend)
+
+    def _cached_weight(self, key, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """The cached standardised weight for ``key`` (computed if stale), in ``dtype`` if given."""
+        w, g = self.weight, self.gain
         cache = self._std_cache
         if cache is None or cache[0] != key or cache[1]() is not w or cache[2]() is not g:
             # A normal tensor even inside inference_mode, so it can serve later autograd-free calls anywhere.
             with torch.inference_mode(False), torch.no_grad():
                 value = _std_weight(w, g, self.scale, self.eps, self.backend)
-            cache = self._std_cache = (key, weakref.ref(w), weakref.ref(g), value)
-        return cache[3]
+                if value.dim() == 4:  # the fused conv's packed layout (see the class doc)
+                    value = value.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+            cache = self._std_cache = (key, weakref.ref(w), weakref.ref(g), value, {})
+        value, casts = cache[3], cache[4]
+        if dtype is None or dtype == value.dtype:
+            return value
+        if dtype not in casts:
+            with torch.inference_mode(False), torch.no_grad():
+                casts[dtype] = value.to(dtype)  # (keeps the packed strides)
+        return casts[dtype]
+
+    def standardized_weight(self) -> torch.Tensor:
+        """The conv's effective weight: ``(w - mean) / sqrt(var + eps) * gain * scale`` per output channel."""
+        key = self._cache_key()
+        if key is None:
+            return _std_weight(self.weight, self.gain, self.scale, self.eps, self.backend)
+        return self._cached_weight(key)
 
 
 class _FusedConv(_StdWeightCache):
@@ -196,8 +222,13 @@ class _FusedConv(_StdWeightCache):
             out = out * act_gain if act_gain != 1.0 else out
             return (out, None) if want_sums else out
         pre_x, pre_beta = pre if pre is not None else (None, 1.0)
-        return _fused_conv(x, self.standardized_weight(), self.bias, self.stride[0], padding, self.groups, act,
-                           act_gain, pool, self.backend, want_sums, pre_x, pre_beta)
+        key = self._cache_key()
+        if key is None:  # training (or tracing): the op standardises the raw weight as it packs it
+            return _fused_conv(x, self.weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
+                               self.backend, want_sums, pre_x, pre_beta, self.gain, self.scale, self.eps)
+        weight = self._cached_weight(key, _library.autocast_dtype(x.device.type))
+        return _fused_conv(x, weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
+                           self.backend, want_sums, pre_x, pre_beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)

@@ -320,6 +320,7 @@ def _check_int(v, name: str, low: int) -> int:
 def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, stride: int = 1,
                padding=0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
                want_sums: bool = False, pre_x: Optional[torch.Tensor] = None, pre_beta: float = 1.0,
+               gain: Optional[torch.Tensor] = None, std_scale: float = 1.0, std_eps: float = 0.0,
                backend: str = "auto"):
     """A convolution with its neighbours fused: ``act(conv2d(pool(x), weight) + bias) * act_gain``.
 
@@ -332,7 +333,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         x: activation (N, C_in, H, W), NCHW or channels_last (the compiled backends compute and
             return channels_last).
         weight: (C_out, C_in / groups, kh, kw), in ``x``'s dtype (under autocast both are cast to the
-            autocast dtype, as ``F.conv2d`` does).
+            autocast dtype, as ``F.conv2d`` does); with ``gain``, the raw weight to standardise, in
+            any float dtype (its gradient comes back in that dtype).
         bias: (C_out,) or None.
         stride: the convolution's stride.
         padding: zero padding: an int, ``(pad_h, pad_w)`` or ``(top, bottom, left, right)`` (TF
@@ -351,6 +353,13 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             ignores it. Passing a ``pre_x`` that did not make ``x`` makes the compiled backends'
             gradients wrong.
         pre_beta: the scale of that pre-activation.
+        gain: None, or the conv is a ``ScaledStdConv2d``: the weight used is
+            ``scaled_std_weight(weight, gain, std_scale, std_eps)`` (C_out gain values, any shape).
+            The compiled backends standardise it in the same launch that packs it for the kernels
+            (in training, where no cached standardised weight can serve); gradients reach ``weight``
+            and ``gain``.
+        std_scale: the standardisation's scale, ``gamma * fan_in ** -0.5``.
+        std_eps: added to the variance.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -358,8 +367,19 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """
     _check_activation(x, "x")
     _check_tensor(weight, "weight", ndim=4)
-    _check_same(weight, "weight", x, "x", dtype=_library.autocast_dtype(x.device.type) is None)
+    _check_same(weight, "weight", x, "x", dtype=gain is None and _library.autocast_dtype(x.device.type) is None)
     cout, cin_g = weight.shape[:2]
+    if gain is not None:  # scaled_std_weight's checks
+        _check_tensor(gain, "gain")
+        _check_same(gain, "gain", weight, "weight")
+        if gain.numel() != cout:
+            raise ValueError(f"gain must have one value per output channel ({cout}), got shape {tuple(gain.shape)}")
+        if weight.numel() == cout:
+            raise ValueError(f"weight has a fan-in of 1 (shape {tuple(weight.shape)}): standardisation would zero it")
+        _check_number(std_scale, "std_scale")
+        _check_number(std_eps, "std_eps")
+        if not std_eps > 0:
+            raise ValueError(f"std_eps must be > 0, got {std_eps}")
     groups = _check_int(groups, "groups", 1)
     if cout == 0 or x.shape[1] != cin_g * groups or cout % groups:
         raise ValueError(f"weight shape {tuple(weight.shape)} and groups={groups} do not fit x shape {tuple(x.shape)}")
@@ -386,9 +406,9 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         _check_same(pre_x, "pre_x", x, "x", dtype=False)
         if pre_x.shape != x.shape:
             raise ValueError(f"pre_x shape {tuple(pre_x.shape)} must equal x shape {tuple(x.shape)}")
-    return _implementation("fused_conv", backend, x, weight, bias, pre_x)(
+    return _implementation("fused_conv", backend, x, weight, bias, pre_x, gain)(
         x, weight, bias, stride, padding, groups, act, float(act_gain), bool(pool), bool(want_sums), pre_x,
-        float(pre_beta))
+        float(pre_beta), gain, float(std_scale), float(std_eps))
 
 
 # The backends, imported here, outside any compiled region (dynamo cannot trace an import): each

@@ -114,6 +114,65 @@ def test_pre_activation_saved_as_its_input(backend, pool, rng):
         assert_rel_close(got, ref, 1e-5, f"{backend} {what}")
 
 
+STD_CASES = ["1x1 silu", "1x1 pool", "3x3 g3 width5 s2", "3x3 same pad s2", "5x5 stem-like"]
+
+
+def _std_params(w, rng):
+    """A ScaledStdConv2d's gain (around 1, its timm shape), scale and eps, random."""
+    fan_in = w[0].numel()
+    gain = (1 + 0.3 * torch.randn(w.shape[0], 1, 1, 1, generator=rng)).to(w.dtype)
+    return gain, float(torch.empty(()).uniform_(1.0, 2.0, generator=rng)) * fan_in ** -0.5, 10 ** -float(
+        torch.randint(4, 7, (), generator=rng))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", STD_CASES)
+def test_standardised_weight(name, backend, rng):
+    """With gain the op standardises the raw weight itself (the compiled backends while packing it):
+    forward, sums and the gradients of x, the raw weight, the gain and the bias equal the
+    reference's, which is ScaledStdConv2d's batch_norm and then the conv."""
+    (x, w, b), kw = _case(name, rng)
+    w = w * 3 + 0.2 * torch.randn((), generator=rng)  # a raw weight: not centred, not unit-scaled
+    gain, scale, eps = _std_params(w, rng)
+    std = dict(std_scale=scale, std_eps=eps)
+    got_in, ref_in = _leaves((x, w, b, gain)), _leaves((x, w, b, gain))
+    got = ops.fused_conv(*got_in[:3], gain=got_in[3], want_sums=True, backend=backend, **std, **kw)
+    ref = ops.fused_conv(*ref_in[:3], gain=ref_in[3], want_sums=True, backend="reference", **std, **kw)
+    expect = ops.fused_conv(x, ref_ops.scaled_std_weight(w, gain, scale, eps), b, backend="reference", **kw)
+    assert_rel_close(ref[0], expect, 1e-6, f"{name} reference with gain")
+    assert_rel_close(got[0], ref[0], 1e-5, f"{backend} {name} out")
+    assert_rel_close(got[1], ref[1], 1e-5, f"{backend} {name} sums")
+    grads = [torch.randn(t.shape, generator=rng) for t in ref]
+    torch.autograd.backward(got, grads)
+    torch.autograd.backward(ref, grads)
+    for a, r, what in zip(got_in, ref_in, ("x", "weight", "bias", "gain")):
+        assert a.grad.shape == r.grad.shape and a.grad.dtype == r.grad.dtype, what
+        assert_rel_close(a.grad, r.grad, 1e-5, f"{backend} {name} {what} grad")
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_standardised_weight_under_autocast(backend, rng):
+    """fp16 autocast with fp32 parameters (a training step's setting): the raw weight is
+    standardised in fp32 and only then rounded to fp16, as timm's fp32 batch_norm and the conv's cast
+    do (a weight cast first would lose the standardisation's precision); gradients come back fp32."""
+    (x, w, b), kw = _case("3x3 g3 width5 s2", rng)
+    w = w * 5 + 0.5  # far from standardised: a cast before standardising would show
+    gain, scale, eps = _std_params(w, rng)
+    outs, grads = [], []
+    for b_name in (backend, "reference"):
+        leaves = _leaves((x, w, b, gain))
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = ops.fused_conv(*leaves[:3], gain=leaves[3], std_scale=scale, std_eps=eps, backend=b_name, **kw)
+        assert out.dtype == torch.float16
+        (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs.append(out)
+        grads.append([t.grad for t in leaves])
+    assert_rel_close(outs[0], outs[1], 2e-3, f"{backend} autocast out")
+    for g, r, what in zip(*grads, ("x", "weight", "bias", "gain")):
+        assert g.dtype == torch.float32, what
+        assert_rel_close(g, r, 4e-3, f"{backend} autocast {what} grad")
+
+
 def test_reference_is_timms_sequence_of_calls(rng):
     """The reference backend is the specification: timm's modules, call for call (bit for bit)."""
     from timm.models.nfnet import DownsampleAvg, GammaAct
@@ -160,6 +219,13 @@ def test_fp16(backend, rng):
     (dict(pre_x=torch.ones(2, 4, 5, 6)), ValueError, "pre_x shape"),
     (dict(pre_x=torch.ones(2, 4, 5, 5, device="meta")), ValueError, "pre_x is on meta"),
     (dict(pre_beta=None), TypeError, "pre_beta must be a Python float"),
+    (dict(gain=torch.ones(5)), ValueError, "gain must have one value per output channel"),
+    (dict(gain=torch.ones(6, dtype=torch.float16)), TypeError, "gain has dtype"),
+    (dict(gain=torch.ones(6, device="meta")), ValueError, "gain is on meta"),
+    (dict(gain=torch.ones(6), std_eps=0.0), ValueError, "std_eps must be > 0"),
+    (dict(gain=torch.ones(6), std_scale="1"), TypeError, "std_scale must be a Python float"),
+    (dict(gain=torch.ones(6), weight=torch.ones(6, 1, 1, 1), x=torch.ones(2, 1, 5, 5), padding=0), ValueError,
+     "fan-in of 1"),
 ])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_input(kwargs, err, match, backend):
@@ -187,6 +253,8 @@ def test_opcheck_and_compile(backend, rng):
     op = torch.ops.nfnet_fast.triton_fused_conv
     torch.library.opcheck(op, (x, w, b, 1, [0, 0, 0, 0], 1, 1, 1.5, True, True))
     torch.library.opcheck(op, (x, w, None, 1, [0, 0, 0, 0], 1, 0, 1.0, True, False))
+    gain = torch.rand(w.shape[0], 1, 1, 1, generator=rng).add_(0.5).requires_grad_()
+    torch.library.opcheck(op, (x, w, b, 1, [0, 0, 0, 0], 1, 1, 1.0, True, True, None, 1.0, gain, 0.3, 1e-5))
 
     def f(x, w, b):
         out, sums = ops.fused_conv(x, w, b, act="silu", pool=True, want_sums=True, backend=backend)
@@ -279,3 +347,62 @@ def test_training_block_does_not_save_its_pre_activation(backend, rng):
     assert got_bytes <= ref_bytes - x.numel() * x.element_size(), (got_bytes, ref_bytes)
     for g, e, what in zip(got, expect, ("out", "x grad", "conv1 weight grad", "conv3 gain grad")):
         assert_rel_close(g, e, 1e-5, f"{backend} {what}")
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_training_step_runs_one_op_per_conv(backend, monkeypatch):
+    """A training step of a converted model on a compiled backend runs no separate weight
+    standardisation, cast or pack: each conv op gets its raw weight and gain and standardises it in
+    the launch that packs it; its backward is one op per conv with no aten elementwise passes
+    around it; in eval, the modules' cached weight is already packed (and cast, under autocast), so
+    no conv copies a weight at all. Gradients stay timm's."""
+    from nfnet_fast.kernels import fused_conv as fc
+    packed = {"std": 0, "copied": 0}
+    real_std, real_pack = fc._std.forward, fc.pack_weight
+
+    def std_forward(weight, gain, scale, eps, gpu_config=False, packed=None):
+        packed_counts["std"] += packed is not None  # (the backward recomputes the unpacked weight)
+        return real_std(weight, gain, scale, eps, gpu_config, packed=packed)
+
+    def pack_weight(weight, dtype):
+        out = real_pack(weight, dtype)
+        packed_counts["copied"] += out.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()
+        return out
+    packed_counts = packed
+    monkeypatch.setattr(fc._std, "forward", std_forward)
+    monkeypatch.setattr(fc, "pack_weight", pack_weight)
+    ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 11).train()
+    fast = nfnet_fast.convert(copy.deepcopy(ref), backend=backend).train()
+    convs = sum(isinstance(m, timm.layers.ScaledStdConv2d) for m in fast.modules())
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with _AtenCounter() as counter:
+        out = fast(x)
+    names = [str(f.overloadpacket.__name__) for f, _ in counter.calls]
+    assert names.count("triton_fused_conv") == convs
+    assert not [n for n in names if "scaled_std_weight" in n or n == "batch_norm" or "native_batch_norm" in n]
+    assert packed == {"std": convs, "copied": 0}, packed
+    expect = ref(x)
+    assert_rel_close(out, expect, what=f"{backend} training forward")
+    with _AtenCounter() as counter:
+        out.square().sum().backward()
+    expect.square().sum().backward()
+    # the backward: one op per conv (the pre-activation's gradient from the recomputing GEMM's
+    # epilogue, then cuDNN's data and weight gradients inside it), no aten convolution or SiLU
+    # derivative chains around it; on activations only autograd's accumulating adds
+    names = [str(f.overloadpacket.__name__) for f, _ in counter.calls]
+    assert names.count("_triton_fused_conv_backward") == convs
+    on_activations = {str(f.overloadpacket.__name__) for f, args in counter.calls
+                      if any(isinstance(a, torch.Tensor) and a.dim() == 4 and a.shape[0] == x.shape[0] for a in args)}
+    allowed = {"_triton_fused_conv_backward", "add", "detach"} | {  # (the cuda backend's own eca and silu ops too)
+        name for prefix in ("", "triton_") for name in (f"_{prefix}silu_scale_backward", f"{prefix}silu_scale",
+                                                        f"_{prefix}eca_residual_backward")}
+    assert on_activations <= allowed, on_activations
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        assert_rel_close(p.grad, q.grad, 1e-5, f"{backend} {name} grad")
+    fast.eval()
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            fast(x)  # fills the caches
+            packed.update(std=0, copied=0)
+            fast(x)
+        assert packed == {"std": 0, "copied": 0}, (autocast, packed)

@@ -235,14 +235,18 @@ L0_CONVS = [
 @pytest.mark.parametrize("conv", L0_CONVS, ids=lambda c: "{}-{}-k{}s{}g{}{}{}".format(
     *c[:5], "-pool" if c[5] else "", "-sums" if c[6] else ""))
 def test_l0_launches_are_in_the_aot_matrix(conv):
-    """Every launch eca_nfnet_l0 makes on a GPU is a configuration the AOT matrix compiles."""
+    """Every launch eca_nfnet_l0 makes on a GPU is a configuration the AOT matrix compiles: the
+    forward's, and (convs without the pool) the backward's recompute, which always sums."""
     cin, cout, k, stride, groups, pool, sums = conv
     x = torch.empty(1, cin, 8, 8)
     w = torch.empty(cout, cin // groups, k, k)
     cfg = fc.config_for(x, w, groups, stride, k // 2, pool, gpu_config=True)
     spec = fc.AOT[0] if k == 1 else fc.AOT[1]
-    want = dict(cfg, SUMS=sums, **(dict(POOL=pool) if k == 1 else dict(KH=k, KW=k)))
+    want = dict(cfg, SUMS=sums, BWD=False, **(dict(POOL=pool) if k == 1 else dict(KH=k, KW=k)))
     assert any(c == want for c in spec.configs), want
+    if not pool:
+        want = dict(fc.bwd_tile(want), SUMS=True, BWD=True)
+        assert any(c == want for c in spec.configs), want
 
 
 def test_aot_matrix_covers_every_kernel():
@@ -397,8 +401,10 @@ def test_autotune_candidates_are_in_the_aot_matrix(args):
     assert len(set(names)) == len(names)
     spec = fc.AOT[0] if kind == "1x1" else fc.AOT[1]
     for name in names:
-        want = dict(fc.TILES[name], SUMS=True, **(dict(POOL=pool) if kind == "1x1" else dict(KH=3, KW=3)))
+        want = dict(fc.TILES[name], SUMS=True, BWD=False, **(dict(POOL=pool) if kind == "1x1" else dict(KH=3, KW=3)))
         assert any(c == want for c in spec.configs), (name, want)
+        if not pool:  # the backward's recompute tunes among the same tiles, narrowed
+            assert any(c == dict(fc.bwd_tile(want), BWD=True) for c in spec.configs), (name, want)
 
 
 # (x shape, weight shape, groups): a 1x1 with two candidate tiles, a grouped 3x3 with three
@@ -494,3 +500,64 @@ def test_autotune_never_on_cpu_by_default(monkeypatch, rng):
     monkeypatch.setattr(fc, "_bench", no_bench)
     x, w, b = _case(rng, (1, 32, 3, 3), (128, 32, 1, 1), torch.float32)
     _check(x, w, b, "cpu default", gpu_config=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# backward: the BWD epilogue (z recomputed, its gradient made in the epilogue) and cuDNN's data and
+# weight gradients from it, against autograd through the fp32 specification
+
+
+def _backward_check(x, w, b, what, grads=("out", "sums"), gpu_config=False, **kw):
+    act, act_gain = kw.get("act"), kw.get("act_gain", 1.0)
+    leaves = [x.detach().float().requires_grad_(), w.detach().to(x.dtype).float().requires_grad_(),
+              b.detach().float().requires_grad_()]
+    xf, wf, bf = leaves
+    if kw.get("pool"):
+        xf = F.avg_pool2d(xf, 2, 2, ceil_mode=True, count_include_pad=False)
+    pt, pb, pl, pr = fc.normalize_padding(kw.get("padding", 0))
+    out = F.conv2d(F.pad(xf, (pl, pr, pt, pb)), wf, bf, kw.get("stride", 1), 0, 1, kw.get("groups", 1))
+    out = {None: lambda t: t, "silu": F.silu, "relu": F.relu, "gelu": F.gelu}[act](out) * act_gain
+    sums = out.sum((2, 3))
+    gen = torch.Generator().manual_seed(len(what))
+    grad_out = torch.randn(out.shape, generator=gen).to(x.device, x.dtype) if "out" in grads else None
+    grad_sums = torch.randn(sums.shape, generator=gen).to(x.device) if "sums" in grads else None
+    torch.autograd.backward([t for t, g in ((out, grad_out), (sums, grad_sums)) if g is not None],
+                            [g.float() for g in (grad_out, grad_sums) if g is not None])
+    conv = {k: kw[k] for k in ("stride", "padding", "groups", "pool") if k in kw}
+    got = fc.backward(grad_out, grad_sums, x, w.to(x.dtype), b, act=act, act_gain=act_gain, gpu_config=gpu_config,
+                      **conv)
+    for g, leaf, name in zip(got, leaves, ("x", "weight", "bias")):
+        assert g.shape == leaf.shape, (what, name)
+        # (fp16: z's gradient is rounded to fp16 before cuDNN's data and weight gradients, which
+        # are stored in fp16: still within the forward's contract)
+        assert_rel_close(g, leaf.grad, TOL[x.dtype], f"{what} {name} grad")
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == x.is_contiguous(
+        memory_format=torch.channels_last), what
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_backward_matches_autograd(name, dtype, rng):
+    x_shape, w_shape, stride, padding, groups, act, pool, sums = CASES[name]
+    x, w, b = _case(rng, x_shape, w_shape, dtype)
+    grads = ("out", "sums") if sums else ("out",)
+    _backward_check(x, w, b, f"{name} {dtype}", grads, stride=stride, padding=padding, groups=groups, act=act,
+                    pool=pool, act_gain=1.7)
+    if sums:  # only the sums have a gradient (the final conv feeding the head's pool)
+        _backward_check(x, w, b, f"{name} {dtype} sums only", ("sums",), stride=stride, padding=padding,
+                        groups=groups, act=act, pool=pool)
+
+
+@pytest.mark.parametrize("name", [n for n, case in GPU_CASES.items() if not case[6]])
+def test_backward_gpu_config_on_cpu(name, rng):
+    """The BWD epilogue in the GPU tiles (several row and column tiles, images across tiles)."""
+    x_shape, w_shape, stride, padding, groups, act, pool, tile = GPU_CASES[name]
+    x, w, b = _case(rng, x_shape, w_shape, torch.float32)
+    _backward_check(x, w, b, f"{name} {tile}", gpu_config=True, stride=stride, padding=padding, groups=groups,
+                    act=act or "silu")
+
+
+def test_backward_epilogue_needs_no_pool():
+    x, w, b = _case(torch.Generator().manual_seed(0), (1, 8, 4, 4), (8, 8, 1, 1), torch.float32)
+    with pytest.raises(ValueError, match="no backward"):
+        fc.fused_conv(x, w, b, pool=True, act="silu", backward=True)

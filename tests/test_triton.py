@@ -144,6 +144,25 @@ def test_scaled_std_weight_gpu_config(shape, rng):
     assert_rel_close(grad_gain, gr.grad.reshape(-1), BWD_TOL[torch.float32], "scaled_std_weight gpu config gain grad")
 
 
+@pytest.mark.parametrize("gpu_config", [False, True])
+@pytest.mark.parametrize("shape, dtype", [((70, 3, 3, 3), torch.float32), ((24, 64, 3, 3), torch.float16),
+                                          ((9, 1536, 1, 1), torch.float16), ((3, 556, 3, 3), torch.float32),
+                                          ((5, 7, 1, 5), torch.float16)])
+def test_scaled_std_weight_packed(shape, dtype, gpu_config, rng):
+    """The fused convolution's weight operand: the fp32 raw weight standardised straight into the
+    (kh, kw, C_in/groups, C_out) matrix in the activation dtype, equal to the plain forward's result
+    packed and rounded (every tile: whole rows, several rows a program, the looped long rows)."""
+    w, gain, scale, eps = _std_case(shape, torch.float32, rng)
+    w, gain = w.detach().contiguous(), gain.detach().reshape(-1).contiguous()
+    packed = torch.full((*shape[2:], shape[1], shape[0]), float("nan"), device=DEV, dtype=dtype)
+    out = std_kernels.forward(w, gain, scale, eps, gpu_config, packed=packed)
+    assert out is packed
+    expect = ref_ops.scaled_std_weight(w, gain, scale, eps).permute(2, 3, 1, 0).to(dtype)
+    assert_rel_close(out.float(), expect.float(), FWD_TOL[dtype], f"packed {shape} {dtype}")
+    with pytest.raises(ValueError, match="packed must be a contiguous"):
+        std_kernels.forward(w, gain, scale, eps, gpu_config, packed=packed.transpose(2, 3))
+
+
 # ---------------------------------------------------------------------------------------------
 # eca and eca_residual
 
@@ -424,7 +443,8 @@ def test_aot_matrix_covers_every_kernel():
     # every constexpr combination the launchers pick is in the matrix
     for fan_in in (1, 27, 64, 65, 576, 1536, 2048, 4096, 4097, 20000):
         cfg = std_kernels.config(fan_in, torch.device("cuda"))
-        assert cfg in std_kernels.AOT[0].configs, cfg
+        for spec, packed in zip(std_kernels.AOT[:2], (False, True)):  # the plain forward, the fused conv's
+            assert dict(cfg, PACKED=packed) in spec.configs, (cfg, packed)
     apply_cfgs = [s.configs for s in eca_kernels.AOT if s.kernel.__name__ == "_apply_nchw_kernel"][0]
     for hw in (1, 81, 324, 1296, 5184, 7):
         tile = eca_kernels.plan((2, 64, hw, 1), False, torch.device("cuda")).tile
