@@ -33,6 +33,13 @@ class AotSpec(NamedTuple):
     aligned: tuple = ()
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' host-side integers. (``triton.cdiv`` is a ConstexprFunction
+    since Triton 3.5, about 2 us a call on the host: a training step makes a few hundred launches,
+    each of which pays its launcher's Python before the GPU sees anything.)"""
+    return -(-a // b)
+
+
 def device_guard(t: torch.Tensor):
     """Launch on ``t``'s GPU (Triton launches on the current device); no-op for CPU tensors."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

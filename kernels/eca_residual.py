@@ -40,13 +40,15 @@ contiguous. Math is fp32, storage is ``y``'s dtype.
 """
 from __future__ import annotations
 
+import functools
+import types
 from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec, device_guard
+from . import AotSpec, cdiv, device_guard
 
 # channels_last tile: 32 pixels x 128 channels. 128 channels are 256 contiguous bytes in bf16 (512
 # in fp32): whole 128-byte lines and 16-byte vectors along C; 4096 elements at 8 warps = 16 a thread.
@@ -354,30 +356,40 @@ class Plan(NamedTuple):
     splits: int
     per: int
     grid: tuple
-    tile: dict  # the layout kernels' tile constexprs and num_warps
+    tile: types.MappingProxyType  # the layout kernels' tile constexprs and num_warps
 
 
 def plan(shape, channels_last: bool, device: torch.device, pool: bool = False, gpu_config: bool = False) -> Plan:
     """The launch of a pool/reduce (``pool=True``: splits capped, they become partial sums) or
     apply kernel for ``shape``. CPU tensors (the interpreter) get CPU_* tiles and no splits unless
-    ``gpu_config``."""
-    gpu = device.type == "cuda" or gpu_config
+    ``gpu_config``. Memoised: a training step asks for three plans per block (forward apply,
+    backward reduce and dy) over a dozen shapes, and computing one took ~10 us of host time (five
+    triton.cdiv calls), about what a 7x7 layer's kernel runs on an H100."""
+    shape, gpu = tuple(shape), device.type == "cuda" or gpu_config
+    if all(type(size) is int for size in shape):
+        return _plan(shape, channels_last, gpu, pool)
+    return _plan.__wrapped__(shape, channels_last, gpu, pool)  # symbolic sizes (fake tensors) do not hash
+
+
+@functools.lru_cache(maxsize=4096)
+def _plan(shape: tuple, channels_last: bool, gpu: bool, pool: bool) -> Plan:
     n, c, h, w = shape
     hw = h * w
     if channels_last:
         bp = BLOCK_P if gpu else CPU_BLOCK_P
-        cols, tiles = n * triton.cdiv(c, BLOCK_C), triton.cdiv(hw, bp)
+        cols, tiles = n * cdiv(c, BLOCK_C), cdiv(hw, bp)
         tile = dict(BLOCK_P=bp, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
     else:
         rows = ROWS if gpu else CPU_ROWS
-        cols, tiles = triton.cdiv(n * c, rows), triton.cdiv(hw, BLOCK_HW)
+        cols, tiles = cdiv(n * c, rows), cdiv(hw, BLOCK_HW)
         tile = dict(ROWS=rows, BLOCK_HW=BLOCK_HW, ALIGN=_align(hw), num_warps=NUM_WARPS)
-    want = min(triton.cdiv(TARGET_PROGRAMS if gpu else 1, cols), tiles, MAX_POOL_SPLITS if pool else 65535)
-    per = triton.cdiv(tiles, want)
-    splits = triton.cdiv(tiles, per)
+    want = min(cdiv(TARGET_PROGRAMS if gpu else 1, cols), tiles, MAX_POOL_SPLITS if pool else 65535)
+    per = cdiv(tiles, want)
+    splits = cdiv(tiles, per)
     # channels_last: (image x split, channel block); NCHW: (row block, split)
     grid = (n * splits, cols // n) if channels_last else (cols, splits)
-    return Plan(splits, per, grid, tile)
+    # (read-only: every caller of a memoised plan shares its tile)
+    return Plan(splits, per, grid, types.MappingProxyType(tile))
 
 
 def _align(hw: int) -> int:
@@ -476,7 +488,7 @@ def backward(grad_x_next: Optional[torch.Tensor], grad_a_next: Optional[torch.Te
 
         gate = torch.empty((n, c), device=y.device, dtype=torch.float32)
         dz = torch.empty_like(gate)
-        cblocks = triton.cdiv(c, GATE_BLOCK)
+        cblocks = cdiv(c, GATE_BLOCK)
         dwp = torch.empty((n * cblocks, k), device=y.device, dtype=torch.float32)
         _gate_bwd_kernel[(n, cblocks)](stats, dpart, weight, gate, dz, dwp, c, stats.shape[1], pr.splits, k,
                                        1.0 / hw, float(coef), BLOCK=GATE_BLOCK, num_warps=GATE_WARPS)

@@ -15,13 +15,15 @@ where ``xhat = (w - mean) * rstd`` and ``gs = gain * scale``.
 """
 from __future__ import annotations
 
+import functools
+import types
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec, device_guard
+from . import AotSpec, cdiv, device_guard
 
 # A program's tile is ROWS x BLOCK_K = 4096 elements (16 a thread at 8 warps): BLOCK_K is the
 # smallest of these row lengths that holds the fan-in, so short rows share a program (the 27-wide
@@ -140,16 +142,25 @@ def _std_bwd_kernel(dy_ptr, w_ptr, gain_ptr, dw_ptr, dgain_ptr, C_out, K, scale,
     tl.store(dgain_ptr + rows, sum_dy_xhat * scale, mask=rmask)
 
 
-def config(fan_in: int, device: torch.device = torch.device("cuda"), gpu_config: bool = False) -> dict:
+def config(fan_in: int, device: torch.device = torch.device("cuda"), gpu_config: bool = False
+           ) -> types.MappingProxyType:
     """Tile for rows of ``fan_in`` elements: whole rows in registers when they fit, else a loop.
-    CPU tensors (the interpreter) get taller tiles unless ``gpu_config``."""
-    tile = TILE if device.type == "cuda" or gpu_config else CPU_TILE
+    CPU tensors (the interpreter) get taller tiles unless ``gpu_config``. Memoised and read-only:
+    training standardises every conv's weight twice a step (forward and backward), and the launch's
+    host time, not the kernel's, is what these small launches cost."""
+    return _config(fan_in, device.type == "cuda" or gpu_config)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config(fan_in: int, gpu: bool) -> types.MappingProxyType:
+    tile = TILE if gpu else CPU_TILE
     for block_k in BLOCK_KS:
         if fan_in <= block_k:
-            return dict(ROWS=tile // block_k, BLOCK_K=block_k, SINGLE=True, num_warps=NUM_WARPS)
+            return types.MappingProxyType(dict(ROWS=tile // block_k, BLOCK_K=block_k, SINGLE=True,
+                                               num_warps=NUM_WARPS))
     # Looping over longer rows keeps two fp32 accumulator tiles (backward) live across the loop:
     # half a tile keeps them at 8 values a thread, clear of ptxas's register budget.
-    return dict(ROWS=1, BLOCK_K=TILE // 2, SINGLE=False, num_warps=NUM_WARPS)
+    return types.MappingProxyType(dict(ROWS=1, BLOCK_K=TILE // 2, SINGLE=False, num_warps=NUM_WARPS))
 
 
 _CONFIGS = [config(k) for k in BLOCK_KS] + [config(BLOCK_KS[-1] + 1)]
@@ -187,8 +198,8 @@ def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, 
         out = packed
     cfg = config(fan_in, weight.device, gpu_config)
     with device_guard(weight):
-        _std_fwd_kernel[(triton.cdiv(c_out, cfg["ROWS"]),)](weight, gain, out, c_out, fan_in, taps, float(scale),
-                                                            float(eps), PACKED=packed is not None, **cfg)
+        _std_fwd_kernel[(cdiv(c_out, cfg["ROWS"]),)](weight, gain, out, c_out, fan_in, taps, float(scale), float(eps),
+                                                     PACKED=packed is not None, **cfg)
     return out
 
 
@@ -201,6 +212,6 @@ def backward(grad_out: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, s
     grad_gain = torch.empty(c_out, device=weight.device, dtype=torch.float32)
     cfg = config(fan_in, weight.device, gpu_config)
     with device_guard(weight):
-        _std_bwd_kernel[(triton.cdiv(c_out, cfg["ROWS"]),)](grad_out, weight, gain, grad_weight, grad_gain, c_out,
-                                                            fan_in, float(scale), float(eps), **cfg)
+        _std_bwd_kernel[(cdiv(c_out, cfg["ROWS"]),)](grad_out, weight, gain, grad_weight, grad_gain, c_out,
+                                                     fan_in, float(scale), float(eps), **cfg)
     return grad_weight, grad_gain
