@@ -1,4 +1,5 @@
 """Shared test helpers: randomised NF models, the docs/design.md tolerance, and the Triton interpreter switch."""
+import collections
 import contextlib
 import os
 
@@ -133,3 +134,41 @@ def check_backward_against_float64(outs, refs, leaves, dtype: torch.dtype, rng, 
     for name, leaf, ref_leaf, tol in leaves:
         assert_rel_close(leaf.grad.double(), ref_leaf.grad, grad_tol(dtype) if tol is None else tol,
                          f"{what} {name} grad")
+
+
+@contextlib.contextmanager
+def counted_work(*kernel_modules):
+    """Counts, during the block, the Triton launches of ``kernel_modules``' kernels (``launches``:
+    kernel name -> count) and the bytes-moving copies made outside those launches (``copies``: the
+    element count of each ``aten::copy_``, which ``clone``, ``contiguous`` and ``.to`` all end in).
+    Copies inside a launch are the interpreter's own and are left out."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    work = {"launches": collections.Counter(), "copies": []}
+    patched = []
+    for mod in kernel_modules:
+        for name, kernel in vars(mod).items():
+            if name.endswith("_kernel") and hasattr(kernel, "run"):
+                def run(*args, _run=kernel.run, _name=name, **kwargs):
+                    work["launches"][_name] += 1
+                    with record_function("counted_work.launch"):
+                        return _run(*args, **kwargs)
+                patched.append((kernel, kernel.run))
+                kernel.run = run
+    try:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            yield work
+    finally:
+        for kernel, run in patched:
+            kernel.run = run
+    for ev in prof.events():
+        if ev.name != "aten::copy_":
+            continue
+        parent = ev.cpu_parent
+        while parent is not None and parent.name != "counted_work.launch":
+            parent = parent.cpu_parent
+        if parent is None:
+            numel = 1
+            for size in ev.input_shapes[0]:
+                numel *= size
+            work["copies"].append(numel)

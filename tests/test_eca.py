@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import EcaModule as TimmEca
 
-from conftest import assert_rel_close, check_backward_against_float64, cpu_backends, dtype_tol
+from conftest import assert_rel_close, check_backward_against_float64, counted_work, cpu_backends, dtype_tol
 from nfnet_fast import ops
 
 SHAPES = [(2, 16, 5, 7), (1, 67, 3, 3), (3, 130, 1, 1), (1, 256, 9, 9), (2, 9, 1, 13)]
@@ -84,6 +84,69 @@ def test_eca_residual(backend, dtype, shape, layout, with_next, with_sums, rng):
     check_backward_against_float64(outs, refs, [
         ("y", y, yd, None), ("shortcut", shortcut, sd, None),
         ("weight", weight, eca.conv.weight, 1e-5 if dtype == torch.float32 else 0.05)], dtype, rng, f"{backend} {dtype}")
+
+
+def _random_shape(rng):
+    n, c, h, w = (int(torch.randint(lo, hi, (), generator=rng)) for lo, hi in ((1, 4), (8, 80), (2, 10), (2, 10)))
+    return n, c, h, w
+
+
+@pytest.mark.skipif("triton" not in cpu_backends("eca_residual"), reason="the triton backend does not run here")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_sums", [False, True], ids=["pooled", "sums"])
+@pytest.mark.parametrize("grads", ["x_next", "x_next+a_next"])
+def test_triton_eca_residual_step_launches_and_copies(layout, with_sums, grads, rng):
+    """The launches and copies of one training step of the triton op are those of the cuda
+    backend's plan (csrc/eca_residual.cu): forward 1 launch with conv3's sums (2 without: pool,
+    apply), backward 3 (two streaming passes around the small gate-gradient one), and no copy of
+    an activation (with sums, one copy of those (N, C) sums, which become the saved statistics)."""
+    from nfnet_fast.kernels import eca_residual as eca_kernels
+
+    shape = _random_shape(rng)
+    n, c = shape[:2]
+    y0 = _make(shape, layout, torch.float32, rng)
+    shortcut0 = _make(shape, layout, torch.float32, rng)
+    y, shortcut = y0.view_as(y0), shortcut0.view_as(shortcut0)  # not leaves: no gradient accumulated (or copied)
+    weight = torch.randn(1, 1, 5, generator=rng).requires_grad_()
+    sums = y.detach().float().sum((2, 3)) if with_sums else None
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    grad_x, grad_a = (torch.randn(shape, generator=rng).contiguous(memory_format=fmt) for _ in range(2))
+    with counted_work(eca_kernels) as forward:
+        x_next, a_next = ops.eca_residual(y, weight, shortcut, 0.3, 2.0, 0.9, sums=sums, backend="triton")
+    with counted_work(eca_kernels) as backward:
+        if grads == "x_next":  # a model's blocks: conv1 and the downsample recompute a_next (pre_x)
+            torch.autograd.backward(x_next, grad_x)
+        else:
+            torch.autograd.backward([x_next, a_next], [grad_x, grad_a])
+    pooled = {} if with_sums else {"_pool_nchw_kernel" if layout == "contiguous" else "_pool_nhwc_kernel": 1}
+    suffix = "nchw" if layout == "contiguous" else "nhwc"
+    assert forward["launches"] == {**pooled, f"_apply_{suffix}_kernel": 1}
+    assert backward["launches"] == {f"_reduce_{suffix}_kernel": 1, "_gate_bwd_kernel": 1, f"_dy_{suffix}_kernel": 1}
+    assert forward["copies"] == ([n * c] if with_sums else [])
+    assert backward["copies"] == []
+    assert y0.grad is not None and shortcut0.grad is not None and weight.grad is not None
+
+
+def test_triton_plan_memoised_and_covers_every_tile(rng):
+    """The launch plan is computed once per shape (a training step asks for it three times per
+    block, and computing it cost more host time than a small layer's kernels run on a GPU), and
+    every plan covers each pixel tile exactly once."""
+    from nfnet_fast.kernels import eca_residual as eca_kernels
+
+    for _ in range(20):
+        shape = _random_shape(rng)
+        n, c, h, w = shape
+        shape = (n * int(torch.randint(1, 64, (), generator=rng)), c * 8, h * 7, w * 7)  # GPU sizes: splits
+        for cl in (False, True):
+            for pool in (False, True):
+                plan = eca_kernels.plan(shape, cl, torch.device("cpu"), pool=pool, gpu_config=True)
+                assert plan is eca_kernels.plan(torch.Size(shape), cl, torch.device("cuda"), pool=pool)
+                with pytest.raises(TypeError):
+                    plan.tile["num_warps"] = 4  # shared by every launch of the shape: read-only
+                pixels = plan.tile["BLOCK_P"] if cl else plan.tile["BLOCK_HW"]
+                tiles = -(-shape[2] * shape[3] // pixels)
+                assert (plan.splits - 1) * plan.per < tiles <= plan.splits * plan.per
+                assert plan.splits <= eca_kernels.MAX_POOL_SPLITS or not pool
 
 
 def test_weight_shapes_accepted(rng):

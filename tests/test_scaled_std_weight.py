@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import ScaledStdConv2d as TimmStdConv
 
-from conftest import assert_rel_close, check_backward_against_float64, cpu_backends, dtype_tol
+from conftest import assert_rel_close, check_backward_against_float64, counted_work, cpu_backends, dtype_tol
 from nfnet_fast import ops
 
 BACKENDS = cpu_backends("scaled_std_weight")
@@ -45,6 +45,32 @@ def test_equals_timm_formula(backend, rng):
                           training=True, momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
     out = ops.scaled_std_weight(conv.weight, conv.gain, conv.scale, conv.eps, backend=backend)
     assert_rel_close(out, timm_w, 1e-5, backend)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_last"])
+def test_triton_step_launches_and_copies(grad_layout, rng):
+    """One launch each way, memoised tiles; the weight gradient aten's convolution backward hands
+    over in channels_last is copied to the weight's layout (one weight-sized copy, as the cuda
+    backend's), a contiguous one is used as it is."""
+    from nfnet_fast.kernels import scaled_std_weight as std_kernels
+
+    c_out, c_in, k = (int(torch.randint(lo, hi, (), generator=rng)) for lo, hi in ((2, 40), (2, 40), (1, 4)))
+    w0 = torch.randn(c_out, c_in, k, k, generator=rng).requires_grad_()
+    gain0 = (1 + 0.3 * torch.randn(c_out, 1, 1, 1, generator=rng)).requires_grad_()
+    w, gain = w0.view_as(w0), gain0.view_as(gain0)  # not leaves: no gradient accumulated (or copied)
+    fmt = torch.channels_last if grad_layout == "channels_last" else torch.contiguous_format
+    grad = torch.randn(w.shape, generator=rng).contiguous(memory_format=fmt)
+    assert std_kernels.config(c_in * k * k, torch.device("cuda")) is std_kernels.config(c_in * k * k,
+                                                                                       torch.device("cuda"))
+    with counted_work(std_kernels) as forward:
+        out = ops.scaled_std_weight(w, gain, c_in ** -0.5, 1e-5, backend="triton")
+    with counted_work(std_kernels) as backward:
+        out.backward(grad)
+    assert forward["launches"] == {"_std_fwd_kernel": 1} and forward["copies"] == []
+    assert backward["launches"] == {"_std_bwd_kernel": 1}
+    assert backward["copies"] == ([w.numel()] if k > 1 and grad_layout == "channels_last" else [])
+    assert w0.grad is not None and gain0.grad is not None
 
 
 @pytest.mark.parametrize("kwargs, err, match", [

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import cpu_backends, dtype_tol, assert_rel_close
+from conftest import assert_rel_close, counted_work, cpu_backends, dtype_tol
 from nfnet_fast import ops
 
 BACKENDS = cpu_backends("silu_scale")
@@ -36,6 +36,28 @@ def test_forward_backward(backend, dtype, shape, rng):
         s = torch.sigmoid(xd)
         ref_grad = grad.double() * beta * s * (1 + xd * (1 - s))
         assert_rel_close(x.grad, ref_grad, 2 * dtype_tol(dtype), f"{backend} {dtype} {layout} grad")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+@pytest.mark.parametrize("grad_layout", ["same", "other"])
+def test_triton_step_launches_and_copies(grad_layout, rng):
+    """One launch each way; a gradient in x's layout is used as it is, one in the other layout is
+    copied to x's once (the cuda backend's rule too), nothing else is copied."""
+    from nfnet_fast.kernels import silu_scale as silu_kernels
+
+    shape = tuple(int(torch.randint(lo, hi, (), generator=rng)) for lo, hi in ((1, 4), (2, 40), (2, 9), (2, 9)))
+    x0 = torch.randn(shape, generator=rng).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = x0.view_as(x0)  # not a leaf: no gradient accumulated (or copied)
+    fmt = torch.channels_last if grad_layout == "same" else torch.contiguous_format
+    grad = torch.randn(shape, generator=rng).contiguous(memory_format=fmt)
+    with counted_work(silu_kernels) as forward:
+        out = ops.silu_scale(x, 0.8, backend="triton")
+    with counted_work(silu_kernels) as backward:
+        out.backward(grad)
+    assert forward["launches"] == {"_silu_scale_fwd_kernel": 1} and forward["copies"] == []
+    assert backward["launches"] == {"_silu_scale_bwd_kernel": 1}
+    assert backward["copies"] == ([x.numel()] if grad_layout == "other" else [])
+    assert x0.grad is not None
 
 
 def test_matches_timm_preactivation(rng):
