@@ -1,0 +1,128 @@
+"""Host (CPU) time per call of each backend's ops, outside the kernels: what a training step pays per
+op before the GPU sees a launch (docs/triton-training-step.md). On a GPU machine everything is real
+(tiny tensors, so the kernels never hold the host back). Without one, the Triton kernels are real
+JITFunctions (no interpreter) under a driver that targets sm_90 and whose launcher does nothing:
+JITFunction.run runs its whole Python path (binder, specialisation key, cache lookup) and stops where
+the C launcher would start; the cuda backend runs its C++ CPU twins on tiny tensors (an upper bound).
+
+    PYTHONPATH=. python bench/host_overhead.py
+"""
+import os
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+
+GPU = torch.cuda.is_available()
+DEV = torch.device("cuda" if GPU else "cpu")
+
+class FakeDriver:
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+    def get_active_torch_device(self): return torch.device("cpu")
+    def is_active(self): return True
+
+class FakeKernel:
+    function = None
+    packed_metadata = None
+    def launch_metadata(self, grid, stream, *args):  # CompiledKernel's: None unless a launch_enter_hook is set
+        return None
+    def run(self, *args):  # where the C launcher (argument parsing, cuLaunchKernelEx) would run
+        pass
+
+from triton.runtime.jit import JITFunction
+
+
+def _do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+    kernel = FakeKernel()  # each specialisation "compiles" once into the kernel cache, as a real one
+    self.device_caches[device][0][key] = kernel
+    return kernel
+
+
+if not GPU:
+    triton.runtime.driver.set_active(FakeDriver())
+    JITFunction._do_compile = _do_compile
+
+import nfnet_fast, nfnet_fast._triton  # kernels are decorated now: real JITFunctions
+from nfnet_fast import ops
+if not GPU:
+    os.environ["TRITON_INTERPRET"] = "1"  # so the registry lets the triton backend take CPU tensors
+from nfnet_fast.kernels import eca_residual as K_eca
+assert isinstance(K_eca._apply_nhwc_kernel, JITFunction)
+torch.set_num_threads(1)
+
+def bench(fn, n=200, reps=15):
+    for _ in range(20):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if GPU:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        ts.append((time.perf_counter() - t) / n * 1e6)  # host time: tiny kernels never fill the queue
+    if GPU:
+        torch.cuda.synchronize()
+    return min(ts)
+
+N, C, H = 1, 8, 2
+y = torch.randn(N, C, H, H).contiguous(memory_format=torch.channels_last).to(DEV).requires_grad_()
+sc = torch.randn(N, C, H, H).contiguous(memory_format=torch.channels_last).to(DEV).requires_grad_()
+sums = y.detach().float().sum((2, 3))
+w = torch.randn(1, 1, 5, device=DEV, requires_grad=True)
+g = torch.randn_like(y)
+wt = torch.randn(8, 4, 1, 1, device=DEV, requires_grad=True)
+gain = torch.ones(8, 1, 1, 1, device=DEV, requires_grad=True)
+gw = torch.randn(8, 4, 1, 1, device=DEV)
+
+rows = []
+from nfnet_fast import _backends
+for be in ("cuda", "triton"):
+    class ops:  # the backend's own functions (ops' argument checks are the same for both: left out)
+        eca_residual = staticmethod(lambda *a, backend, sums=None: _backends.op_function(backend, "eca_residual")(*a, sums=sums))
+        scaled_std_weight = staticmethod(lambda *a, backend: _backends.op_function(backend, "scaled_std_weight")(*a))
+        silu_scale = staticmethod(lambda *a, backend: _backends.op_function(backend, "silu_scale")(*a))
+    def eca_fwd():
+        with torch.no_grad():
+            ops.eca_residual(y, w, sc, 0.2, 2.0, 1.1, sums=sums, backend=be)
+    def eca_step():  # as in a block in training: a_next unused (conv1 and downsample save x), x_next's grad only
+        xn, an = ops.eca_residual(y, w, sc, 0.2, 2.0, 1.1, sums=sums, backend=be)
+        torch.autograd.backward(xn, g)
+    def eca_step_ga():  # the a_next-gradient path (before pre_x): grads for both outputs
+        xn, an = ops.eca_residual(y, w, sc, 0.2, 2.0, 1.1, sums=sums, backend=be)
+        torch.autograd.backward([xn, an], [g, g])
+    def std_fwd():
+        with torch.no_grad():
+            ops.scaled_std_weight(wt, gain, 0.04, 1e-5, backend=be)
+    def std_step():
+        ops.scaled_std_weight(wt, gain, 0.04, 1e-5, backend=be).backward(gw)
+    def silu_step():
+        ops.silu_scale(sc, 1.1, backend=be).backward(g)
+    r = {k: bench(f) for k, f in dict(eca_fwd=eca_fwd, eca_step=eca_step, eca_step_ga=eca_step_ga, std_fwd=std_fwd,
+                                       std_step=std_step, silu_step=silu_step).items()}
+    rows.append((be, r))
+# the autograd + aten part alone: the same pattern with an aten-only function of similar shape
+def aten_step():
+    out = y * 2.0 + sc
+    torch.autograd.backward(out, g)
+base = bench(aten_step)
+print(f"host us per call ({DEV.type}, 1 thread), tiny tensors; reference point: aten y*2+sc fwd+bwd = {base:.1f} us")
+print(f"{'op':14s}" + "".join(f"{be:>10s}" for be, _ in rows))
+for k in rows[0][1]:
+    print(f"{k:14s}" + "".join(f"{r[k]:10.1f}" for _, r in rows))
+
+# Triton's launch path alone (JITFunction.run up to the C launcher), per launch, for the eca backward's kernels
+from nfnet_fast.kernels import eca_residual as E
+yy = y.detach()
+st, wk, dp = (torch.zeros(shape, device=DEV) for shape in ((N, 1, C), (5,), (N, 1, C)))
+pl = E.plan(yy.shape, True, torch.device("cuda"), pool=True)
+def launch_reduce():
+    E._reduce_nhwc_kernel[pl.grid](yy, yy, yy, yy, yy, st, wk, dp, C, H * H, 1, 1, 5, 0.25, 0.4, 0.0, 1,
+                                   HAS_GX=True, HAS_GA=False, **pl.tile)
+def plan_only():
+    E.plan(yy.shape, True, torch.device("cuda"), pool=True)
+print(f"one Triton launch (16 args + 5 constexprs), Python path only: {bench(launch_reduce, n=2000):.1f} us; eca plan(): {bench(plan_only, n=2000):.1f} us")
