@@ -85,8 +85,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec, device_guard
+from . import AotSpec, cdiv, device_guard
 from . import scaled_std_weight as _std
+from . import silu_scale as _silu
 
 ACTS = (None, "silu", "relu", "gelu")  # the kernels' ``act`` argument is the index in this tuple
 # fp32 inputs take K steps of at most FP32_K (a constexpr of each tile): 16 on a GPU, 8 with the
@@ -794,12 +795,12 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         if m:
             with device_guard(x):
                 if one_by_one:
-                    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(cout, cfg["BLOCK_N"]),)
+                    grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(cout, cfg["BLOCK_N"]),)
                     _conv1x1_kernel[grid](x, wt, b, out, part, grad_t, gsums_t, m, cin, cout, x.shape[2], x.shape[3],
                                           wo, hw, slots, a, float(act_gain), **flags, POOL=bool(pool),
                                           SUMS=bool(want_sums), BWD=bool(backward), **cfg)
                 else:
-                    grid = (triton.cdiv(m, cfg["BLOCK_M"]) * groups * triton.cdiv(cog, cfg["BLOCK_N"]),)
+                    grid = (cdiv(m, cfg["BLOCK_M"]) * groups * cdiv(cog, cfg["BLOCK_N"]),)
                     _conv_kernel[grid](x, wt, b, out, part, grad_t, gsums_t, m, h, w, cin, wo, hw, cout, cg, cog, stride,
                                        pt, pl, slots, a, float(act_gain), **flags, KH=kh, KW=kw, SUMS=bool(want_sums),
                                        BWD=bool(backward), **cfg)
@@ -836,7 +837,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     sums = torch.empty((nb, cout), device=x.device, dtype=torch.float32)  # every (n, c) is written
     if m:
         with device_guard(x):
-            _sums_kernel[(nb, triton.cdiv(cout, SUMS_BLOCK))](part, sums, cout, hw, slots, tile_m,
+            _sums_kernel[(nb, cdiv(cout, SUMS_BLOCK))](part, sums, cout, hw, slots, tile_m,
                                                               BLOCK=SUMS_BLOCK, num_warps=SUMS_WARPS)
     return out, sums
 
@@ -844,15 +845,33 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor], x: torch.Tensor,
              weight: torch.Tensor, bias: Optional[torch.Tensor], *, stride: int = 1, padding: Padding = 0,
              groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
-             needs: Sequence[bool] = (True, True, True), gpu_config: bool = False):
-    """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`fused_conv` (each None where
-    ``needs`` says so), for the output's gradient ``grad_out`` and the sums' ``grad_sums`` (either
-    may be None); ``weight`` in ``x``'s dtype (the standardised weight, if any). See "backward".
+             pre_beta: Optional[float] = None, gain: Optional[torch.Tensor] = None, std_scale: float = 1.0,
+             std_eps: float = 0.0, needs: Sequence[bool] = (True, True, True, True), gpu_config: bool = False):
+    """Gradients ``(grad_x, grad_weight, grad_bias, grad_gain)`` of :func:`fused_conv` for the
+    output's gradient ``grad_out`` and the sums' ``grad_sums`` (either may be None); each None where
+    ``needs`` (x, weight, bias, gain) says so, or where there is no such argument. See "backward".
 
-    grad_x comes back in x's memory format (NCHW or channels_last), grad_weight contiguous,
-    grad_bias fp32.
+    ``weight`` in ``x``'s dtype, or with ``gain`` the raw weight (standardised here again: one
+    launch, and the standardisation's backward turns the conv's weight gradient into the raw
+    weight's and the gain's: one launch). With ``pre_beta``, ``x`` is the tensor the convolved input
+    was made from as ``silu(x) * pre_beta`` (recomputed here: one launch), and grad_x is x's
+    gradient through it (one launch). Everything a conv's backward needs is this one call, so a
+    training step pays one op's host overhead per conv.
+
+    grad_x comes back in x's memory format (NCHW or channels_last), grad_weight contiguous in
+    weight's dtype, grad_bias fp32, grad_gain like gain.
     """
-    need_x, need_w, need_b = needs
+    need_x, need_w, need_b, need_gain = needs
+    need_gain = need_gain and gain is not None
+    need_b = need_b and bias is not None
+    pre_x = None
+    if pre_beta is not None:
+        pre_x = x if _is_dense(x) else x.contiguous()
+        x = _silu.forward(pre_x, pre_beta)
+    raw = None
+    if gain is not None:
+        raw, gain_flat = weight.detach().contiguous(), gain.detach().reshape(-1).contiguous()
+        weight = _std.forward(raw, gain_flat, std_scale, std_eps).to(x.dtype)
     pt, pb, pl, pr = normalize_padding(padding)
     xin = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) if pool else x
     conv = dict(stride=stride, padding=(pt, pb, pl, pr), groups=groups)
@@ -881,16 +900,28 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     xpad = xin if symmetric else torch.nn.functional.pad(xin, (pl, pr, pt, pb))
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
         grad_z, xpad, weight, None, [stride] * 2, [pt, pl] if symmetric else [0, 0], [1, 1], False, [0, 0], groups,
-        [need_x, need_w, False])
+        [need_x, need_w or need_gain, False])
     if grad_x is not None:
         if not symmetric:
             grad_x = grad_x[:, :, pt:pt + xin.shape[2], pl:pl + xin.shape[3]]
         if pool:
             grad_x = torch.ops.aten.avg_pool2d_backward(grad_x, x, [2, 2], [2, 2], [0, 0], True, False, None)
-        grad_x = grad_x.contiguous(memory_format=_memory_format(x))
+        if pre_x is not None:  # d(silu(p) * beta)/dp = beta * silu'(p), elementwise in pre_x's layout
+            grad_x = _silu.backward(grad_x if grad_x.stride() == pre_x.stride() else
+                                    torch.empty_like(pre_x).copy_(grad_x), pre_x, pre_beta)
+        grad_x = grad_x.contiguous(memory_format=_memory_format(x if pre_x is None else pre_x))
+    grad_gain = None
+    if raw is not None and grad_w is not None:
+        grad_w, grad_gain = _std.backward(grad_w.to(raw.dtype).contiguous(), raw, gain_flat, std_scale, std_eps)
+        grad_gain = grad_gain.to(gain.dtype).reshape(gain.shape) if need_gain else None
     if grad_w is not None:
-        grad_w = grad_w.contiguous()
-    return grad_x, grad_w, grad_b
+        grad_w = grad_w.contiguous() if need_w else None
+    return grad_x, grad_w, grad_b, grad_gain
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill one span of memory in some order (elementwise kernels' input)."""
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
 def _out_hw(hw, khw, stride: int, padding4):

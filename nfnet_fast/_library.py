@@ -265,15 +265,20 @@ def public_functions(prefix: str, float64=None) -> dict:
 # With gain, weight is a ScaledStdConv2d's raw weight (any float dtype, fp32 under autocast) and the
 # op standardises it itself (scaled_std_weight(weight, gain, std_scale, std_eps), written straight
 # into the kernels' packed operand); the backward recomputes the standardised weight and turns its
-# gradient into the weight's and the gain's with <prefix>scaled_std_weight's backward (one kernel).
+# gradient into the weight's and the gain's with scaled_std_weight's backward kernel.
 #
 # With pre_x (x = silu(pre_x) * pre_beta, an NF block's pre-activation) the autograd saves pre_x,
 # which the block keeps anyway as its shortcut, instead of x, recomputes x in the backward, and
 # sends x's gradient through the SiLU to pre_x: one activation less held per block in training.
 #
 #   _<prefix>fused_conv_backward(grad_out?, grad_sums?, x, weight, bias?, stride, padding[4], groups, act,
-#                                act_gain, pool, need_x, need_weight, need_bias)
-#       -> (grad_x, grad_weight, grad_bias)     (0,) where not needed; weight: the one convolved
+#                                act_gain, pool, pre_beta?, gain?, std_scale, std_eps, need_x, need_weight,
+#                                need_bias, need_gain)
+#       -> (grad_x, grad_weight, grad_bias, grad_gain)     (0,) where not needed
+#
+# (x, weight: the saved pre_x and raw weight where the forward had them; the backward op recomputes
+# silu(pre_x) * pre_beta and the standardised weight itself and returns pre_x's, the raw weight's
+# and the gain's gradients: one op call per conv)
 #
 # The backward op recomputes the pre-activation z = conv(x) + bias in the forward kernel, whose
 # epilogue turns the incoming gradients into z's, (grad_out + grad_sums) * act_gain * act'(z), and
@@ -329,59 +334,48 @@ def _fused_conv_setup(ctx, inputs, output):
 
 
 def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padding, groups, act, act_gain, pool,
-                              need_x, need_weight, need_bias):
-    none = x.new_empty((0,))
+                              pre_beta, gain, std_scale, std_eps, need_x, need_weight, need_bias, need_gain):
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device,
-                         memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-                         and not x.is_contiguous() else torch.contiguous_format)
-    return (grad_x if need_x else none, torch.empty_like(weight, memory_format=torch.contiguous_format)
-            if need_weight else none, bias.new_empty(bias.shape) if need_bias and bias is not None else none)
+                         memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return (grad_x if need_x else x.new_empty((0,)),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else x.new_empty((0,)),
+            bias.new_empty(bias.shape) if need_bias and bias is not None else x.new_empty((0,)),
+            gain.new_empty(gain.shape) if need_gain and gain is not None else x.new_empty((0,)))
 
 
-def _fused_conv_backward(std_op, std_backward_op, silu_op, silu_backward_op, backward_op):
-    """The autograd formula over the backend's ops: ``backward_op`` (its fused_conv backward), and
-    for ``gain`` / ``pre_x`` its scaled_std_weight and silu_scale pairs (one kernel each)."""
+def _fused_conv_backward(backward_op):
+    """The autograd formula: one call of the backend's backward op, which recomputes what the
+    forward did not keep (the pre-activation x from pre_x, the standardised weight from the raw one)
+    and returns every gradient, so a conv's backward pays one op's host overhead."""
     def backward(ctx, grad_out, grad_sums):
-        x, raw, bias, gain = ctx.saved_tensors
+        x, weight, bias, gain = ctx.saved_tensors
         # (under AOT dispatch needs_input_grad covers only the arguments the caller passed)
-        need_x, need_raw, need_b = ctx.needs_input_grad[:3]
-        need_gain = gain is not None and ctx.needs_input_grad[12]
-        pre_x = None
-        if ctx.pre:  # x was silu(pre_x) * pre_beta: recompute it; its gradient goes to pre_x
-            pre_x, x = x, silu_op(x, ctx.pre_beta).to(ctx.x_dtype)
-            need_x = ctx.needs_input_grad[10]
+        needs = ctx.needs_input_grad
+        need_x = needs[10] if ctx.pre else needs[0]  # with pre_x, x's gradient goes to pre_x
+        need_w, need_b = needs[1], needs[2] and bias is not None
+        need_gain = gain is not None and needs[12]
         if grad_sums is not None and grad_sums.dim() != 2:  # the (0,) placeholder of an op without sums
             grad_sums = None
-        need_w = need_raw or need_gain
-        if (grad_out is None and grad_sums is None) or not (need_x or need_w or need_b):
+        if (grad_out is None and grad_sums is None) or not (need_x or need_w or need_b or need_gain):
             return (None,) * 15
-        weight = raw if gain is None else std_op(raw, gain, ctx.std_scale, ctx.std_eps).to(ctx.x_dtype)
-        grad_x, grad_w, grad_b = backward_op(grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding,
-                                             ctx.groups, ctx.act, ctx.act_gain, ctx.pool, need_x, need_w,
-                                             need_b and bias is not None)
-        grad_x = grad_x if need_x else None
-        grad_w = grad_w if need_w else None
-        grad_b = grad_b if need_b and bias is not None else None
-        grad_gain = None
-        if gain is not None and grad_w is not None:  # standardisation's backward: one kernel makes both
-            grad_w, grad_gain = std_backward_op(grad_w.to(raw.dtype), raw, gain, ctx.std_scale, ctx.std_eps)
-            grad_gain = grad_gain.to(gain.dtype).reshape(gain.shape) if need_gain else None
-            grad_w = grad_w if need_raw else None
-        grad_pre = None
-        if pre_x is not None and grad_x is not None:  # d(silu(p) * beta)/dp = beta * silu'(p), one kernel
-            grad_pre, grad_x = silu_backward_op(grad_x, pre_x, ctx.pre_beta), None
-        return (grad_x, grad_w, grad_b) + (None,) * 7 + (grad_pre, None, grad_gain, None, None)
+        grad_x, grad_w, grad_b, grad_gain = backward_op(
+            grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain,
+            ctx.pool, ctx.pre_beta if ctx.pre else None, gain, ctx.std_scale, ctx.std_eps, need_x, need_w, need_b,
+            need_gain)
+        grad_x, grad_w = (grad_x if need_x else None), (grad_w if need_w else None)
+        grad_b, grad_gain = (grad_b if need_b else None), (grad_gain if need_gain else None)
+        return ((None if ctx.pre else grad_x, grad_w, grad_b) + (None,) * 7
+                + (grad_x if ctx.pre else None, None, grad_gain, None, None))
     return backward
 
 
 def register_fused_conv(prefix: str) -> None:
-    """Fake kernel and autograd of ``nfnet_fast::<prefix>fused_conv`` (after :func:`register` of
-    the same prefix: the backward uses its scaled_std_weight pair)."""
+    """Fake kernels and autograd of ``nfnet_fast::<prefix>fused_conv`` and its backward."""
     name, backward = _names(prefix, "fused_conv")
     torch.library.register_fake(name)(_fake_fused_conv)
     torch.library.register_fake(backward)(_fake_fused_conv_backward)
-    ops = [_op(n) for op in ("scaled_std_weight", "silu_scale") for n in _names(prefix, op)]
-    torch.library.register_autograd(name, _fused_conv_backward(*ops, _op(backward)), setup_context=_fused_conv_setup)
+    torch.library.register_autograd(name, _fused_conv_backward(_op(backward)), setup_context=_fused_conv_setup)
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:

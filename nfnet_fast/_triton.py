@@ -148,14 +148,17 @@ def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
 @torch.library.custom_op("nfnet_fast::_triton_fused_conv_backward", mutates_args=())
 def _fused_conv_backward_op(grad_out: Optional[Tensor], grad_sums: Optional[Tensor], x: Tensor, weight: Tensor,
                             bias: Optional[Tensor], stride: int, padding: List[int], groups: int, act: int,
-                            act_gain: float, pool: bool, need_x: bool, need_weight: bool,
-                            need_bias: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    grad_x, grad_weight, grad_bias = _conv.backward(
-        grad_out, grad_sums, x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
-        act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, needs=(need_x, need_weight, need_bias))
-    none = x.new_empty((0,))
-    return (none if grad_x is None else grad_x, none if grad_weight is None else grad_weight,
-            none if grad_bias is None else grad_bias.to(bias.dtype))
+                            act_gain: float, pool: bool, pre_beta: Optional[float], gain: Optional[Tensor],
+                            std_scale: float, std_eps: float, need_x: bool, need_weight: bool, need_bias: bool,
+                            need_gain: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    grads = _conv.backward(grad_out, grad_sums, x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
+                           act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, pre_beta=pre_beta, gain=gain,
+                           std_scale=std_scale, std_eps=std_eps, needs=(need_x, need_weight, need_bias, need_gain))
+    grad_x, grad_weight, grad_bias, grad_gain = grads
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)
+    # (each missing gradient its own (0,) tensor: outputs of a custom op may not alias)
+    return tuple(x.new_empty((0,)) if g is None else g for g in (grad_x, grad_weight, grad_bias, grad_gain))
 
 
 _library.register("triton_", eca_stats_like=_stats_like)

@@ -526,6 +526,7 @@ def _backward_check(x, w, b, what, grads=("out", "sums"), gpu_config=False, **kw
     conv = {k: kw[k] for k in ("stride", "padding", "groups", "pool") if k in kw}
     got = fc.backward(grad_out, grad_sums, x, w.to(x.dtype), b, act=act, act_gain=act_gain, gpu_config=gpu_config,
                       **conv)
+    assert got[3] is None  # (no gain)
     for g, leaf, name in zip(got, leaves, ("x", "weight", "bias")):
         assert g.shape == leaf.shape, (what, name)
         # (fp16: z's gradient is rounded to fp16 before cuDNN's data and weight gradients, which
