@@ -165,7 +165,8 @@ bench inference-eager 120 bench/test_bench_model.py -k "test_inference and not c
 bench ops 60 bench/test_bench_ops.py $([ "$compiled" = 1 ] && echo '-k not compiled')
 bench train-eager 60 bench/test_bench_model.py -k "test_train_step and not compile"
 bench agc 30 bench/test_bench_agc.py
-bench conv 60 bench/test_bench_conv.py -k "not compile"
+bench conv 60 bench/test_bench_conv.py -k "not compile and not backward"
+bench conv-backward 40 bench/test_bench_conv.py -k "backward"
 step "kernel-time profiles (eager)"
 run_step "profiles-eager" 60 $PY bench/profile_kernels.py --out "$work/prof" --no-compile
 

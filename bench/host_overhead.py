@@ -79,6 +79,14 @@ wt = torch.randn(8, 4, 1, 1, device=DEV, requires_grad=True)
 gain = torch.ones(8, 1, 1, 1, device=DEV, requires_grad=True)
 gw = torch.randn(8, 4, 1, 1, device=DEV)
 
+# a 1x1 fused conv (16 -> 16 channels, 4x4): weight, gain, bias, and the eval cache's packed weight
+cx = torch.randn(1, 16, 4, 4).contiguous(memory_format=torch.channels_last).to(DEV).requires_grad_()
+cw = torch.randn(16, 16, 1, 1, device=DEV, requires_grad=True)
+cb = torch.zeros(16, device=DEV, requires_grad=True)
+cgain = torch.ones(16, 1, 1, 1, device=DEV, requires_grad=True)
+cw_packed = cw.detach().permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+cg = torch.randn(1, 16, 4, 4, device=DEV).contiguous(memory_format=torch.channels_last)
+
 rows = []
 from nfnet_fast import _backends
 for be in ("cuda", "triton"):
@@ -102,8 +110,18 @@ for be in ("cuda", "triton"):
         ops.scaled_std_weight(wt, gain, 0.04, 1e-5, backend=be).backward(gw)
     def silu_step():
         ops.silu_scale(sc, 1.1, backend=be).backward(g)
+    conv = _backends.op_function(be, "fused_conv")  # (both backends run the Triton kernels)
+
+    def conv_fwd():  # eval: the cached standardised weight, packed and in x's dtype already
+        with torch.no_grad():
+            conv(cx, cw_packed, cb, 1, (0, 0, 0, 0), 1, "silu", 1.0, False, False)
+
+    def conv_step():  # training: raw weight and gain standardised in the op; one backward op
+        out = conv(cx, cw, cb, 1, (0, 0, 0, 0), 1, "silu", 1.0, False, False, None, 1.0, cgain, 0.1, 1e-5)
+        torch.autograd.backward(out, cg)
     r = {k: bench(f) for k, f in dict(eca_fwd=eca_fwd, eca_step=eca_step, eca_step_ga=eca_step_ga, std_fwd=std_fwd,
-                                       std_step=std_step, silu_step=silu_step).items()}
+                                       std_step=std_step, silu_step=silu_step, conv_fwd=conv_fwd,
+                                       conv_step=conv_step).items()}
     rows.append((be, r))
 # the autograd + aten part alone: the same pattern with an aten-only function of similar shape
 def aten_step():

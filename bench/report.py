@@ -150,6 +150,37 @@ def conv_table(benches) -> list:
     return lines + [""]
 
 
+def conv_backward_table(benches) -> list:
+    """One row per convolution with an activation: the backward's median per implementation (the
+    fused op's against autograd through cuDNN and aten's activation), weighted by runs per forward."""
+    rows = [b for b in benches if "conv_backward" in b["extra_info"]]
+    if not rows:
+        return []
+    impls = list(dict.fromkeys(b["extra_info"]["impl"] for b in rows))
+    by_conv = {}
+    for b in rows:
+        by_conv.setdefault(b["extra_info"]["conv_backward"], {})[b["extra_info"]["impl"]] = b
+    i0 = rows[0]["extra_info"]
+    head = ["conv with activation (runs per forward)"] + [f"{m} ms" for m in impls] + ["fused TFLOP/s (3x forward)",
+                                                                                      "fused / unfused"]
+    lines = [f"### convolution backward (batch {i0['batch']}, {i0['dtype'].replace('torch.', '')})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    totals = dict.fromkeys(impls, 0.0)
+    for conv, found in by_conv.items():
+        ms = {m: found[m]["stats"]["median"] * 1e3 for m in impls if m in found}
+        runs = next(iter(found.values()))["extra_info"]["runs_per_forward"]
+        for m, v in ms.items():
+            totals[m] += v * runs
+        cells = [f"{ms[m]:.3f}" if m in ms else "-" for m in impls]
+        fused = found.get("fused")
+        cells.append(f"{fused['extra_info']['tflops']:.1f}" if fused else "-")
+        others = [ms[m] for m in impls if m != "fused" and m in ms]
+        cells.append(f"{ms['fused'] / others[0]:.2f}" if fused and others else "-")
+        lines.append(f"| {conv} | " + " | ".join(cells) + " |")
+    lines.append("| **one backward (x runs)** | " + " | ".join(f"**{totals[m]:.2f}**" for m in impls) + " | | |")
+    return lines + [""]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bench_json", nargs="*", help="pytest-benchmark --benchmark-json files (none: a report of the rest)")
@@ -178,6 +209,7 @@ def main(argv=None) -> int:
                                    or ["No benchmark finished: see the notes above.", ""])
     md += ops_table(benches)
     md += conv_table(benches)
+    md += conv_backward_table(benches)
     md += agc_table(benches)
     if args.kernels and os.path.exists(args.kernels):
         md += ["## where the time goes", "", open(args.kernels).read().strip(), ""]

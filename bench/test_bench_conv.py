@@ -124,3 +124,35 @@ def test_conv(benchmark, run_timed, shape, impl):
                                 bytes=model["bytes"], tflops=model["flops"] / median / 1e12,
                                 gemm_tflops=ceilings["gemm_flops"] / 1e12, copy_gbps=ceilings["copy_bytes"] / 1e9,
                                 predicted_s=predicted, dtype=str(DTYPE), batch=BATCH)
+
+
+BACKWARD_IMPLS = ["fused", "conv + separate passes"]
+
+
+@pytest.mark.parametrize("impl", BACKWARD_IMPLS)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[0][7] is not None], ids=_id)
+def test_conv_backward(benchmark, run_timed, shape, impl):
+    """The backward of each conv that carries an activation, as a training step runs it: the fused
+    op's (one op: the conv recomputed with the activation's derivative and the bias gradient in its
+    epilogue, then cuDNN's data and weight gradients) against autograd through F.conv2d and the
+    activation (cuDNN's three gradients, aten's activation backward: eager timm's). The cost model:
+    the fused backward does the forward's FLOPs three times (recompute, data, weight gradient)."""
+    (c, h, w, cout, k, s, g, act, pool, sums), count = shape
+    leaves = [t.detach().requires_grad_() for t in _case(shape)]
+    if impl == "fused":
+        out = ops.fused_conv(*leaves, stride=s, padding=k // 2, groups=g, act=act, pool=pool, want_sums=sums)
+    else:
+        out = _unfused(*leaves, k, s, g, act, pool, sums)
+    out = out[0] if sums else out
+    grad = torch.randn_like(out)
+
+    def step():
+        torch.autograd.grad(out, leaves, grad, retain_graph=True)
+    step()  # autotune the recompute outside the timing
+    median = run_timed(step)
+    from nfnet_fast.kernels.fused_conv import cost
+
+    model = cost(BATCH, c, h, w, cout, k, stride=s, groups=g, pool=pool, dtype_bytes=out.element_size())
+    benchmark.extra_info.update(conv_backward=_id(shape), impl=impl, runs_per_forward=count,
+                                flops=3 * model["flops"], tflops=3 * model["flops"] / median / 1e12,
+                                dtype=str(DTYPE), batch=BATCH)

@@ -420,6 +420,15 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         # (a block called on an fp32 input under autocast has a bf16 branch and an fp32 shortcut:
         # timm's tail promotes, the fused op wants one dtype)
         if self._fused_tail() and (_fx_traced(out) or out.dtype == shortcut.dtype):
+            if beta_next is not None and torch.is_grad_enabled() and not _fx_traced(out) and (
+                    out.requires_grad or shortcut.requires_grad):
+                # Training: the next block's convs send a_next's gradient to x_next themselves
+                # (pre_x), so eca_residual must not save the shortcut for an a_next gradient that
+                # never comes (a whole activation at each stage's first block: its downsample's
+                # output); a_next is one silu_scale pass instead (one more read of x_next).
+                x_next = _eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain, None,
+                                       self.backend, sums)
+                return x_next, _silu_scale(x_next, beta_next, self.backend)
             res = _eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain, beta_next,
                                 self.backend, sums)
             return (res[0], res[1]) if beta_next is not None else (res, None)

@@ -183,7 +183,12 @@ def test_fx_symbolic_trace_and_feature_extractor(backend):
     ref, fast = _pair(backend, seed=5)
     x = _x(2, 3, 32, 32, seed=10)
     gm = torch.fx.symbolic_trace(fast)
-    assert {n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"} >= {"_std_weight", "_silu_scale"}
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert {n.target.__name__ for n in calls} >= {"_fused_conv", "_silu_scale"}
+    # each conv one leaf node that standardises its weight itself (gain among its arguments)
+    convs = [n for n in calls if n.target.__name__ == "_fused_conv"]
+    assert len(convs) == sum(isinstance(m, timm.layers.ScaledStdConv2d) for m in fast.modules())
+    assert all(len(n.args) > 13 and n.args[13] is not None for n in convs)
     assert_rel_close(gm(x), ref(x), what=f"{backend} fx")
     nodes = ["stages.1", "final_conv", "head.fc"]
     got = create_feature_extractor(fast, return_nodes=nodes)(x)
