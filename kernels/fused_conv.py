@@ -817,19 +817,22 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if config is not None:  # never claim an alignment the tensors do not have
         cfg = dict(config)
         cfg["ALIGNED"] = bool(cfg.get("ALIGNED", aligned)) and aligned
-    elif autotune and m and (x.is_cuda or gpu_config):
-        names = candidates("1x1" if one_by_one else "conv", cg, cog, pool, aligned) + [VENDOR] * bool(vendor)
-        tile = bwd_tile if backward else dict
-        pick = tuned(_tune_key(x, weight.shape, stride, (pt, pb, pl, pr), groups, pool, want_sums, backward), names,
-                     x.device,
-                     lambda name: vendor_launch() if name == VENDOR else launch(tile(TILES[name])))
+    else:
+        # the choice below (tile lists, the tuning table's key and lookup) costs tens of us of host
+        # time a call, so it is made once per launch signature and process
+        memo = (x.device, x.dtype, x.shape, weight.shape, stride, (pt, pb, pl, pr), groups, bool(pool),
+                bool(want_sums), bool(backward), aligned, bool(autotune), bool(vendor), bool(gpu_config),
+                autotune_enabled())
+        pick = _PICKS.get(memo)
+        if pick is None:
+            pick, final = _choose(x, weight, (pt, pb, pl, pr), stride, groups, pool, want_sums, backward, aligned,
+                                  autotune and m, vendor, gpu_config, one_by_one, cg, cog,
+                                  lambda cfg: launch(dict(cfg)), vendor_launch)
+            if final:
+                _PICKS[memo] = pick
         if pick == VENDOR:
             return vendor_launch()
-        cfg = tile(TILES[pick])
-    else:
-        cfg = config_for(x, weight, groups, stride, padding, pool, aligned, gpu_config)
-        if backward and (x.is_cuda or gpu_config):
-            cfg = bwd_tile(cfg)
+        cfg = dict(pick)
     tile_m = cfg["BLOCK_M"]
     part, slots = launch(cfg)
     if not want_sums:
@@ -933,6 +936,25 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
     """channels_last for a channels_last-contiguous (and not NCHW-contiguous) tensor, else NCHW."""
     cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     return torch.channels_last if cl else torch.contiguous_format
+
+
+_PICKS: Dict[tuple, Union[str, dict]] = {}  # launch signature -> tile (or VENDOR), see fused_conv
+
+
+def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, aligned, autotune, vendor, gpu_config,
+            one_by_one, cg, cog, launch, vendor_launch):
+    """``(tile or VENDOR, final)`` for a launch: tuned (from the cache file, or timed now with
+    ``launch(tile)`` / ``vendor_launch()``) where autotuning applies, else the heuristic's;
+    ``final`` is False when a CUDA graph capture made tuning fall back to the heuristic."""
+    tile = bwd_tile if backward else dict
+    if autotune and (x.is_cuda or gpu_config):
+        names = candidates("1x1" if one_by_one else "conv", cg, cog, pool, aligned) + [VENDOR] * bool(vendor)
+        capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+        pick = tuned(_tune_key(x, weight.shape, stride, padding4, groups, pool, want_sums, backward), names, x.device,
+                     lambda name: vendor_launch() if name == VENDOR else launch(tile(TILES[name])))
+        return (pick if pick == VENDOR else tile(TILES[pick])), not capturing
+    cfg = config_for(x, weight, groups, stride, padding4, pool, aligned, gpu_config)
+    return (bwd_tile(cfg) if backward and (x.is_cuda or gpu_config) else cfg), True
 
 
 def _is_aligned(channels, tensors) -> bool:

@@ -417,6 +417,7 @@ def tile_cache(tmp_path, monkeypatch):
     monkeypatch.setenv(fc.CACHE_DIR_ENV, str(tmp_path))
     monkeypatch.delenv(fc.AUTOTUNE_ENV, raising=False)
     monkeypatch.setattr(fc, "_TABLES", {})
+    monkeypatch.setattr(fc, "_PICKS", {})
     calls = []
     return tmp_path, calls
 
@@ -467,6 +468,7 @@ def test_autotune_times_every_candidate_once_and_caches_the_fastest(name, vendor
     monkeypatch.setattr(fc, "_bench", no_bench)
     check(f"{name} from memory")
     monkeypatch.setattr(fc, "_TABLES", {})  # a new process: the file answers
+    monkeypatch.setattr(fc, "_PICKS", {})
     check(f"{name} from the file")
     # every Triton candidate computes the same thing (the launch after timing used the chosen tile)
     for n in names:
@@ -562,3 +564,24 @@ def test_backward_epilogue_needs_no_pool():
     x, w, b = _case(torch.Generator().manual_seed(0), (1, 8, 4, 4), (8, 8, 1, 1), torch.float32)
     with pytest.raises(ValueError, match="no backward"):
         fc.fused_conv(x, w, b, pool=True, act="silu", backward=True)
+
+
+def test_launch_choice_is_made_once_per_signature(tile_cache, monkeypatch, rng):
+    """The tile (heuristic or tuned) is chosen once per launch signature and process: later calls
+    skip the tile lists and the tuning table's lookup (host time); another shape, dtype, flag or
+    autotune setting chooses again, and each choice computes what a fresh one would."""
+    path, calls = tile_cache
+    monkeypatch.setattr(fc, "_bench", _fake_bench(calls, 0))
+    chosen = []
+    real = fc._choose
+    monkeypatch.setattr(fc, "_choose", lambda *a: chosen.append(a[0].shape) or real(*a))
+    x, w, b = _case(rng, (2, 32, 5, 7), (128, 32, 1, 1), torch.float32)
+    for _ in range(3):
+        _check(x, w, b, "same signature", act="silu", gpu_config=True, autotune=True)
+    assert len(chosen) == 1
+    _check(x, w, b, "with sums", act="silu", want_sums=True, gpu_config=True, autotune=True)
+    x2, _, _ = _case(rng, (1, 32, 5, 7), (128, 32, 1, 1), torch.float32)
+    _check(x2, w, b, "another batch", act="silu", gpu_config=True, autotune=True)
+    monkeypatch.setenv(fc.AUTOTUNE_ENV, "0")
+    _check(x, w, b, "autotune turned off", act="silu", gpu_config=True, autotune=True)
+    assert len(chosen) == 4
