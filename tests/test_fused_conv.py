@@ -432,3 +432,31 @@ def test_training_forward_saves_under_0_6x_of_timms_activations(backend):
             model(x)
         held[name] = sum(saved.values())
     assert held["fast"] <= 0.6 * held["timm"], (held, held["fast"] / held["timm"])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_compiled_training_step(backend, rng):
+    """torch.compile of a training step of two blocks of eca_nfnet_l0 (a stage's first, with its
+    pooled downsample, and the next, reading its pre-activation): AOTAutograd traces the forward
+    and its backward graph through the ops' fake kernels (the backward op's included; dynamo breaks
+    the graph at .backward() as it does for any model), and the loss and every gradient equal
+    eager's."""
+    ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 13).train()
+    fast = nfnet_fast.convert(copy.deepcopy(ref), backend=backend).train()
+    blocks = torch.nn.Sequential(*fast.stages[1][:2])
+    x = torch.randn(2, blocks[0].conv1.in_channels, 9, 11, generator=rng).contiguous(memory_format=torch.channels_last)
+
+    def step(xi):
+        loss = blocks(xi).square().mean()
+        loss.backward()
+        return loss
+
+    results = []
+    for run in (step, torch.compile(step, backend="aot_eager", fullgraph=False)):
+        blocks.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        loss = run(xi)
+        results.append([loss, xi.grad] + [p.grad for p in blocks.parameters()])
+    torch._dynamo.reset()
+    for i, (got, expect) in enumerate(zip(*results)):
+        assert_rel_close(got, expect, 1e-5, f"{backend} compiled training step, tensor {i}")
