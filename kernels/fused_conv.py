@@ -312,7 +312,9 @@ def tuned(key: str, names: Sequence[str], device: torch.device, launch: Callable
 # Triton kernel is near the vendor's conv (the passes cost what fusing saves), but the grouped 3x3
 # convs at 18x18 and 36x36 ran 4-5x faster in cuDNN than in inductor's Triton templates on the H200
 # (../shared/DESIGN.md section 10): timing decides per shape. 16-bit only: fp32 convs in cuDNN may
-# use TF32 (torch.backends.cudnn.allow_tf32), which the fp32 contract excludes.
+# use TF32 (torch.backends.cudnn.allow_tf32), which the fp32 contract excludes. The backward's
+# recompute (BWD) has one too: cuDNN's conv and aten's activation backward (eager timm's backward
+# of the pair), so no shape's backward is slower than eager's because a Triton tile is slow there.
 VENDOR = "aten"
 
 
@@ -338,6 +340,32 @@ def _vendor_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if act_gain != 1.0:
         y = y.mul_(act_gain)
     return (y, y.float().sum((2, 3))) if want_sums else y
+
+
+def _vendor_conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int,
+                          padding4, groups: int, act: int, act_gain: float, want_sums: bool,
+                          grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]):
+    """The vendor candidate of a backward launch (BWD): z = conv + bias recomputed by cuDNN, then
+    aten's own activation backward (one fused pass when only grad_out comes, as eager timm's)."""
+    z = _vendor_conv(x, weight, bias, stride, padding4, groups, 0, 1.0, False, False)
+    g = grad_out
+    if g is None or grad_sums is not None or act_gain != 1.0:  # (fp32 sums and gains: rare, in fp32)
+        g = torch.zeros_like(z, dtype=torch.float32) if g is None else g.float()
+        if grad_sums is not None:
+            g = g + grad_sums.float()[:, :, None, None]
+        if act_gain != 1.0:
+            g = g * act_gain
+        z = z.float()
+    if ACTS[act] == "silu":
+        gz = torch.ops.aten.silu_backward(g, z)
+    elif ACTS[act] == "relu":
+        gz = torch.ops.aten.threshold_backward(g, z, 0)
+    elif ACTS[act] == "gelu":
+        gz = torch.ops.aten.gelu_backward(g, z)
+    else:
+        gz = g
+    gz = gz.to(x.dtype).contiguous(memory_format=torch.channels_last)
+    return (gz, gz.float().sum((2, 3))) if want_sums else gz
 
 
 def tuned_choice(x: torch.Tensor, weight_shape, stride: int = 1, padding: Padding = 0, groups: int = 1,
@@ -777,7 +805,6 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             if grad_sums.shape != (nb, cout):
                 raise ValueError(f"grad_sums must be ({nb}, {cout}), got {tuple(grad_sums.shape)}")
             grad_sums = grad_sums.to(torch.float32).contiguous()
-        vendor = False  # (the vendor candidate computes the forward)
     # absent gradients: any tensor of the right types stands in (has_grad / has_gsums say 0)
     grad_t = grad_out if grad_out is not None else out
     gsums_t = grad_sums if grad_sums is not None else b
@@ -807,6 +834,9 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         return part, slots
 
     def vendor_launch():
+        if backward:
+            return _vendor_conv_backward(x, wt.permute(3, 2, 0, 1), bias, stride, (pt, pb, pl, pr), groups, a,
+                                         float(act_gain), want_sums, grad_out, grad_sums)
         return _vendor_conv(x, wt.permute(3, 2, 0, 1), bias, stride, (pt, pb, pl, pr), groups, a, float(act_gain),
                             pool, want_sums)
 

@@ -585,3 +585,36 @@ def test_launch_choice_is_made_once_per_signature(tile_cache, monkeypatch, rng):
     monkeypatch.setenv(fc.AUTOTUNE_ENV, "0")
     _check(x, w, b, "autotune turned off", act="silu", gpu_config=True, autotune=True)
     assert len(chosen) == 4
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("with_sums", [False, True], ids=["grad_out", "grad_out+grad_sums, gain"])
+def test_backward_vendor_candidate(act, with_sums, tile_cache, monkeypatch, rng):
+    """The backward recompute's vendor candidate (cuDNN's conv, then aten's activation backward) is
+    timed beside the tiles; made the fastest, it is what runs, and it computes what the Triton
+    BWD epilogue computes (within fp16's contract: it rounds z and, with only grad_out, works in
+    fp16 as eager timm's backward does)."""
+    path, calls = tile_cache
+    x, w, b = _case(rng, (2, 32, 5, 7), (128, 32, 1, 1), torch.float16)
+    names = fc.candidates("1x1", 32, 128, False, True) + [fc.VENDOR]
+    monkeypatch.setattr(fc, "_bench", _fake_bench(calls, len(names) - 1))
+    grad_out = torch.randn(2, 128, 5, 7, generator=rng).to(DEV, torch.float16).contiguous(
+        memory_format=torch.channels_last)  # (the layout the launcher hands the candidates)
+    grad_sums = torch.randn(2, 128, generator=rng).to(DEV) if with_sums else None
+    gain = 1.3 if with_sums else 1.0
+    kw = dict(act=act, act_gain=gain, want_sums=True, backward=True, grad_out=grad_out, grad_sums=grad_sums,
+              gpu_config=True)
+    got, got_sums = fc.fused_conv(x, w, b, autotune=True, vendor=True, **kw)
+    assert len(calls) == len(names)
+    packed = fc.pack_weight(w, x.dtype).permute(3, 2, 0, 1)  # (the weight view the launcher passes)
+    vendor, vendor_sums = fc._vendor_conv_backward(x, packed, b, 1, (0, 0, 0, 0), 1, fc.ACTS.index(act), gain, True,
+                                                   grad_out, grad_sums)
+    assert torch.equal(got, vendor) and torch.equal(got_sums, vendor_sums)
+    triton_tile, triton_sums = fc.fused_conv(x, w, b, autotune=False, **kw)
+    if act == "relu":  # (where z is within rounding of 0 the two accumulations may take either side)
+        z = F.conv2d(x.float(), w.to(x.dtype).float(), b.float())
+        keep = (z.abs() > 1e-2).to(got.dtype)
+        got, triton_tile = got * keep, triton_tile * keep
+    else:
+        assert_rel_close(got_sums, triton_sums, TOL[torch.float16], f"vendor {act} sums")
+    assert_rel_close(got, triton_tile, TOL[torch.float16], f"vendor {act} grad_z")
