@@ -107,19 +107,24 @@ def ops_table(benches) -> list:
     return lines + [""]
 
 
+def _by_conv(benches, key: str):
+    """(implementations in order, {conv: {impl: bench}}, the first row's extra_info) of the rows
+    whose extra_info has ``key`` (the conv's name)."""
+    rows = [b for b in benches if key in b["extra_info"]]
+    by_conv = {}
+    for b in rows:
+        by_conv.setdefault(b["extra_info"][key], {})[b["extra_info"]["impl"]] = b
+    return list(dict.fromkeys(b["extra_info"]["impl"] for b in rows)), by_conv, rows[0]["extra_info"] if rows else None
+
+
 def conv_table(benches) -> list:
     """One row per convolution shape of the model: each implementation's median, the fused one's
     TFLOP/s and fraction of the large GEMM measured in the same run, and the cost model's
     prediction (max of FLOPs / GEMM rate and bytes / copy rate); a last row weighs every shape
     by how often a forward runs it."""
-    rows = [b for b in benches if "conv" in b["extra_info"]]
-    if not rows:
+    impls, by_conv, i0 = _by_conv(benches, "conv")
+    if not impls:
         return []
-    impls = list(dict.fromkeys(b["extra_info"]["impl"] for b in rows))
-    by_conv = {}
-    for b in rows:
-        by_conv.setdefault(b["extra_info"]["conv"], {})[b["extra_info"]["impl"]] = b
-    i0 = rows[0]["extra_info"]
     head = ["conv (Cin x H x W - Cout - kernel, runs per forward)"] + [f"{m} ms" for m in impls] + [
         "fused TFLOP/s", "of GEMM", "predicted ms", "fused / conv alone", "fused runs"]
     lines = [f"### convolutions (batch {i0['batch']}, {i0['dtype'].replace('torch.', '')}; GEMM "
@@ -153,14 +158,9 @@ def conv_table(benches) -> list:
 def conv_backward_table(benches) -> list:
     """One row per convolution with an activation: the backward's median per implementation (the
     fused op's against autograd through cuDNN and aten's activation), weighted by runs per forward."""
-    rows = [b for b in benches if "conv_backward" in b["extra_info"]]
-    if not rows:
+    impls, by_conv, i0 = _by_conv(benches, "conv_backward")
+    if not impls:
         return []
-    impls = list(dict.fromkeys(b["extra_info"]["impl"] for b in rows))
-    by_conv = {}
-    for b in rows:
-        by_conv.setdefault(b["extra_info"]["conv_backward"], {})[b["extra_info"]["impl"]] = b
-    i0 = rows[0]["extra_info"]
     head = ["conv with activation (runs per forward)"] + [f"{m} ms" for m in impls] + ["fused TFLOP/s (3x forward)",
                                                                                       "fused / unfused"]
     lines = [f"### convolution backward (batch {i0['batch']}, {i0['dtype'].replace('torch.', '')})", "",
