@@ -163,10 +163,11 @@ fi
 bench inference-eager 120 bench/test_bench_model.py -k "test_inference and not compile"
 # (the ops' compiled-reference rows wait for the compile warm-up where compiled contenders are on)
 bench ops 60 bench/test_bench_ops.py $([ "$compiled" = 1 ] && echo '-k not compiled')
-bench train-eager 60 bench/test_bench_model.py -k "test_train_step and not compile"
+# (its first fused-conv training step compiles the backward's BWD tiles and tunes each conv's
+# recompute: tens of seconds more than before the fused backward)
+bench train-eager 100 bench/test_bench_model.py -k "test_train_step and not compile"
 bench agc 30 bench/test_bench_agc.py
 bench conv 60 bench/test_bench_conv.py -k "not compile and not backward"
-bench conv-backward 40 bench/test_bench_conv.py -k "backward"
 step "kernel-time profiles (eager)"
 run_step "profiles-eager" 60 $PY bench/profile_kernels.py --out "$work/prof" --no-compile
 
@@ -213,6 +214,9 @@ if [ "$compiled" = 1 ]; then
 else
   echo "   compiled contenders: skipped (off here, see above)"
 fi
+
+# the convs' backward, fused against cuDNN + aten (after the anchors: what is left of the budget)
+bench conv-backward 60 bench/test_bench_conv.py -k "backward"
 
 # 5. opt-in: compute-sanitizer over the CUDA ops' GPU tests (the whole-model tests would take minutes).
 if [ "$SANITIZE" = 1 ]; then
