@@ -772,8 +772,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             raise ValueError("pool=True needs a 1x1 kernel, stride 1, no padding and groups 1 (the downsample conv), "
                              "and no backward")
         h, w = (h + 1) // 2, (w + 1) // 2  # the pooled grid the GEMM runs on
-    ho = (h + pt + pb - kh) // stride + 1
-    wo = (w + pl + pr - kw) // stride + 1
+    ho, wo = _out_hw((h, w), (kh, kw), stride, (pt, pb, pl, pr))
     if ho < 1 or wo < 1:
         raise ValueError(f"input {tuple(x.shape)} too small for kernel {kh}x{kw} with padding {padding}")
     if nb * x.shape[2] * x.shape[3] >= 2 ** 31 or nb * ho * wo >= 2 ** 31:
@@ -958,6 +957,7 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 
 def _out_hw(hw, khw, stride: int, padding4):
+    """The output grid of a (kh, kw) conv with ``stride`` and (top, bottom, left, right) padding."""
     pt, pb, pl, pr = padding4
     return (hw[0] + pt + pb - khw[0]) // stride + 1, (hw[1] + pl + pr - khw[1]) // stride + 1
 
