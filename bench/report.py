@@ -123,6 +123,7 @@ def conv_table(benches) -> list:
     prediction (max of FLOPs / GEMM rate and bytes / copy rate); a last row weighs every shape
     by how often a forward runs it."""
     impls, by_conv, i0 = _by_conv(benches, "conv")
+    impls = [m for m in impls if m != PROLOGUE]  # (its own table: prologue_table)
     if not impls:
         return []
     head = ["conv (Cin x H x W - Cout - kernel, runs per forward)"] + [f"{m} ms" for m in impls] + [
@@ -152,6 +153,31 @@ def conv_table(benches) -> list:
         lines.append(f"| {conv} | " + " | ".join(cells) + " |")
     lines.append("| **one forward (x runs)** | " + " | ".join(f"**{totals[m]:.2f}**" for m in impls)
                  + f" | | | **{predicted_total:.2f}** | | |")
+    return lines + [""]
+
+
+PROLOGUE = "fused, silu prologue"  # bench/test_bench_conv.py's impl name
+
+
+def prologue_table(benches) -> list:
+    """The SiLU prologue's trade, per 1x1 conv that reads a block's pre-activation: the conv making
+    silu(x) * beta as it loads x, against the conv reading it plus the write of it that the
+    prologue saves (its bytes at the copy rate measured in this run); weighted by runs per forward."""
+    _, by_conv, i0 = _by_conv(benches, "conv")
+    rows = [(conv, found) for conv, found in by_conv.items() if PROLOGUE in found and "fused" in found]
+    if not rows:
+        return []
+    lines = ["### SiLU prologue (conv1 and downsample reading silu(x) * beta as they load x)", "",
+             "| conv (runs per forward) | fused ms | + write ms | prologue ms | saved ms |", "|---|---|---|---|---|"]
+    total = 0.0
+    for conv, found in rows:
+        f, p = found["fused"], found[PROLOGUE]
+        write_ms = p["extra_info"]["saves_bytes"] / p["extra_info"]["copy_gbps"] / 1e6
+        saved = f["stats"]["median"] * 1e3 + write_ms - p["stats"]["median"] * 1e3
+        total += saved * p["extra_info"]["runs_per_forward"]
+        lines.append(f"| {conv} | {f['stats']['median'] * 1e3:.3f} | {write_ms:.3f} | "
+                     f"{p['stats']['median'] * 1e3:.3f} | {saved:+.3f} |")
+    lines.append(f"| **one forward (x runs)** | | | | **{total:+.2f}** |")
     return lines + [""]
 
 
@@ -209,6 +235,7 @@ def main(argv=None) -> int:
                                    or ["No benchmark finished: see the notes above.", ""])
     md += ops_table(benches)
     md += conv_table(benches)
+    md += prologue_table(benches)
     md += conv_backward_table(benches)
     md += agc_table(benches)
     if args.kernels and os.path.exists(args.kernels):

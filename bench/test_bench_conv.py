@@ -49,6 +49,20 @@ def _conv_shapes():
 
 SHAPES = _conv_shapes()
 IMPLS = ["fused", "conv alone", "conv + separate passes"] + (["torch.compile"] if COMPILE else [])
+# The 1x1 convs that read a block's pre-activation silu(x) * beta (conv1 and the downsample: no
+# sums) also run with it made as they load x (pre_act): against "fused" plus the write of that
+# pre-activation it saves (extra_info saves_bytes; bench/report.py's SiLU-prologue table).
+PROLOGUE = "fused, silu prologue"
+
+
+def _reads_block_input(shape) -> bool:
+    c, h, w, cout, k, s, g, act, pool, sums = shape[0]
+    return k == 1 and not sums
+
+
+def _conv_params():
+    return [pytest.param(shape, impl, id=f"{_id(shape)}-{impl}") for shape in SHAPES
+            for impl in IMPLS + [PROLOGUE] * _reads_block_input(shape)]
 
 
 def _id(shape):
@@ -92,14 +106,14 @@ def _unfused(x, wt, bias, k, s, g, act, pool, sums):
     return (out, out.float().sum((2, 3))) if sums else out
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+@pytest.mark.parametrize("shape, impl", _conv_params())
 def test_conv(benchmark, run_timed, shape, impl):
     (c, h, w, cout, k, s, g, act, pool, sums), count = shape
     x, wt, bias = _case(shape)
-    if impl == "fused":
+    if impl in ("fused", PROLOGUE):
+        pre = dict(pre_act=True, pre_beta=0.9) if impl == PROLOGUE else {}
         fn = lambda: ops.fused_conv(x, wt, bias, stride=s, padding=k // 2, groups=g, act=act, pool=pool,  # noqa: E731
-                                    want_sums=sums)
+                                    want_sums=sums, **pre)
     elif impl == "conv alone":
         xin = F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) if pool else x
         fn = lambda: F.conv2d(xin, wt, None, s, k // 2, 1, g)  # noqa: E731
@@ -117,9 +131,12 @@ def test_conv(benchmark, run_timed, shape, impl):
         fn()  # compile / autotune outside the timing
         median = run_timed(fn)
     predicted = max(model["flops"] / ceilings["gemm_flops"], model["bytes"] / ceilings["copy_bytes"])
-    if impl == "fused":  # which candidate the autotuning picked (a Triton tile, or "aten": cuDNN + passes)
+    if impl in ("fused", PROLOGUE):  # which candidate the autotuning picked (a Triton tile, or "aten": cuDNN + passes)
         from nfnet_fast.kernels.fused_conv import tuned_choice
-        benchmark.extra_info["pick"] = tuned_choice(x, wt.shape, s, k // 2, g, pool, sums) or "heuristic"
+        benchmark.extra_info["pick"] = tuned_choice(x, wt.shape, s, k // 2, g, pool, sums,
+                                                    pre_act=impl == PROLOGUE) or "heuristic"
+    if impl == PROLOGUE:  # the pre-activation write the prologue saves (eca_residual's a_next)
+        benchmark.extra_info["saves_bytes"] = x.numel() * x.element_size()
     benchmark.extra_info.update(conv=_id(shape), impl=impl, runs_per_forward=count, flops=model["flops"],
                                 bytes=model["bytes"], tflops=model["flops"] / median / 1e12,
                                 gemm_tflops=ceilings["gemm_flops"] / 1e12, copy_gbps=ceilings["copy_bytes"] / 1e9,

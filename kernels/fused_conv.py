@@ -39,6 +39,13 @@ row tile of the GEMM loads the whole weight again (162 row tiles for the 1536x15
 every B tile would pass through registers for the affine map instead of going to shared memory
 by cp.async; the one launch moves each weight once (fp32 in, 16-bit out).
 
+SiLU prologue (PRE_ACT, 1x1 kernel only): ``x`` is an NF block's input and every element the
+kernel loads becomes ``silu(x) * pre_beta`` in fp32, rounded to x's dtype as ``silu_scale`` would
+have stored it (before the pool's average), so no pass writes the pre-activation. It costs a SiLU
+per element per column tile; whether that beats the write it saves is for a GPU to measure
+(docs/design.md section 5). Other kernel shapes, and launches that also want the sums, given
+``pre_act`` take one ``silu_scale`` launch first (no NF block makes such a launch).
+
 Epilogue, on the fp32 accumulator: + bias (fp32), activation (a runtime index: none, SiLU, ReLU,
 exact erf GELU) times act_gain (timm's GammaAct, the dm_ variants' gamma), one store in the
 activation dtype. Channel sums (want_sums) are taken from the
@@ -369,20 +376,21 @@ def _vendor_conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
 
 def tuned_choice(x: torch.Tensor, weight_shape, stride: int = 1, padding: Padding = 0, groups: int = 1,
-                 pool: bool = False, want_sums: bool = False) -> Optional[str]:
+                 pool: bool = False, want_sums: bool = False, pre_act: bool = False) -> Optional[str]:
     """What the tuning picked for this launch in this process or the cache file (a name of TILES,
     or VENDOR), or None if it has not tuned it (reports say which path ran)."""
     table = _TABLES.get(cache_path(x.device), {})
-    return table.get(_tune_key(x, weight_shape, stride, normalize_padding(padding), groups, pool, want_sums))
+    return table.get(_tune_key(x, weight_shape, stride, normalize_padding(padding), groups, pool, want_sums,
+                               pre_act=pre_act))
 
 
 def _tune_key(x: torch.Tensor, weight_shape, stride: int, padding, groups: int, pool: bool, want_sums: bool,
-              backward: bool = False) -> str:
+              backward: bool = False, pre_act: bool = False) -> str:
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight_shape
     return (f"{str(x.dtype).replace('torch.', '')} n{n} x{cin}x{h}x{w} w{cout}x{kh}x{kw} s{stride} "
             f"p{','.join(map(str, padding))} g{groups}{' pool' if pool else ''}{' sums' if want_sums else ''}"
-            f"{' backward' if backward else ''}")
+            f"{' backward' if backward else ''}{' pre_act' if pre_act else ''}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,6 +445,16 @@ def _act_grad(z, act):
     elif act == 3:  # exact gelu: Phi(z) + z * phi(z)
         d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
     return d
+
+
+@triton.jit
+def _pre_act(v, pre_beta, PRE_ACT: tl.constexpr):
+    """With PRE_ACT, silu(v) * pre_beta in fp32, rounded to v's dtype: the value silu_scale (or
+    eca_residual's a_next) would have written for the conv to read (zero padding stays zero)."""
+    if PRE_ACT:
+        f = v.to(tl.float32)
+        v = (f * tl.sigmoid(f) * pre_beta).to(v.dtype)
+    return v
 
 
 @triton.jit
@@ -495,12 +513,14 @@ def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, C
 
 @triton.jit
 def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr, M, K, Cout, H, W, Wo, HW, S,
-                    act, act_gain, has_grad, has_gsums, POOL: tl.constexpr, SUMS: tl.constexpr, BWD: tl.constexpr,
-                    BLOCK_M: tl.constexpr,
+                    act, act_gain, has_grad, has_gsums, pre_beta, POOL: tl.constexpr, SUMS: tl.constexpr,
+                    BWD: tl.constexpr, PRE_ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr, FP32_K: tl.constexpr):
     """out[M, Cout] = act(A[M, K] @ w[K, Cout] + bias): A = x's NHWC rows (K = Cin), or with POOL
-    the 2x2 ceil-mode average of x (H x W) at output pixel m of the (Ho x Wo = HW) pooled grid."""
+    the 2x2 ceil-mode average of x (H x W) at output pixel m of the (Ho x Wo = HW) pooled grid.
+    With PRE_ACT, x is a pre-activation and every element is read as silu(x) * pre_beta (before
+    the pool's average)."""
     pid_m, pid_n = _tile_ids(tl.cdiv(M, BLOCK_M), tl.cdiv(Cout, BLOCK_N), GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -546,16 +566,19 @@ def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_p
                 b_ptrs = tl.max_contiguous(tl.multiple_of(b_ptrs, [1, 16]), [1, BK])
                 rb_ptrs = tl.max_contiguous(tl.multiple_of(rb_ptrs, [1, 16]), [1, BK])
                 am = tl.max_constancy(am, [1, min(BK, 16)])
-            a = tl.load(a_ptrs, mask=am, other=0.0).to(tl.float32)
-            a += tl.where(has_r[:, None], tl.load(r_ptrs, mask=am, other=0.0).to(tl.float32), 0.0)
-            a += tl.where(has_b[:, None], tl.load(b_ptrs, mask=am, other=0.0).to(tl.float32), 0.0)
-            a += tl.where((has_r & has_b)[:, None], tl.load(rb_ptrs, mask=am, other=0.0).to(tl.float32), 0.0)
+            a = _pre_act(tl.load(a_ptrs, mask=am, other=0.0), pre_beta, PRE_ACT).to(tl.float32)
+            a += tl.where(has_r[:, None], _pre_act(tl.load(r_ptrs, mask=am, other=0.0), pre_beta, PRE_ACT).to(
+                tl.float32), 0.0)
+            a += tl.where(has_b[:, None], _pre_act(tl.load(b_ptrs, mask=am, other=0.0), pre_beta, PRE_ACT).to(
+                tl.float32), 0.0)
+            a += tl.where((has_r & has_b)[:, None], _pre_act(tl.load(rb_ptrs, mask=am, other=0.0), pre_beta,
+                                                             PRE_ACT).to(tl.float32), 0.0)
             a = (a * inv[:, None]).to(x_ptr.dtype.element_ty)
         else:
             if ALIGNED:
                 a_ptrs = tl.max_contiguous(tl.multiple_of(a_ptrs, [1, 16]), [1, BK])
                 am = tl.max_constancy(am, [1, min(BK, 16)])
-            a = tl.load(a_ptrs, mask=am, other=0.0)
+            a = _pre_act(tl.load(a_ptrs, mask=am, other=0.0), pre_beta, PRE_ACT)
         if ALIGNED:
             w_ptrs = tl.max_contiguous(tl.multiple_of(w_ptrs, [1, 16]), [1, BLOCK_N])
             wm = tl.max_constancy(wm, [1, 16])
@@ -709,7 +732,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                packed_weight: Optional[torch.Tensor] = None, gpu_config: bool = False,
                autotune: Optional[bool] = None, vendor: Optional[bool] = None, gain: Optional[torch.Tensor] = None,
                std_scale: float = 1.0, std_eps: float = 0.0, backward: bool = False,
-               grad_out: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None):
+               grad_out: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None,
+               pre_act: bool = False, pre_beta: float = 1.0):
     """``act(conv2d(pool(x), weight, stride, padding, groups) + bias) * act_gain`` in one launch,
     channels_last. The specification is ``nfnet_fast._reference.fused_conv``.
 
@@ -746,6 +770,11 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             GEMM (see "backward"); ``want_sums`` then sums that gradient per (image, channel) (the
             bias gradient, summed over images). No pool (the backward pools once for cuDNN's weight
             gradient anyway and passes the pooled input).
+        pre_act: ``x`` is a pre-activation and the conv's input is ``silu(x) * pre_beta`` (fp32
+            math, rounded to x's dtype, as ``silu_scale`` writes it), computed as the 1x1 kernel
+            loads its A tiles (before the pool's average), so that input is never written; other
+            convs take one ``silu_scale`` launch first. Not with ``backward``.
+        pre_beta: that pre-activation's scale.
 
     Returns:
         ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, or ``(out, sums)``.
@@ -767,6 +796,13 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError(f"padding must be >= 0, got {padding}")
     a = _act_index(act)
     one_by_one = kh == 1 and kw == 1 and stride == 1 and (pt, pb, pl, pr) == (0, 0, 0, 0) and groups == 1
+    if pre_act and backward:
+        raise ValueError("pre_act=True is a forward prologue: the backward takes the activated input")
+    if pre_act and (not one_by_one or want_sums):
+        # the prologue is in the 1x1 kernel without sums only, the launches NF blocks make (conv1,
+        # the downsample): the implicit-GEMM kernel has none, and with the sums' epilogue the pooled
+        # 128x64 fp32 tile spilled (the AOT matrix)
+        x, pre_act = _silu.forward(x if _is_dense(x) else x.contiguous(), pre_beta), False
     if pool:
         if not one_by_one or backward:
             raise ValueError("pool=True needs a 1x1 kernel, stride 1, no padding and groups 1 (the downsample conv), "
@@ -823,8 +859,9 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                 if one_by_one:
                     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(cout, cfg["BLOCK_N"]),)
                     _conv1x1_kernel[grid](x, wt, b, out, part, grad_t, gsums_t, m, cin, cout, x.shape[2], x.shape[3],
-                                          wo, hw, slots, a, float(act_gain), **flags, POOL=bool(pool),
-                                          SUMS=bool(want_sums), BWD=bool(backward), **cfg)
+                                          wo, hw, slots, a, float(act_gain), **flags, pre_beta=float(pre_beta),
+                                          POOL=bool(pool), SUMS=bool(want_sums), BWD=bool(backward),
+                                          PRE_ACT=bool(pre_act), **cfg)
                 else:
                     grid = (cdiv(m, cfg["BLOCK_M"]) * groups * cdiv(cog, cfg["BLOCK_N"]),)
                     _conv_kernel[grid](x, wt, b, out, part, grad_t, gsums_t, m, h, w, cin, wo, hw, cout, cg, cog, stride,
@@ -836,7 +873,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         if backward:
             return _vendor_conv_backward(x, wt.permute(3, 2, 0, 1), bias, stride, (pt, pb, pl, pr), groups, a,
                                          float(act_gain), want_sums, grad_out, grad_sums)
-        return _vendor_conv(x, wt.permute(3, 2, 0, 1), bias, stride, (pt, pb, pl, pr), groups, a, float(act_gain),
+        xin = _silu.forward(x, pre_beta) if pre_act else x  # (the unfused way: a pass that writes it)
+        return _vendor_conv(xin, wt.permute(3, 2, 0, 1), bias, stride, (pt, pb, pl, pr), groups, a, float(act_gain),
                             pool, want_sums)
 
     if autotune is None:
@@ -850,12 +888,12 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         # the choice below (tile lists, the tuning table's key and lookup) costs tens of us of host
         # time a call, so it is made once per launch signature and process
         memo = (x.device, x.dtype, x.shape, weight.shape, stride, (pt, pb, pl, pr), groups, bool(pool),
-                bool(want_sums), bool(backward), aligned, bool(autotune), bool(vendor), bool(gpu_config),
+                bool(want_sums), bool(backward), bool(pre_act), aligned, bool(autotune), bool(vendor), bool(gpu_config),
                 autotune_enabled())
         pick = _PICKS.get(memo)
         if pick is None:
-            pick, final = _choose(x, weight, (pt, pb, pl, pr), stride, groups, pool, want_sums, backward, aligned,
-                                  autotune and m, vendor, gpu_config, one_by_one, cg, cog,
+            pick, final = _choose(x, weight, (pt, pb, pl, pr), stride, groups, pool, want_sums, backward, pre_act,
+                                  aligned, autotune and m, vendor, gpu_config, one_by_one, cg, cog,
                                   lambda cfg: launch(dict(cfg)), vendor_launch)
             if final:
                 _PICKS[memo] = pick
@@ -971,8 +1009,8 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 _PICKS: Dict[tuple, Union[str, dict]] = {}  # launch signature -> tile (or VENDOR), see fused_conv
 
 
-def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, aligned, autotune, vendor, gpu_config,
-            one_by_one, cg, cog, launch, vendor_launch):
+def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, pre_act, aligned, autotune, vendor,
+            gpu_config, one_by_one, cg, cog, launch, vendor_launch):
     """``(tile or VENDOR, final)`` for a launch: tuned (from the cache file, or timed now with
     ``launch(tile)`` / ``vendor_launch()``) where autotuning applies, else the heuristic's;
     ``final`` is False when a CUDA graph capture made tuning fall back to the heuristic."""
@@ -980,7 +1018,8 @@ def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, alig
     if autotune and (x.is_cuda or gpu_config):
         names = candidates("1x1" if one_by_one else "conv", cg, cog, pool, aligned) + [VENDOR] * bool(vendor)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        pick = tuned(_tune_key(x, weight.shape, stride, padding4, groups, pool, want_sums, backward), names, x.device,
+        pick = tuned(_tune_key(x, weight.shape, stride, padding4, groups, pool, want_sums, backward, pre_act), names,
+                     x.device,
                      lambda name: vendor_launch() if name == VENDOR else launch(tile(TILES[name])))
         return (pick if pick == VENDOR else tile(TILES[pick])), not capturing
     cfg = config_for(x, weight, groups, stride, padding4, pool, aligned, gpu_config)
@@ -1032,6 +1071,7 @@ def cost(n: int, cin: int, h: int, w: int, cout: int, k: int, *, stride: int = 1
 
 _F32 = "*fp32"
 _SUMS = (False, True)
+_PRE_SUMS = ((False, False), (True, False), (False, True))  # (SUMS, PRE_ACT): the prologue never with sums
 GEMM_TILES = [GEMM_WIDE, GEMM_NARROW, GEMM_GENERIC]
 GEMM_POOL_TILES = [GEMM_POOL_WIDE, GEMM_POOL_NARROW, GEMM_POOL_GENERIC]
 CONV_TILES = [CONV_K64_N64, CONV_K64_N128, CONV_K32_N64, CONV_FLAT, CONV_GENERIC]
@@ -1039,14 +1079,15 @@ CONV_TILES = [CONV_K64_N64, CONV_K64_N128, CONV_K32_N64, CONV_FLAT, CONV_GENERIC
 # other sizes (and 1x1 convs with a stride or groups) take the same kernel through the JIT.
 CONV_KERNEL_SIZES = [(3, 3)]
 # BWD (the backward's recompute, see "backward"): every tile but the pool's (the backward passes a
-# pooled input)
+# pooled input), without the PRE_ACT prologue (the backward convolves the activated input it made).
+_FLOATS = dict(act_gain="fp32", pre_beta="fp32")
 AOT = [
-    AotSpec(_conv1x1_kernel, dict(bias_ptr=_F32, part_ptr=_F32, gsums_ptr=_F32),
-            [dict(POOL=False, SUMS=s, BWD=False, **t) for t in GEMM_TILES for s in _SUMS]
-            + [dict(POOL=True, SUMS=s, BWD=False, **t) for t in GEMM_POOL_TILES for s in _SUMS]
-            + [dict(POOL=False, SUMS=s, BWD=True, **bwd_tile(t)) for t in GEMM_TILES for s in _SUMS],
+    AotSpec(_conv1x1_kernel, dict(bias_ptr=_F32, part_ptr=_F32, gsums_ptr=_F32, **_FLOATS),
+            [dict(POOL=False, SUMS=s, BWD=False, PRE_ACT=p, **t) for t in GEMM_TILES for s, p in _PRE_SUMS]
+            + [dict(POOL=True, SUMS=s, BWD=False, PRE_ACT=p, **t) for t in GEMM_POOL_TILES for s, p in _PRE_SUMS]
+            + [dict(POOL=False, SUMS=s, BWD=True, PRE_ACT=False, **bwd_tile(t)) for t in GEMM_TILES for s in _SUMS],
             aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "K", "Cout")),
-    AotSpec(_conv_kernel, dict(bias_ptr=_F32, part_ptr=_F32, gsums_ptr=_F32),
+    AotSpec(_conv_kernel, dict(bias_ptr=_F32, part_ptr=_F32, gsums_ptr=_F32, act_gain="fp32"),
             [dict(KH=kh, KW=kw, SUMS=s, BWD=bwd, **(bwd_tile(t) if bwd else t)) for t in CONV_TILES
              for (kh, kw) in CONV_KERNEL_SIZES for s in _SUMS for bwd in (False, True)],
             aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "Cin", "Cout", "Cg",

@@ -259,7 +259,7 @@ def public_functions(prefix: str, float64=None) -> dict:
 # backend routes to it), with this fake kernel and this autograd:
 #
 #   <prefix>fused_conv(x, weight, bias?, stride, padding[4], groups, act, act_gain, pool, want_sums,
-#                      pre_x?, pre_beta, gain?, std_scale, std_eps)
+#                      pre_x?, pre_beta, gain?, std_scale, std_eps, pre_act)
 #       -> (out, sums)          act: index into ops.ACTIVATIONS; sums (N, C_out) fp32, or (0,)
 #
 # With gain, weight is a ScaledStdConv2d's raw weight (any float dtype, fp32 under autocast) and the
@@ -270,6 +270,8 @@ def public_functions(prefix: str, float64=None) -> dict:
 # With pre_x (x = silu(pre_x) * pre_beta, an NF block's pre-activation) the autograd saves pre_x,
 # which the block keeps anyway as its shortcut, instead of x, recomputes x in the backward, and
 # sends x's gradient through the SiLU to pre_x: one activation less held per block in training.
+# With pre_act, x itself is that pre_x: the kernel applies silu(x) * pre_beta as it loads x (the
+# activated input is never written), and the autograd saves x and treats it as pre_x.
 #
 #   _<prefix>fused_conv_backward(grad_out?, grad_sums?, x, weight, bias?, stride, padding[4], groups, act,
 #                                act_gain, pool, pre_beta?, gain?, std_scale, std_eps, need_x, need_weight,
@@ -293,7 +295,7 @@ def _conv_out_size(size: int, before: int, after: int, k: int, stride: int) -> i
 
 
 def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x=None,
-                     pre_beta=1.0, gain=None, std_scale=1.0, std_eps=0.0):
+                     pre_beta=1.0, gain=None, std_scale=1.0, std_eps=0.0, pre_act=False):
     _check_float(x, "x")
     torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
     _check_same(weight, "weight", x, "x", dtype=gain is None)  # (a raw weight to standardise: any float dtype)
@@ -304,6 +306,7 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
     torch._check(x.shape[1] == weight.shape[1] * groups,
                  lambda: f"weight shape {tuple(weight.shape)} and groups={groups} do not fit x {tuple(x.shape)}")
     torch._check(len(padding) == 4, lambda: "padding must be (top, bottom, left, right)")
+    torch._check(not (pre_act and pre_x is not None), lambda: "pre_act and pre_x exclude each other")
     if pre_x is not None:
         torch._check(pre_x.shape == x.shape, lambda: f"pre_x shape {tuple(pre_x.shape)} must equal x shape "
                                                      f"{tuple(x.shape)}")
@@ -323,14 +326,15 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
 
 def _fused_conv_setup(ctx, inputs, output):
     (x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums, pre_x,
-     ctx.pre_beta, gain, ctx.std_scale, ctx.std_eps) = inputs
+     ctx.pre_beta, gain, ctx.std_scale, ctx.std_eps, *pre_act) = inputs
     if not want_sums:
         ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
-    ctx.pre = pre_x is not None
+    ctx.pre_x = pre_x is not None  # (x's gradient then goes to pre_x, argument 10)
+    ctx.pre = ctx.pre_x or bool(pre_act and pre_act[0])  # the saved tensor is a pre-activation
     ctx.x_dtype = x.dtype
-    ctx.save_for_backward(pre_x if ctx.pre else x, weight, bias, gain)
+    ctx.save_for_backward(pre_x if ctx.pre_x else x, weight, bias, gain)
 
 
 def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padding, groups, act, act_gain, pool,
@@ -352,21 +356,21 @@ def _fused_conv_backward(backward_op):
         x, weight, bias, gain = ctx.saved_tensors
         # (under AOT dispatch needs_input_grad covers only the arguments the caller passed)
         needs = ctx.needs_input_grad
-        need_x = needs[10] if ctx.pre else needs[0]  # with pre_x, x's gradient goes to pre_x
+        need_x = needs[10] if ctx.pre_x else needs[0]  # with pre_x, x's gradient goes to pre_x
         need_w, need_b = needs[1], needs[2] and bias is not None
         need_gain = gain is not None and needs[12]
         if grad_sums is not None and grad_sums.dim() != 2:  # the (0,) placeholder of an op without sums
             grad_sums = None
         if (grad_out is None and grad_sums is None) or not (need_x or need_w or need_b or need_gain):
-            return (None,) * 15
+            return (None,) * 16
         grad_x, grad_w, grad_b, grad_gain = backward_op(
             grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain,
             ctx.pool, ctx.pre_beta if ctx.pre else None, gain, ctx.std_scale, ctx.std_eps, need_x, need_w, need_b,
             need_gain)
         grad_x, grad_w = (grad_x if need_x else None), (grad_w if need_w else None)
         grad_b, grad_gain = (grad_b if need_b else None), (grad_gain if need_gain else None)
-        return ((None if ctx.pre else grad_x, grad_w, grad_b) + (None,) * 7
-                + (grad_x if ctx.pre else None, None, grad_gain, None, None))
+        return ((None if ctx.pre_x else grad_x, grad_w, grad_b) + (None,) * 7
+                + (grad_x if ctx.pre_x else None, None, grad_gain, None, None, None))
     return backward
 
 
@@ -391,23 +395,27 @@ def fused_conv_function(prefix: str, float64=None):
     to standardise, with ``gain``, stays as it is: the op standardises it in fp32 and writes the
     result in x's dtype, as timm's fp32 batch_norm and then the conv's cast do)."""
     op = _op(f"nfnet_fast::{prefix}fused_conv")
+    silu = _op(_names(prefix, "silu_scale")[0])
 
     def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding, groups: int,
                    act: Optional[str], act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                    pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
-                   std_eps: float = 0.0):
+                   std_eps: float = 0.0, pre_act: bool = False):
         if float64 is not None and x.dtype == torch.float64:
             return float64.fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums,
-                                      gain=gain, std_scale=std_scale, std_eps=std_eps)
+                                      gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act,
+                                      pre_beta=pre_beta)
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
             if x.dtype != dtype:  # (the cast x is no longer silu(pre_x) * pre_beta as computed: keep x)
                 pre_x = None
+                if pre_act:  # unfused, as timm: the pre-activation in x's dtype (autocast leaves silu), then the cast
+                    x, pre_act = silu(x, pre_beta), False
             x = x.to(dtype)
             if gain is None:
                 weight = weight.to(dtype)
         out, sums = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
-                       want_sums, pre_x, pre_beta, gain, std_scale, std_eps)
+                       want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act)
         return (out, sums) if want_sums else out
 
     return fused_conv

@@ -30,18 +30,24 @@ def list_models(pattern: str = "*", pretrained: bool = False) -> List[str]:
     return [n for n in names if fnmatch.fnmatch(n, pattern)]
 
 
-def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
+def convert(model: nn.Module, backend: str = "auto", silu_prologue: bool = False) -> nn.Module:
     """Swap the NF layers of a live timm model for nfnet_fast's, in place, keeping its weights.
 
     Converted: ``ScaledStdConv2d``, ``ScaledStdConv2dSame``, ``EcaModule`` (sigmoid gate),
     ``NormFreeBlock``, and a ``NormFreeNet``'s ``stem``, ``stages`` and class (:class:`nfnet_fast.nn.NormFreeNet`,
     a subclass: final conv and head pooling fused). Parameters stay the same objects, so
-    optimizers, hooks and state_dict keys are untouched. Converting twice only changes the backend.
+    optimizers, hooks and state_dict keys are untouched. Converting twice only changes the backend
+    (and ``silu_prologue``).
 
     Args:
         model: a timm NF model (``NormFreeNet``, or any module holding timm NF layers, e.g. a
             ``features_only`` model).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``, used by every converted layer.
+        silu_prologue: each block's conv1 and downsample conv compute the block's pre-activation
+            ``silu(x) * beta`` as they load x, instead of reading it from memory: no pass writes it
+            (one activation write less per block), at the cost of a SiLU per element and output
+            column tile in the conv. Off by default until a GPU measures the trade (README); the
+            numbers are timm's either way.
 
     Returns:
         ``model`` itself.
@@ -53,6 +59,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     ops.check_backend(backend)
+    if not isinstance(silu_prologue, bool):
+        raise TypeError(f"silu_prologue must be a bool, got {silu_prologue!r}")
     found = False
     for module in model.modules():
         cls = fnn.REPLACEMENTS.get(type(module))
@@ -61,6 +69,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
         if isinstance(module, fnn._FastModule):
             module.backend = backend
             found = True
+        if isinstance(module, fnn.NormFreeBlock):
+            module.silu_prologue = silu_prologue
     if isinstance(model, NormFreeNet) and type(model.stages) is nn.Sequential:
         model.stages.__class__ = fnn.NormFreeStages
     if isinstance(model, NormFreeNet) and type(model.stem) is nn.Sequential:
@@ -72,7 +82,8 @@ def convert(model: nn.Module, backend: str = "auto") -> nn.Module:
     return model
 
 
-def create_model(model_name: str, pretrained: bool = False, backend: str = "auto", **kwargs) -> nn.Module:
+def create_model(model_name: str, pretrained: bool = False, backend: str = "auto", silu_prologue: bool = False,
+                 **kwargs) -> nn.Module:
     """Create a timm NF model with nfnet_fast's layers: same API, same state_dict, same numbers.
 
     timm builds the model, so every timm argument and the pretrained machinery work as in timm:
@@ -85,6 +96,7 @@ def create_model(model_name: str, pretrained: bool = False, backend: str = "auto
             an NF model (a model without NF layers raises TypeError).
         pretrained: load timm's pretrained weights.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
+        silu_prologue: see :func:`convert`.
         **kwargs: passed to ``timm.create_model``.
 
     Returns:
@@ -98,4 +110,4 @@ def create_model(model_name: str, pretrained: bool = False, backend: str = "auto
         raise ValueError(f"unknown model {model_name!r}: nfnet_fast builds the timm NF models of "
                          f"nfnet_fast.list_models(), e.g. 'eca_nfnet_l0'")
     ops.check_backend(backend)
-    return convert(timm.create_model(model_name, pretrained=pretrained, **kwargs), backend)
+    return convert(timm.create_model(model_name, pretrained=pretrained, **kwargs), backend, silu_prologue)

@@ -57,10 +57,10 @@ def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next
 
 def _fused_conv(x, weight, bias, stride: int, padding, groups: int, act: Optional[str], act_gain: float, pool: bool,
                 backend: str, want_sums: bool = False, pre_x=None, pre_beta: float = 1.0, gain=None,
-                std_scale: float = 1.0, std_eps: float = 0.0):
+                std_scale: float = 1.0, std_eps: float = 0.0, pre_act: bool = False):
     return ops.fused_conv(x, weight, bias, stride=stride, padding=padding, groups=groups, act=act, act_gain=act_gain,
                           pool=pool, want_sums=want_sums, pre_x=pre_x, pre_beta=pre_beta, gain=gain,
-                          std_scale=std_scale, std_eps=std_eps, backend=backend)
+                          std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, backend=backend)
 
 
 for _name in ("_std_weight", "_silu_scale", "_eca", "_eca_residual", "_fused_conv"):
@@ -207,13 +207,17 @@ class _FusedConv(_StdWeightCache):
         return self.padding[0], self.padding[0], self.padding[1], self.padding[1]
 
     def fused(self, x: torch.Tensor, act: Optional[str] = None, act_gain: float = 1.0,
-              pool: bool = False, want_sums: bool = False, pre: Optional[Tuple[torch.Tensor, float]] = None):
+              pool: bool = False, want_sums: bool = False, pre: Optional[Tuple[torch.Tensor, float]] = None,
+              pre_act: Optional[float] = None):
         """``act(self(pool(x))) * act_gain`` in one op where it applies, else as timm computes it.
         With ``want_sums``, ``(out, sums)``: the fp32 (N, C) sums of ``out`` over its pixels from
         the op's epilogue, or None where the op does not apply (the caller then pools).
-        ``pre``: ``(pre_x, beta)`` when ``x`` is ``silu(pre_x) * beta`` (see ``ops.fused_conv``)."""
+        ``pre``: ``(pre_x, beta)`` when ``x`` is ``silu(pre_x) * beta``; ``pre_act``: ``beta`` when
+        the conv's input is ``silu(x) * beta``, applied as the op loads ``x`` (see ``ops.fused_conv``)."""
         padding = self._padding4(x)
         if padding is None:
+            if pre_act is not None:
+                x = _silu_scale(x, pre_act, self.backend)
             if pool:
                 x = F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
             out = self._timm_forward(x)
@@ -221,14 +225,15 @@ class _FusedConv(_StdWeightCache):
                 out = ops_act(act)(out)
             out = out * act_gain if act_gain != 1.0 else out
             return (out, None) if want_sums else out
-        pre_x, pre_beta = pre if pre is not None else (None, 1.0)
+        pre_x, pre_beta = pre if pre is not None else (None, 1.0 if pre_act is None else pre_act)
         key = self._cache_key()
         if key is None:  # training (or tracing): the op standardises the raw weight as it packs it
             return _fused_conv(x, self.weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
-                               self.backend, want_sums, pre_x, pre_beta, self.gain, self.scale, self.eps)
+                               self.backend, want_sums, pre_x, pre_beta, self.gain, self.scale, self.eps,
+                               pre_act is not None)
         weight = self._cached_weight(key, _library.autocast_dtype(x.device.type))
         return _fused_conv(x, weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
-                           self.backend, want_sums, pre_x, pre_beta)
+                           self.backend, want_sums, pre_x, pre_beta, pre_act=pre_act is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)
@@ -300,24 +305,37 @@ def _act_spec(m: Optional[nn.Module]):
     return None
 
 
-def _conv_act(conv: nn.Module, x: torch.Tensor, act: nn.Module, pre=None) -> torch.Tensor:
+def _conv_act_fuses(conv: nn.Module, act: nn.Module) -> bool:
+    """Whether :func:`_conv_act` runs ``act(conv(.))`` as one fused op."""
+    return _act_spec(act) is not None and isinstance(conv, _FusedConv) and not _hooked(conv) and not _hooked(act)
+
+
+def _conv_act(conv: nn.Module, x: torch.Tensor, act: nn.Module, pre=None, pre_act=None) -> torch.Tensor:
     """``act(conv(x))``, as one fused op when the conv is ours, the activation one it computes, and
-    neither carries hooks (those must see their module called). ``pre``: see _FusedConv.fused."""
-    spec = _act_spec(act)
-    if spec is None or not isinstance(conv, _FusedConv) or _hooked(conv) or _hooked(act):
+    neither carries hooks (those must see their module called). ``pre``, ``pre_act``: see
+    _FusedConv.fused (``pre_act`` only where it fuses)."""
+    if not _conv_act_fuses(conv, act):
         return act(conv(x))
-    return conv.fused(x, act=spec[0], act_gain=spec[1], pre=pre)
+    spec = _act_spec(act)
+    return conv.fused(x, act=spec[0], act_gain=spec[1], pre=pre, pre_act=pre_act)
 
 
-def _downsample(ds: nn.Module, x: torch.Tensor, pre=None) -> torch.Tensor:
-    """timm's DownsampleAvg (2x2 ceil-mode average pool, then a 1x1 conv) as one fused op."""
+def _downsample_pool(ds: nn.Module) -> Optional[bool]:
+    """For a timm DownsampleAvg that fuses into one op: whether it pools first; else None."""
     pool = ds.pool
     pooled = (isinstance(pool, nn.AvgPool2d) and pool.kernel_size in (2, (2, 2)) and pool.stride in (2, (2, 2))
               and pool.ceil_mode and not pool.count_include_pad and pool.padding in (0, (0, 0))
               and pool.divisor_override is None)
     fusable = (isinstance(ds, _TimmDownsampleAvg) and isinstance(ds.conv, _FusedConv) and ds.conv.kernel_size == (1, 1)
                and (pooled or isinstance(pool, nn.Identity)) and not any(_hooked(m) for m in (ds, pool, ds.conv)))
-    return ds.conv.fused(x, pool=pooled, pre=pre) if fusable else ds(x)
+    return pooled if fusable else None
+
+
+def _downsample(ds: nn.Module, x: torch.Tensor, pre=None, pre_act=None) -> torch.Tensor:
+    """timm's DownsampleAvg (2x2 ceil-mode average pool, then a 1x1 conv) as one fused op
+    (``pre_act`` only where it fuses)."""
+    pooled = _downsample_pool(ds)
+    return ds.conv.fused(x, pool=pooled, pre=pre, pre_act=pre_act) if pooled is not None else ds(x)
 
 
 def _is_sigmoid(m: Optional[nn.Module]) -> bool:
@@ -361,6 +379,12 @@ class NormFreeBlock(_FastModule, _TimmBlock):
     """
 
     timm_class = _TimmBlock
+    # The SiLU prologue (``nfnet_fast.convert(..., silu_prologue=True)``): conv1 and the downsample
+    # conv read ``silu(x) * beta`` as they load the block input x, so no pass writes the
+    # pre-activation (the previous block's eca_residual writes x_next only). Off by default: it
+    # trades one activation write per block for a SiLU per element and column tile, a trade only
+    # a GPU measurement decides (docs/design.md section 5).
+    silu_prologue = False
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -370,6 +394,12 @@ class NormFreeBlock(_FastModule, _TimmBlock):
     def silu_preact(self) -> bool:
         """True when the pre-activation is ``silu(x) * beta`` (so it can be fused)."""
         return _is_silu(self.act1)
+
+    def prologue_fuses(self) -> bool:
+        """Whether this block's convs apply its pre-activation as they load x (the SiLU prologue is
+        on, the pre-activation is ``silu(x) * beta`` and every conv reading it fuses)."""
+        return (self.silu_prologue and self.silu_preact and _conv_act_fuses(self.conv1, self.act2)
+                and (self.downsample is None or _downsample_pool(self.downsample) is not None))
 
     def _fused_tail(self) -> bool:
         return (isinstance(self.attn_last, EcaModule) and self.skipinit_gain is None
@@ -394,15 +424,19 @@ class NormFreeBlock(_FastModule, _TimmBlock):
             ``(x_next, a_next)``: ``a_next = silu(x_next) * beta_next`` when it came out of the fused
             tail, else None (the next block then computes its own).
         """
-        if a is None:
-            a = self.pre_activation(x)
-        # a = silu(x) * beta: the convs reading a save x (kept anyway as the shortcut or the
-        # downsample's input) for their backward instead of a, and recompute a there
-        pre = (x, self.beta) if self.silu_preact and not _fx_traced(x) else None
-        shortcut = _downsample(self.downsample, a, pre) if self.downsample is not None else x
+        pre_act = None
+        if a is None and not _fx_traced(x) and self.prologue_fuses():
+            a, pre, pre_act = x, None, self.beta  # the convs read silu(x) * beta as they load x
+        else:
+            if a is None:
+                a = self.pre_activation(x)
+            # a = silu(x) * beta: the convs reading a save x (kept anyway as the shortcut or the
+            # downsample's input) for their backward instead of a, and recompute a there
+            pre = (x, self.beta) if self.silu_preact and not _fx_traced(x) else None
+        shortcut = _downsample(self.downsample, a, pre, pre_act) if self.downsample is not None else x
         # timm: conv2(act2(conv1(a))), then conv2b(act2b(.)), attn, conv3(act3(.)); each activation
         # runs in the epilogue of the conv before it
-        out = _conv_act(self.conv1, a, self.act2, pre)
+        out = _conv_act(self.conv1, a, self.act2, pre, pre_act)
         if self.conv2b is not None:
             out = _conv_act(self.conv2, out, self.act2b)
         last = self.conv2b if self.conv2b is not None else self.conv2
@@ -492,7 +526,9 @@ class NormFreeStages(nn.Sequential):
         a = None
         for i, blk in enumerate(blocks):
             nxt = blocks[i + 1] if i + 1 < len(blocks) else None
-            x, a = blk.forward_fused(x, a, nxt.beta if nxt is not None and nxt.silu_preact else None)
+            # (a block with the SiLU prologue reads x itself: no a_next written for it)
+            wants_a = nxt is not None and nxt.silu_preact and not nxt.prologue_fuses()
+            x, a = blk.forward_fused(x, a, nxt.beta if wants_a else None)
         return x
 
 

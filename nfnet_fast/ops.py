@@ -321,7 +321,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                padding=0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
                want_sums: bool = False, pre_x: Optional[torch.Tensor] = None, pre_beta: float = 1.0,
                gain: Optional[torch.Tensor] = None, std_scale: float = 1.0, std_eps: float = 0.0,
-               backend: str = "auto"):
+               pre_act: bool = False, backend: str = "auto"):
     """A convolution with its neighbours fused: ``act(conv2d(pool(x), weight) + bias) * act_gain``.
 
     What an NF block does around each convolution, in one pass on the compiled backends: the 2x2
@@ -352,7 +352,11 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             ``pre_x`` (none is returned for ``x``). The reference backend (the specification)
             ignores it. Passing a ``pre_x`` that did not make ``x`` makes the compiled backends'
             gradients wrong.
-        pre_beta: the scale of that pre-activation.
+        pre_beta: the scale of that pre-activation (of ``pre_x``, or of ``x`` with ``pre_act``).
+        pre_act: ``x`` is an NF block's input and the conv reads ``silu_scale(x, pre_beta)`` (before
+            the pool): the compiled backends apply it as the 1x1 kernel loads ``x``, so the
+            pre-activation is never written (other kernel shapes take one ``silu_scale`` pass first),
+            and save ``x`` for the backward, which recomputes it. Not with ``pre_x``.
         gain: None, or the conv is a ``ScaledStdConv2d``: the weight used is
             ``scaled_std_weight(weight, gain, std_scale, std_eps)`` (C_out gain values, any shape).
             The compiled backends standardise it in the same launch that packs it for the kernels
@@ -401,6 +405,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if h + padding[0] + padding[1] < weight.shape[2] or w + padding[2] + padding[3] < weight.shape[3]:
         raise ValueError(f"x {tuple(x.shape)} is smaller than the kernel {tuple(weight.shape[2:])} with its padding")
     _check_number(pre_beta, "pre_beta")
+    if pre_act and pre_x is not None:
+        raise ValueError("pre_act=True and pre_x exclude each other: with pre_act, x is the pre-activation's input")
     if pre_x is not None:
         _check_tensor(pre_x, "pre_x", ndim=4)
         _check_same(pre_x, "pre_x", x, "x", dtype=False)
@@ -408,7 +414,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             raise ValueError(f"pre_x shape {tuple(pre_x.shape)} must equal x shape {tuple(x.shape)}")
     return _implementation("fused_conv", backend, x, weight, bias, pre_x, gain)(
         x, weight, bias, stride, padding, groups, act, float(act_gain), bool(pool), bool(want_sums), pre_x,
-        float(pre_beta), gain, float(std_scale), float(std_eps))
+        float(pre_beta), gain, float(std_scale), float(std_eps), bool(pre_act))
 
 
 # The backends, imported here, outside any compiled region (dynamo cannot trace an import): each

@@ -114,6 +114,64 @@ def test_pre_activation_saved_as_its_input(backend, pool, rng):
         assert_rel_close(got, ref, 1e-5, f"{backend} {what}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("want_sums", [False, True], ids=["", "sums"])
+@pytest.mark.parametrize("std", [False, True], ids=["cached weight", "gain"])
+@pytest.mark.parametrize("name", ["1x1 silu", "1x1 pool", "3x3 g3 width5 s2"])
+def test_pre_act(name, std, want_sums, backend, rng):
+    """pre_act: x is a block input and the conv reads silu(x) * beta. The reference is silu_scale and
+    then the conv; the compiled backends run one op, which makes the pre-activation as the 1x1
+    kernel loads x (a 3x3 conv: one silu_scale launch inside the op) and saves x, nothing else of
+    x's size, for the backward; forward, sums and the gradients of x, weight, bias (and gain) agree."""
+    (x, w, b), kw = _case(name, rng)
+    beta = float(torch.empty(()).uniform_(0.5, 1.5, generator=rng))
+    extra = []
+    if std:
+        w = w * 3 + 0.2 * torch.randn((), generator=rng)
+        gain, scale, eps = _std_params(w, rng)
+        extra = [gain]
+    results = []
+    for b_name in (backend, "reference"):
+        leaves = _leaves([x, w, b] + extra)
+        std_kw = dict(gain=leaves[3], std_scale=scale, std_eps=eps) if std else {}
+        saved = set()
+
+        def pack(t):
+            saved.add((t.untyped_storage().data_ptr(), t.shape))
+            return t
+        with _AtenCounter() as counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            outs = ops.fused_conv(*leaves[:3], pre_act=True, pre_beta=beta, want_sums=want_sums, backend=b_name,
+                                  **std_kw, **kw)
+        outs = outs if want_sums else (outs,)
+        if b_name != "reference":
+            names = [str(f.overloadpacket.__name__) for f, _ in counter.calls]
+            assert names == ["triton_fused_conv"], names  # (no silu_scale op: inside the op, if at all)
+            # the only x-sized tensor saved is x itself
+            assert all(p == leaves[0].untyped_storage().data_ptr() or shape != x.shape for p, shape in saved)
+        if not results:  # (one incoming gradient for both backends)
+            grads = [torch.randn(t.shape, generator=rng) for t in outs]
+        torch.autograd.backward(outs, grads)
+        results.append([outs[-1], outs[0]] + [t.grad for t in leaves])
+    unfused = ops.fused_conv(ref_ops.silu_scale(x, beta), w, b, backend="reference",
+                             **(dict(gain=extra[0], std_scale=scale, std_eps=eps) if std else {}), **kw)
+    assert torch.equal(results[1][1], unfused), "the reference is not silu_scale, then the conv"
+    for got, ref, what in zip(*results, ("sums" if want_sums else "out", "out", "x", "weight", "bias", "gain")):
+        assert_rel_close(got, ref, 1e-5, f"{backend} {name} pre_act {what}")
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_pre_act_under_autocast(backend, rng):
+    """An fp32 block input under fp16 autocast: the pre-activation is made in fp32 and then cast, as
+    timm's block (whose SiLU autocast leaves in fp32) and the conv's cast do."""
+    (x, w, b), kw = _case("1x1 pool", rng)
+    outs = []
+    for b_name in (backend, "reference"):
+        with torch.autocast("cpu", dtype=torch.float16):
+            outs.append(ops.fused_conv(x, w, b, pre_act=True, pre_beta=0.8, backend=b_name, **kw))
+    assert outs[0].dtype == outs[1].dtype == torch.float16
+    assert_rel_close(outs[0], outs[1], 2e-3, f"{backend} pre_act autocast")
+
+
 STD_CASES = ["1x1 silu", "1x1 pool", "3x3 g3 width5 s2", "3x3 same pad s2", "5x5 stem-like"]
 
 
@@ -219,6 +277,7 @@ def test_fp16(backend, rng):
     (dict(pre_x=torch.ones(2, 4, 5, 6)), ValueError, "pre_x shape"),
     (dict(pre_x=torch.ones(2, 4, 5, 5, device="meta")), ValueError, "pre_x is on meta"),
     (dict(pre_beta=None), TypeError, "pre_beta must be a Python float"),
+    (dict(pre_act=True, pre_x=torch.ones(2, 4, 5, 5)), ValueError, "exclude each other"),
     (dict(gain=torch.ones(5)), ValueError, "gain must have one value per output channel"),
     (dict(gain=torch.ones(6, dtype=torch.float16)), TypeError, "gain has dtype"),
     (dict(gain=torch.ones(6, device="meta")), ValueError, "gain is on meta"),
@@ -255,6 +314,7 @@ def test_opcheck_and_compile(backend, rng):
     torch.library.opcheck(op, (x, w, None, 1, [0, 0, 0, 0], 1, 0, 1.0, True, False))
     gain = torch.rand(w.shape[0], 1, 1, 1, generator=rng).add_(0.5).requires_grad_()
     torch.library.opcheck(op, (x, w, b, 1, [0, 0, 0, 0], 1, 1, 1.0, True, True, None, 1.0, gain, 0.3, 1e-5))
+    torch.library.opcheck(op, (x, w, b, 1, [0, 0, 0, 0], 1, 1, 1.0, True, True, None, 0.7, gain, 0.3, 1e-5, True))
 
     def f(x, w, b):
         out, sums = ops.fused_conv(x, w, b, act="silu", pool=True, want_sums=True, backend=backend)
@@ -283,16 +343,19 @@ class _AtenCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("backend", COMPILED)
-def test_eca_nfnet_l0_forward_runs_fused_convolutions(backend):
+@pytest.mark.parametrize("backend, silu_prologue", [(b, False) for b in COMPILED] + [  # (cuda: the same conv op)
+    pytest.param(b, True, id=f"{b}-silu prologue") for b in COMPILED if b == "triton"])
+def test_eca_nfnet_l0_forward_runs_fused_convolutions(backend, silu_prologue):
     """An eval forward of a converted eca_nfnet_l0 on a compiled backend runs all 57 convolutions as
     fused ops (bias in the epilogue: no aten convolution and so no separate bias pass; ECA's conv1d
     is inside the ECA op), no avg_pool2d (the downsample pool is the 1x1 conv's prologue), no SiLU
     pass (each is its conv's epilogue, the head's too), no global pooling (the final conv's sums),
     no add on activations (the residual is inside the ECA op), and every ECA-residual op gets its
-    channel sums from conv3's epilogue instead of pooling y again."""
+    channel sums from conv3's epilogue instead of pooling y again. With the SiLU prologue no op
+    writes a pre-activation: eca_residual makes x_next only, and the 1x1 convs reading a block's
+    input (conv1, the downsample) apply silu(x) * beta as they load it."""
     ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 3).eval()
-    fast = nfnet_fast.convert(copy.deepcopy(ref), backend=backend).eval()
+    fast = nfnet_fast.convert(copy.deepcopy(ref), backend=backend, silu_prologue=silu_prologue).eval()
     x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         fast(x)  # warm the standardised-weight cache: its batch_norm-free op runs once per weight
@@ -310,6 +373,13 @@ def test_eca_nfnet_l0_forward_runs_fused_convolutions(backend):
     assert not adds, f"{len(adds)} adds on activations"
     eca = [args for f, args in counter.calls if f.overloadpacket.__name__.endswith("eca_residual")]
     assert len(eca) == 12, len(eca)  # one per block
+    # the next pre-activation: from eca_residual (a_next, 11 blocks have a next) or the convs' prologue
+    assert sum(args[4] is not None for args in eca) == (0 if silu_prologue else 11)
+    # (without the prologue, the first block's pre-activation of the stem's output is a silu_scale pass)
+    assert len([n for n in names if n.endswith("silu_scale")]) == (0 if silu_prologue else 1)
+    prologues = [args for f, args in counter.calls if f.overloadpacket.__name__ == "triton_fused_conv"
+                 and len(args) > 15 and args[15]]
+    assert len(prologues) == (12 + 4 if silu_prologue else 0), len(prologues)  # conv1s, downsamples
     for args in eca:
         y, sums = args[0], args[5]
         assert isinstance(sums, torch.Tensor) and sums.shape == y.shape[:2] and sums.dtype == torch.float32
@@ -434,15 +504,16 @@ def test_training_forward_saves_under_0_6x_of_timms_activations(backend):
     assert held["fast"] <= 0.6 * held["timm"], (held, held["fast"] / held["timm"])
 
 
+@pytest.mark.parametrize("silu_prologue", [False, True], ids=["", "silu prologue"])
 @pytest.mark.parametrize("backend", COMPILED)
-def test_compiled_training_step(backend, rng):
+def test_compiled_training_step(backend, silu_prologue, rng):
     """torch.compile of a training step of two blocks of eca_nfnet_l0 (a stage's first, with its
     pooled downsample, and the next, reading its pre-activation): AOTAutograd traces the forward
     and its backward graph through the ops' fake kernels (the backward op's included; dynamo breaks
     the graph at .backward() as it does for any model), and the loss and every gradient equal
-    eager's."""
+    eager's (and, with the SiLU prologue, timm's)."""
     ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 13).train()
-    fast = nfnet_fast.convert(copy.deepcopy(ref), backend=backend).train()
+    fast = nfnet_fast.convert(copy.deepcopy(ref), backend=backend, silu_prologue=silu_prologue).train()
     blocks = torch.nn.Sequential(*fast.stages[1][:2])
     x = torch.randn(2, blocks[0].conv1.in_channels, 9, 11, generator=rng).contiguous(memory_format=torch.channels_last)
 
@@ -455,8 +526,21 @@ def test_compiled_training_step(backend, rng):
     for run in (step, torch.compile(step, backend="aot_eager", fullgraph=False)):
         blocks.zero_grad(set_to_none=True)
         xi = x.clone().requires_grad_()
-        loss = run(xi)
+        if run is step:  # (the eager run: each block, called on its own, makes its pre-activation)
+            with _AtenCounter() as counter:
+                loss = run(xi)
+            names = [str(f.overloadpacket.__name__) for f, _ in counter.calls]
+        else:
+            loss = run(xi)
         results.append([loss, xi.grad] + [p.grad for p in blocks.parameters()])
     torch._dynamo.reset()
-    for i, (got, expect) in enumerate(zip(*results)):
-        assert_rel_close(got, expect, 1e-5, f"{backend} compiled training step, tensor {i}")
+    if silu_prologue:
+        assert not [n for n in names if n.endswith("silu_scale")], names
+        timm_blocks = torch.nn.Sequential(*ref.stages[1][:2])
+        xi = x.clone().requires_grad_()
+        timm_blocks(xi).square().mean().backward()
+        results.append([None, xi.grad] + [p.grad for p in timm_blocks.parameters()])
+    for i, tensors in enumerate(zip(*results)):
+        for got in tensors[1:]:
+            if got is not None:
+                assert_rel_close(got, tensors[0], 1e-5, f"{backend} compiled training step, tensor {i}")

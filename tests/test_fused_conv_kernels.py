@@ -25,13 +25,17 @@ SUMS_TOL = 1e-5
 DTYPES = [torch.float32, torch.float16]
 
 
-def _spec(x, w, b=None, *, stride=1, padding=0, groups=1, act=None, act_gain=1.0, pool=False, want_sums=False, **_):
-    """What the kernels compute, in fp32: the pooled input and the weight rounded to x's dtype (what
-    the kernel multiplies), conv + bias + activation * act_gain in fp32, the output rounded to x's
-    dtype, the sums from the fp32 values. (The reference backend, nfnet_fast._reference.fused_conv,
-    is timm's own calls; the ops-level tests compare against it.)"""
+def _spec(x, w, b=None, *, stride=1, padding=0, groups=1, act=None, act_gain=1.0, pool=False, want_sums=False,
+          pre_act=False, pre_beta=1.0, **_):
+    """What the kernels compute, in fp32: the input's pre-activation silu(x) * pre_beta (pre_act)
+    and its pool, each rounded to x's dtype as the unfused passes store them, and the weight rounded
+    to x's dtype (what the kernel multiplies), conv + bias + activation * act_gain in fp32, the
+    output rounded to x's dtype, the sums from the fp32 values. (The reference backend,
+    nfnet_fast._reference.fused_conv, is timm's own calls; the ops-level tests compare against it.)"""
     dt = x.dtype
     xf = x.float()
+    if pre_act:
+        xf = (F.silu(xf) * pre_beta).to(dt).float()
     if pool:
         xf = F.avg_pool2d(xf, 2, 2, ceil_mode=True, count_include_pad=False).to(dt).float()
     pt, pb, pl, pr = fc.normalize_padding(padding)
@@ -98,6 +102,64 @@ def test_fused_conv_matches_reference(name, dtype, rng):
     x, w, b = _case(rng, x_shape, w_shape, dtype)
     _check(x, w, b, f"{name} {dtype}", stride=stride, padding=padding, groups=groups, act=act, pool=pool,
            want_sums=sums)
+
+
+# The SiLU prologue (pre_act): the 1x1 kernel with and without the pool (clipped ceil-mode windows,
+# a 1x1 image), small tiles and each GPU tile; and the launches it is not compiled for, which take a
+# silu_scale pass first: a 3x3 conv, a 1x1 that also wants the sums.
+# (x shape, weight shape, act, pool, want_sums, GPU tile or None, the prologue kernel runs)
+PRE_ACT_CASES = {
+    "1x1 silu": ((2, 21, 9, 11), (37, 21, 1, 1), "silu", False, False, None, True),
+    "1x1 pool odd": ((3, 19, 7, 9), (23, 19, 1, 1), None, True, False, None, True),
+    "1x1 pool 1x1 image": ((2, 9, 1, 1), (11, 9, 1, 1), "silu", True, False, None, True),
+    "1x1 narrow tile": ((2, 64, 13, 11), (48, 64, 1, 1), "silu", False, False, "GEMM_NARROW", True),
+    "1x1 wide tile": ((1, 32, 9, 15), (144, 32, 1, 1), "gelu", False, False, "GEMM_WIDE", True),
+    "1x1 generic tile": ((2, 40, 13, 11), (50, 40, 1, 1), "silu", False, False, "GEMM_GENERIC", True),
+    "1x1 pool narrow tile": ((3, 32, 19, 21), (48, 32, 1, 1), None, True, False, "GEMM_POOL_NARROW", True),
+    "1x1 pool wide tile": ((2, 16, 11, 13), (160, 16, 1, 1), "relu", True, False, "GEMM_POOL_WIDE", True),
+    "1x1 pool generic tile": ((3, 40, 19, 21), (24, 40, 1, 1), None, True, False, "GEMM_POOL_GENERIC", True),
+    "1x1 pool sums (silu_scale first)": ((2, 19, 7, 9), (23, 19, 1, 1), "silu", True, True, None, False),
+    "3x3 g2 (silu_scale first)": ((2, 10, 7, 9), (14, 5, 3, 3), "silu", False, False, None, False),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(PRE_ACT_CASES))
+def test_pre_act_prologue(name, dtype, rng, monkeypatch):
+    """conv(silu(x) * beta) with the pre-activation made as the kernel loads x (PRE_ACT, where the
+    kernel has it): the same numbers as silu_scale's pass followed by the conv (exactly, under the
+    interpreter: the same fp32 math, rounded where the pass would store it)."""
+    x_shape, w_shape, act, pool, sums, tile, prologue = PRE_ACT_CASES[name]
+    launched = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["PRE_ACT"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    kernel = fc._conv1x1_kernel
+    monkeypatch.setattr(fc, "_conv1x1_kernel", Spy())
+    x, w, b = _case(rng, x_shape, w_shape, dtype)
+    beta = float(torch.empty(()).uniform_(0.5, 1.5, generator=rng))
+    padding = 1 if w_shape[2] == 3 else 0
+    groups = x_shape[1] // w_shape[1]
+    kw = dict(padding=padding, groups=groups, act=act, pool=pool, want_sums=sums)
+    if tile is not None:
+        kw["gpu_config"] = True
+        assert fc.config_for(x, w, groups, 1, padding, pool, gpu_config=True) == getattr(fc, tile)
+    got = _check(x, w, b, f"{name} {dtype}", pre_act=True, pre_beta=beta, **kw)
+    assert launched == ([True] if prologue else [False] * (w_shape[2] == 1)), launched
+    if tile is None:
+        kw["config"] = fc.SMALL_TILE
+    unfused = fc.fused_conv(fc._silu.forward(x, beta), w, b, **kw)
+    got, unfused = (got, unfused) if sums else ((got,), (unfused,))
+    if x.device.type == "cpu":  # (a GPU compile may contract the SiLU's multiplies differently)
+        assert torch.equal(got[0], unfused[0]), f"{name}: the prologue differs from silu_scale + conv"
+    assert_rel_close(got[0], unfused[0], TOL[dtype], name)
+    if sums:
+        assert_rel_close(got[1], unfused[1], SUMS_TOL, f"{name} sums")
 
 
 def test_no_bias_nchw_input_packed_weight(rng):
@@ -201,6 +263,8 @@ def test_argument_errors(rng):
         fc.fused_conv(x, w, b, padding=(1, 2, 3))
     with pytest.raises(ValueError, match="too small"):
         fc.fused_conv(x[:, :, :1, :1], w, b)
+    with pytest.raises(ValueError, match="pre_act=True is a forward prologue"):
+        fc.fused_conv(x, w, b, padding=1, act="silu", pre_act=True, backward=True)
 
 
 def test_cost_model():
@@ -236,16 +300,18 @@ L0_CONVS = [
     *c[:5], "-pool" if c[5] else "", "-sums" if c[6] else ""))
 def test_l0_launches_are_in_the_aot_matrix(conv):
     """Every launch eca_nfnet_l0 makes on a GPU is a configuration the AOT matrix compiles: the
-    forward's, and (convs without the pool) the backward's recompute, which always sums."""
+    forward's (the 1x1s without sums also with the SiLU prologue), and (convs without the pool) the
+    backward's recompute, which always sums."""
     cin, cout, k, stride, groups, pool, sums = conv
     x = torch.empty(1, cin, 8, 8)
     w = torch.empty(cout, cin // groups, k, k)
     cfg = fc.config_for(x, w, groups, stride, k // 2, pool, gpu_config=True)
     spec = fc.AOT[0] if k == 1 else fc.AOT[1]
-    want = dict(cfg, SUMS=sums, BWD=False, **(dict(POOL=pool) if k == 1 else dict(KH=k, KW=k)))
-    assert any(c == want for c in spec.configs), want
+    for pre_act in ((False, True) if k == 1 and not sums else (False,) if k == 1 else (None,)):
+        want = dict(cfg, SUMS=sums, BWD=False, **(dict(POOL=pool, PRE_ACT=pre_act) if k == 1 else dict(KH=k, KW=k)))
+        assert any(c == want for c in spec.configs), want
     if not pool:
-        want = dict(fc.bwd_tile(want), SUMS=True, BWD=True)
+        want = dict(fc.bwd_tile(want), SUMS=True, BWD=True, **(dict(PRE_ACT=False) if k == 1 else {}))
         assert any(c == want for c in spec.configs), want
 
 
@@ -401,8 +467,11 @@ def test_autotune_candidates_are_in_the_aot_matrix(args):
     assert len(set(names)) == len(names)
     spec = fc.AOT[0] if kind == "1x1" else fc.AOT[1]
     for name in names:
-        want = dict(fc.TILES[name], SUMS=True, BWD=False, **(dict(POOL=pool) if kind == "1x1" else dict(KH=3, KW=3)))
+        want = dict(fc.TILES[name], SUMS=True, BWD=False, **(dict(POOL=pool, PRE_ACT=False) if kind == "1x1"
+                                                             else dict(KH=3, KW=3)))
         assert any(c == want for c in spec.configs), (name, want)
+        if kind == "1x1":  # the SiLU prologue (compiled without the sums)
+            assert any(c == dict(want, SUMS=False, PRE_ACT=True) for c in spec.configs), (name, want)
         if not pool:  # the backward's recompute tunes among the same tiles, narrowed
             assert any(c == dict(fc.bwd_tile(want), BWD=True) for c in spec.configs), (name, want)
 
