@@ -104,6 +104,21 @@ def test_fused_conv_matches_reference(name, dtype, rng):
            want_sums=sums)
 
 
+def _spy_1x1_launches(monkeypatch, arg: str) -> list:
+    """The list that each later launch of the 1x1 kernel appends its keyword ``arg`` to."""
+    seen, kernel = [], fc._conv1x1_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs[arg])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(fc, "_conv1x1_kernel", Spy())
+    return seen
+
+
 # The SiLU prologue (pre_act): the 1x1 kernel with and without the pool (clipped ceil-mode windows,
 # a 1x1 image), small tiles and each GPU tile; and the launches it is not compiled for, which take a
 # silu_scale pass first: a 3x3 conv, a 1x1 that also wants the sums.
@@ -130,17 +145,7 @@ def test_pre_act_prologue(name, dtype, rng, monkeypatch):
     kernel has it): the same numbers as silu_scale's pass followed by the conv (exactly, under the
     interpreter: the same fp32 math, rounded where the pass would store it)."""
     x_shape, w_shape, act, pool, sums, tile, prologue = PRE_ACT_CASES[name]
-    launched = []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                launched.append(kwargs["PRE_ACT"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    kernel = fc._conv1x1_kernel
-    monkeypatch.setattr(fc, "_conv1x1_kernel", Spy())
+    launched = _spy_1x1_launches(monkeypatch, "PRE_ACT")
     x, w, b = _case(rng, x_shape, w_shape, dtype)
     beta = float(torch.empty(()).uniform_(0.5, 1.5, generator=rng))
     padding = 1 if w_shape[2] == 3 else 0
@@ -204,17 +209,7 @@ def test_gpu_config_on_cpu(name, dtype, rng):
 def test_aligned_only_where_checked(rng, monkeypatch):
     """ALIGNED (compiler hints) is dropped when the tensors do not have it, even if a config asks
     for it: a channels_last x starting 2 bytes into its storage runs without hints, correctly."""
-    seen = []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["ALIGNED"])
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    kernel = fc._conv1x1_kernel
-    monkeypatch.setattr(fc, "_conv1x1_kernel", Spy())
+    seen = _spy_1x1_launches(monkeypatch, "ALIGNED")
     n, c, h, w = 1, 32, 5, 7
     buf = torch.randn(1 + n * h * w * c, generator=rng).to(DEV, torch.float16)
     x = buf[1:].view(n, h, w, c).permute(0, 3, 1, 2)  # channels_last-contiguous, 2 bytes off
