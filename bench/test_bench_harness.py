@@ -1,6 +1,7 @@
 """The benchmark harness itself: a run cut short at the report's budget (SIGINT) keeps its finished rows."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,10 @@ def test_interrupted_run_still_writes_the_finished_rows(tmp_path):
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "conftest",
                            f"--benchmark-json={out}", str(tmp_path / "test_cut.py")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+                          # (a job started in the background of a non-interactive shell ignores SIGINT,
+                          # and so would the child, which then never sees the cut: give it the default)
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert "KeyboardInterrupt" in proc.stdout + proc.stderr
     rows = json.loads(out.read_text())["benchmarks"]
     assert [r["extra_info"].get("row") for r in rows] == ["a"], proc.stdout + proc.stderr
