@@ -82,10 +82,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(HERE, "triton_resources.md"))
     ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--op", nargs="+", default=None, help="these ops' kernels only (default: every op's)")
     args = ap.parse_args(argv)
     from nfnet_fast.kernels import aot
 
-    rows = aot.compile_all(workers=args.jobs)
+    rows = aot.compile_all(workers=args.jobs, ops=args.op or aot.ALL_OPS)
     with open(args.out, "w") as f:
         f.write(render(rows))
     bad = aot.problems(rows)

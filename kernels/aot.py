@@ -27,7 +27,10 @@ import tempfile
 import time
 from typing import Iterable, List, Optional
 
-OPS = ("silu_scale", "scaled_std_weight", "eca_residual")
+OPS = ("silu_scale", "scaled_std_weight", "eca_residual")  # compiled whole by tests/test_triton.py (~600 compiles)
+# fused_conv's matrix (~530 compiles of GEMM kernels, tens of minutes on 2 cores) is compiled whole by
+# bench/triton_resources.py and in a 3-way subset by tests/test_fused_conv_kernels.py
+ALL_OPS = OPS + ("fused_conv",)
 DTYPES = ("fp32", "fp16", "bf16")
 ARCHS = (90, 80)
 # Shared memory a block may use: 228 KB on sm_90 (H100), 164 KB on sm_80 (A100).
@@ -151,7 +154,7 @@ def problems(rows: List[dict]) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
-    ap.add_argument("--op", nargs="+", default=list(OPS))
+    ap.add_argument("--op", nargs="+", default=list(ALL_OPS))
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args(argv)
