@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (see README); times measured on a fresh clone, 2 CPU cores:
 #   make bench   set up .venv, build nfnet_fast, run the parity-and-throughput report on this machine (~8 min)
-#   make test    set up .venv, build nfnet_fast, run the tests (~19 min)
+#   make test    set up .venv, build nfnet_fast, run the tests (~40 min: ~35 of them the tests)
 # Of either, about 4 minutes is compiling the nfnet_fast._C extension (mostly nvcc, when it is found).
 PYTHON ?= python3
 VENV   ?= .venv
