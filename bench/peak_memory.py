@@ -15,6 +15,9 @@ first makes the momentum buffers and fills the caches, the second is measured.
   interpreter, so it measures two small batches and extrapolates: peak = fixed + per-sample bytes x
   batch, the per-sample part scaled with the pixel count (activations are); the fixed part
   (weights, gradients, momentum, timm's standardised weights) does not grow with the batch.
+  Caveat: on eca_nfnet_l0 the CPU figures for nfnet_fast came out below the bytes its forward saves
+  for the backward (README, training memory), so the events miss some allocations of the
+  interpreted path: treat a CPU result as unverified until a GPU run agrees.
 
     TRITON_INTERPRET=1 python bench/peak_memory.py [--backend triton] [--dtype fp32|bf16]
         [--batches 2 4] [--size 96] [--target-batch 128 --target-size 224]
