@@ -1,80 +1,127 @@
 """Peak memory of an eca_nfnet_l0 training step, timm eager against nfnet_fast: the training issue's
 memory target (at most 0.6x timm eager's peak at batch 128, 224 px).
 
-The step is bench/test_bench_model.py's (forward under autocast when bf16, zero_grad(set_to_none),
-backward, timm's adaptive_clip_grad without the classifier, SGD with momentum); one untimed step
-first makes the momentum buffers and fills the caches, the second is measured.
+The step is ``nfnet_fast.benchmark.train_step``, bench/test_bench_model.py's (forward under autocast
+when bf16, zero_grad(set_to_none), backward, timm's adaptive_clip_grad without the classifier, SGD
+with momentum); one step first makes the gradients and momentum buffers, the second is measured.
 
 - On CUDA: ``torch.cuda.max_memory_allocated`` over the second step, at the size asked.
-- On a CPU: the allocator's own events (``torch.profiler`` with ``profile_memory=True``: every
-  allocation and free of the step, the compiled backends' kernels included, which run through the
-  Triton interpreter with ``TRITON_INTERPRET=1``; the interpreter's numpy tiles are not torch
-  allocations, as registers are not on a GPU). The peak is what was live when the step began
-  (parameters, the previous step's gradients, momentum, the batch) plus the highest running sum of
-  the step's allocations less its frees. A CPU cannot run batch 128 at 224 px through the
-  interpreter, so it measures two small batches and extrapolates: peak = fixed + per-sample bytes x
-  batch, the per-sample part scaled with the pixel count (activations are); the fixed part
-  (weights, gradients, momentum, timm's standardised weights) does not grow with the batch.
-  Caveat: on eca_nfnet_l0 the CPU figures for nfnet_fast came out below the bytes its forward saves
-  for the backward (README, training memory), so the events miss some allocations of the
-  interpreted path: treat a CPU result as unverified until a GPU run agrees.
+- On a CPU: the allocator's own events (``torch.profiler`` with ``profile_memory=True``), the
+  compiled backends' kernels included, which run through the Triton interpreter with
+  ``TRITON_INTERPRET=1`` (its numpy tiles are not torch allocations, as registers are not on a
+  GPU). The running sum of allocations less frees, from what was live before the first step (the
+  parameters and the batch), gives each phase's peak (forward, backward, AGC, optimizer). Three
+  things keep the books exact, and ``bench/test_peak_memory.py`` checks that they balance:
+  - both steps run under the profiler: it drops the free of a block it did not see allocated, so
+    profiling the second step alone lost the frees of the first step's gradients;
+  - the interpreter holds each launch's arguments in a reference cycle until Python's collector
+    runs; a young-generation collection after each launch frees them when the launch ends, as on a
+    GPU (``_interpreter_frees_at_launch_end``);
+  - the report prints what the forward added against what it saves for the backward, and what the
+    events leave live after the steps beyond the gradients and momentum (0 when nothing is missed).
+  A CPU cannot run batch 128 at 224 px through the interpreter, so it measures two small batches
+  and extrapolates each phase: peak = fixed + per-sample bytes x batch, the per-sample part scaled
+  with the pixel count (activations are); the fixed part (weights, gradients, momentum, timm's
+  standardised weights) does not grow with the batch. The phases are extrapolated apart because a
+  small batch can peak in another phase than a large one.
 
     TRITON_INTERPRET=1 python bench/peak_memory.py [--backend triton] [--dtype fp32|bf16]
         [--batches 2 4] [--size 96] [--target-batch 128 --target-size 224]
 """
 import argparse
+import bisect
+import contextlib
 import copy
-import os
+import gc
+import itertools
 import sys
 
 import torch
-import torch.nn.functional as F
-from timm.utils import adaptive_clip_grad
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-def _step(model, opt, x, target, dtype):
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        loss = F.cross_entropy(model(x), target)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    adaptive_clip_grad([p for n, p in model.named_parameters() if not n.startswith("head.fc")], clip_factor=0.01)
-    opt.step()
+from nfnet_fast import benchmark as B
+from nfnet_fast._backends import triton_interpreted
 
 
-def _live_bytes(model, opt, x, target) -> int:
-    """Bytes of the step's own tensors live before it starts (each storage once)."""
-    tensors = [x, target] + [p for p in model.parameters()] + [p.grad for p in model.parameters() if p.grad is not None]
-    tensors += [v for state in opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+def _bytes(tensors) -> int:
+    """Bytes of the distinct storages of ``tensors``."""
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
-def step_peak(model, batch: int, size: int, dtype: str, device: torch.device) -> int:
-    """Peak bytes allocated during the second of two training steps of ``model`` (see the module)."""
+@contextlib.contextmanager
+def _interpreter_frees_at_launch_end():
+    """Under ``TRITON_INTERPRET=1`` the interpreter holds each launch's arguments in a reference
+    cycle (a recursive closure over a dict of their storages), so on a CPU a kernel's arguments
+    outlive its launch until Python's cycle collector runs, which no GPU run has. A collection of the
+    young generations after each launch frees them when the launch ends (milliseconds each)."""
+    if not triton_interpreted():
+        yield
+        return
+    from triton.runtime.interpreter import GridExecutor
+
+    launch = GridExecutor.__call__
+
+    def launch_then_collect(self, *args, **kwargs):
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            gc.collect(1)
+
+    GridExecutor.__call__ = launch_then_collect
+    try:
+        yield
+    finally:
+        GridExecutor.__call__ = launch
+
+
+def step_peak(model, batch: int, size: int, dtype: str, device: torch.device) -> dict:
+    """Peak bytes allocated during the second of two training steps of ``model`` (see the module):
+    {"step": peak} on CUDA; on a CPU, {phase: peak while that phase ran} for each of B.TRAIN_PHASES,
+    with what the step's bookkeeping found (the keys "start", "forward end", "saved", "unaccounted")."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=gen).to(device).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 10, (batch,), generator=gen).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    _step(model, opt, x, target, dtype)
+    model.zero_grad(set_to_none=True)
     if device.type == "cuda":
+        B.train_step(model, opt, x, target, dtype)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        _step(model, opt, x, target, dtype)
+        B.train_step(model, opt, x, target, dtype)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
+        return {"step": torch.cuda.max_memory_allocated()}
     from torch.profiler import ProfilerActivity, profile
 
-    start = _live_bytes(model, opt, x, target)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        _step(model, opt, x, target, dtype)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+    # The profiler records the free of a block only if it saw the block's allocation, so both steps
+    # run under it, from a state that holds only the parameters and the batch: every block the
+    # steps free was allocated inside the profile.
+    gc.collect()
+    start = _bytes([x, target, *model.parameters()])
+    with _interpreter_frees_at_launch_end(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        B.train_step(model, opt, x, target, dtype)
+        B.train_step(model, opt, x, target, dtype)
+    events = list(prof.profiler.kineto_results.events())
+    ranges = {e.name(): (e.start_ns(), e.start_ns() + e.duration_ns())  # (the second step's, which starts later)
+              for e in sorted(events, key=lambda e: e.start_ns()) if e.name() in B.TRAIN_PHASES}
+    memory = sorted((e.start_ns(), e.nbytes()) for e in events
                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return start + peak
+    times = [t for t, _ in memory]
+    running = list(itertools.accumulate((n for _, n in memory), initial=start))  # running[i]: live before event i
+    peaks = {}
+    for phase in B.TRAIN_PHASES:
+        t0, t1 = ranges[phase]
+        first, last = bisect.bisect_left(times, t0), bisect.bisect_right(times, t1)
+        peaks[phase] = max(running[first:last + 1])  # what was live as it began, and after each event in it
+    before_step = running[bisect.bisect_left(times, ranges["forward"][0])]
+    peaks["start"] = before_step
+    peaks["forward end"] = running[bisect.bisect_right(times, ranges["forward"][1])]
+    # Self-check: after the steps, what is live is the parameters, the batch, the gradients and the
+    # momentum; what the events say more than that (blocks whose free the profiler missed, or the
+    # profiler's own) inflates every peak above by as much.
+    state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    peaks["unaccounted"] = running[-1] - start - _bytes([p.grad for p in model.parameters() if p.grad is not None]
+                                                        + state)
+    peaks["saved"] = B.saved_bytes(model, x, target, dtype)
+    return peaks
 
 
 def main(argv=None) -> int:
@@ -102,23 +149,41 @@ def main(argv=None) -> int:
     fast = nfnet_fast.convert(copy.deepcopy(ref), backend=args.backend, silu_prologue=args.silu_prologue).train()
     print(f"{args.model}, {args.dtype}, training step (SGD momentum + AGC), {device.type}, size {size}, "
           f"nfnet_fast backend {args.backend}{' with the SiLU prologue' if args.silu_prologue else ''}")
+    mib = 2**-20
     peaks = {}
     for name, model in (("timm eager", ref), ("nfnet_fast", fast)):
         for b in batches:
-            peaks[name, b] = step_peak(model, b, size, args.dtype, device)
-            print(f"  {name:10s} batch {b:4d}: peak {peaks[name, b] / 2**20:9.1f} MiB", flush=True)
+            p = peaks[name, b] = step_peak(model, b, size, args.dtype, device)
+            if cuda:
+                print(f"  {name:10s} batch {b:4d}: peak {p['step'] * mib:9.1f} MiB", flush=True)
+                continue
+            phases = ", ".join(f"{k} {p[k] * mib:.1f}" for k in B.TRAIN_PHASES)
+            print(f"  {name:10s} batch {b:4d}: peak {max(p[k] for k in B.TRAIN_PHASES) * mib:9.1f} MiB "
+                  f"(by phase: {phases}); the forward added {(p['forward end'] - p['start']) * mib:.1f} MiB, "
+                  f"of which its saved tensors {p['saved'] * mib:.1f} MiB (the batch included); "
+                  f"unaccounted at the end {p['unaccounted'] * mib:.1f} MiB", flush=True)
+    phases = ("step",) if cuda else B.TRAIN_PHASES
     for b in batches:
-        print(f"  ratio at batch {b}: {peaks['nfnet_fast', b] / peaks['timm eager', b]:.3f}")
+        ratio = max(peaks["nfnet_fast", b][k] for k in phases) / max(peaks["timm eager", b][k] for k in phases)
+        print(f"  ratio at batch {b}: {ratio:.3f}")
     if len(batches) >= 2 and (batches[-1], size) != (args.target_batch, args.target_size):
+        # Each phase's peak is a fixed part plus a part that grows with the batch; extrapolated phase
+        # by phase, since a small batch can peak in another phase (the optimizer's) than a large one.
         b0, b1 = batches[0], batches[-1]
         scale = (args.target_size / size) ** 2
         target = {}
         for name in ("timm eager", "nfnet_fast"):
-            per_sample = (peaks[name, b1] - peaks[name, b0]) / (b1 - b0)
-            fixed = peaks[name, b0] - per_sample * b0
-            target[name] = fixed + per_sample * scale * args.target_batch
-            print(f"  {name:10s}: fixed {fixed / 2**20:8.1f} MiB + {per_sample / 2**20:7.2f} MiB a sample at {size} px "
-                  f"-> batch {args.target_batch} at {args.target_size} px: {target[name] / 2**30:6.2f} GiB")
+            at_target = {}
+            for k in phases:
+                per_sample = (peaks[name, b1][k] - peaks[name, b0][k]) / (b1 - b0)
+                fixed = peaks[name, b0][k] - per_sample * b0
+                at_target[k] = fixed + per_sample * scale * args.target_batch
+                print(f"  {name:10s} {k:9s}: fixed {fixed * mib:8.1f} MiB + {per_sample * mib:7.2f} MiB a sample "
+                      f"at {size} px -> batch {args.target_batch} at {args.target_size} px: "
+                      f"{at_target[k] / 2**30:6.2f} GiB")
+            worst = max(at_target, key=at_target.get)
+            target[name] = at_target[worst]
+            print(f"  {name:10s} peaks in the {worst}: {target[name] / 2**30:.2f} GiB")
         print(f"  extrapolated ratio at batch {args.target_batch}, {args.target_size} px: "
               f"{target['nfnet_fast'] / target['timm eager']:.3f}")
     return 0

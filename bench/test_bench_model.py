@@ -8,8 +8,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from timm.utils import adaptive_clip_grad
 
 import nfnet_fast
 from conftest import COMPILE, CUDA, DEVICE, INFER_CASES, MAX_AUTOTUNE, MODEL, TRAIN_CASES, cached
@@ -57,36 +55,6 @@ def test_inference(benchmark, run_timed, batch, size, name):
                                 peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if CUDA else None)
 
 
-def _train_step(model, opt, x, target, dtype):
-    """One SGD step with adaptive gradient clipping as timm trains NFNets (AGC, the classifier excluded)."""
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        loss = F.cross_entropy(model(x), target)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    adaptive_clip_grad([p for n, p in model.named_parameters() if not n.startswith("head.fc")], clip_factor=0.01)
-    opt.step()
-    return loss
-
-
-def _saved_mb(model, x, target, dtype) -> float:
-    """MiB of the tensors one training forward saves for its backward (autograd's saved-tensor
-    hooks; each storage once; parameters excluded, autocast's weight copies included)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            loss = F.cross_entropy(model(x), target)
-    del loss
-    return sum(saved.values()) / 2**20
-
-
 def _train_names():
     dtypes = ["fp32", "bf16"] if CUDA else ["fp32"]
     names = [f"timm eager {d}" for d in dtypes]
@@ -114,9 +82,9 @@ def test_train_step(benchmark, run_timed, batch, size, name):
         torch.cuda.reset_peak_memory_stats()
     # 5 untimed steps: the first ones build the optimizer state and pick cuDNN's algorithms (with 2,
     # two H200 runs of the same commit differed by up to 50% in some training rows)
-    median = run_timed(lambda: _train_step(fwd, opt, x, target, dtype), warmup=5)
+    median = run_timed(lambda: B.train_step(fwd, opt, x, target, dtype), warmup=5)
     benchmark.extra_info.update(kind="train", contender=name, dtype=dtype, batch=batch, size=size,
                                 img_per_s=batch / median,
                                 peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if CUDA else None)
     if " compile " not in name:  # (saved-tensor hooks would only see the compiled graph's own choices)
-        benchmark.extra_info["saved_mb"] = _saved_mb(model, x, target, dtype)
+        benchmark.extra_info["saved_mb"] = B.saved_bytes(model, x, target, dtype) / 2**20

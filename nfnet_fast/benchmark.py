@@ -95,6 +95,47 @@ def _autocast(device: torch.device, dtype: str):
     return contextlib.nullcontext()
 
 
+TRAIN_PHASES = ("forward", "backward", "agc", "optimizer")
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, target: torch.Tensor,
+               dtype: str) -> torch.Tensor:
+    """One SGD step as timm trains NFNets: forward under bf16 autocast when ``dtype`` is "bf16",
+    backward, timm's adaptive gradient clipping with the classifier excluded, the optimizer's step.
+    Each phase runs in a profiler range named after it (``TRAIN_PHASES``), so a profile of the step
+    can be split by phase. Returns the loss."""
+    from timm.utils import adaptive_clip_grad
+    from torch.profiler import record_function
+
+    with record_function("forward"), _autocast(x.device, dtype):
+        loss = nn.functional.cross_entropy(model(x), target)
+    opt.zero_grad(set_to_none=True)
+    with record_function("backward"):
+        loss.backward()
+    with record_function("agc"):
+        adaptive_clip_grad([p for n, p in model.named_parameters() if not n.startswith("head.fc")], clip_factor=0.01)
+    with record_function("optimizer"):
+        opt.step()
+    return loss
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: str) -> int:
+    """Bytes of the tensors one training forward of ``model`` saves for its backward (autograd's
+    saved-tensor hooks; each storage once; parameters excluded, autocast's weight copies included)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(x.device, dtype):
+        nn.functional.cross_entropy(model(x), target)
+    return sum(saved.values())
+
+
 def _inference(model: nn.Module, device: torch.device, dtype: str) -> Step:
     def step(x):
         with torch.inference_mode(), _autocast(device, dtype):
