@@ -64,15 +64,17 @@ def model_tables(benches, kind: str) -> list:
     out = []
     for (batch, size), results in sorted(cases.items(), reverse=True):
         out += [f"### {kind}: batch {batch} @ {size}x{size}, channels_last", "", format_table(results), ""]
-        saved = {b["extra_info"]["contender"]: b["extra_info"]["saved_mb"] for b in benches
-                 if b["extra_info"].get("kind") == kind and "saved_mb" in b["extra_info"]
-                 and (b["extra_info"]["batch"], b["extra_info"]["size"]) == (batch, size)}
-        if saved:
-            out += ["Saved for the backward by one forward (MiB; the activation memory of a step's peak, any device): "
-                    + ", ".join(f"{name} {mb:.0f}" + (f" ({mb / saved[base]:.2f}x of {base})"
-                                                      if (base := f"timm eager {name.split()[-1]}") in saved
-                                                      and name != base else "")
-                                for name, mb in saved.items()), ""]
+        for key, what in (("saved_mb", "Saved for the backward by one forward (MiB; the activation memory of a "
+                                        "step's peak, any device)"),
+                          ("peak_mem_mb", "Peak memory (MiB, max_memory_allocated over the timed steps)")):
+            mbs = {b["extra_info"]["contender"]: b["extra_info"][key] for b in benches
+                   if b["extra_info"].get("kind") == kind and b["extra_info"].get(key) is not None
+                   and (b["extra_info"]["batch"], b["extra_info"]["size"]) == (batch, size)}
+            if kind == "train" and mbs:
+                out += [f"{what}: " + ", ".join(f"{name} {mb:.0f}" + (f" ({mb / mbs[base]:.2f}x of {base})"
+                                                                      if (base := f"timm eager {name.split()[-1]}") in mbs
+                                                                      and name != base else "")
+                                                for name, mb in mbs.items()), ""]
     return out
 
 
