@@ -111,8 +111,7 @@ def step_peak(model, batch: int, size: int, dtype: str, device: torch.device) ->
         t0, t1 = ranges[phase]
         first, last = bisect.bisect_left(times, t0), bisect.bisect_right(times, t1)
         peaks[phase] = max(running[first:last + 1])  # what was live as it began, and after each event in it
-    before_step = running[bisect.bisect_left(times, ranges["forward"][0])]
-    peaks["start"] = before_step
+    peaks["start"] = running[bisect.bisect_left(times, ranges["forward"][0])]  # live as the second step began
     peaks["forward end"] = running[bisect.bisect_right(times, ranges["forward"][1])]
     # Self-check: after the steps, what is live is the parameters, the batch, the gradients and the
     # momentum; what the events say more than that (blocks whose free the profiler missed, or the

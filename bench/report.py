@@ -68,9 +68,9 @@ def model_tables(benches, kind: str) -> list:
                                         "step's peak, any device)"),
                           ("peak_mem_mb", "Peak memory (MiB, max_memory_allocated over the timed steps)")):
             mbs = {b["extra_info"]["contender"]: b["extra_info"][key] for b in benches
-                   if b["extra_info"].get("kind") == kind and b["extra_info"].get(key) is not None
+                   if kind == "train" and b["extra_info"].get("kind") == kind and b["extra_info"].get(key) is not None
                    and (b["extra_info"]["batch"], b["extra_info"]["size"]) == (batch, size)}
-            if kind == "train" and mbs:
+            if mbs:
                 out += [f"{what}: " + ", ".join(f"{name} {mb:.0f}" + (f" ({mb / mbs[base]:.2f}x of {base})"
                                                                       if (base := f"timm eager {name.split()[-1]}") in mbs
                                                                       and name != base else "")

@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Optional
 import timm
 import torch
 import torch.nn as nn
+from timm.utils import adaptive_clip_grad
+from torch.profiler import record_function
 
 from . import _backends, ops
 from .model import convert
@@ -104,9 +106,6 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, ta
     backward, timm's adaptive gradient clipping with the classifier excluded, the optimizer's step.
     Each phase runs in a profiler range named after it (``TRAIN_PHASES``), so a profile of the step
     can be split by phase. Returns the loss."""
-    from timm.utils import adaptive_clip_grad
-    from torch.profiler import record_function
-
     with record_function("forward"), _autocast(x.device, dtype):
         loss = nn.functional.cross_entropy(model(x), target)
     opt.zero_grad(set_to_none=True)
