@@ -4,7 +4,7 @@ One launch computes, for an input ``x`` (N, Cin, H, W) stored channels_last::
 
     x'  = avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)   (pool=True, on load)
     y   = act(conv2d(x', w, stride, padding, groups) + bias) * act_gain   (fp32 accumulation)
-    out = y stored channels_last in x's dtype
+    out = y stored channels_last in x's dtype                             (unless want_out=False)
     sums[n, o] = sum_hw y[n, o]                                           (want_sums=True, fp32)
 
 as a GEMM of M = N*Ho*Wo output pixels (rows), Cout output channels (columns) and, per group,
@@ -48,7 +48,10 @@ per element per column tile; whether that beats the write it saves is for a GPU 
 
 Epilogue, on the fp32 accumulator: + bias (fp32), activation (a runtime index: none, SiLU, ReLU,
 exact erf GELU) times act_gain (timm's GammaAct, the dm_ variants' gamma), one store in the
-activation dtype. Channel sums (want_sums) are taken from the
+activation dtype, skipped (runtime flag has_out) where only the sums are wanted: the final conv,
+whose output the head uses only through its global average pool, so a training step never holds
+that output (0.22 MiB a sample at 224 px) and the forward never writes it. Channel sums
+(want_sums) are taken from the
 fp32 values before rounding and written without atomics: rows are flattened (n, oh, ow), so a tile
 of BLOCK_M rows may hold the end of one image and the start of the next (several, when HW <
 BLOCK_M); it writes one partial row per image it touches into ``part[n, s, :]``, where s = tile -
@@ -327,7 +330,7 @@ VENDOR = "aten"
 
 
 def _vendor_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding4,
-                 groups: int, act: int, act_gain: float, pool: bool, want_sums: bool):
+                 groups: int, act: int, act_gain: float, pool: bool, want_sums: bool, want_out: bool = True):
     dt = x.dtype
     if pool:
         x = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
@@ -347,6 +350,8 @@ def _vendor_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         y = torch.nn.functional.gelu(y)
     if act_gain != 1.0:
         y = y.mul_(act_gain)
+    if not want_out:
+        return y.float().sum((2, 3))
     return (y, y.float().sum((2, 3))) if want_sums else y
 
 
@@ -473,10 +478,10 @@ def _k_step(x_ptr, BLOCK_K: tl.constexpr, FP32_MAX: tl.constexpr):  # FP32_MAX: 
 
 @triton.jit
 def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, Cout, HW, S, act, act_gain,
-              bias_ptr, part_ptr, gsums_ptr, has_grad, has_gsums, SUMS: tl.constexpr, BWD: tl.constexpr,
+              bias_ptr, part_ptr, gsums_ptr, has_grad, has_gsums, has_out, SUMS: tl.constexpr, BWD: tl.constexpr,
               BLOCK_M: tl.constexpr):
     """+ bias, activation times act_gain, one store of the (BLOCK_M, BLOCK_N) output tile at
-    ``out_ptrs``; with SUMS one fp32 partial channel sum per image the tile touches (see the module
+    ``out_ptrs`` (if has_out); with SUMS one fp32 partial channel sum per image the tile touches (see the module
     docstring). With BWD (see "backward") the tile stored and summed is instead the gradient of the
     pre-activation z = acc + bias: (grad_out + grad_sums[n]) * act_gain * act'(z), grad_out's tile
     at ``grad_ptrs`` (if has_grad), grad_sums (N, Cout) fp32 at ``gsums_ptr`` (if has_gsums)."""
@@ -499,7 +504,8 @@ def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, C
             seg = tl.sum(tl.where((img == j)[:, None], y, 0.0), axis=0)
             slot = pid_m - (j * HW) // BLOCK_M  # this tile's index among image j's tiles
             tl.store(part_ptr + (j * S + slot) * Cout + cols, seg, mask=cmask)
-    tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=out_mask)
+    if has_out:
+        tl.store(out_ptrs, y.to(out_ptrs.dtype.element_ty), mask=out_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +520,7 @@ def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, C
 
 @triton.jit
 def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr, M, K, Cout, H, W, Wo, HW, S,
-                    act, act_gain, has_grad, has_gsums, pre_beta, POOL: tl.constexpr, SUMS: tl.constexpr,
+                    act, act_gain, has_grad, has_gsums, has_out, pre_beta, POOL: tl.constexpr, SUMS: tl.constexpr,
                     BWD: tl.constexpr, PRE_ACT: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr, FP32_K: tl.constexpr):
@@ -594,12 +600,12 @@ def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_p
         grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptrs, [1, 16]), [1, BLOCK_N])
         out_mask = tl.max_constancy(out_mask, [1, 16])
     _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr,
-              part_ptr, gsums_ptr, has_grad, has_gsums, SUMS, BWD, BLOCK_M)
+              part_ptr, gsums_ptr, has_grad, has_gsums, has_out, SUMS, BWD, BLOCK_M)
 
 
 @triton.jit
 def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr, M, H, W, Cin, Wo, HW, Cout, Cg,
-                 Cog, stride, pad_h, pad_w, S, act, act_gain, has_grad, has_gsums, KH: tl.constexpr,
+                 Cog, stride, pad_h, pad_w, S, act, act_gain, has_grad, has_gsums, has_out, KH: tl.constexpr,
                  KW: tl.constexpr, SUMS: tl.constexpr, BWD: tl.constexpr,
                  FLAT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr, FP32_K: tl.constexpr):
@@ -675,7 +681,7 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr,
         grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptrs, [1, 16]), [1, BLOCK_N])
         out_mask = tl.max_constancy(out_mask, [1, 16])
     _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr,
-              part_ptr, gsums_ptr, has_grad, has_gsums, SUMS, BWD, BLOCK_M)
+              part_ptr, gsums_ptr, has_grad, has_gsums, has_out, SUMS, BWD, BLOCK_M)
 
 
 @triton.jit
@@ -734,7 +740,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                autotune: Optional[bool] = None, vendor: Optional[bool] = None, gain: Optional[torch.Tensor] = None,
                std_scale: float = 1.0, std_eps: float = 0.0, backward: bool = False,
                grad_out: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None,
-               pre_act: bool = False, pre_beta: float = 1.0):
+               pre_act: bool = False, pre_beta: float = 1.0, want_out: bool = True):
     """``act(conv2d(pool(x), weight, stride, padding, groups) + bias) * act_gain`` in one launch,
     channels_last. The specification is ``nfnet_fast._reference.fused_conv``.
 
@@ -776,9 +782,12 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             loads its A tiles (before the pool's average), so that input is never written; other
             convs take one ``silu_scale`` launch first. Not with ``backward``.
         pre_beta: that pre-activation's scale.
+        want_out: False: only the sums are wanted (with ``want_sums``; not with ``backward``): the
+            output is computed but never written, nor allocated.
 
     Returns:
-        ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, or ``(out, sums)``.
+        ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, ``(out, sums)`` with
+        ``want_sums``, or ``sums`` alone with ``want_out=False``.
     """
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"x and weight must be 4-d, got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -796,6 +805,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if min(pt, pb, pl, pr) < 0:
         raise ValueError(f"padding must be >= 0, got {padding}")
     a = _act_index(act)
+    if not want_out and (not want_sums or backward):
+        raise ValueError("want_out=False needs want_sums=True (the sums are then the only result) and no backward")
     one_by_one = kh == 1 and kw == 1 and stride == 1 and (pt, pb, pl, pr) == (0, 0, 0, 0) and groups == 1
     if pre_act and backward:
         raise ValueError("pre_act=True is a forward prologue: the backward takes the activated input")
@@ -816,7 +827,10 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         raise ValueError("more than 2**31 pixels in one batch")
 
     x = x.contiguous(memory_format=torch.channels_last)
-    out = torch.empty((nb, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+    # (without the output, a one-element tensor of its dtype stands in for the kernel's out_ptr, which
+    # it never stores through: has_out 0)
+    out = (torch.empty((nb, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
+           if want_out else x.new_empty((1,)))
     if gain is not None:
         if gain.numel() != cout:
             raise ValueError(f"gain has {gain.numel()} values for {cout} output channels")
@@ -845,7 +859,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     grad_t = grad_out if grad_out is not None else out
     gsums_t = grad_sums if grad_sums is not None else b
     aligned = _is_aligned((cin, cout, cg, cog), (x, wt, out, grad_t, gsums_t))
-    flags = dict(has_grad=int(grad_out is not None), has_gsums=int(grad_sums is not None))
+    flags = dict(has_grad=int(grad_out is not None), has_gsums=int(grad_sums is not None), has_out=int(want_out))
 
     def launch(cfg: dict):
         """Run the conv with tile ``cfg`` into ``out``; the sums' partial rows and their slots count."""
@@ -876,7 +890,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                                          float(act_gain), want_sums, grad_out, grad_sums)
         xin = _silu.forward(x, pre_beta) if pre_act else x  # (the unfused way: a pass that writes it)
         return _vendor_conv(xin, wt.permute(3, 2, 0, 1), bias, stride, (pt, pb, pl, pr), groups, a, float(act_gain),
-                            pool, want_sums)
+                            pool, want_sums, want_out)
 
     if autotune is None:
         autotune = x.is_cuda
@@ -910,7 +924,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         with device_guard(x):
             _sums_kernel[(nb, cdiv(cout, SUMS_BLOCK))](part, sums, cout, hw, slots, tile_m,
                                                               BLOCK=SUMS_BLOCK, num_warps=SUMS_WARPS)
-    return out, sums
+    return (out, sums) if want_out else sums
 
 
 def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor], x: torch.Tensor,

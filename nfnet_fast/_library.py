@@ -259,8 +259,12 @@ def public_functions(prefix: str, float64=None) -> dict:
 # backend routes to it), with this fake kernel and this autograd:
 #
 #   <prefix>fused_conv(x, weight, bias?, stride, padding[4], groups, act, act_gain, pool, want_sums,
-#                      pre_x?, pre_beta, gain?, std_scale, std_eps, pre_act)
+#                      pre_x?, pre_beta, gain?, std_scale, std_eps, pre_act, want_out)
 #       -> (out, sums)          act: index into ops.ACTIVATIONS; sums (N, C_out) fp32, or (0,)
+#
+# With want_out False (and want_sums) only the sums are made: out is a (0,) placeholder in the
+# output's dtype, never differentiable, and the kernel never writes (or allocates) the output. The
+# model's final conv runs so, since the head uses only its global average pool.
 #
 # With gain, weight is a ScaledStdConv2d's raw weight (any float dtype, fp32 under autocast) and the
 # op standardises it itself (scaled_std_weight(weight, gain, std_scale, std_eps), written straight
@@ -290,12 +294,12 @@ def public_functions(prefix: str, float64=None) -> dict:
 ACTIVATIONS = (None, "silu", "relu", "gelu")  # ops.ACTIVATIONS (the op takes the index)
 
 
-def _conv_out_size(size: int, before: int, after: int, k: int, stride: int) -> int:
+def conv_out_size(size: int, before: int, after: int, k: int, stride: int) -> int:
     return (size + before + after - k) // stride + 1
 
 
 def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x=None,
-                     pre_beta=1.0, gain=None, std_scale=1.0, std_eps=0.0, pre_act=False):
+                     pre_beta=1.0, gain=None, std_scale=1.0, std_eps=0.0, pre_act=False, want_out=True):
     _check_float(x, "x")
     torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
     _check_same(weight, "weight", x, "x", dtype=gain is None)  # (a raw weight to standardise: any float dtype)
@@ -307,6 +311,7 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
                  lambda: f"weight shape {tuple(weight.shape)} and groups={groups} do not fit x {tuple(x.shape)}")
     torch._check(len(padding) == 4, lambda: "padding must be (top, bottom, left, right)")
     torch._check(not (pre_act and pre_x is not None), lambda: "pre_act and pre_x exclude each other")
+    torch._check(want_out or want_sums, lambda: "want_out=False needs want_sums=True")
     if pre_x is not None:
         torch._check(pre_x.shape == x.shape, lambda: f"pre_x shape {tuple(pre_x.shape)} must equal x shape "
                                                      f"{tuple(x.shape)}")
@@ -317,22 +322,26 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
     n, _, h, w = x.shape
     if pool:
         h, w = (h + 1) // 2, (w + 1) // 2
-    ho = _conv_out_size(h, padding[0], padding[1], weight.shape[2], stride)
-    wo = _conv_out_size(w, padding[2], padding[3], weight.shape[3], stride)
-    out = torch.empty((n, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    ho = conv_out_size(h, padding[0], padding[1], weight.shape[2], stride)
+    wo = conv_out_size(w, padding[2], padding[3], weight.shape[3], stride)
+    out = (torch.empty((n, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+           if want_out else x.new_empty((0,)))
     sums = x.new_empty((n, weight.shape[0]) if want_sums else (0,), dtype=torch.float32)
     return out, sums
 
 
 def _fused_conv_setup(ctx, inputs, output):
     (x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums, pre_x,
-     ctx.pre_beta, gain, ctx.std_scale, ctx.std_eps, *pre_act) = inputs
+     ctx.pre_beta, gain, ctx.std_scale, ctx.std_eps, *flags) = inputs  # (pre_act, want_out, where passed)
+    pre_act, want_out = (flags + [False, True][len(flags):])[:2]
     if not want_sums:
         ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
+    if not want_out:
+        ctx.mark_non_differentiable(output[0])  # likewise
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.pre_x = pre_x is not None  # (x's gradient then goes to pre_x, argument 10)
-    ctx.pre = ctx.pre_x or bool(pre_act and pre_act[0])  # the saved tensor is a pre-activation
+    ctx.pre = ctx.pre_x or bool(pre_act)  # the saved tensor is a pre-activation
     ctx.x_dtype = x.dtype
     ctx.save_for_backward(pre_x if ctx.pre_x else x, weight, bias, gain)
 
@@ -361,8 +370,10 @@ def _fused_conv_backward(backward_op):
         need_gain = gain is not None and needs[12]
         if grad_sums is not None and grad_sums.dim() != 2:  # the (0,) placeholder of an op without sums
             grad_sums = None
+        if grad_out is not None and grad_out.dim() != 4:  # the (0,) placeholder of an op without an output
+            grad_out = None
         if (grad_out is None and grad_sums is None) or not (need_x or need_w or need_b or need_gain):
-            return (None,) * 16
+            return (None,) * 17
         grad_x, grad_w, grad_b, grad_gain = backward_op(
             grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain,
             ctx.pool, ctx.pre_beta if ctx.pre else None, gain, ctx.std_scale, ctx.std_eps, need_x, need_w, need_b,
@@ -370,7 +381,7 @@ def _fused_conv_backward(backward_op):
         grad_x, grad_w = (grad_x if need_x else None), (grad_w if need_w else None)
         grad_b, grad_gain = (grad_b if need_b else None), (grad_gain if need_gain else None)
         return ((None if ctx.pre_x else grad_x, grad_w, grad_b) + (None,) * 7
-                + (grad_x if ctx.pre_x else None, None, grad_gain, None, None, None))
+                + (grad_x if ctx.pre_x else None, None, grad_gain, None, None, None, None))
     return backward
 
 
@@ -389,6 +400,13 @@ def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return None
 
 
+def conv_out_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of fused_conv's output for input ``x`` on every backend: the autocast dtype where
+    autocast is on (float64 excepted, which autocast's conv leaves as it is), else ``x``'s."""
+    dtype = autocast_dtype(x.device.type)
+    return x.dtype if dtype is None or x.dtype == torch.float64 else dtype
+
+
 def fused_conv_function(prefix: str, float64=None):
     """ops.fused_conv's signature over ``nfnet_fast::<prefix>fused_conv`` (see public_functions):
     under autocast x and weight are cast to the autocast dtype first, as F.conv2d does (a raw weight
@@ -400,11 +418,11 @@ def fused_conv_function(prefix: str, float64=None):
     def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding, groups: int,
                    act: Optional[str], act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                    pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
-                   std_eps: float = 0.0, pre_act: bool = False):
+                   std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True):
         if float64 is not None and x.dtype == torch.float64:
             return float64.fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums,
                                       gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act,
-                                      pre_beta=pre_beta)
+                                      pre_beta=pre_beta, want_out=want_out)
         dtype = autocast_dtype(x.device.type)
         if dtype is not None:
             if x.dtype != dtype:  # (the cast x is no longer silu(pre_x) * pre_beta as computed: keep x)
@@ -415,7 +433,9 @@ def fused_conv_function(prefix: str, float64=None):
             if gain is None:
                 weight = weight.to(dtype)
         out, sums = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
-                       want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act)
+                       want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out)
+        if not want_out:
+            return sums
         return (out, sums) if want_sums else out
 
     return fused_conv

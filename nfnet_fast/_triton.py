@@ -136,11 +136,14 @@ def _eca_residual_backward_op(grad_x_next: Optional[Tensor], grad_a_next: Option
 def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: List[int], groups: int,
                   act: int, act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                   pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
-                  std_eps: float = 0.0, pre_act: bool = False) -> Tuple[Tensor, Tensor]:
+                  std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True) -> Tuple[Tensor, Tensor]:
     # (pre_x: for the autograd only, which saves pre_x instead of x; see _library)
     res = _conv.fused_conv(x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, want_sums=want_sums,
-                           gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, pre_beta=pre_beta)
+                           gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, pre_beta=pre_beta,
+                           want_out=want_out)
+    if not want_out:  # the sums alone, and a (0,) placeholder for the output never written
+        return x.new_empty((0,)), res
     out, sums = res if want_sums else (res, None)
     return out, x.new_empty((0,), dtype=torch.float32) if sums is None else sums
 

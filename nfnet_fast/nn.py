@@ -57,10 +57,10 @@ def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next
 
 def _fused_conv(x, weight, bias, stride: int, padding, groups: int, act: Optional[str], act_gain: float, pool: bool,
                 backend: str, want_sums: bool = False, pre_x=None, pre_beta: float = 1.0, gain=None,
-                std_scale: float = 1.0, std_eps: float = 0.0, pre_act: bool = False):
+                std_scale: float = 1.0, std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True):
     return ops.fused_conv(x, weight, bias, stride=stride, padding=padding, groups=groups, act=act, act_gain=act_gain,
                           pool=pool, want_sums=want_sums, pre_x=pre_x, pre_beta=pre_beta, gain=gain,
-                          std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, backend=backend)
+                          std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, want_out=want_out, backend=backend)
 
 
 for _name in ("_std_weight", "_silu_scale", "_eca", "_eca_residual", "_fused_conv"):
@@ -208,10 +208,11 @@ class _FusedConv(_StdWeightCache):
 
     def fused(self, x: torch.Tensor, act: Optional[str] = None, act_gain: float = 1.0,
               pool: bool = False, want_sums: bool = False, pre: Optional[Tuple[torch.Tensor, float]] = None,
-              pre_act: Optional[float] = None):
+              pre_act: Optional[float] = None, want_out: bool = True):
         """``act(self(pool(x))) * act_gain`` in one op where it applies, else as timm computes it.
         With ``want_sums``, ``(out, sums)``: the fp32 (N, C) sums of ``out`` over its pixels from
-        the op's epilogue, or None where the op does not apply (the caller then pools).
+        the op's epilogue, or None where the op does not apply (the caller then pools); with
+        ``want_out=False`` too, ``out`` is None where the op applies (it never writes it).
         ``pre``: ``(pre_x, beta)`` when ``x`` is ``silu(pre_x) * beta``; ``pre_act``: ``beta`` when
         the conv's input is ``silu(x) * beta``, applied as the op loads ``x`` (see ``ops.fused_conv``)."""
         padding = self._padding4(x)
@@ -228,12 +229,14 @@ class _FusedConv(_StdWeightCache):
         pre_x, pre_beta = pre if pre is not None else (None, 1.0 if pre_act is None else pre_act)
         key = self._cache_key()
         if key is None:  # training (or tracing): the op standardises the raw weight as it packs it
-            return _fused_conv(x, self.weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
-                               self.backend, want_sums, pre_x, pre_beta, self.gain, self.scale, self.eps,
-                               pre_act is not None)
-        weight = self._cached_weight(key, _library.autocast_dtype(x.device.type))
-        return _fused_conv(x, weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
-                           self.backend, want_sums, pre_x, pre_beta, pre_act=pre_act is not None)
+            res = _fused_conv(x, self.weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
+                              self.backend, want_sums, pre_x, pre_beta, self.gain, self.scale, self.eps,
+                              pre_act is not None, want_out)
+        else:
+            weight = self._cached_weight(key, _library.autocast_dtype(x.device.type))
+            res = _fused_conv(x, weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
+                              self.backend, want_sums, pre_x, pre_beta, pre_act=pre_act is not None, want_out=want_out)
+        return res if want_out else (None, res)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)
@@ -587,27 +590,37 @@ class NormFreeNet(_TimmNet):
             return checkpoint_seq(self.stages, x)
         return self.stages(x)
 
-    def _final(self, x: torch.Tensor, want_sums: bool):
-        """``final_act(final_conv(x))``, one op where it fuses; with ``want_sums`` also its fp32
-        channel sums (None where it does not fuse)."""
+    def _final(self, x: torch.Tensor, pooled: bool):
+        """``final_act(final_conv(x))``, one op where it fuses. With ``pooled``, ``(out, None)``
+        where it does not fuse, else ``(None, mean)``: the global average pool of that output, in its
+        dtype, from the fp32 channel sums the op's epilogue makes; the output itself is never
+        written (nor held by a training step)."""
         spec = _act_spec(self.final_act)
         if (spec is None or not isinstance(self.final_conv, _FusedConv) or _hooked(self.final_conv)
                 or _hooked(self.final_act) or _fx_traced(x) or _global_hooks()):
             x = self.final_act(self.final_conv(x))
-            return (x, None) if want_sums else x
-        return self.final_conv.fused(x, act=spec[0], act_gain=spec[1], want_sums=want_sums)
+            return (x, None) if pooled else x
+        if not pooled:
+            return self.final_conv.fused(x, act=spec[0], act_gain=spec[1])
+        out, sums = self.final_conv.fused(x, act=spec[0], act_gain=spec[1], want_sums=True, want_out=False)
+        if sums is None:
+            return out, None
+        # timm's mean over the output's pixels
+        conv = self.final_conv
+        top, bottom, left, right = conv._padding4(x)
+        pixels = (_library.conv_out_size(x.shape[2], top, bottom, conv.kernel_size[0], conv.stride[0])
+                  * _library.conv_out_size(x.shape[3], left, right, conv.kernel_size[1], conv.stride[0]))
+        return None, (sums / pixels).to(_library.conv_out_dtype(x))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._final(self._trunk(x), want_sums=False)
+        return self._final(self._trunk(x), pooled=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head = self.head
         if (type(head) is not _TimmHead or _hooked(head) or _hooked(head.drop) or _hooked(head.fc)
                 or not isinstance(head.fc, (nn.Linear, nn.Identity)) or not _global_avg_pool_flat(head.global_pool)):
             return super().forward(x)
-        x, sums = self._final(self._trunk(x), want_sums=True)
-        if sums is None:
+        x, pooled = self._final(self._trunk(x), pooled=True)
+        if pooled is None:
             return self.forward_head(x)
-        # timm's mean over the pixels, from the sums the final conv's epilogue made
-        pooled = (sums / (x.shape[2] * x.shape[3])).to(x.dtype)
         return head.flatten(head.fc(head.drop(pooled)))

@@ -321,7 +321,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                padding=0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
                want_sums: bool = False, pre_x: Optional[torch.Tensor] = None, pre_beta: float = 1.0,
                gain: Optional[torch.Tensor] = None, std_scale: float = 1.0, std_eps: float = 0.0,
-               pre_act: bool = False, backend: str = "auto"):
+               pre_act: bool = False, want_out: bool = True, backend: str = "auto"):
     """A convolution with its neighbours fused: ``act(conv2d(pool(x), weight) + bias) * act_gain``.
 
     What an NF block does around each convolution, in one pass on the compiled backends: the 2x2
@@ -345,6 +345,9 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         pool: first a 2x2, stride-2 average pool with ceil_mode and count_include_pad=False (timm's
             ``DownsampleAvg``); needs a 1x1 kernel, stride 1, no padding and groups 1.
         want_sums: also return the fp32 (N, C_out) sums of the output over its pixels.
+        want_out: False (with ``want_sums``): return only those sums; the compiled backends then
+            never write the output (nor allocate it), and a training step never holds it. What the
+            model's final conv does, whose output the head only averages.
         pre_x: None, or the tensor ``x`` was made from as ``silu(pre_x) * pre_beta`` (an NF block's
             pre-activation, as ``silu_scale`` or ``eca_residual``'s ``a_next`` made it): the compiled
             backends then save ``pre_x`` for the backward instead of ``x`` and recompute ``x`` there,
@@ -367,7 +370,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
-        ``out`` (N, C_out, H_out, W_out), or ``(out, sums)`` with ``want_sums``.
+        ``out`` (N, C_out, H_out, W_out), ``(out, sums)`` with ``want_sums``, or ``sums`` alone
+        with ``want_out=False``.
     """
     _check_activation(x, "x")
     _check_tensor(weight, "weight", ndim=4)
@@ -407,6 +411,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     _check_number(pre_beta, "pre_beta")
     if pre_act and pre_x is not None:
         raise ValueError("pre_act=True and pre_x exclude each other: with pre_act, x is the pre-activation's input")
+    if not want_out and not want_sums:
+        raise ValueError("want_out=False needs want_sums=True: the sums are then the only result")
     if pre_x is not None:
         _check_tensor(pre_x, "pre_x", ndim=4)
         _check_same(pre_x, "pre_x", x, "x", dtype=False)
@@ -414,7 +420,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             raise ValueError(f"pre_x shape {tuple(pre_x.shape)} must equal x shape {tuple(x.shape)}")
     return _implementation("fused_conv", backend, x, weight, bias, pre_x, gain)(
         x, weight, bias, stride, padding, groups, act, float(act_gain), bool(pool), bool(want_sums), pre_x,
-        float(pre_beta), gain, float(std_scale), float(std_eps), bool(pre_act))
+        float(pre_beta), gain, float(std_scale), float(std_eps), bool(pre_act), bool(want_out))
 
 
 # The backends, imported here, outside any compiled region (dynamo cannot trace an import): each

@@ -64,6 +64,25 @@ def test_against_reference(name, want_sums, backend, rng):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["1x1 silu", "1x1 pool", "3x3 g2 gelu gain", "3x3 same pad s2"])
+def test_sums_only(name, backend, rng):
+    """want_out=False returns the sums alone: the reference's sums, and the gradients of x, weight
+    and bias for a gradient of the sums are the reference's (which makes and differentiates the
+    output)."""
+    tensors, kw = _case(name, rng)
+    got_in, ref_in = _leaves(tensors), _leaves(tensors)
+    got = ops.fused_conv(*got_in, want_sums=True, want_out=False, backend=backend, **kw)
+    _, ref = ops.fused_conv(*ref_in, want_sums=True, backend="reference", **kw)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert_rel_close(got, ref, 1e-5, f"{backend} {name} sums")
+    grad = torch.randn(ref.shape, generator=rng)
+    got.backward(grad)
+    ref.backward(grad)
+    for a, r, what in zip(got_in, ref_in, ("x", "weight", "bias")):
+        assert_rel_close(a.grad, r.grad, 1e-5, f"{backend} {name} {what} grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sums_hand_over_to_eca_residual(backend, rng):
     """conv3 -> ECA tail as the block runs it: the conv's sums feed eca_residual (no pooling pass);
     forward, next pre-activation and the gradients of x, the conv's weight and bias, ECA's weight and
@@ -283,6 +302,7 @@ def test_fp16(backend, rng):
     (dict(gain=torch.ones(6, dtype=torch.float16)), TypeError, "gain has dtype"),
     (dict(gain=torch.ones(6, device="meta")), ValueError, "gain is on meta"),
     (dict(gain=torch.ones(6), std_eps=0.0), ValueError, "std_eps must be > 0"),
+    (dict(want_out=False), ValueError, "want_out=False needs want_sums=True"),
     (dict(gain=torch.ones(6), std_scale="1"), TypeError, "std_scale must be a Python float"),
     (dict(gain=torch.ones(6), weight=torch.ones(6, 1, 1, 1), x=torch.ones(2, 1, 5, 5), padding=0), ValueError,
      "fan-in of 1"),
@@ -316,6 +336,8 @@ def test_opcheck_and_compile(backend, rng):
     gain = torch.rand(w.shape[0], 1, 1, 1, generator=rng).add_(0.5).requires_grad_()
     torch.library.opcheck(op, (x, w, b, 1, [0, 0, 0, 0], 1, 1, 1.0, True, True, None, 1.0, gain, 0.3, 1e-5))
     torch.library.opcheck(op, (x, w, b, 1, [0, 0, 0, 0], 1, 1, 1.0, True, True, None, 0.7, gain, 0.3, 1e-5, True))
+    torch.library.opcheck(op, (x, w, b, 1, [0, 0, 0, 0], 1, 1, 1.0, True, True, None, 1.0, gain, 0.3, 1e-5, False,
+                               False))  # the sums alone
 
     def f(x, w, b):
         out, sums = ops.fused_conv(x, w, b, act="silu", pool=True, want_sums=True, backend=backend)
@@ -337,11 +359,13 @@ def test_cuda_backend_says_its_convolutions_run_the_triton_kernel():
 class _AtenCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.calls = []
+        self.calls, self.outputs = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.calls.append((func, args))
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.outputs.append(out)
+        return out
 
 
 @pytest.mark.parametrize("backend, silu_prologue", [(b, False) for b in COMPILED] + [  # (cuda: the same conv op)
@@ -351,7 +375,8 @@ def test_eca_nfnet_l0_forward_runs_fused_convolutions(backend, silu_prologue):
     fused ops (bias in the epilogue: no aten convolution and so no separate bias pass; ECA's conv1d
     is inside the ECA op), no avg_pool2d (the downsample pool is the 1x1 conv's prologue), no SiLU
     pass (each is its conv's epilogue, the head's too), no global pooling (the final conv's sums),
-    no add on activations (the residual is inside the ECA op), and every ECA-residual op gets its
+    no add on activations (the residual is inside the ECA op), the final conv makes its sums and
+    never its output (a (0,) placeholder), and every ECA-residual op gets its
     channel sums from conv3's epilogue instead of pooling y again. With the SiLU prologue no op
     writes a pre-activation: eca_residual makes x_next only, and the 1x1 convs reading a block's
     input (conv1, the downsample) apply silu(x) * beta as they load it."""
@@ -366,6 +391,9 @@ def test_eca_nfnet_l0_forward_runs_fused_convolutions(backend, silu_prologue):
     assert_rel_close(out, expect, what=f"{backend} fused model")
     names = [str(f.overloadpacket.__name__) if hasattr(f, "overloadpacket") else str(f) for f, _ in counter.calls]
     assert names.count("triton_fused_conv") == 57, names.count("triton_fused_conv")
+    results = [res for name, res in zip(names, counter.outputs) if name == "triton_fused_conv"]
+    assert [i for i, (conv_out, _) in enumerate(results) if conv_out.numel() == 0] == [56]
+    assert results[56][1].shape == (1, fast.num_features)
     for banned in ("convolution", "cudnn_convolution", "avg_pool2d", "silu", "silu_", "mean", "adaptive_avg_pool2d",
                    "_adaptive_avg_pool2d", "sigmoid", "mul"):
         assert banned not in names, (banned, names.count(banned))

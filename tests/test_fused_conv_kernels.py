@@ -237,6 +237,45 @@ def test_sums_are_deterministic(rng):
     assert torch.equal(first, fc.fused_conv(x, w, b, want_sums=True)[1])
 
 
+@pytest.mark.parametrize("shape", ["1x1", "3x3 g2 s2", "1x1 pool"])
+def test_sums_only_writes_no_output(shape, rng, monkeypatch):
+    """want_out=False: the same sums, to the bit, as with the output (the same tiles, the store
+    skipped), and no output-sized tensor is allocated (the final conv's training step never holds
+    it). In the vendor path too."""
+    x_shape, w_shape, kw = {"1x1": ((2, 24, 7, 9), (40, 24, 1, 1), {}),
+                            "3x3 g2 s2": ((2, 16, 9, 7), (24, 8, 3, 3), dict(stride=2, padding=1, groups=2)),
+                            "1x1 pool": ((3, 24, 7, 9), (32, 24, 1, 1), dict(pool=True))}[shape]
+    x, w, b = _case(rng, x_shape, w_shape, torch.float32)
+    kw.update(act="silu", act_gain=1.3, want_sums=True)
+    out, sums = fc.fused_conv(x, w, b, **kw)
+    real_empty, sizes = torch.empty, []
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        sizes.append(t.numel())
+        return t
+    monkeypatch.setattr(torch, "empty", empty)
+    got = fc.fused_conv(x, w, b, want_out=False, **kw)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert torch.equal(got, sums), shape
+    assert sizes and max(sizes) < out.numel(), (sizes, out.numel())
+    vendor_out, vendor_sums = fc._vendor_conv(x, w, b, kw.get("stride", 1), fc.normalize_padding(kw.get("padding", 0)),
+                                              kw.get("groups", 1), fc._act_index("silu"), 1.3, kw.get("pool", False),
+                                              True)
+    vendor_only = fc._vendor_conv(x, w, b, kw.get("stride", 1), fc.normalize_padding(kw.get("padding", 0)),
+                                  kw.get("groups", 1), fc._act_index("silu"), 1.3, kw.get("pool", False), True,
+                                  want_out=False)
+    assert torch.equal(vendor_only, vendor_sums)
+    assert_rel_close(vendor_sums, sums, SUMS_TOL, f"{shape} vendor sums")
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(want_sums=True, backward=True, grad_sums=torch.ones(2, 8))])
+def test_sums_only_needs_sums_and_a_forward(kwargs):
+    x, w = torch.ones(2, 4, 5, 5), torch.ones(8, 4, 1, 1)
+    with pytest.raises(ValueError, match="want_out=False needs want_sums=True"):
+        fc.fused_conv(x, w, want_out=False, **kwargs)
+
+
 def test_sum_slots_cover_every_image():
     """S is the most row tiles an image touches, and no image needs more."""
     for hw in (1, 7, 81, 127, 128, 129, 324, 1296):
