@@ -259,8 +259,13 @@ def public_functions(prefix: str, float64=None) -> dict:
 # backend routes to it), with this fake kernel and this autograd:
 #
 #   <prefix>fused_conv(x, weight, bias?, stride, padding[4], groups, act, act_gain, pool, want_sums,
-#                      pre_x?, pre_beta, gain?, std_scale, std_eps, pre_act, want_out)
+#                      pre_x?, pre_beta, gain?, std_scale, std_eps, pre_act, want_out, compute_dtype?)
 #       -> (out, sums)          act: index into ops.ACTIVATIONS; sums (N, C_out) fp32, or (0,)
+#
+# With compute_dtype (autocast's, given by fused_conv_function for an input of another dtype that
+# needs no gradient: the batch of images at the stem) the op casts x itself, so the autograd saves
+# x as the caller holds it anyway, not a cast copy (0.29 MiB a sample of bf16 images at 224 px);
+# the backward casts it again, with the same rounding, when it needs it.
 #
 # With want_out False (and want_sums) only the sums are made: out is a (0,) placeholder in the
 # output's dtype, never differentiable, and the kernel never writes (or allocates) the output. The
@@ -299,9 +304,13 @@ def conv_out_size(size: int, before: int, after: int, k: int, stride: int) -> in
 
 
 def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x=None,
-                     pre_beta=1.0, gain=None, std_scale=1.0, std_eps=0.0, pre_act=False, want_out=True):
+                     pre_beta=1.0, gain=None, std_scale=1.0, std_eps=0.0, pre_act=False, want_out=True,
+                     compute_dtype=None):
     _check_float(x, "x")
     torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
+    if compute_dtype is not None:  # (x is cast to it first: the rest is checked against the cast x)
+        torch._check(not pre_act and pre_x is None, lambda: "compute_dtype excludes pre_act and pre_x")
+        x = x.to(compute_dtype)
     _check_same(weight, "weight", x, "x", dtype=gain is None)  # (a raw weight to standardise: any float dtype)
     if gain is not None:
         _check_float(weight, "weight")
@@ -332,8 +341,8 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
 
 def _fused_conv_setup(ctx, inputs, output):
     (x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums, pre_x,
-     ctx.pre_beta, gain, ctx.std_scale, ctx.std_eps, *flags) = inputs  # (pre_act, want_out, where passed)
-    pre_act, want_out = (flags + [False, True][len(flags):])[:2]
+     ctx.pre_beta, gain, ctx.std_scale, ctx.std_eps, *flags) = inputs  # (pre_act, want_out, compute_dtype)
+    pre_act, want_out, ctx.compute_dtype = (flags + [False, True, None][len(flags):])[:3]
     if not want_sums:
         ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
     if not want_out:
@@ -347,7 +356,8 @@ def _fused_conv_setup(ctx, inputs, output):
 
 
 def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padding, groups, act, act_gain, pool,
-                              pre_beta, gain, std_scale, std_eps, need_x, need_weight, need_bias, need_gain):
+                              pre_beta, gain, std_scale, std_eps, need_x, need_weight, need_bias, need_gain,
+                              compute_dtype=None):
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device,
                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -373,15 +383,15 @@ def _fused_conv_backward(backward_op):
         if grad_out is not None and grad_out.dim() != 4:  # the (0,) placeholder of an op without an output
             grad_out = None
         if (grad_out is None and grad_sums is None) or not (need_x or need_w or need_b or need_gain):
-            return (None,) * 17
+            return (None,) * 18
         grad_x, grad_w, grad_b, grad_gain = backward_op(
             grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain,
             ctx.pool, ctx.pre_beta if ctx.pre else None, gain, ctx.std_scale, ctx.std_eps, need_x, need_w, need_b,
-            need_gain)
+            need_gain, ctx.compute_dtype)
         grad_x, grad_w = (grad_x if need_x else None), (grad_w if need_w else None)
         grad_b, grad_gain = (grad_b if need_b else None), (grad_gain if need_gain else None)
         return ((None if ctx.pre_x else grad_x, grad_w, grad_b) + (None,) * 7
-                + (grad_x if ctx.pre_x else None, None, grad_gain, None, None, None, None))
+                + (grad_x if ctx.pre_x else None, None, grad_gain, None, None, None, None, None))
     return backward
 
 
@@ -411,7 +421,9 @@ def fused_conv_function(prefix: str, float64=None):
     """ops.fused_conv's signature over ``nfnet_fast::<prefix>fused_conv`` (see public_functions):
     under autocast x and weight are cast to the autocast dtype first, as F.conv2d does (a raw weight
     to standardise, with ``gain``, stays as it is: the op standardises it in fp32 and writes the
-    result in x's dtype, as timm's fp32 batch_norm and then the conv's cast do)."""
+    result in x's dtype, as timm's fp32 batch_norm and then the conv's cast do). An x that needs no
+    gradient (the caller's data, alive anyway) the op casts itself (compute_dtype), so that the
+    autograd keeps x and no cast copy."""
     op = _op(f"nfnet_fast::{prefix}fused_conv")
     silu = _op(_names(prefix, "silu_scale")[0])
 
@@ -429,11 +441,12 @@ def fused_conv_function(prefix: str, float64=None):
                 pre_x = None
                 if pre_act:  # unfused, as timm: the pre-activation in x's dtype (autocast leaves silu), then the cast
                     x, pre_act = silu(x, pre_beta), False
-            x = x.to(dtype)
             if gain is None:
                 weight = weight.to(dtype)
+            if x.dtype == dtype or x.requires_grad:
+                x, dtype = x.to(dtype), None
         out, sums = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
-                       want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out)
+                       want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out, dtype)
         if not want_out:
             return sums
         return (out, sums) if want_sums else out

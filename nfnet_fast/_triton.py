@@ -136,8 +136,11 @@ def _eca_residual_backward_op(grad_x_next: Optional[Tensor], grad_a_next: Option
 def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: List[int], groups: int,
                   act: int, act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                   pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
-                  std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True) -> Tuple[Tensor, Tensor]:
+                  std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True,
+                  compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
     # (pre_x: for the autograd only, which saves pre_x instead of x; see _library)
+    if compute_dtype is not None:
+        x = x.to(compute_dtype)
     res = _conv.fused_conv(x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, want_sums=want_sums,
                            gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, pre_beta=pre_beta,
@@ -153,11 +156,17 @@ def _fused_conv_backward_op(grad_out: Optional[Tensor], grad_sums: Optional[Tens
                             bias: Optional[Tensor], stride: int, padding: List[int], groups: int, act: int,
                             act_gain: float, pool: bool, pre_beta: Optional[float], gain: Optional[Tensor],
                             std_scale: float, std_eps: float, need_x: bool, need_weight: bool, need_bias: bool,
-                            need_gain: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                            need_gain: bool, compute_dtype: Optional[torch.dtype] = None
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    x_dtype = x.dtype
+    if compute_dtype is not None:  # (the forward's cast, again: the autograd kept the caller's x)
+        x = x.to(compute_dtype)
     grads = _conv.backward(grad_out, grad_sums, x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, pre_beta=pre_beta, gain=gain,
                            std_scale=std_scale, std_eps=std_eps, needs=(need_x, need_weight, need_bias, need_gain))
     grad_x, grad_weight, grad_bias, grad_gain = grads
+    if grad_x is not None:
+        grad_x = grad_x.to(x_dtype)  # (a cast's backward)
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)
     # (each missing gradient its own (0,) tensor: outputs of a custom op may not alias)

@@ -333,7 +333,9 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         x: activation (N, C_in, H, W), NCHW or channels_last (the compiled backends compute and
             return channels_last).
         weight: (C_out, C_in / groups, kh, kw), in ``x``'s dtype (under autocast both are cast to the
-            autocast dtype, as ``F.conv2d`` does); with ``gain``, the raw weight to standardise, in
+            autocast dtype, as ``F.conv2d`` does; an ``x`` that needs no gradient, such as the batch
+            of images, the compiled backends cast inside the op, so that a training step keeps
+            ``x`` itself rather than a cast copy); with ``gain``, the raw weight to standardise, in
             any float dtype (its gradient comes back in that dtype).
         bias: (C_out,) or None.
         stride: the convolution's stride.

@@ -327,6 +327,42 @@ def test_autocast_casts_like_conv2d(rng):
 
 
 @pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("std", [False, True], ids=["weight", "gain"])
+def test_autocast_keeps_the_callers_input(backend, std, rng):
+    """Under autocast an fp32 input that needs no gradient (the stem's images) is cast inside the
+    op: the autograd saves the caller's x and no fp16 copy of it, and the output and the weight's,
+    bias's and gain's gradients are those of the input cast beforehand, to the bit (the same
+    rounding)."""
+    (x, w, b), kw = _case("5x5 stem-like", rng)
+    gain = torch.rand(w.shape[0], 1, 1, 1, generator=rng).add_(0.5) if std else None
+    std_kw = dict(gain=None, std_scale=0.3, std_eps=1e-5) if std else {}
+    grad = None
+    results = []
+    for pre_cast in (False, True):
+        w_in, b_in, *gain_in = _leaves((w, b) + ((gain,) if std else ()))
+        if std:
+            std_kw["gain"] = gain_in[0]
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+        with torch.autocast("cpu", dtype=torch.float16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = ops.fused_conv(x.half() if pre_cast else x, w_in, b_in, backend=backend, **dict(kw, act="silu"),
+                                 **std_kw)
+        assert out.dtype == torch.float16
+        if not pre_cast:
+            ptrs = {t.untyped_storage().data_ptr() for t in saved}
+            assert x.untyped_storage().data_ptr() in ptrs, "the caller's x is not what the autograd keeps"
+            assert not [t for t in saved if t.shape == x.shape and t.dtype == torch.float16], "a cast copy was saved"
+        grad = torch.randn(out.shape, generator=rng).half() if grad is None else grad
+        out.backward(grad)
+        results.append([out, w_in.grad, b_in.grad] + [g.grad for g in gain_in])
+    for got, ref, what in zip(*results, ("out", "weight", "bias", "gain")):
+        assert torch.equal(got, ref), f"{backend} {what}"
+
+
+@pytest.mark.parametrize("backend", COMPILED)
 def test_opcheck_and_compile(backend, rng):
     tensors, kw = _case("1x1 pool", rng)
     x, w, b = _leaves(tensors)
@@ -338,6 +374,8 @@ def test_opcheck_and_compile(backend, rng):
     torch.library.opcheck(op, (x, w, b, 1, [0, 0, 0, 0], 1, 1, 1.0, True, True, None, 0.7, gain, 0.3, 1e-5, True))
     torch.library.opcheck(op, (x, w, b, 1, [0, 0, 0, 0], 1, 1, 1.0, True, True, None, 1.0, gain, 0.3, 1e-5, False,
                                False))  # the sums alone
+    torch.library.opcheck(op, (x, w.half(), b, 1, [0, 0, 0, 0], 1, 1, 1.0, True, True, None, 1.0, None, 1.0, 0.0,
+                               False, True, torch.float16))  # x cast in the op (grad_x cast back)
 
     def f(x, w, b):
         out, sums = ops.fused_conv(x, w, b, act="silu", pool=True, want_sums=True, backend=backend)
