@@ -435,7 +435,7 @@ def fused_conv_function(prefix: str, float64=None):
             return float64.fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums,
                                       gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act,
                                       pre_beta=pre_beta, want_out=want_out)
-        dtype = autocast_dtype(x.device.type)
+        dtype, compute_dtype = autocast_dtype(x.device.type), None
         if dtype is not None:
             if x.dtype != dtype:  # (the cast x is no longer silu(pre_x) * pre_beta as computed: keep x)
                 pre_x = None
@@ -443,10 +443,12 @@ def fused_conv_function(prefix: str, float64=None):
                     x, pre_act = silu(x, pre_beta), False
             if gain is None:
                 weight = weight.to(dtype)
-            if x.dtype == dtype or x.requires_grad:
-                x, dtype = x.to(dtype), None
+            if x.dtype != dtype and not x.requires_grad:
+                compute_dtype = dtype  # the caller's data: the op casts it, so its autograd keeps x (no copy)
+            else:
+                x = x.to(dtype)
         out, sums = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
-                       want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out, dtype)
+                       want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out, compute_dtype)
         if not want_out:
             return sums
         return (out, sums) if want_sums else out

@@ -259,12 +259,10 @@ def test_sums_only_writes_no_output(shape, rng, monkeypatch):
     monkeypatch.setattr(torch, "empty", real_empty)
     assert torch.equal(got, sums), shape
     assert sizes and max(sizes) < out.numel(), (sizes, out.numel())
-    vendor_out, vendor_sums = fc._vendor_conv(x, w, b, kw.get("stride", 1), fc.normalize_padding(kw.get("padding", 0)),
-                                              kw.get("groups", 1), fc._act_index("silu"), 1.3, kw.get("pool", False),
-                                              True)
-    vendor_only = fc._vendor_conv(x, w, b, kw.get("stride", 1), fc.normalize_padding(kw.get("padding", 0)),
-                                  kw.get("groups", 1), fc._act_index("silu"), 1.3, kw.get("pool", False), True,
-                                  want_out=False)
+    vendor_args = (x, w, b, kw.get("stride", 1), fc.normalize_padding(kw.get("padding", 0)), kw.get("groups", 1),
+                   fc._act_index("silu"), 1.3, kw.get("pool", False), True)
+    _, vendor_sums = fc._vendor_conv(*vendor_args)
+    vendor_only = fc._vendor_conv(*vendor_args, want_out=False)
     assert torch.equal(vendor_only, vendor_sums)
     assert_rel_close(vendor_sums, sums, SUMS_TOL, f"{shape} vendor sums")
 
