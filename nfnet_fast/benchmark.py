@@ -11,7 +11,7 @@ import copy
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import timm
 import torch
@@ -118,21 +118,30 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, ta
     return loss
 
 
-def saved_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: str) -> int:
-    """Bytes of the tensors one training forward of ``model`` saves for its backward (autograd's
-    saved-tensor hooks; each storage once; parameters excluded, autocast's weight copies included)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+def saved_storage_bytes(fn: Callable[[], Any], exclude: Iterable[torch.Tensor] = ()) -> Tuple[int, Any]:
+    """Run ``fn()`` and return (bytes of the distinct storages autograd saved for the backward
+    meanwhile, each storage once and those of ``exclude`` left out; ``fn``'s result)."""
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
     saved = {}
 
     def pack(t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
+        if storage.data_ptr() not in excluded:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(x.device, dtype):
-        nn.functional.cross_entropy(model(x), target)
-    return sum(saved.values())
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(saved.values()), out
+
+
+def saved_bytes(model: nn.Module, x: torch.Tensor, target: torch.Tensor, dtype: str) -> int:
+    """Bytes of the tensors one training forward of ``model`` saves for its backward (autograd's
+    saved-tensor hooks; each storage once; parameters excluded, autocast's weight copies included)."""
+    def forward():
+        with _autocast(x.device, dtype):
+            return nn.functional.cross_entropy(model(x), target)
+    return saved_storage_bytes(forward, exclude=model.parameters())[0]
 
 
 def _inference(model: nn.Module, device: torch.device, dtype: str) -> Step:

@@ -13,6 +13,7 @@ import nfnet_fast
 from conftest import assert_rel_close, cpu_backends, randomize_
 from nfnet_fast import _backends, ops
 from nfnet_fast import _reference as ref_ops
+from nfnet_fast.benchmark import saved_storage_bytes
 
 BACKENDS = cpu_backends("fused_conv")
 COMPILED = [b for b in BACKENDS if b != "reference"]
@@ -453,18 +454,6 @@ def test_eca_nfnet_l0_forward_runs_fused_convolutions(backend, silu_prologue):
         torch.testing.assert_close(sums, y.float().sum((2, 3)), rtol=1e-5, atol=1e-5 * y.abs().amax().item())
 
 
-def _saved_bytes(fn):
-    """Bytes of the distinct storages autograd saves for the backward while ``fn`` runs."""
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(saved.values()), out
-
-
 @pytest.mark.parametrize("backend", COMPILED)
 def test_training_block_does_not_save_its_pre_activation(backend, rng):
     """A converted NF block in training on a compiled backend holds one activation less for its
@@ -477,7 +466,7 @@ def test_training_block_does_not_save_its_pre_activation(backend, rng):
     for b_name in (backend, "reference"):
         fast = nfnet_fast.convert(copy.deepcopy(block), backend=b_name).train()
         xi = x.clone().requires_grad_()
-        nbytes, out = _saved_bytes(lambda: fast(xi))
+        nbytes, out = saved_storage_bytes(lambda: fast(xi))
         out.square().sum().backward()
         results.append((nbytes, out, xi.grad, fast.conv1.weight.grad, fast.conv3.gain.grad))
     (got_bytes, *got), (ref_bytes, *expect) = results
