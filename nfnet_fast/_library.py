@@ -209,13 +209,13 @@ def _eca_backward(backward_op):
 def register(prefix: str, eca_stats_like: Callable[[Tensor], Tensor]) -> None:
     """Fake kernels and autograd for one backend's three op pairs (``prefix``: see the module doc);
     ``eca_stats_like(y, sums)`` is the empty ``stats`` tensor that backend's eca_residual returns."""
-    fakes = {"scaled_std_weight": (_fake_std, _fake_std_backward, _std_setup, _std_backward),
-             "silu_scale": (_fake_silu, _fake_silu_backward, _silu_setup, _silu_backward),
-             "eca_residual": (_fake_eca(eca_stats_like), _fake_eca_backward, _eca_setup, _eca_backward)}
-    for op, (fake, fake_backward, setup, make_backward) in fakes.items():
+    fakes = {"scaled_std_weight": (_fake_std, _fake_std_backward), "silu_scale": (_fake_silu, _fake_silu_backward),
+             "eca_residual": (_fake_eca(eca_stats_like), _fake_eca_backward)}
+    for op, (fake, fake_backward) in fakes.items():
         forward, backward = _names(prefix, op)
         torch.library.register_fake(forward)(fake)
         torch.library.register_fake(backward)(fake_backward)
+        setup, make_backward = _AUTOGRAD[op]
         torch.library.register_autograd(forward, make_backward(_op(backward)), setup_context=setup)
 
 
@@ -223,7 +223,7 @@ def public_functions(prefix: str, float64=None) -> dict:
     """The functions of :mod:`nfnet_fast.ops`' signatures over one backend's ops (arguments already
     validated by ``ops``), for the backend registry. ``float64``: a module whose functions take
     float64 inputs (a dtype the ops accept for checks) when the backend's kernels do not."""
-    std, silu, eca_res = (_op(_names(prefix, op)[0]) for op in KERNEL_OPS)
+    std, silu, eca_res = (_with_eager_autograd(prefix, op) for op in KERNEL_OPS)
 
     def wide(t: Tensor) -> bool:
         return float64 is not None and t.dtype == torch.float64
@@ -241,7 +241,7 @@ def public_functions(prefix: str, float64=None) -> dict:
     def eca(x: Tensor, weight: Tensor, gain: float) -> Tensor:
         if wide(x):
             return float64.eca(x, weight, gain)
-        return eca_res(x, weight, None, gain, None)[0]
+        return eca_res(x, weight, None, gain, None, None)[0]
 
     def eca_residual(y: Tensor, weight: Tensor, shortcut: Tensor, alpha: float, attn_gain: float,
                      beta_next: Optional[float], sums: Optional[Tensor] = None):
@@ -400,7 +400,42 @@ def register_fused_conv(prefix: str) -> None:
     name, backward = _names(prefix, "fused_conv")
     torch.library.register_fake(name)(_fake_fused_conv)
     torch.library.register_fake(backward)(_fake_fused_conv_backward)
-    torch.library.register_autograd(name, _fused_conv_backward(_op(backward)), setup_context=_fused_conv_setup)
+    setup, make_backward = _AUTOGRAD["fused_conv"]
+    torch.library.register_autograd(name, make_backward(_op(backward)), setup_context=setup)
+
+
+# Each op's autograd formula, (setup_context, backward maker): registered with the op, which is what
+# tracing (torch.compile, export) sees, and run by eager calls through _with_eager_autograd.
+_AUTOGRAD = {"scaled_std_weight": (_std_setup, _std_backward), "silu_scale": (_silu_setup, _silu_backward),
+             "eca_residual": (_eca_setup, _eca_backward), "fused_conv": (_fused_conv_setup, _fused_conv_backward)}
+
+
+def _with_eager_autograd(prefix: str, op: str) -> Callable:
+    """``nfnet_fast::<prefix><op>`` as a function of all its arguments (positional, none left to a
+    default) that runs an eager call with autograd through an ``autograd.Function`` with the op's
+    registered formula: the same saved tensors and gradients, without the host work of torch's
+    custom-op autograd wrapper. That wrapper refills the schema's defaults on every call in a loop
+    quadratic in the arity (pytorch#195110): 62 us of a training conv's ~410 us forward and
+    backward host time for fused_conv's 18 arguments on the 2-core build machine, ~80 us with the
+    wrapper's other layers (bench/host_overhead.py). Calls while tracing or compiling, and those
+    with no gradient to track, call the op itself."""
+    forward_name, backward_name = _names(prefix, op)
+    forward_op = _op(forward_name)
+    setup_context, make_backward = _AUTOGRAD[op]
+
+    def forward(ctx, *inputs):
+        output = forward_op(*inputs)  # (autograd.Function runs forward without grad: no autograd in the op)
+        setup_context(ctx, inputs, output)
+        return output
+    function = type(f"{prefix}{op}_autograd", (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(make_backward(_op(backward_name)))})
+
+    def call(*inputs):
+        if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)):
+            return function.apply(*inputs)
+        return forward_op(*inputs)
+    return call
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -424,8 +459,7 @@ def fused_conv_function(prefix: str, float64=None):
     result in x's dtype, as timm's fp32 batch_norm and then the conv's cast do). An x that needs no
     gradient (the caller's data, alive anyway) the op casts itself (compute_dtype), so that the
     autograd keeps x and no cast copy."""
-    op = _op(f"nfnet_fast::{prefix}fused_conv")
-    silu = _op(_names(prefix, "silu_scale")[0])
+    op, silu = _with_eager_autograd(prefix, "fused_conv"), _with_eager_autograd(prefix, "silu_scale")
 
     def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding, groups: int,
                    act: Optional[str], act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,

@@ -475,6 +475,47 @@ def test_training_block_does_not_save_its_pre_activation(backend, rng):
         assert_rel_close(g, e, 1e-5, f"{backend} {what}")
 
 
+@pytest.mark.parametrize("backend", COMPILED)
+def test_eager_training_skips_torchs_custom_op_autograd_wrapper(backend, monkeypatch, rng):
+    """Eager training runs each op's registered autograd formula through nfnet_fast's own
+    autograd.Function (_library._with_eager_autograd), never through torch's custom-op autograd
+    wrapper, whose refill of the schema's defaults costs ~60 us a fused conv call on the host
+    (pytorch#195110). What tracing runs, the op with its registered autograd (forced here by
+    is_compiling), sees that wrapper, and the loss and every gradient are the same bits."""
+    import torch._library.utils as library_utils
+    real_fill_defaults, calls = library_utils.fill_defaults, []
+
+    def fill_defaults(schema, args, kwargs):
+        calls.append(schema.name)
+        return real_fill_defaults(schema, args, kwargs)
+    monkeypatch.setattr(library_utils, "fill_defaults", fill_defaults)
+    ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 17).train()
+    fast = nfnet_fast.convert(ref, backend=backend).train()
+    blocks = torch.nn.Sequential(fast.stem, *fast.stages[0][:1], *fast.stages[1][:2])  # stem, pooled downsample
+    x = torch.randn(2, 3, 24, 21, generator=rng).contiguous(memory_format=torch.channels_last)
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        blocks.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        calls.clear()
+        with _AtenCounter() as counter:
+            loss = blocks(xi).square().mean()
+            loss.backward()
+        ops_run = {str(f.overloadpacket.__name__) for f, _ in counter.calls}
+        results.append([loss, xi.grad] + [p.grad for p in blocks.parameters()])
+        if compiling:
+            assert calls, "the ops' registered autograd was not run"
+        else:
+            assert not calls, f"torch's custom-op autograd ran for {sorted(set(calls))}"
+        eca = "triton_eca_residual" if backend == "triton" else "eca_residual"  # (both run the Triton conv)
+        assert {"triton_fused_conv", "_triton_fused_conv_backward", eca, f"_{eca}_backward"} <= ops_run, ops_run
+    for i, (eager, registered) in enumerate(zip(*results)):
+        assert (eager is None) == (registered is None), i
+        if eager is not None:
+            assert torch.equal(eager, registered), f"{backend} tensor {i}"
+
+
 @pytest.mark.parametrize("backend", [b for b in COMPILED if b == "triton"])  # (cuda runs the same conv op)
 def test_training_step_runs_one_op_per_conv(backend, monkeypatch):
     """A training step of a converted model on a compiled backend runs no separate weight
