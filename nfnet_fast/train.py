@@ -276,12 +276,23 @@ def _scan_folder(root: str, what: str) -> Tuple[List[Tuple[str, int]], Dict[str,
         loose = next(p for p, c in samples if c == class_to_idx[""])
         raise FinetuneError(f"{what} {root} holds images outside any class subfolder (e.g. {loose}): put each "
                             f"class's images in a subfolder named after the class")
+    # timm names a class after the folder holding the image, so cat/2019/ and dog/2019/ would both be class 2019
+    nested = next((p for p, _ in samples if len(os.path.relpath(p, root).split(os.sep)) != 2), None)
+    if nested is not None:
+        raise FinetuneError(f"{what} {root} holds images in nested folders (e.g. {nested}): each image's class is "
+                            f"the folder directly under {root}; move them up into their class folder")
+    hidden = sorted(c for c in class_to_idx if c.startswith("."))
+    if hidden:
+        raise FinetuneError(f"{what} {root} has a hidden folder of images, {hidden[0]}, that would be a class: "
+                            f"remove or rename it")
     return samples, class_to_idx
 
 
 def _check_images(paths: Sequence[str], progress: bool) -> None:
-    """Open every image (header and, for PNG, its checksums: PIL's verify) before anything is trained or
-    written, and raise a FinetuneError naming the first that PIL cannot read."""
+    """Open and decode every image before anything is trained or written (a JPEG at 1/8 scale, which still
+    reads all its data), and raise a FinetuneError naming the first that PIL cannot read. (PIL's verify alone
+    decodes no JPEG data: a truncated JPEG would pass, and timm's dataset then silently serves the next
+    image in its place.)"""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import Image
@@ -290,7 +301,10 @@ def _check_images(paths: Sequence[str], progress: bool) -> None:
     def why(path: str) -> Optional[str]:
         try:
             with Image.open(path) as im:
-                im.verify()
+                im.verify()  # (PNG: the chunks' checksums)
+            with Image.open(path) as im:
+                im.draft("RGB", (1, 1))  # (JPEG: decode at the smallest scale; other formats ignore it)
+                im.load()
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a damaged file
             return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}".rstrip(": ")
         return None

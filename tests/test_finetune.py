@@ -201,13 +201,36 @@ def _bad_data(kind, root):
         shutil.move(os.path.join(root, "extra", "val", "blue"), os.path.join(root, "val", "blue"))
         shutil.rmtree(os.path.join(root, "extra"))
         return root, f"validation folder {os.path.join(root, 'val')} has classes that"
+    if kind == "truncated-jpeg":  # PIL's verify reads no JPEG data: only decoding finds it
+        _make_images(root, per_class=2, val_per_class=1)
+        path = os.path.join(root, "val", "green", "cut.jpg")
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        with open(path, "wb") as f:
+            f.write(buf.getvalue()[:len(buf.getvalue()) // 2])
+        return root, f"cannot read image {path}: OSError: image file is truncated"
+    if kind == "nested":  # timm would name both classes' 2019/ folders one class, "2019"
+        _make_images(root, per_class=2, val_per_class=1)
+        for c in ("red", "green"):
+            os.makedirs(os.path.join(root, "train", c, "2019"))
+            shutil.copy(os.path.join(root, "train", c, "0.png"), os.path.join(root, "train", c, "2019", "9.png"))
+        train_root = os.path.join(root, "train")
+        return root, (f"training folder {train_root} holds images in nested folders (e.g. "
+                      f"{os.path.join(train_root, 'green', '2019', '9.png')}): each image's class is the folder "
+                      f"directly under {train_root}")
+    if kind == "hidden-class":
+        _make_images(root, per_class=2, val_per_class=1)
+        os.makedirs(os.path.join(root, "train", ".ipynb_checkpoints"))
+        shutil.copy(os.path.join(root, "train", "red", "0.png"), os.path.join(root, "train", ".ipynb_checkpoints"))
+        return root, (f"training folder {os.path.join(root, 'train')} has a hidden folder of images, "
+                      f".ipynb_checkpoints, that would be a class")
     if kind == "missing":
         return root, f"--data {root}: no such directory"
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["empty", "nothing", "one-class", "unreadable", "loose-images", "val-class-unknown",
-                                  "missing"])
+@pytest.mark.parametrize("kind", ["empty", "nothing", "one-class", "unreadable", "truncated-jpeg", "nested",
+                                  "hidden-class", "loose-images", "val-class-unknown", "missing"])
 def test_bad_data(kind, tmp_path, capsys):
     root, message = _bad_data(kind, str(tmp_path / "data"))
     out = tmp_path / "out"
