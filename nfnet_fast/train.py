@@ -634,7 +634,9 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
     train_set = data.make_train(train_tf)
     val_set = data.make_val(eval_tf) if data.make_val else None
     shuffle = torch.Generator().manual_seed(config.seed)
-    workers = dict(num_workers=config.workers, pin_memory=cuda, persistent_workers=config.workers > 0)
+    # (worker processes start afresh each epoch, seeded from the epoch's generator: persistent ones would
+    # carry an epoch's augmentation draws into the next, which a resumed run's new workers would not)
+    workers = dict(num_workers=config.workers, pin_memory=cuda)
     train_loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, generator=shuffle, **workers)
     val_loader = DataLoader(val_set, batch_size=config.batch_size, **workers) if val_set is not None else None
 

@@ -116,10 +116,20 @@ def test_predict_reads_the_checkpoint_and_its_class_names(run, data, capsys):
     assert {t["label"] for t in got[0]["topk"]} == {"blue", "green", "red"}  # from classes.json beside it
 
 
-def test_interrupted_run_resumes_to_the_same_weights(run, data, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_interrupted_run_resumes_to_the_same_weights(workers, run, data, tmp_path, monkeypatch, capsys):
     """Interrupted during epoch 2 (Ctrl-C: exit 130, last.pth of epoch 1 kept), then --resume: the same weights,
-    history and files as the uninterrupted run (each epoch's randomness is seeded by the epoch)."""
+    history and files as the uninterrupted run (each epoch's randomness is seeded by the epoch, in the loader's
+    worker processes too: they are started afresh each epoch, since persistent ones would carry epoch 1's
+    augmentation draws into epoch 2 where a resumed run's fresh ones would not)."""
     out, summary, _ = run
+    extra = ("--workers", str(workers))
+    if workers:  # (worker processes draw other random numbers than the main process: its own baseline)
+        out = tmp_path / "full"
+        assert _finetune(data, out, *extra) == 0
+        capsys.readouterr()
+        with open(out / train.SUMMARY_FILE) as f:
+            summary = json.load(f)
     calls = []
     validate = train._validate
 
@@ -131,14 +141,14 @@ def test_interrupted_run_resumes_to_the_same_weights(run, data, tmp_path, monkey
 
     monkeypatch.setattr(train, "_validate", interrupt_in_epoch_2)
     part = tmp_path / "part"
-    assert _finetune(data, part) == 130
+    assert _finetune(data, part, *extra) == 130
     assert capsys.readouterr().err.strip().endswith(f"interrupted; continue with --resume {part / train.RESUME_FILE}")
     assert not (part / train.FINAL_FILE).exists()
     assert torch.load(part / train.RESUME_FILE, weights_only=True)["epoch"] == 0
     monkeypatch.setattr(train, "_validate", validate)
 
     assert cli.main(["finetune", "--data", data, "--resume", str(part / train.RESUME_FILE), "--epochs", "2",
-                     *ARGS]) == 0  # --output defaults to the checkpoint's folder
+                     *ARGS, *extra]) == 0  # --output defaults to the checkpoint's folder
     stdout = capsys.readouterr().out
     assert f"resuming from {part / train.RESUME_FILE} after epoch 1" in stdout
     assert [line.split()[1] for line in stdout.splitlines() if line.startswith("epoch")] == ["2/2"]
