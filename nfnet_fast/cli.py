@@ -333,6 +333,20 @@ def _class_names(checkpoint: Optional[str], num_classes: int) -> Optional[List[s
     return None
 
 
+def _trained_size(checkpoint: Optional[str], model: str) -> Optional[int]:
+    """The image size of a checkpoint nfnet-fast finetune wrote (summary.json's input_size, beside it, for this
+    model), else None."""
+    if not checkpoint:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "summary.json")) as f:
+            summary = json.load(f)
+        size = summary["input_size"][-1] if summary.get("model") == model else None
+    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
+    return size if isinstance(size, int) and size > 0 else None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image, UnidentifiedImageError
@@ -347,7 +361,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     topk = args.topk if args.topk is not None else min(5, model.num_classes)
     if topk > model.num_classes:
         raise CliError(f"--topk {topk} is more than the {model.num_classes} classes of {args.model}")
-    transform = create_transform(**resolve_data_config({}, model=model))
+    size = args.img_size or _trained_size(args.checkpoint, args.model)
+    transform = create_transform(**resolve_data_config({"input_size": (3, size, size)} if size else {}, model=model))
     names = _class_names(args.checkpoint, model.num_classes)
     labels = ImageNetInfo() if model.num_classes == 1000 and names is None else None
     failed, results = 0, []
@@ -403,12 +418,24 @@ def _read_resume(path: str, model: str) -> dict:
 
 def _finetune_output(args: argparse.Namespace) -> str:
     """The --output folder (default: the --resume file's folder, else finetune-<model>), or a CliError when it is
-    a file, or holds another run that --resume does not continue."""
+    a file, cannot be made or written, or holds another run that --resume does not continue."""
     from nfnet_fast import train as T
+
+    import tempfile
 
     output = args.output or ((os.path.dirname(args.resume) or ".") if args.resume else f"finetune-{args.model}")
     if os.path.exists(output) and not os.path.isdir(output):
         raise CliError(f"--output {output} is a file, not a folder")
+    # the folder is made when the first epoch ends: find out now whether it can be, not after that epoch
+    parent = os.path.abspath(output)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CliError(f"--output {output}: {parent} is a file, not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=parent, prefix=".nfnet-fast-probe-"))
+    except OSError as e:
+        raise CliError(f"--output {output}: cannot write in {parent} ({e.strerror or type(e).__name__})") from e
     held = [f for f in (T.RESUME_FILE, T.FINAL_FILE) if os.path.exists(os.path.join(output, f))]
     resumed_here = args.resume and os.path.realpath(os.path.dirname(os.path.abspath(args.resume))) == \
         os.path.realpath(output)
@@ -422,7 +449,26 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def _check_aa(aa: str) -> None:
+    """A CliError unless timm makes a training transform of the --aa spec (before any image is checked)."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=aa)
+    except Exception as e:  # noqa: BLE001 - timm asserts, or fails parsing, in many ways
+        raise CliError(f"--aa {aa}: not an augmentation timm knows ({_first_line(e) or type(e).__name__}); e.g. "
+                       f"rand-m9-mstd0.5 (RandAugment), augmix-m5, original (AutoAugment), or none") from e
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    try:
+        return _finetune_command(args)
+    except KeyboardInterrupt:  # before training (checking images, loading weights): nothing written yet
+        print("nfnet-fast finetune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _finetune_command(args: argparse.Namespace) -> int:
     import nfnet_fast
     from nfnet_fast import train as T
 
@@ -430,6 +476,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if not (args.data or args.dataset):
         raise CliError("no data: pass --data DIR (an image folder, one subfolder per class, or train/ and val/ "
                        "folders of them) or --dataset NAME (a timm dataset)")
+    aa = None if args.aa.lower() in ("", "none") else args.aa
+    if aa is not None:
+        _check_aa(aa)
     output = _finetune_output(args)
     resume = _read_resume(args.resume, args.model) if args.resume else None
     try:
@@ -440,7 +489,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         else:
             data = T.image_folder_data(args.data, val_split=args.val_split, seed=args.seed, progress=not args.quiet)
         if resume is not None:
-            T.check_resume(resume, args.resume, args.model, data.classes, args.epochs)
+            T.check_resume(resume, args.resume, args.model, data.classes, args.epochs, held_out=data.held_out)
     except T.FinetuneError as e:
         raise CliError(str(e)) from e
     from timm.utils import random_seed
@@ -453,7 +502,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     config = T.FinetuneConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, smoothing=args.smoothing,
-        aa=None if args.aa.lower() in ("", "none") else args.aa, img_size=args.img_size, ema_decay=args.ema_decay,
+        aa=aa, img_size=args.img_size, ema_decay=args.ema_decay,
         amp=not args.no_amp, channels_last=not args.no_channels_last, workers=args.workers, seed=args.seed)
     cuda = device.type == "cuda"
     precision = "bf16 autocast" if config.amp and cuda else "fp32"
@@ -523,7 +572,8 @@ def _number(kind: type, low: float, high: Optional[float] = None, low_open: bool
     """argparse type: a `kind` (int or float) in [low, high) (or (low, ...) with low_open, ..., high] without
     high_open), refused while parsing with the range in the message."""
     lo, hi = "(" if low_open else "[", "]" if not high_open else ")"
-    what = f"{'an integer' if kind is int else 'a number'} in {lo}{low:g}, {'inf' if high is None else f'{high:g}'}{hi}"
+    show = str if kind is int else "{:g}".format
+    what = f"{'an integer' if kind is int else 'a number'} in {lo}{show(low)}, {'inf' if high is None else show(high)}{hi}"
 
     def parse(text: str):
         try:
@@ -596,8 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--topk", type=_topk, default=None, metavar="K",
                    help="classes printed per image, most probable first (default: 5, or all the classes of a model "
                         "with fewer)")
-    q.add_argument("--batch-size", type=int, default=32, metavar="N",
+    q.add_argument("--batch-size", type=_number(int, 1), default=32, metavar="N",
                    help="images per forward pass (default: %(default)s)")
+    q.add_argument("--img-size", type=_number(int, 8), default=None, metavar="PX",
+                   help="input image size (default: the size a checkpoint of nfnet-fast finetune was trained at, "
+                        "from summary.json beside it; else the model's, e.g. 224 for eca_nfnet_l0)")
     q.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     q.add_argument("--backend", default="auto", choices=BACKEND_CHOICES,
                    help="nfnet_fast kernel backend: %(choices)s (default: %(default)s, the fastest that runs on "
@@ -623,11 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "Data: --data DIR with DIR/train/<class>/*.jpg and optionally DIR/val/<class>/ (or "
                     "DIR/<class>/ alone, with --val-split to hold out a fraction per class), or --dataset NAME (a "
                     "timm.data.create_dataset name such as torch/cifar10, with --data its root folder). Every image "
-                    "is opened before training starts.\n\n"
-                    "Exit status: 0; 2 on bad input (no images, a single class, an unreadable image, a --resume "
-                    "checkpoint of another model or other classes, an --output that is a file or holds another run), "
-                    "said in one line, with nothing written; 130 when interrupted (Ctrl-C), last.pth of the last "
-                    "finished epoch kept.",
+                    "of a folder is opened and decoded before training starts; an image's class is the folder "
+                    "directly under DIR (or DIR/train), so images in deeper folders are refused.\n\n"
+                    "Exit status: 0; 2 on bad input (no images, a single class, an unreadable image, nested or "
+                    "hidden class folders, an unknown --dataset or --aa, a --resume checkpoint of another model, "
+                    "other classes or another --val-split hold-out, an --output that is a file, cannot be written "
+                    "or holds another run), said in one line, with nothing written; 130 when interrupted (Ctrl-C), "
+                    "last.pth of the last finished epoch kept.",
         epilog="example:\n"
                "  nfnet-fast finetune --data flowers/ --model eca_nfnet_l0 --pretrained --epochs 10 --batch-size 64 "
                "--lr 0.01 --output runs/flowers")
@@ -682,8 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     f.add_argument("--no-amp", action="store_true", help="on a GPU, train in fp32 instead of bf16 autocast")
     f.add_argument("--no-channels-last", action="store_true", help="on a GPU, keep NCHW instead of channels_last")
-    f.add_argument("--seed", type=int, default=0, help="seed of the weights, shuffling and augmentation "
-                                                         "(default: %(default)s)")
+    f.add_argument("--seed", type=_number(int, 0, 2**32), default=0, metavar="N",
+                   help="seed of the weights, shuffling and augmentation, 0 to 2^32 - 1 (default: %(default)s)")
     f.add_argument("--output", metavar="DIR", default=None,
                    help="folder for the checkpoints (default: the --resume file's folder, else finetune-MODEL)")
     f.add_argument("--resume", metavar="FILE",

@@ -248,6 +248,7 @@ class FinetuneData:
     num_train: int
     num_val: int
     source: str                                            # where the images come from, for messages
+    held_out: Optional[Tuple[float, int]] = None           # (val_split, seed) of a held-out validation split
 
     def describe(self) -> str:
         val = f", {self.num_val} validation" if self.make_val else ", no validation"
@@ -387,7 +388,8 @@ def image_folder_data(data: str, val_split: Optional[float] = None, seed: int = 
 
     has_val = val_root is not None or bool(val_idx)
     return FinetuneData(classes, make_train, make_val if has_val else None, len(train_idx),
-                        len(val_samples) + len(val_idx), train_root if val_root is None else data)
+                        len(val_samples) + len(val_idx), train_root if val_root is None else data,
+                        held_out=None if val_split is None else (val_split, seed))
 
 
 def _dataset_classes(ds, name: str) -> List[str]:
@@ -403,6 +405,9 @@ def _dataset_classes(ds, name: str) -> List[str]:
                         f"image folder (--data DIR) instead")
 
 
+DATASET_PREFIXES = ("torch", "hfds", "hfids", "tfds", "wds")  # timm.data.create_dataset's readers
+
+
 def timm_dataset_data(name: str, root: Optional[str], train_split: str = "train",
                       eval_split: Optional[str] = "validation", val_split: Optional[float] = None,
                       download: bool = False, seed: int = 0) -> FinetuneData:
@@ -411,10 +416,15 @@ def timm_dataset_data(name: str, root: Optional[str], train_split: str = "train"
     training split) for validation.
 
     Raises:
-        FinetuneError: timm cannot create the dataset (with its reason), it is empty, has a single class, or
-            its classes cannot be told.
+        FinetuneError: a name without one of timm's reader prefixes (``DATASET_PREFIXES``), timm cannot create
+            the dataset (with its reason), it is empty, has a single class, or its classes cannot be told.
     """
     from timm.data import create_dataset
+
+    prefix = name.partition("/")[0].lower() if "/" in name else ""
+    if prefix not in DATASET_PREFIXES:  # (timm would read any other name as an image folder at root)
+        raise FinetuneError(f"--dataset {name}: not a timm dataset name ({', '.join(p + '/NAME' for p in DATASET_PREFIXES)}"
+                            f"); for an image folder pass --data DIR without --dataset")
 
     def make(split, is_training, transform=None):
         try:
@@ -460,7 +470,7 @@ def timm_dataset_data(name: str, root: Optional[str], train_split: str = "train"
         return Subset(make(train_split, False, transform), val_idx)
 
     return FinetuneData(classes, make_train, make_val if num_val else None, len(train_idx), num_val,
-                        f"{name} ({root})" if root else name)
+                        f"{name} ({root})" if root else name, held_out=None if val_split is None else (val_split, seed))
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -500,13 +510,15 @@ def save_atomic(obj, path: str) -> None:
         raise
 
 
-def check_resume(checkpoint: dict, path: str, model: str, classes: Sequence[str], epochs: int) -> int:
+def check_resume(checkpoint: dict, path: str, model: str, classes: Sequence[str], epochs: int,
+                 held_out: Optional[Tuple[float, int]] = None) -> int:
     """Check that ``checkpoint`` (a ``last.pth`` that :func:`finetune` wrote, read with torch.load) continues
-    this run: same model, same classes, epochs left. Returns the number of epochs it completed.
+    this run: same model, same classes, the same held-out validation images (``held_out``:
+    :attr:`FinetuneData.held_out`), epochs left. Returns the number of epochs it completed.
 
     Raises:
         FinetuneError: not a resumable checkpoint (e.g. a plain state_dict such as ``model.pth``), another
-            model, other classes, or no epoch left to train.
+            model, other classes, another held-out split, or no epoch left to train.
     """
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != CHECKPOINT_KIND:
         raise FinetuneError(f"{path} is not a resumable checkpoint of nfnet-fast finetune (no optimizer and "
@@ -522,6 +534,14 @@ def check_resume(checkpoint: dict, path: str, model: str, classes: Sequence[str]
             return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
         raise FinetuneError(f"{path} was trained on {len(saved)} classes ({show(saved)}), this data has "
                             f"{len(classes)} ({show(list(classes))})")
+    if "held_out" in checkpoint:  # (checkpoints before version 3 did not record it)
+        saved_split = tuple(checkpoint["held_out"]) if checkpoint["held_out"] is not None else None
+        if saved_split != (tuple(held_out) if held_out is not None else None):
+            def show(split):
+                return f"--val-split {split[0]:g} --seed {split[1]}" if split else "no --val-split"
+            raise FinetuneError(f"{path} held out its validation images with {show(saved_split)}, this run has "
+                                f"{show(held_out)}: resume with the same, or images it validated on would be "
+                                f"trained on (or the reverse)")
     done = int(checkpoint["epoch"]) + 1
     if done >= epochs:
         raise FinetuneError(f"{path} has completed {done} epochs, --epochs is {epochs}: nothing left to train "
@@ -590,8 +610,9 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
     scheduler, EMA, epoch, classes, history: what ``resume`` takes; its ``state_dict``/``state_dict_ema`` keys
     also load in timm), ``model_best.pth`` (plain state_dict of the best validation top-1 epoch, the EMA's when
     there is one), ``model.pth`` at the end (plain state_dict of the final weights, the EMA's when there is
-    one), ``summary.json`` (classes, per-epoch history, best epoch) and ``classes.json`` (class names by index,
-    which ``nfnet-fast predict`` reads beside a checkpoint). The plain state_dicts load with
+    one), ``summary.json`` (classes, input size, per-epoch history, best epoch) and ``classes.json`` (class
+    names by index; ``nfnet-fast predict`` reads both beside a checkpoint). A resumed run that trains on
+    removes the ``model.pth`` of the run it extends once its first epoch is saved. The plain state_dicts load with
     ``timm.create_model(model_name, num_classes=len(classes), checkpoint_path=...)``.
 
     Args:
@@ -607,7 +628,8 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
         log: where the per-epoch lines go.
 
     Returns:
-        The summary written to ``summary.json``: classes, history (one dict per epoch), best epoch, files.
+        The summary written to ``summary.json``: classes, input size, history (one dict per epoch), best epoch,
+        files.
 
     Raises:
         FinetuneError: the training loss became NaN or infinite (lower the learning rate).
@@ -669,15 +691,20 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
             ema.module.load_state_dict(resume["state_dict_ema"])
         elif resume.get("state_dict_ema") is not None:
             log(f"note: no --ema-decay: the EMA of {RESUME_FILE} is not continued, model.pth will be the weights")
+    if best is not None and not os.path.exists(os.path.join(output, BEST_FILE)):
+        log(f"note: {output} holds no {BEST_FILE} of epoch {best['epoch']} (resumed from another folder): the "
+            f"best is judged again from epoch {start + 1} on")
+        best = None
     num_updates = start * len(train_loader)
     scheduler.step_update(num_updates)
-    summary = dict(model=model_name, classes=list(data.classes), history=history, best=best,
-                   files=dict(last=RESUME_FILE, final=None, best=BEST_FILE if best else None))
+    summary = dict(model=model_name, classes=list(data.classes), input_size=list(data_config["input_size"]),
+                   history=history, best=best, files=dict(last=RESUME_FILE, final=None,
+                                                           best=BEST_FILE if best else None))
 
     for epoch in range(start, config.epochs):
         # each epoch's randomness from (seed, epoch): a resumed run draws what the uninterrupted one would
-        random_seed(config.seed + epoch)
-        shuffle.manual_seed(config.seed + epoch)
+        random_seed((config.seed + epoch) % 2**32)
+        shuffle.manual_seed((config.seed + epoch) % 2**32)
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.float64, device=device)
@@ -729,15 +756,19 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
         if judged is not None and (best is None or judged["top1"] > best["top1"]):
             best = dict(epoch=epoch + 1, top1=judged["top1"], top5=judged["top5"], ema=ema is not None)
             save_atomic(_state_dict(deployed), os.path.join(output, BEST_FILE))
-        save_atomic(dict(kind=CHECKPOINT_KIND, version=2, arch=model_name, epoch=epoch, classes=list(data.classes),
+        save_atomic(dict(kind=CHECKPOINT_KIND, version=3, arch=model_name, epoch=epoch, classes=list(data.classes),
+                         held_out=list(data.held_out) if data.held_out is not None else None,
                          num_classes=num_classes, state_dict=_state_dict(model),
                          state_dict_ema=_state_dict(ema.module) if ema is not None else None,
                          optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                          schedule=config.schedule(), updates_per_epoch=len(train_loader), num_updates=num_updates,
                          config=asdict(config), history=history, best=best),
                     os.path.join(output, RESUME_FILE))
-        summary = dict(model=model_name, classes=list(data.classes), history=history, best=best,
-                       files=dict(last=RESUME_FILE, final=None, best=BEST_FILE if best else None))
+        if epoch == start and os.path.exists(os.path.join(output, FINAL_FILE)):
+            os.remove(os.path.join(output, FINAL_FILE))  # a resumed finished run's: no longer this run's weights
+        summary = dict(model=model_name, classes=list(data.classes), input_size=list(data_config["input_size"]),
+                       history=history, best=best, files=dict(last=RESUME_FILE, final=None,
+                                                               best=BEST_FILE if best else None))
         save_atomic(summary, os.path.join(output, SUMMARY_FILE))
 
     save_atomic(_state_dict(ema.module if ema is not None else model), os.path.join(output, FINAL_FILE))

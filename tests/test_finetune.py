@@ -114,6 +114,16 @@ def test_predict_reads_the_checkpoint_and_its_class_names(run, data, capsys):
     got = json.loads(capsys.readouterr().out)
     assert [len(r["topk"]) for r in got] == [3, 3]  # the default top-5, capped at the 3 classes
     assert {t["label"] for t in got[0]["topk"]} == {"blue", "green", "red"}  # from classes.json beside it
+    # at the size it was trained at (32 px, from summary.json beside it), as finetune validated it: its probabilities
+    model = timm.create_model("test_nfnet", num_classes=3, checkpoint_path=str(out / train.FINAL_FILE)).eval()
+    for size, flags in ((32, []), (48, ["--img-size", "48"])):
+        tf = create_transform(**resolve_data_config({"input_size": (3, size, size)}, model=model))
+        with torch.no_grad():
+            probs = model(tf(Image.open(paths[0]).convert("RGB"))[None]).softmax(-1)[0]
+        assert cli.main(["predict", paths[0], "--model", "test_nfnet", "--checkpoint", str(out / train.FINAL_FILE),
+                         "--device", "cpu", "--json", "--backend", "reference", *flags]) == 0
+        top = json.loads(capsys.readouterr().out)[0]["topk"]
+        assert [t["prob"] for t in top] == pytest.approx(probs.sort(descending=True).values.tolist(), abs=1e-5), size
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -174,6 +184,43 @@ def test_resume_extends_a_finished_run(run, data, tmp_path, capsys):
     assert [line.split()[1] for line in stdout.splitlines() if line.startswith("epoch")] == ["3/3"]
     with open(more / train.SUMMARY_FILE) as f:
         assert [e["epoch"] for e in json.load(f)["history"]] == [1, 2, 3]
+
+
+def test_interrupted_extension_leaves_no_stale_final_weights(run, data, tmp_path, monkeypatch, capsys):
+    """A resume that extends a finished run (2 -> 4 epochs), interrupted in epoch 4: last.pth is epoch 3's, and
+    the finished run's model.pth, no longer this run's weights, is gone (summary.json: no final file)."""
+    out, _, _ = run
+    more = tmp_path / "more"
+    shutil.copytree(out, more)
+    calls, validate = [], train._validate
+
+    def interrupt_in_epoch_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # (model and EMA: epoch 3's two calls, then epoch 4's first)
+            raise KeyboardInterrupt
+        return validate(*a, **k)
+    monkeypatch.setattr(train, "_validate", interrupt_in_epoch_4)
+    assert cli.main(["finetune", "--data", data, "--resume", str(more / train.RESUME_FILE), "--epochs", "4",
+                     *ARGS]) == 130
+    capsys.readouterr()
+    assert torch.load(more / train.RESUME_FILE, weights_only=True)["epoch"] == 2
+    assert not (more / train.FINAL_FILE).exists()
+    with open(more / train.SUMMARY_FILE) as f:
+        summary = json.load(f)
+    assert summary["files"]["final"] is None and [e["epoch"] for e in summary["history"]] == [1, 2, 3]
+
+
+def test_resume_into_another_folder_writes_its_own_best(run, data, tmp_path, capsys):
+    """--resume with another --output: that folder has no model_best.pth of the earlier epochs, so the best is
+    judged again from the first resumed epoch and written there (summary.json never names a missing file)."""
+    out, _, _ = run
+    other = tmp_path / "other"
+    assert cli.main(["finetune", "--data", data, "--resume", str(out / train.RESUME_FILE), "--epochs", "3", *ARGS,
+                     "--output", str(other)]) == 0
+    assert f"note: {other} holds no {train.BEST_FILE}" in capsys.readouterr().out
+    with open(other / train.SUMMARY_FILE) as f:
+        summary = json.load(f)
+    assert summary["best"]["epoch"] == 3 and (other / summary["files"]["best"]).exists()
 
 
 # --- bad input: one line, exit status 2, nothing written ----------------------------------------------------
@@ -254,6 +301,24 @@ def _two_class_data(root):
     return _make_images(root, per_class=2, val_per_class=1, classes=("red", "green"))
 
 
+def test_resume_with_another_held_out_split_is_refused(tmp_path, capsys):
+    """A run that held out --val-split 0.25 with --seed 0 cannot be resumed with another seed, fraction or none:
+    images it validated on would be trained on."""
+    flat = os.path.join(_make_images(str(tmp_path / "d"), per_class=4, val_per_class=0), "train")
+    first = tmp_path / "first"
+    assert cli.main(["finetune", "--data", flat, "--val-split", "0.25", "--output", str(first), "--epochs", "1",
+                     *ARGS]) == 0
+    capsys.readouterr()
+    last = str(first / train.RESUME_FILE)
+    for split, shown in ((["--val-split", "0.25", "--seed", "1"], "--val-split 0.25 --seed 1"),
+                         (["--val-split", "0.5"], "--val-split 0.5 --seed 0"), ([], "no --val-split")):
+        assert cli.main(["finetune", "--data", flat, "--resume", last, "--epochs", "2", *ARGS, *split]) == 2
+        assert _one_line(capsys.readouterr().err) == (
+            f"nfnet-fast finetune: error: {last} held out its validation images with --val-split 0.25 --seed 0, this "
+            f"run has {shown}: resume with the same, or images it validated on would be trained on (or the reverse)")
+    assert cli.main(["finetune", "--data", flat, "--resume", last, "--epochs", "2", *ARGS, "--val-split", "0.25"]) == 0
+
+
 @pytest.mark.parametrize("case", ["another-model", "other-classes", "plain-state-dict", "finished", "garbage"])
 def test_bad_resume(case, run, data, tmp_path, capsys):
     out, _, _ = run
@@ -286,13 +351,34 @@ def test_bad_output(run, data, tmp_path, capsys):
     afile.write_text("x")
     assert _finetune(data, afile) == 2
     assert _one_line(capsys.readouterr().err) == f"nfnet-fast finetune: error: --output {afile} is a file, not a folder"
+    assert _finetune(data, afile / "sub" / "run") == 2  # found before training, not when the first epoch ends
+    assert _one_line(capsys.readouterr().err) == (f"nfnet-fast finetune: error: --output {afile / 'sub' / 'run'}: "
+                                                  f"{afile} is a file, not a folder")
     assert afile.read_text() == "x"
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]  # (the writability probe leaves nothing)
     before = {f: os.path.getmtime(out / f) for f in os.listdir(out)}
     assert _finetune(data, out) == 2  # holds a run that this one does not resume
     line = _one_line(capsys.readouterr().err)
     assert line == (f"nfnet-fast finetune: error: --output {out} already holds a fine-tuning run (last.pth); continue "
                     f"it with --resume {out / train.RESUME_FILE}, or pass another --output")
     assert {f: os.path.getmtime(out / f) for f in os.listdir(out)} == before
+
+
+def test_unknown_augmentation_refused_before_anything_runs(data, tmp_path, capsys):
+    assert _finetune(data, tmp_path / "o", "--aa", "bogus") == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("nfnet-fast finetune: error: --aa bogus: not an augmentation timm knows (Unknown AA policy"), line
+    assert not (tmp_path / "o").exists()
+
+
+def test_interrupt_before_training_is_one_line(data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the images are checked (or weights load): one line, exit 130, nothing written."""
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "_check_images", interrupted)
+    assert _finetune(data, tmp_path / "o") == 130
+    assert _one_line(capsys.readouterr().err) == "nfnet-fast finetune: interrupted"
+    assert not (tmp_path / "o").exists()
 
 
 def test_no_data_and_conflicting_split(data, tmp_path, capsys):
@@ -306,7 +392,10 @@ def test_no_data_and_conflicting_split(data, tmp_path, capsys):
 @pytest.mark.parametrize("flag, value, why", [("--epochs", "0", "expected an integer in [1, inf), got 0"),
                                               ("--lr", "-1", "expected a number in (0, inf), got -1"),
                                               ("--val-split", "1.5", "expected a number in (0, 1), got 1.5"),
-                                              ("--batch-size", "two", "expected an integer in [1, inf), not 'two'")])
+                                              ("--batch-size", "two", "expected an integer in [1, inf), not 'two'"),
+                                              ("--seed", "-1", "expected an integer in [0, 4294967296), got -1"),
+                                              ("--seed", "4294967296",
+                                               "expected an integer in [0, 4294967296), got 4294967296")])
 def test_bad_numbers_refused_while_parsing(flag, value, why, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["finetune", "--data", "x", flag, value])
@@ -365,6 +454,11 @@ def test_timm_dataset(monkeypatch):
     with pytest.raises(train.FinetuneError, match=r"^cannot load dataset torch/missing \(split 'train', root /x\): "
                                                   r"Dataset not found or corrupted"):
         train.timm_dataset_data("torch/missing", "/x")
+    before = len(made)
+    for typo in ("cifar100", "bogus/thing"):  # timm would read any such name as an image folder at root
+        with pytest.raises(train.FinetuneError, match=rf"^--dataset {typo}: not a timm dataset name \(torch/NAME, "):
+            train.timm_dataset_data(typo, "/data")
+    assert len(made) == before  # (the typos reached no create_dataset)
 
 
 def test_help_lists_finetune(capsys):
