@@ -46,6 +46,8 @@ def _device(name: Optional[str]) -> torch.device:
         device = torch.device(name)
     except RuntimeError as e:
         raise CliError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from e
+    if device.type not in ("cpu", "cuda"):
+        raise CliError(f"--device {name}: nfnet-fast runs on cpu or cuda, not {device.type}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise CliError(f"--device {name}: no CUDA GPU is available here (torch.cuda.is_available() is False); "
@@ -476,6 +478,12 @@ def _finetune_command(args: argparse.Namespace) -> int:
     if not (args.data or args.dataset):
         raise CliError("no data: pass --data DIR (an image folder, one subfolder per class, or train/ and val/ "
                        "folders of them) or --dataset NAME (a timm dataset)")
+    if not args.dataset:
+        given = [flag for flag, value in (("--train-split", args.train_split), ("--eval-split", args.eval_split),
+                                          ("--download", args.download or None)) if value is not None]
+        if given:
+            raise CliError(f"{given[0]} applies to --dataset only; an image folder's splits are its train/ and val/ "
+                           f"folders, or --val-split")
     aa = None if args.aa.lower() in ("", "none") else args.aa
     if aa is not None:
         _check_aa(aa)
@@ -483,8 +491,9 @@ def _finetune_command(args: argparse.Namespace) -> int:
     resume = _read_resume(args.resume, args.model) if args.resume else None
     try:
         if args.dataset:
-            data = T.timm_dataset_data(args.dataset, args.data, train_split=args.train_split,
-                                       eval_split=args.eval_split or None, val_split=args.val_split,
+            eval_split = "validation" if args.eval_split is None else args.eval_split or None
+            data = T.timm_dataset_data(args.dataset, args.data, train_split=args.train_split or "train",
+                                       eval_split=eval_split, val_split=args.val_split,
                                        download=args.download, seed=args.seed)
         else:
             data = T.image_folder_data(args.data, val_split=args.val_split, seed=args.seed, progress=not args.quiet)
@@ -495,6 +504,8 @@ def _finetune_command(args: argparse.Namespace) -> int:
     from timm.utils import random_seed
 
     random_seed(args.seed)  # the new head's (and, without --pretrained, every layer's) initial weights
+    if resume is not None:  # its checkpoint holds every weight: no download needed (an offline node resumes)
+        args = argparse.Namespace(**{**vars(args), "pretrained": False})
     model = _create_model(args, "or run without --pretrained (random weights)", num_classes=len(data.classes),
                           drop_rate=args.drop_rate, drop_path_rate=args.drop_path_rate)
     if resume is not None:
@@ -506,13 +517,15 @@ def _finetune_command(args: argparse.Namespace) -> int:
         amp=not args.no_amp, channels_last=not args.no_channels_last, workers=args.workers, seed=args.seed)
     cuda = device.type == "cuda"
     precision = "bf16 autocast" if config.amp and cuda else "fp32"
-    weights = "pretrained" if args.pretrained else "random"
+    weights = "resumed" if resume is not None else "pretrained" if args.pretrained else "random"
     backend = args.backend if args.backend != "auto" else f"auto: {nfnet_fast.ops.resolve_backend('auto', device)}"
-    print(f"nfnet-fast finetune: {args.model} ({weights} weights, new {len(data.classes)}-class head, backend "
+    print(f"nfnet-fast finetune: {args.model} ({weights} weights, {'' if resume else 'new '}{len(data.classes)}-class "
+          f"head, backend "
           f"{backend}) on {data.describe()}; {_device_label(device)}, {precision}, batch {config.batch_size}, "
           f"{_count(config.epochs, 'epoch')}, SGD nesterov lr {config.lr:g} (cosine, "
           f"{_count(config.warmup_epochs, 'warm-up epoch')}), "
-          f"AGC {config.clip_grad:g} (head excluded), smoothing {config.smoothing:g}, aa {config.aa}"
+          f"{f'AGC {config.clip_grad:g} (head excluded)' if config.clip_grad else 'no AGC'}, "
+          f"smoothing {config.smoothing:g}, aa {config.aa}"
           f"{f', EMA {config.ema_decay:g}' if config.ema_decay else ''} -> {output}", flush=True)
     if resume is not None:
         print(f"resuming from {args.resume} after epoch {int(resume['epoch']) + 1}", flush=True)
@@ -678,8 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "timm.data.create_dataset name such as torch/cifar10, with --data its root folder). Every image "
                     "of a folder is opened and decoded before training starts; an image's class is the folder "
                     "directly under DIR (or DIR/train), so images in deeper folders are refused.\n\n"
-                    "Exit status: 0; 2 on bad input (no images, a single class, an unreadable image, nested or "
-                    "hidden class folders, an unknown --dataset or --aa, a --resume checkpoint of another model, "
+                    "Exit status: 0; 2 on bad input (no images, a single class, an unreadable image, nested, "
+                    "hidden or empty class folders, an unknown --dataset or --aa, a --resume checkpoint of another model, "
                     "other classes or another --val-split hold-out, an --output that is a file, cannot be written "
                     "or holds another run), said in one line, with nothing written; 130 when interrupted (Ctrl-C), "
                     "last.pth of the last finished epoch kept.",
@@ -692,10 +705,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dataset", metavar="NAME",
                    help="a timm dataset instead of an image folder (timm.data.create_dataset), e.g. torch/cifar10")
     f.add_argument("--download", action="store_true", help="let --dataset download its data into --data")
-    f.add_argument("--train-split", default="train", metavar="SPLIT",
-                   help="--dataset split to train on (default: %(default)s)")
-    f.add_argument("--eval-split", default="validation", metavar="SPLIT",
-                   help="--dataset split to validate on, '' for none (default: %(default)s)")
+    f.add_argument("--train-split", default=None, metavar="SPLIT",
+                   help="--dataset split to train on (default: train)")
+    f.add_argument("--eval-split", default=None, metavar="SPLIT",
+                   help="--dataset split to validate on, '' for none (default: validation)")
     f.add_argument("--val-split", type=_number(float, 0, 1, low_open=True), default=None, metavar="F",
                    help="hold out this fraction of each class's training images for validation (when there is no "
                         "val/ folder or --eval-split)")

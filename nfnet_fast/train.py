@@ -286,6 +286,11 @@ def _scan_folder(root: str, what: str) -> Tuple[List[Tuple[str, int]], Dict[str,
     if hidden:
         raise FinetuneError(f"{what} {root} has a hidden folder of images, {hidden[0]}, that would be a class: "
                             f"remove or rename it")
+    empty = sorted(d for d in os.listdir(root) if not d.startswith(".") and d not in class_to_idx
+                   and os.path.isdir(os.path.join(root, d)))
+    if empty:  # (timm's scan would drop the class without a word)
+        raise FinetuneError(f"{what} {root} has a class folder without images, {os.path.join(root, empty[0])}: add "
+                            f"its images or remove it")
     return samples, class_to_idx
 
 

@@ -275,6 +275,11 @@ def _bad_data(kind, root):
         return root, (f"training folder {train_root} holds images in nested folders (e.g. "
                       f"{os.path.join(train_root, 'green', '2019', '9.png')}): each image's class is the folder "
                       f"directly under {train_root}")
+    if kind == "empty-class":  # timm's scan would drop the class without a word
+        _make_images(root, per_class=2, val_per_class=1, classes=("red", "green"))
+        os.makedirs(os.path.join(root, "train", "blue"))
+        return root, (f"training folder {os.path.join(root, 'train')} has a class folder without images, "
+                      f"{os.path.join(root, 'train', 'blue')}: add its images or remove it")
     if kind == "hidden-class":
         _make_images(root, per_class=2, val_per_class=1)
         os.makedirs(os.path.join(root, "train", ".ipynb_checkpoints"))
@@ -286,7 +291,7 @@ def _bad_data(kind, root):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["empty", "nothing", "one-class", "unreadable", "truncated-jpeg", "nested",
+@pytest.mark.parametrize("kind", ["empty", "nothing", "one-class", "unreadable", "truncated-jpeg", "nested", "empty-class",
                                   "hidden-class", "loose-images", "val-class-unknown", "missing"])
 def test_bad_data(kind, tmp_path, capsys):
     root, message = _bad_data(kind, str(tmp_path / "data"))
@@ -362,6 +367,34 @@ def test_bad_output(run, data, tmp_path, capsys):
     assert line == (f"nfnet-fast finetune: error: --output {out} already holds a fine-tuning run (last.pth); continue "
                     f"it with --resume {out / train.RESUME_FILE}, or pass another --output")
     assert {f: os.path.getmtime(out / f) for f in os.listdir(out)} == before
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train-split", "test"], "--train-split applies to --dataset only"),
+    (["--download"], "--download applies to --dataset only"),
+    (["--device", "meta"], "--device meta: nfnet-fast runs on cpu or cuda, not meta")])
+def test_flags_out_of_place_refused(flags, message, data, tmp_path, capsys):
+    assert _finetune(data, tmp_path / "o", *flags) == 2
+    assert _one_line(capsys.readouterr().err).startswith(f"nfnet-fast finetune: error: {message}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_with_pretrained_loads_no_pretrained_weights(run, data, tmp_path, monkeypatch, capsys):
+    """The command line of a --pretrained run plus --resume continues it without fetching the pretrained
+    weights (the checkpoint holds every weight: an offline node resumes); the header says what it runs."""
+    import nfnet_fast
+
+    out, _, _ = run
+    more = tmp_path / "more"
+    shutil.copytree(out, more)
+    created, create_model = [], nfnet_fast.create_model
+    monkeypatch.setattr(nfnet_fast, "create_model", lambda *a, **k: created.append(k["pretrained"]) or
+                        create_model(*a, **k))
+    assert cli.main(["finetune", "--data", data, "--resume", str(more / train.RESUME_FILE), "--epochs", "3", *ARGS,
+                     "--pretrained", "--clip-grad", "0"]) == 0
+    assert created == [False]
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "(resumed weights, 3-class head" in header and "no AGC" in header, header
 
 
 def test_unknown_augmentation_refused_before_anything_runs(data, tmp_path, capsys):
