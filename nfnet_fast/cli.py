@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 from typing import TYPE_CHECKING, List, Optional
 
 if TYPE_CHECKING:  # annotations only; never imported at run time here
@@ -423,8 +424,6 @@ def _finetune_output(args: argparse.Namespace) -> str:
     a file, cannot be made or written, or holds another run that --resume does not continue."""
     from nfnet_fast import train as T
 
-    import tempfile
-
     output = args.output or ((os.path.dirname(args.resume) or ".") if args.resume else f"finetune-{args.model}")
     if os.path.exists(output) and not os.path.isdir(output):
         raise CliError(f"--output {output} is a file, not a folder")
@@ -519,11 +518,10 @@ def _finetune_command(args: argparse.Namespace) -> int:
     precision = "bf16 autocast" if config.amp and cuda else "fp32"
     weights = "resumed" if resume is not None else "pretrained" if args.pretrained else "random"
     backend = args.backend if args.backend != "auto" else f"auto: {nfnet_fast.ops.resolve_backend('auto', device)}"
-    print(f"nfnet-fast finetune: {args.model} ({weights} weights, {'' if resume else 'new '}{len(data.classes)}-class "
-          f"head, backend "
-          f"{backend}) on {data.describe()}; {_device_label(device)}, {precision}, batch {config.batch_size}, "
-          f"{_count(config.epochs, 'epoch')}, SGD nesterov lr {config.lr:g} (cosine, "
-          f"{_count(config.warmup_epochs, 'warm-up epoch')}), "
+    head = f"{'' if resume is not None else 'new '}{len(data.classes)}-class head"
+    print(f"nfnet-fast finetune: {args.model} ({weights} weights, {head}, backend {backend}) on {data.describe()}; "
+          f"{_device_label(device)}, {precision}, batch {config.batch_size}, {_count(config.epochs, 'epoch')}, "
+          f"SGD nesterov lr {config.lr:g} (cosine, {_count(config.warmup_epochs, 'warm-up epoch')}), "
           f"{f'AGC {config.clip_grad:g} (head excluded)' if config.clip_grad else 'no AGC'}, "
           f"smoothing {config.smoothing:g}, aa {config.aa}"
           f"{f', EMA {config.ema_decay:g}' if config.ema_decay else ''} -> {output}", flush=True)
@@ -586,7 +584,8 @@ def _number(kind: type, low: float, high: Optional[float] = None, low_open: bool
     high_open), refused while parsing with the range in the message."""
     lo, hi = "(" if low_open else "[", "]" if not high_open else ")"
     show = str if kind is int else "{:g}".format
-    what = f"{'an integer' if kind is int else 'a number'} in {lo}{show(low)}, {'inf' if high is None else show(high)}{hi}"
+    top = "inf" if high is None else show(high)
+    what = f"{'an integer' if kind is int else 'a number'} in {lo}{show(low)}, {top}{hi}"
 
     def parse(text: str):
         try:
@@ -692,10 +691,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "of a folder is opened and decoded before training starts; an image's class is the folder "
                     "directly under DIR (or DIR/train), so images in deeper folders are refused.\n\n"
                     "Exit status: 0; 2 on bad input (no images, a single class, an unreadable image, nested, "
-                    "hidden or empty class folders, an unknown --dataset or --aa, a --resume checkpoint of another model, "
-                    "other classes or another --val-split hold-out, an --output that is a file, cannot be written "
-                    "or holds another run), said in one line, with nothing written; 130 when interrupted (Ctrl-C), "
-                    "last.pth of the last finished epoch kept.",
+                    "hidden or empty class folders, an unknown --dataset or --aa, a --resume checkpoint of another "
+                    "model, other classes or another --val-split hold-out, an --output that is a file, cannot be "
+                    "written or holds another run), said in one line, with nothing written; 130 when interrupted "
+                    "(Ctrl-C), last.pth of the last finished epoch kept.",
         epilog="example:\n"
                "  nfnet-fast finetune --data flowers/ --model eca_nfnet_l0 --pretrained --epochs 10 --batch-size 64 "
                "--lr 0.01 --output runs/flowers")

@@ -428,8 +428,9 @@ def timm_dataset_data(name: str, root: Optional[str], train_split: str = "train"
 
     prefix = name.partition("/")[0].lower() if "/" in name else ""
     if prefix not in DATASET_PREFIXES:  # (timm would read any other name as an image folder at root)
-        raise FinetuneError(f"--dataset {name}: not a timm dataset name ({', '.join(p + '/NAME' for p in DATASET_PREFIXES)}"
-                            f"); for an image folder pass --data DIR without --dataset")
+        names = ", ".join(p + "/NAME" for p in DATASET_PREFIXES)
+        raise FinetuneError(f"--dataset {name}: not a timm dataset name ({names}); for an image folder pass --data "
+                            f"DIR without --dataset")
 
     def make(split, is_training, transform=None):
         try:

@@ -291,8 +291,8 @@ def _bad_data(kind, root):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["empty", "nothing", "one-class", "unreadable", "truncated-jpeg", "nested", "empty-class",
-                                  "hidden-class", "loose-images", "val-class-unknown", "missing"])
+@pytest.mark.parametrize("kind", ["empty", "nothing", "one-class", "unreadable", "truncated-jpeg", "nested",
+                                  "empty-class", "hidden-class", "loose-images", "val-class-unknown", "missing"])
 def test_bad_data(kind, tmp_path, capsys):
     root, message = _bad_data(kind, str(tmp_path / "data"))
     out = tmp_path / "out"
@@ -400,7 +400,8 @@ def test_resume_with_pretrained_loads_no_pretrained_weights(run, data, tmp_path,
 def test_unknown_augmentation_refused_before_anything_runs(data, tmp_path, capsys):
     assert _finetune(data, tmp_path / "o", "--aa", "bogus") == 2
     line = _one_line(capsys.readouterr().err)
-    assert line.startswith("nfnet-fast finetune: error: --aa bogus: not an augmentation timm knows (Unknown AA policy"), line
+    assert line.startswith("nfnet-fast finetune: error: --aa bogus: not an augmentation timm knows "
+                           "(Unknown AA policy"), line
     assert not (tmp_path / "o").exists()
 
 
