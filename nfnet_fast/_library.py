@@ -415,10 +415,9 @@ def _with_eager_autograd(prefix: str, op: str) -> Callable:
     default) that runs an eager call with autograd through an ``autograd.Function`` with the op's
     registered formula: the same saved tensors and gradients, without the host work of torch's
     custom-op autograd wrapper. That wrapper refills the schema's defaults on every call in a loop
-    quadratic in the arity (pytorch#195110): 62 us of a training conv's ~410 us forward and
-    backward host time for fused_conv's 18 arguments on the 2-core build machine, ~80 us with the
-    wrapper's other layers (bench/host_overhead.py). Calls while tracing or compiling, and those
-    with no gradient to track, call the op itself."""
+    quadratic in the arity (pytorch#195110): 62 us a call for fused_conv's 18 arguments on the 2-core
+    build machine (the measurement: docs/design.md section 4). Calls while tracing or compiling, and
+    those with no gradient to track, call the op itself."""
     forward_name, backward_name = _names(prefix, op)
     forward_op = _op(forward_name)
     setup_context, make_backward = _AUTOGRAD[op]

@@ -320,17 +320,22 @@ def _load_model(args: argparse.Namespace, device: torch.device):
     return model.eval().to(device=device, memory_format=torch.channels_last)
 
 
+def _json_beside(checkpoint: Optional[str], name: str):
+    """The JSON file ``name`` that nfnet-fast finetune writes beside its checkpoints, parsed, or None when
+    there is no checkpoint or no such readable file."""
+    if not checkpoint:
+        return None
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), name)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def _class_names(checkpoint: Optional[str], num_classes: int) -> Optional[List[str]]:
     """The class names nfnet-fast finetune writes beside its checkpoints (classes.json), when there are as many
     as the model has classes; else None."""
-    if not checkpoint:
-        return None
-    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "classes.json")
-    try:
-        with open(path) as f:
-            names = json.load(f)
-    except (OSError, ValueError):
-        return None
+    names = _json_beside(checkpoint, "classes.json")
     if isinstance(names, list) and len(names) == num_classes and all(isinstance(n, str) for n in names):
         return names
     return None
@@ -339,13 +344,10 @@ def _class_names(checkpoint: Optional[str], num_classes: int) -> Optional[List[s
 def _trained_size(checkpoint: Optional[str], model: str) -> Optional[int]:
     """The image size of a checkpoint nfnet-fast finetune wrote (summary.json's input_size, beside it, for this
     model), else None."""
-    if not checkpoint:
-        return None
+    summary = _json_beside(checkpoint, "summary.json")
     try:
-        with open(os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "summary.json")) as f:
-            summary = json.load(f)
         size = summary["input_size"][-1] if summary.get("model") == model else None
-    except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+    except (KeyError, IndexError, TypeError, AttributeError):  # (no summary, or one of another shape)
         return None
     return size if isinstance(size, int) and size > 0 else None
 

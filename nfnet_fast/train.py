@@ -543,10 +543,10 @@ def check_resume(checkpoint: dict, path: str, model: str, classes: Sequence[str]
     if "held_out" in checkpoint:  # (checkpoints before version 3 did not record it)
         saved_split = tuple(checkpoint["held_out"]) if checkpoint["held_out"] is not None else None
         if saved_split != (tuple(held_out) if held_out is not None else None):
-            def show(split):
+            def flags(split):
                 return f"--val-split {split[0]:g} --seed {split[1]}" if split else "no --val-split"
-            raise FinetuneError(f"{path} held out its validation images with {show(saved_split)}, this run has "
-                                f"{show(held_out)}: resume with the same, or images it validated on would be "
+            raise FinetuneError(f"{path} held out its validation images with {flags(saved_split)}, this run has "
+                                f"{flags(held_out)}: resume with the same, or images it validated on would be "
                                 f"trained on (or the reverse)")
     done = int(checkpoint["epoch"]) + 1
     if done >= epochs:
@@ -703,9 +703,11 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
         best = None
     num_updates = start * len(train_loader)
     scheduler.step_update(num_updates)
-    summary = dict(model=model_name, classes=list(data.classes), input_size=list(data_config["input_size"]),
-                   history=history, best=best, files=dict(last=RESUME_FILE, final=None,
-                                                           best=BEST_FILE if best else None))
+    def summary_now() -> dict:
+        return dict(model=model_name, classes=list(data.classes), input_size=list(data_config["input_size"]),
+                    history=history, best=best, files=dict(last=RESUME_FILE, final=None,
+                                                            best=BEST_FILE if best else None))
+    summary = summary_now()
 
     for epoch in range(start, config.epochs):
         # each epoch's randomness from (seed, epoch): a resumed run draws what the uninterrupted one would
@@ -772,9 +774,7 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
                     os.path.join(output, RESUME_FILE))
         if epoch == start and os.path.exists(os.path.join(output, FINAL_FILE)):
             os.remove(os.path.join(output, FINAL_FILE))  # a resumed finished run's: no longer this run's weights
-        summary = dict(model=model_name, classes=list(data.classes), input_size=list(data_config["input_size"]),
-                       history=history, best=best, files=dict(last=RESUME_FILE, final=None,
-                                                               best=BEST_FILE if best else None))
+        summary = summary_now()
         save_atomic(summary, os.path.join(output, SUMMARY_FILE))
 
     save_atomic(_state_dict(ema.module if ema is not None else model), os.path.join(output, FINAL_FILE))
