@@ -100,8 +100,24 @@ from . import scaled_std_weight as _std
 from . import silu_scale as _silu
 
 ACTS = (None, "silu", "relu", "gelu")  # the kernels' ``act`` argument is the index in this tuple
-# fp32 inputs take K steps of at most FP32_K (a constexpr of each tile): 16 on a GPU, 8 with the
-# pool prologue's four A tiles (see _k_step); under the interpreter the whole BLOCK_K.
+# fp32 inputs take K steps of at most FP32_K (a constexpr of each tile): 16 on a GPU; FP32_K_SHALLOW
+# with the pool prologue's four A tiles and on the 4-warp kxk tiles (see the kernels' BK); under the
+# interpreter the whole BLOCK_K.
+
+
+def _fp32_dot_min_k() -> int:
+    """The shallowest fp32 ``tl.dot`` this Triton compiles for NVIDIA GPUs: 8 on Triton 3.8; 16 on 3.6,
+    the GPU machine's, which asserts K >= 16 for 32-bit operands (its first GPU run failed so)."""
+    try:
+        from triton.backends.nvidia.compiler import min_dot_size
+        from triton.backends.compiler import GPUTarget
+        return int(min_dot_size(GPUTarget("cuda", 90, 32))(tl.float32, tl.float32)[2])
+    except Exception:  # noqa: BLE001 - another layout of Triton's backend: the depth every version takes
+        return 16
+
+
+# the 8-deep fp32 step of the register-heaviest tiles (16 spills there), where this Triton compiles one
+FP32_K_SHALLOW = max(8, _fp32_dot_min_k())
 
 # ---------------------------------------------------------------------------------------------
 # launch configurations
@@ -128,18 +144,20 @@ GEMM_NARROW = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4,
 # 1x1 with the pool prologue: each K step loads four A tiles (the 2x2 window), and the pipeliner
 # stages all four in shared memory, so the step is 32 deep: (4 * 128 + 128) * 32 * 2 = 40 KB a
 # stage at 128x128 (3 stages: 120 KB; 64 deep would be 240 KB, over sm_90's 228 KB).
-GEMM_POOL_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, FP32_K=8, num_warps=8)
-GEMM_POOL_NARROW = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, ALIGNED=True, FP32_K=8, num_warps=4)
+GEMM_POOL_WIDE = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, ALIGNED=True,
+                      FP32_K=FP32_K_SHALLOW, num_warps=8)
+GEMM_POOL_NARROW = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, ALIGNED=True,
+                        FP32_K=FP32_K_SHALLOW, num_warps=4)
 # kxk implicit GEMM, tap-major: group width >= 64 takes BLOCK_K 64 (L0's grouped 3x3s: width 64,
 # Cout/groups 64, one column tile per group; the stem's 64->128 takes the 128-wide tile);
 # widths 32..63 take BLOCK_K 32 (the stem's 32->64).
 # (fp32: 8-deep K steps on the 4-warp tiles: 16 spilled 8 bytes on sm_80 without divisibility hints)
 CONV_K64_N64 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, FLAT_K=False, ALIGNED=True,
-                    FP32_K=8, num_warps=4)
+                    FP32_K=FP32_K_SHALLOW, num_warps=4)
 CONV_K64_N128 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, FLAT_K=False, ALIGNED=True,
                      FP32_K=16, num_warps=8)
 CONV_K32_N64 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=4, FLAT_K=False, ALIGNED=True,
-                    FP32_K=8, num_warps=4)
+                    FP32_K=FP32_K_SHALLOW, num_warps=4)
 # flat K walk for group widths < 32 (the stem's 3->16 and 16->32, odd widths): element gathers,
 # no alignment to exploit; 32-wide column tiles (L0's stem has 16 and 32 outputs).
 CONV_FLAT = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, FLAT_K=True, ALIGNED=False,
@@ -147,7 +165,8 @@ CONV_FLAT = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, F
 # Unaligned channel counts (not in L0; odd widths of other models), a 64-bit address per element:
 # 64x64x32 tiles at 2 stages stay clear of spills (64x64x16 with the pool's four A tiles).
 GEMM_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2, ALIGNED=False, FP32_K=16, num_warps=4)
-GEMM_POOL_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, NUM_STAGES=2, ALIGNED=False, FP32_K=8, num_warps=4)
+GEMM_POOL_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, GROUP_M=8, NUM_STAGES=2, ALIGNED=False,
+                         FP32_K=FP32_K_SHALLOW, num_warps=4)
 CONV_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2, FLAT_K=False, ALIGNED=False,
                     FP32_K=16, num_warps=4)
 # The backward's recompute (BWD) holds the output's gradient tile beside the accumulator: at
@@ -182,7 +201,7 @@ def config(kind: str, group_width: int, cout_per_group: int, device: torch.devic
            taps: int = 1) -> dict:
     """The tile for a ``kind`` ("1x1" or "conv") launch with ``group_width`` input and
     ``cout_per_group`` output channels per group; ``aligned``: see ALIGNED above (a copy: callers
-    may edit it). fp32 inputs use the same tile with a shorter K step (see _k_step). CPU tensors
+    may edit it). fp32 inputs use the same tile with a shorter K step (see the kernels' BK). CPU tensors
     (the interpreter) get a tile as large as the problem (``rows`` output pixels, ``taps`` kernel
     taps) unless ``gpu_config``."""
     if device.type != "cuda" and not gpu_config:
@@ -464,19 +483,6 @@ def _pre_act(v, pre_beta, PRE_ACT: tl.constexpr):
 
 
 @triton.jit
-def _k_step(x_ptr, BLOCK_K: tl.constexpr, FP32_MAX: tl.constexpr):  # FP32_MAX: the tile's FP32_K
-    """The K step a program takes: BLOCK_K for 16-bit inputs (tensor cores), at most FP32_MAX for
-    fp32 inputs, whose IEEE dot runs on FMAs with its operand slices in registers (a 64-deep step
-    of a 128x128 tile spills thousands of bytes). The tile stays the config's, so the launcher's
-    grid and the sums' slots do not depend on the dtype."""
-    if x_ptr.dtype.element_ty == tl.float32:
-        BK: tl.constexpr = min(BLOCK_K, FP32_MAX)
-    else:
-        BK: tl.constexpr = BLOCK_K
-    return BK
-
-
-@triton.jit
 def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, Cout, HW, S, act, act_gain,
               bias_ptr, part_ptr, gsums_ptr, has_grad, has_gsums, has_out, SUMS: tl.constexpr, BWD: tl.constexpr,
               BLOCK_M: tl.constexpr):
@@ -533,7 +539,11 @@ def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_p
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < M
     cmask = cols < Cout
-    BK: tl.constexpr = _k_step(x_ptr, BLOCK_K, FP32_K)
+    # the K step: BLOCK_K for 16-bit inputs (tensor cores), at most FP32_K for fp32 ones, whose IEEE dot
+    # runs on FMAs with its operand slices in registers (a 64-deep step of a 128x128 tile spills
+    # thousands of bytes); the tile stays the config's, so the grid and the sums' slots do not depend
+    # on the dtype. Written here, not in a helper: Triton 3.6 returns a helper's constexpr as a tensor.
+    BK: tl.constexpr = min(BLOCK_K, FP32_K) if x_ptr.dtype.element_ty == tl.float32 else BLOCK_K
     kk = tl.arange(0, BK)
     if POOL:
         n = rows // HW
@@ -626,7 +636,8 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr,
     iw0 = (pix - oh * Wo) * stride - pad_w
     nH = n * H
     x_g = x_ptr + g * Cg
-    BK: tl.constexpr = _k_step(x_ptr, BLOCK_K, FP32_K)
+    # the K step, as in _conv1x1_kernel
+    BK: tl.constexpr = min(BLOCK_K, FP32_K) if x_ptr.dtype.element_ty == tl.float32 else BLOCK_K
     kk = tl.arange(0, BK)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if FLAT_K:

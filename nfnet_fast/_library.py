@@ -439,7 +439,9 @@ def _with_eager_autograd(prefix: str, op: str) -> Callable:
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype on ``device_type``, or None where autocast is off or does not exist (meta)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # (cuda and cpu are known without asking: torch 2.11's dynamo cannot trace is_autocast_available)
+    if ((device_type in ("cuda", "cpu") or torch.amp.is_autocast_available(device_type))
+            and torch.is_autocast_enabled(device_type)):
         return torch.get_autocast_dtype(device_type)
     return None
 

@@ -608,7 +608,7 @@ def test_opcheck_cuda():
 @_gpu
 def test_cuda_rejects_float64(rng):
     y = _rand((2, 8, 3, 3), torch.float64, rng, "cuda")
-    with pytest.raises(RuntimeError, match="x is float64"):
+    with pytest.raises(RuntimeError, match="y is float64"):  # (eca_residual's input is y)
         OPS.eca_residual(y, _eca_weight(3, rng, device="cuda"), None, 1.0, None)
     with pytest.raises(RuntimeError, match="x is float64"):
         OPS.silu_scale(y, 1.0)
