@@ -220,7 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--title", default="nfnet_fast benchmark report")
     p.add_argument("--commit", default=None, help="the commit measured (default: the checkout's HEAD now)")
     p.add_argument("--steps", default=None, help="one line: how long each step of the run took")
-    p.add_argument("--kernels", default=None, help="bench/profile_kernels.py's kernel_kinds.md to include")
+    p.add_argument("--kernels", nargs="*", default=[],
+                   help="bench/profile_kernels.py's kernel_kinds.md (and kernel_kinds_train.md) to include")
     args = p.parse_args(argv)
 
     benches = []
@@ -242,8 +243,9 @@ def main(argv=None) -> int:
     md += prologue_table(benches)
     md += conv_backward_table(benches)
     md += agc_table(benches)
-    if args.kernels and os.path.exists(args.kernels):
-        md += ["## where the time goes", "", open(args.kernels).read().strip(), ""]
+    kernels = [open(k).read().strip() for k in args.kernels if os.path.exists(k)]
+    if kernels:
+        md += ["## where the time goes", ""] + [k + "\n" for k in kernels]
     for t in args.tables:
         if os.path.exists(t):
             md += [f"## {os.path.basename(t)}", "", open(t).read().strip(), ""]

@@ -34,6 +34,22 @@ CASES = [
     ("triton_poi_fused_add_mul_silu_0", [], "inductor kernels"),
     ("triton_tem_fused_convolution_1", [], "convolutions"),
     ("nvjet_sm90_tst_64x512", ["aten::addmm", "aten::linear"], "classifier (linear)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::TensorListMetadata<2>",
+     ["aten::_foreach_add_", "Optimizer.step#SGD.step", "optimizer"], "AGC + optimizer"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::NormOps<float",
+     ["aten::linalg_vector_norm", "aten::norm", "agc"], "AGC + optimizer"),
+]
+
+# (launching op chain innermost first, phase): on a GPU the backward's ops run on autograd's device
+# thread, outside train_step's "backward" range; on a CPU inside it.
+PHASE_CASES = [
+    (["aten::cudnn_convolution", "aten::convolution", "aten::conv2d", "forward"], "forward"),
+    (["aten::convolution_backward", "autograd::engine::evaluate_function: ConvolutionBackward0"], "backward"),
+    (["nfnet_fast::fused_conv_backward", "FusedConvBackward"], "backward"),
+    (["aten::silu_backward", "backward"], "backward"),
+    (["aten::_foreach_mul_", "agc"], "AGC + optimizer"),
+    (["aten::_foreach_add_", "Optimizer.step#SGD.step"], "AGC + optimizer"),
+    ([], "forward"),
 ]
 
 
@@ -41,6 +57,11 @@ CASES = [
 def test_classify(kernel, chain, kind):
     assert P.classify(kernel, chain) == kind
     assert kind in P.KINDS
+
+
+@pytest.mark.parametrize("chain, phase", PHASE_CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(PHASE_CASES)])
+def test_phase(chain, phase):
+    assert P.phase(chain) == phase and phase in P.PHASES
 
 
 def test_every_kind_is_reachable():
@@ -56,3 +77,20 @@ def test_cpu_profile_writes_its_tables(tmp_path):
     assert "convolutions" in (tmp_path / "kernel_kinds.md").read_text()
     with pytest.raises(SystemExit):
         P.main(["--out", str(tmp_path), "--batch", "1", "--size", "32", "--only-compiled"])
+
+
+def test_cpu_training_profile_splits_the_step_into_phases(tmp_path):
+    """--train end to end on the CPU: every contender's step has kernel (op self) time in each phase,
+    its kinds add up to its phases, and it writes its own files beside the forward's."""
+    assert P.main(["--out", str(tmp_path), "--train", "--batch", "2", "--size", "32"]) == 0
+    data = json.loads((tmp_path / "kernel_kinds_train.json").read_text())
+    assert "timm eager fp32" in data["kinds"] and not (tmp_path / "kernel_kinds.json").exists()
+    for name, kinds in data["kinds"].items():
+        phases = data["phases"][name]
+        assert all(phases.get(ph, 0) > 0 for ph in P.PHASES), (name, phases)
+        assert sum(kinds.values()) == pytest.approx(sum(phases[ph] for ph in P.PHASES), rel=1e-9), name
+        assert kinds.get("AGC + optimizer", 0) == pytest.approx(phases["AGC + optimizer"], rel=1e-9), name
+        assert phases["wall"] > 0
+    assert "wall time of a step" in (tmp_path / "kernel_kinds_train.md").read_text()
+    with pytest.raises(SystemExit):
+        P.main(["--out", str(tmp_path), "--train", "--only-compiled"])
