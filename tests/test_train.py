@@ -293,3 +293,23 @@ def test_training_step_clips_some_units_and_not_others():
     adaptive_clip_grad(params, 0.015)
     clipped, kept = _clipped_units(before, params)
     assert clipped > 0 and kept > 0, (clipped, kept)
+
+
+def test_benchmark_step_clips_each_model_with_its_librarys_agc(monkeypatch):
+    """nfnet_fast.benchmark.train_step (the training benchmark's and peak_memory's step) clips a model nfnet_fast
+    converted with adaptive_clip_grad_ and a timm model with timm's, each on all but the classifier."""
+    from nfnet_fast import benchmark as B
+
+    calls = []
+    monkeypatch.setattr(B, "adaptive_clip_grad", lambda ps, clip_factor: calls.append(("timm", len(ps))))
+    monkeypatch.setattr(B, "adaptive_clip_grad_", lambda ps, clip_factor: calls.append(("nfnet_fast", len(ps))))
+    ref = timm.create_model("test_nfnet", num_classes=10, attn_layer="eca", attn_kwargs={})
+    fast = nfnet_fast.convert(timm.create_model("test_nfnet", num_classes=10, attn_layer="eca", attn_kwargs={}),
+                              backend="reference")
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
+    trunk = len([n for n, _ in ref.named_parameters() if not n.startswith("head.fc")])
+    assert 0 < trunk < len(list(ref.parameters()))
+    for model in (ref, fast):
+        B.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), x, y, "fp32")
+    assert calls == [("timm", trunk), ("nfnet_fast", trunk)]
+    assert not B.is_converted(torch.compile(ref)) and B.is_converted(torch.compile(fast))
