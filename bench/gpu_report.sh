@@ -73,7 +73,8 @@ report() {  # the report of whatever finished; its exit status is the script's
   local times; times="steps: $(IFS=,; echo "${timeline[*]:-none}" | sed 's/,/, /g'); total $(elapsed)s"
   echo "$times"
   if $PY bench/report.py "${jsons[@]}" --tests "$work/tests.summary" --out "$name" --commit "$commit" \
-      --steps "$times" --kernels "$work/prof/kernel_kinds.md" "$work/prof/kernel_kinds_train.md" --tables bench/triton_resources.md bench/cuda_resources.md \
+      --steps "$times" --kernels "$work/prof/kernel_kinds.md" "$work/prof/kernel_kinds_train.md" \
+      --tables bench/triton_resources.md bench/cuda_resources.md \
       --title "nfnet_fast benchmark report: $slug$([ "$QUICK" = 1 ] && echo ' (quick)')"; then
     echo "report written to $name.md and $name.json ($(elapsed)s)"
   else
@@ -172,7 +173,7 @@ bench conv 60 bench/test_bench_conv.py -k "not compile and not backward"
 step "kernel-time profiles (eager)"
 run_step "profiles-eager" 60 $PY bench/profile_kernels.py --out "$work/prof" --no-compile
 step "kernel-time profile of a training step (eager): what each phase costs against the step's wall time"
-run_step "profiles-train" 60 $PY bench/profile_kernels.py --out "$work/prof" --train
+run_step "profiles-train" 90 $PY bench/profile_kernels.py --out "$work/prof" --train
 
 # 3. the GPU tests in the background while torch.compile fills its caches with the compiled
 #    inference contenders' graphs (one untimed round each). On an H200 the tests took 57-61 s with

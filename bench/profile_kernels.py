@@ -94,7 +94,10 @@ def classify(kernel: str, chain: Sequence[str]) -> str:
 def phase(chain: Sequence[str]) -> str:
     """The training-step phase of a kernel from its launching op chain: train_step's "agc" and
     "optimizer" ranges; the backward's ops (on a GPU they run on autograd's device thread, outside the
-    "backward" range, under its ``autograd::engine::evaluate_function`` events); else the forward."""
+    "backward" range, under its ``autograd::engine::evaluate_function`` events); else the forward.
+    A kernel no op launched (an empty chain) is "unattributed"."""
+    if not chain:
+        return "unattributed"
     if any(n in ("agc", "optimizer") or n.startswith("Optimizer.") for n in chain):
         return "AGC + optimizer"
     if any(n == "backward" or n.startswith("autograd::engine") or "Backward" in n for n in chain):
@@ -188,7 +191,8 @@ def phase_table(phases: Dict[str, Dict[str, float]], unit: str) -> List[str]:
     """Kernel time per phase of a training step beside the step's wall time."""
     names = list(phases)
     lines = ["| phase | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for ph in PHASES:
+    shown = PHASES + (("unattributed",) if any(phases[n].get("unattributed", 0) for n in names) else ())
+    for ph in shown:
         lines.append(f"| {ph} ({unit}) | " + " | ".join(f"{phases[n].get(ph, 0):.2f}" for n in names) + " |")
     lines.append("| **wall time of a step (ms)** | " + " | ".join(f"**{phases[n]['wall']:.2f}**" for n in names) + " |")
     return lines
@@ -223,7 +227,8 @@ def main(argv=None) -> int:
     ref = B.build_reference(args.model, device)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     wanted = [f"timm eager {dtype}"] + [f"nfnet_fast {b} {dtype}" for b in B.backends_for(device)]
-    if args.train:
+    if args.train:  # (the reference backend's step is timm's math: its forward, aten's backward)
+        wanted = [n for n in wanted if n != f"nfnet_fast reference {dtype}"]
         contenders = _train_contenders(ref, wanted, x, dtype)
     else:
         contenders = {c.name: c.make for c in B.inference_contenders(ref, device, x,
@@ -242,13 +247,20 @@ def main(argv=None) -> int:
             if (earlier["batch"], earlier["size"], earlier["dtype"]) == (batch, size, dtype):
                 results, tops, seconds = earlier["kinds"], earlier["top"], earlier["seconds"]
                 phases = earlier.get("phases", {})
-    for name in wanted:
+    unit = "ms of GPU kernel time" if on_gpu else "ms of CPU op self-time"
+    what = "one training step (SGD + AGC)" if args.train else "one forward"
+    os.makedirs(args.out, exist_ok=True)
+    for name in wanted:  # (the files are rewritten after each contender: a run cut short keeps what finished)
         t0 = time.perf_counter()
         results[name], tops[name], phases[name] = profile(contenders[name](), x, args.iters, on_gpu)
         seconds[name] = time.perf_counter() - t0
         print(f"profiled {name} in {seconds[name]:.0f}s", flush=True)
-    unit = "ms of GPU kernel time" if on_gpu else "ms of CPU op self-time"
-    what = "one training step (SGD + AGC)" if args.train else "one forward"
+        _write(args, stem, path, unit, what, batch, size, dtype, results, tops, phases, seconds)
+    print("\n".join(table(results) + ([""] + phase_table(phases, "kernels") if args.train else [])))
+    return 0
+
+
+def _write(args, stem, path, unit, what, batch, size, dtype, results, tops, phases, seconds):
     md = [f"### kernel time of {what} by kind ({unit}; {args.model}, batch {batch}, {size} px, "
           f"{dtype}, channels_last)", ""] + table(results) + [""]
     if args.train:
@@ -257,14 +269,11 @@ def main(argv=None) -> int:
     for name in results:
         md += [f"<details><summary>{name}: top kernels</summary>", "", "| kind | kernel | ms |", "|---|---|---|"]
         md += [f"| {t['kind']} | `{t['kernel']}` | {t['ms']:.3f} |" for t in tops[name]] + ["", "</details>", ""]
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(path, "w") as f:
         json.dump(dict(unit=unit, batch=batch, size=size, dtype=dtype, kinds=results, top=tops, phases=phases,
                        seconds=seconds), f, indent=2)
-    print("\n".join(table(results) + ([""] + phase_table(phases, "kernels") if args.train else [])))
-    return 0
 
 
 def _train_contenders(ref, names: Sequence[str], x, dtype: str):

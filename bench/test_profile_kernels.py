@@ -49,7 +49,7 @@ PHASE_CASES = [
     (["aten::silu_backward", "backward"], "backward"),
     (["aten::_foreach_mul_", "agc"], "AGC + optimizer"),
     (["aten::_foreach_add_", "Optimizer.step#SGD.step"], "AGC + optimizer"),
-    ([], "forward"),
+    ([], "unattributed"),  # (a kernel no op launched: inductor's, launched from Python)
 ]
 
 
@@ -61,7 +61,7 @@ def test_classify(kernel, chain, kind):
 
 @pytest.mark.parametrize("chain, phase", PHASE_CASES, ids=[f"{c[1]}-{i}" for i, c in enumerate(PHASE_CASES)])
 def test_phase(chain, phase):
-    assert P.phase(chain) == phase and phase in P.PHASES
+    assert P.phase(chain) == phase and phase in P.PHASES + ("unattributed",)
 
 
 def test_every_kind_is_reachable():
@@ -80,16 +80,15 @@ def test_cpu_profile_writes_its_tables(tmp_path):
 
 
 def test_cpu_training_profile_splits_the_step_into_phases(tmp_path):
-    """--train end to end on the CPU: every contender's step has kernel (op self) time in each phase,
-    its kinds add up to its phases, and it writes its own files beside the forward's."""
+    """--train end to end on the CPU: every contender's step has op time in each phase (the backward's
+    ops found under train_step's range, AGC's and the optimizer's under theirs), no op unattributed,
+    and it writes its own files beside the forward's, without the reference backend."""
     assert P.main(["--out", str(tmp_path), "--train", "--batch", "2", "--size", "32"]) == 0
     data = json.loads((tmp_path / "kernel_kinds_train.json").read_text())
     assert "timm eager fp32" in data["kinds"] and not (tmp_path / "kernel_kinds.json").exists()
-    for name, kinds in data["kinds"].items():
-        phases = data["phases"][name]
-        assert all(phases.get(ph, 0) > 0 for ph in P.PHASES), (name, phases)
-        assert sum(kinds.values()) == pytest.approx(sum(phases[ph] for ph in P.PHASES), rel=1e-9), name
-        assert kinds.get("AGC + optimizer", 0) == pytest.approx(phases["AGC + optimizer"], rel=1e-9), name
+    assert any(n.startswith("nfnet_fast") for n in data["kinds"]) and "nfnet_fast reference fp32" not in data["kinds"]
+    for name, phases in data["phases"].items():
+        assert all(phases.get(ph, 0) > 0 for ph in P.PHASES) and not phases.get("unattributed"), (name, phases)
         assert phases["wall"] > 0
     assert "wall time of a step" in (tmp_path / "kernel_kinds_train.md").read_text()
     with pytest.raises(SystemExit):

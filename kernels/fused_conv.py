@@ -151,7 +151,8 @@ GEMM_POOL_NARROW = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAG
 # kxk implicit GEMM, tap-major: group width >= 64 takes BLOCK_K 64 (L0's grouped 3x3s: width 64,
 # Cout/groups 64, one column tile per group; the stem's 64->128 takes the 128-wide tile);
 # widths 32..63 take BLOCK_K 32 (the stem's 32->64).
-# (fp32: 8-deep K steps on the 4-warp tiles: 16 spilled 8 bytes on sm_80 without divisibility hints)
+# (fp32: 8-deep K steps on the 4-warp tiles: 16 spilled 8 bytes on sm_80 without divisibility hints under
+# Triton 3.8; Triton 3.6, which takes no fp32 dot under 16 deep, compiles them 16 deep: FP32_K_SHALLOW)
 CONV_K64_N64 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8, NUM_STAGES=4, FLAT_K=False, ALIGNED=True,
                     FP32_K=FP32_K_SHALLOW, num_warps=4)
 CONV_K64_N128 = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, NUM_STAGES=3, FLAT_K=False, ALIGNED=True,

@@ -122,7 +122,9 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, ta
         loss.backward()
     with record_function("agc"):
         clip = adaptive_clip_grad_ if is_converted(model) else adaptive_clip_grad
-        clip([p for n, p in model.named_parameters() if not n.startswith("head.fc")], clip_factor=0.01)
+        # (a compiled model names its parameters "_orig_mod.<name>": the classifier by the module's own names)
+        named = getattr(model, "_orig_mod", model).named_parameters()
+        clip([p for n, p in named if not n.startswith("head.fc")], clip_factor=0.01)
     with record_function("optimizer"):
         opt.step()
     return loss

@@ -297,7 +297,8 @@ def test_training_step_clips_some_units_and_not_others():
 
 def test_benchmark_step_clips_each_model_with_its_librarys_agc(monkeypatch):
     """nfnet_fast.benchmark.train_step (the training benchmark's and peak_memory's step) clips a model nfnet_fast
-    converted with adaptive_clip_grad_ and a timm model with timm's, each on all but the classifier."""
+    converted with adaptive_clip_grad_ and a timm model (eager or compiled) with timm's, each on all but the
+    classifier."""
     from nfnet_fast import benchmark as B
 
     calls = []
@@ -309,7 +310,7 @@ def test_benchmark_step_clips_each_model_with_its_librarys_agc(monkeypatch):
     x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2,))
     trunk = len([n for n, _ in ref.named_parameters() if not n.startswith("head.fc")])
     assert 0 < trunk < len(list(ref.parameters()))
-    for model in (ref, fast):
+    for model in (ref, fast, torch.compile(ref, backend="eager")):  # (compiled: "_orig_mod." names)
         B.train_step(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), x, y, "fp32")
-    assert calls == [("timm", trunk), ("nfnet_fast", trunk)]
+    assert calls == [("timm", trunk), ("nfnet_fast", trunk), ("timm", trunk)]
     assert not B.is_converted(torch.compile(ref)) and B.is_converted(torch.compile(fast))
