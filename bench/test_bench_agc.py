@@ -14,7 +14,7 @@ from timm.utils import adaptive_clip_grad
 
 from conftest import DEVICE, MODEL, cached
 from nfnet_fast import benchmark as B
-from nfnet_fast.train import adaptive_clip_grad_
+from nfnet_fast.train import adaptive_clip_grad_, agc_parameters
 
 CLIP = 0.015  # eca_nfnet_l0's fine-tuning clip factor
 IMPLS = {"timm": adaptive_clip_grad, "nfnet_fast": adaptive_clip_grad_}
@@ -25,8 +25,7 @@ def _case():
     def make():
         torch.manual_seed(0)
         model = B.build_reference(MODEL, DEVICE).train()
-        head = {id(p) for p in model.get_classifier().parameters()}
-        params = [p for p in model.parameters() if id(p) not in head]
+        params = agc_parameters(model)
         g = torch.Generator(device=DEVICE).manual_seed(0)
         grads = [(torch.randn(p.shape, device=DEVICE, generator=g) * 10 ** -(4 * torch.rand((), device=DEVICE,
                                                                                              generator=g)))

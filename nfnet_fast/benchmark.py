@@ -21,7 +21,7 @@ from torch.profiler import record_function
 
 from . import _backends, ops
 from .model import convert
-from .train import adaptive_clip_grad_
+from .train import adaptive_clip_grad_, agc_parameters
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 
@@ -122,9 +122,7 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, ta
         loss.backward()
     with record_function("agc"):
         clip = adaptive_clip_grad_ if is_converted(model) else adaptive_clip_grad
-        # (a compiled model names its parameters "_orig_mod.<name>": the classifier by the module's own names)
-        named = getattr(model, "_orig_mod", model).named_parameters()
-        clip([p for n, p in named if not n.startswith("head.fc")], clip_factor=0.01)
+        clip(agc_parameters(model), clip_factor=0.01)
     with record_function("optimizer"):
         opt.step()
     return loss

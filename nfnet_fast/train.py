@@ -119,6 +119,13 @@ def _apply_per_tensor(grads: List[torch.Tensor], plan: _Plan, scale: torch.Tenso
 
 
 @torch.no_grad()
+def agc_parameters(model: torch.nn.Module) -> List[torch.Tensor]:
+    """The parameters AGC clips, as NFNets train: all but the classifier's (``get_classifier()``, which a
+    ``torch.compile`` wrapper passes through to its model)."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    return [p for p in model.parameters() if id(p) not in head]
+
+
 def adaptive_clip_grad_(parameters: _TensorOrTensors, clip_factor: float = 0.01, eps: float = 1e-3,
                         norm_type: float = 2.0, *, _batched: Optional[bool] = None) -> None:
     """Adaptive gradient clipping (AGC, Brock et al. 2021), in place: ``timm.utils.adaptive_clip_grad`` in a few
@@ -679,8 +686,7 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
                                        min_lr=config.min_lr, step_on_epochs=False,
                                        updates_per_epoch=len(train_loader))
     ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
-    head = {id(p) for p in model.get_classifier().parameters()}
-    clipped = [p for p in model.parameters() if id(p) not in head]
+    clipped = agc_parameters(model)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.smoothing)
 
     start, history, best = 0, [], None
