@@ -5,6 +5,12 @@ JITFunctions (no interpreter) under a driver that targets sm_90 and whose launch
 JITFunction.run runs its whole Python path (binder, specialisation key, cache lookup) and stops where
 the C launcher would start; the cuda backend runs its C++ CPU twins on tiny tensors (an upper bound).
 
+Last, the host time of a whole training step (benchmark.train_step: forward, backward, AGC,
+optimizer) of eca_nfnet_l0's layer graph at 1/8 of its width (the same 57 convs, 12 ECA blocks and
+layer sequence; batch 2, 32 px, fp32), timm's model and each backend's, by phase: on the CPU timm's
+aten ops do their (tiny) work where nfnet_fast's kernels do none, so nfnet_fast's rows are, if
+anything, flattered. A step that a GPU finishes sooner than its host issues it runs at this pace.
+
     PYTHONPATH=. python bench/host_overhead.py
 """
 import os
@@ -50,6 +56,7 @@ import nfnet_fast, nfnet_fast._triton  # kernels are decorated now: real JITFunc
 from nfnet_fast import ops
 if not GPU:
     os.environ["TRITON_INTERPRET"] = "1"  # so the registry lets the triton backend take CPU tensors
+    nfnet_fast._backends._infos.clear()   # (and convert(backend="triton") too: availability is re-read)
 from nfnet_fast.kernels import eca_residual as K_eca
 assert isinstance(K_eca._apply_nhwc_kernel, JITFunction)
 torch.set_num_threads(1)
@@ -89,7 +96,8 @@ cg = torch.randn(1, 16, 4, 4, device=DEV).contiguous(memory_format=torch.channel
 
 rows = []
 from nfnet_fast import _backends
-for be in ("cuda", "triton"):
+BACKENDS = [be for be in ("cuda", "triton") if _backends.op_function(be, "eca_residual") is not None]
+for be in BACKENDS:  # (cuda: not where the extension is not built, as in bench/gpu_stack_check.sh's venv)
     class ops:  # the backend's own functions (ops' argument checks are the same for both: left out)
         eca_residual = staticmethod(lambda *a, backend, sums=None: _backends.op_function(backend, "eca_residual")(*a, sums=sums))
         scaled_std_weight = staticmethod(lambda *a, backend: _backends.op_function(backend, "scaled_std_weight")(*a))
@@ -144,3 +152,50 @@ def launch_reduce():
 def plan_only():
     E.plan(yy.shape, True, torch.device("cuda"), pool=True)
 print(f"one Triton launch (16 args + 5 constexprs), Python path only: {bench(launch_reduce, n=2000):.1f} us; eca plan(): {bench(plan_only, n=2000):.1f} us")
+
+
+# A whole training step, by phase (benchmark.train_step's four), of eca_nfnet_l0's layer graph at 1/8 width
+import dataclasses
+import timm.models.nfnet as timm_nfnet
+from timm.utils import adaptive_clip_grad
+from nfnet_fast.benchmark import random_weights_
+from nfnet_fast.train import adaptive_clip_grad_, agc_parameters
+narrow = dataclasses.replace(timm_nfnet.model_cfgs["eca_nfnet_l0"], channels=(32, 64, 192, 192), stem_chs=16,
+                             group_size=8, num_features=288)
+sx = torch.randn(2, 3, 32, 32, device=DEV).contiguous(memory_format=torch.channels_last)
+st = torch.tensor([1, 2], device=DEV)
+
+
+def step_phases(model, opt, clip):
+    """Host seconds of each phase of one step (the GPU's queue drained first and last on a GPU)."""
+    marks = [time.perf_counter()]
+    loss = torch.nn.functional.cross_entropy(model(sx), st)
+    marks.append(time.perf_counter())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    marks.append(time.perf_counter())
+    clip(agc_parameters(model), clip_factor=0.01)
+    marks.append(time.perf_counter())
+    opt.step()
+    if GPU:
+        torch.cuda.synchronize()
+    marks.append(time.perf_counter())
+    return [b - a for a, b in zip(marks, marks[1:])]
+
+
+steps = {}
+for be in [None] + BACKENDS:
+    model = random_weights_(timm_nfnet.NormFreeNet(narrow, num_classes=10))
+    model = (model if be is None else nfnet_fast.convert(model, backend=be)).to(DEV).train()
+    model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    clip = adaptive_clip_grad if be is None else adaptive_clip_grad_
+    for _ in range(3):
+        step_phases(model, opt, clip)
+    runs = [step_phases(model, opt, clip) for _ in range(25)]
+    steps[be or "timm"] = [min(r[i] for r in runs) * 1e3 for i in range(4)] + [min(sum(r) for r in runs) * 1e3]
+print(f"training step of eca_nfnet_l0's layers at 1/8 width, batch 2, 32 px, fp32 ({DEV.type}, 1 thread): host ms, "
+      "min of 25 (each phase's own minimum)")
+print(f"{'':8s}" + "".join(f"{k:>10s}" for k in ("forward", "backward", "AGC", "optimizer", "step")))
+for name, row in steps.items():
+    print(f"{name:8s}" + "".join(f"{v:10.2f}" for v in row))

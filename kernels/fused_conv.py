@@ -915,8 +915,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         # the choice below (tile lists, the tuning table's key and lookup) costs tens of us of host
         # time a call, so it is made once per launch signature and process
         memo = (x.device, x.dtype, x.shape, weight.shape, stride, (pt, pb, pl, pr), groups, bool(pool),
-                bool(want_sums), bool(backward), bool(pre_act), aligned, bool(autotune), bool(vendor), bool(gpu_config),
-                autotune_enabled())
+                bool(want_sums), bool(backward), bool(pre_act), aligned, bool(autotune) and autotune_enabled(),
+                bool(vendor), bool(gpu_config))
         pick = _PICKS.get(memo)
         if pick is None:
             pick, final = _choose(x, weight, (pt, pb, pl, pr), stride, groups, pool, want_sums, backward, pre_act,
@@ -965,17 +965,21 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     if pre_beta is not None:
         pre_x = x if _is_dense(x) else x.contiguous()
         x = _silu.forward(pre_x, pre_beta)
-    raw = None
-    if gain is not None:
+    raw = packed = None
+    if gain is not None:  # standardised straight into the GEMM's packed operand, as the forward does
         raw, gain_flat = weight.detach().contiguous(), gain.detach().reshape(-1).contiguous()
-        weight = _std.forward(raw, gain_flat, std_scale, std_eps).to(x.dtype)
+        cout, cg, kh, kw = raw.shape
+        packed = _std.forward(raw, gain_flat, std_scale, std_eps, gpu_config,
+                              packed=torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype))
+        weight = packed.permute(3, 2, 0, 1)  # (cuDNN copies it into its own layout)
     pt, pb, pl, pr = normalize_padding(padding)
     xin = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) if pool else x
     conv = dict(stride=stride, padding=(pt, pb, pl, pr), groups=groups)
     grad_b = None
     if act is not None:  # z recomputed in the GEMM, its gradient made in the epilogue (with its sums)
         grad_z, sums = fused_conv(xin, weight, bias, act=act, act_gain=act_gain, want_sums=True, backward=True,
-                                  grad_out=grad_out, grad_sums=grad_sums, gpu_config=gpu_config, **conv)
+                                  grad_out=grad_out, grad_sums=grad_sums, gpu_config=gpu_config, packed_weight=packed,
+                                  **conv)
         if need_b:
             grad_b = sums.sum(0)
     else:  # no activation: z is the output, its gradient needs no recompute (and often no pass at all)

@@ -58,6 +58,51 @@ def _names(prefix: str, op: str):
     return f"nfnet_fast::{prefix}{op}", f"nfnet_fast::_{prefix}{op}_backward"
 
 
+# qualname -> the Python function behind a compiled backend's custom op, which an eager call runs
+# directly (see _direct)
+_BODIES: dict = {}
+
+
+def custom_op(qualname: str) -> Callable:
+    """``torch.library.custom_op(qualname, mutates_args=())`` that also keeps the decorated function,
+    the op's body, for eager calls to run without the dispatcher (:func:`_direct`)."""
+    def wrap(fn: Callable):
+        _BODIES[qualname] = fn
+        return torch.library.custom_op(qualname, mutates_args=())(fn)
+    return wrap
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _direct(qualname: str) -> Callable:
+    """A call of the op ``qualname`` that runs its Python body directly (:func:`custom_op`) when
+    nothing but the body could run: every tensor argument a plain CPU or CUDA tensor (no FakeTensor
+    or other subclass, no meta), no Python dispatch or torch-function mode active (fake tensors,
+    FlopCounterMode, tests' op counters), and no gradient to track. Else, and for ops without a
+    Python body (the C++ extension's), the op through the dispatcher. The dispatcher's path through a
+    custom op (its autograd key with no grad, the alias checks on the outputs, dynamo's disable
+    wrapper) costs ~45 us of host time a call on the 2-core build machine, ~90 us a training conv
+    (bench/host_overhead.py): a training step makes two calls per conv, and the H100 step was
+    paced by its host (docs/triton-training-step.md). Under the profiler the body runs in a range
+    named ``qualname``, where the op's own event would be, so kernels stay attributed to it."""
+    op = _op(qualname)
+
+    def call(*args):
+        body = _BODIES.get(qualname)  # (looked up per call: tests wrap bodies to see which path ran)
+        if body is None or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+            return op(*args)
+        grad = torch.is_grad_enabled()
+        for a in args:
+            if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta or (grad and a.requires_grad)):
+                return op(*args)
+        if torch.autograd._profiler_enabled():
+            with torch.profiler.record_function(qualname):
+                return body(*args)
+        return body(*args)
+    return call
+
+
 # ---------------------------------------------------------------------------------------------
 # fake kernels: shapes, dtypes and devices checked with torch._check, so a wrong call fails where
 # it is made (also inside torch.compile) instead of reaching a kernel
@@ -416,22 +461,26 @@ def _with_eager_autograd(prefix: str, op: str) -> Callable:
     registered formula: the same saved tensors and gradients, without the host work of torch's
     custom-op autograd wrapper. That wrapper refills the schema's defaults on every call in a loop
     quadratic in the arity (pytorch#195110): 62 us a call for fused_conv's 18 arguments on the 2-core
-    build machine (the measurement: docs/design.md section 4). Calls while tracing or compiling, and
-    those with no gradient to track, call the op itself."""
+    build machine (the measurement: docs/design.md section 4). The Function's forward and backward,
+    and calls with no gradient to track, run the ops' Python bodies where they can (:func:`_direct`);
+    calls while tracing or compiling call the op itself, with its registered autograd."""
     forward_name, backward_name = _names(prefix, op)
-    forward_op = _op(forward_name)
+    forward_op = _direct(forward_name)
     setup_context, make_backward = _AUTOGRAD[op]
 
     def forward(ctx, *inputs):
         output = forward_op(*inputs)  # (autograd.Function runs forward without grad: no autograd in the op)
         setup_context(ctx, inputs, output)
         return output
+    backward = make_backward(_direct(backward_name))
     function = type(f"{prefix}{op}_autograd", (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "backward": staticmethod(make_backward(_op(backward_name)))})
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    traced_op = _op(forward_name)
 
     def call(*inputs):
-        if (torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and any(isinstance(t, Tensor) and t.requires_grad for t in inputs)):
+        if torch.compiler.is_compiling():
+            return traced_op(*inputs)
+        if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
             return function.apply(*inputs)
         return forward_op(*inputs)
     return call

@@ -2,7 +2,8 @@
 
 Every kernel launch sits inside a ``torch.library.custom_op`` named ``nfnet_fast::triton_<op>``,
 its backward ``nfnet_fast::_triton_<op>_backward`` (the compiled extension owns the plain
-``nfnet_fast::<op>`` names), with the schemas, fake kernels and autograd of
+``nfnet_fast::<op>`` names; :func:`nfnet_fast._library.custom_op` makes them and keeps each body,
+which eager calls run without the dispatcher), with the schemas, fake kernels and autograd of
 :mod:`nfnet_fast._library`, which the cuda backend shares. So ``torch.compile(fullgraph=True)``
 sees single opaque nodes with exact output strides, ``torch.library.opcheck`` passes, and CUDA
 graphs can capture the launches. (``torch.library.triton_op`` would let Inductor see into the
@@ -85,23 +86,23 @@ def _stats_like(y: Tensor, sums: Optional[Tensor] = None) -> Tensor:
 # the ops (schemas: nfnet_fast/_library.py)
 
 
-@torch.library.custom_op("nfnet_fast::triton_silu_scale", mutates_args=())
+@_library.custom_op("nfnet_fast::triton_silu_scale")
 def silu_scale_op(x: Tensor, beta: float) -> Tensor:
     return _silu.forward(_dense(x), beta)
 
 
-@torch.library.custom_op("nfnet_fast::_triton_silu_scale_backward", mutates_args=())
+@_library.custom_op("nfnet_fast::_triton_silu_scale_backward")
 def _silu_scale_backward_op(grad_out: Tensor, x: Tensor, beta: float) -> Tensor:
     x = _dense(x)
     return _silu.backward(_like(grad_out, x), x, beta)
 
 
-@torch.library.custom_op("nfnet_fast::triton_scaled_std_weight", mutates_args=())
+@_library.custom_op("nfnet_fast::triton_scaled_std_weight")
 def scaled_std_weight_op(weight: Tensor, gain: Tensor, scale: float, eps: float) -> Tensor:
     return _std.forward(weight.contiguous(), gain.reshape(-1).contiguous(), scale, eps)
 
 
-@torch.library.custom_op("nfnet_fast::_triton_scaled_std_weight_backward", mutates_args=())
+@_library.custom_op("nfnet_fast::_triton_scaled_std_weight_backward")
 def _scaled_std_weight_backward_op(grad_out: Tensor, weight: Tensor, gain: Tensor, scale: float,
                                    eps: float) -> Tuple[Tensor, Tensor]:
     grad_weight, grad_gain = _std.backward(grad_out.contiguous(), weight.contiguous(), gain.reshape(-1).contiguous(),
@@ -111,7 +112,7 @@ def _scaled_std_weight_backward_op(grad_out: Tensor, weight: Tensor, gain: Tenso
 
 # A missing output gradient reaches the backward as None (materialize_grads off), so an unused
 # a_next or x_next costs no traffic.
-@torch.library.custom_op("nfnet_fast::triton_eca_residual", mutates_args=())
+@_library.custom_op("nfnet_fast::triton_eca_residual")
 def eca_residual_op(y: Tensor, weight: Tensor, shortcut: Optional[Tensor], coef: float,
                     beta_next: Optional[float], sums: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     y = _activation(y)
@@ -120,7 +121,7 @@ def eca_residual_op(y: Tensor, weight: Tensor, shortcut: Optional[Tensor], coef:
     return x_next, y.new_empty((0,)) if a_next is None else a_next, stats
 
 
-@torch.library.custom_op("nfnet_fast::_triton_eca_residual_backward", mutates_args=())
+@_library.custom_op("nfnet_fast::_triton_eca_residual_backward")
 def _eca_residual_backward_op(grad_x_next: Optional[Tensor], grad_a_next: Optional[Tensor], y: Tensor,
                               weight: Tensor, shortcut: Optional[Tensor], stats: Tensor, coef: float,
                               beta_next: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -132,7 +133,7 @@ def _eca_residual_backward_op(grad_x_next: Optional[Tensor], grad_a_next: Option
     return grad_y, grad_weight, y.new_empty((0,)) if grad_shortcut is None else grad_shortcut
 
 
-@torch.library.custom_op("nfnet_fast::triton_fused_conv", mutates_args=())
+@_library.custom_op("nfnet_fast::triton_fused_conv")
 def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: List[int], groups: int,
                   act: int, act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                   pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
@@ -151,7 +152,7 @@ def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
     return out, x.new_empty((0,), dtype=torch.float32) if sums is None else sums
 
 
-@torch.library.custom_op("nfnet_fast::_triton_fused_conv_backward", mutates_args=())
+@_library.custom_op("nfnet_fast::_triton_fused_conv_backward")
 def _fused_conv_backward_op(grad_out: Optional[Tensor], grad_sums: Optional[Tensor], x: Tensor, weight: Tensor,
                             bias: Optional[Tensor], stride: int, padding: List[int], groups: int, act: int,
                             act_gain: float, pool: bool, pre_beta: Optional[float], gain: Optional[Tensor],

@@ -162,7 +162,8 @@ class _StdWeightCache(_FastModule):
             return None
         differentiable = torch.is_grad_enabled() and (w.requires_grad or g.requires_grad)
         if self.training or differentiable or not (_plain_tensor(w) and _plain_tensor(g)):
-            self._std_cache = None
+            if self._std_cache is not None:  # (Module.__setattr__ costs host time on every training call)
+                self._std_cache = None
             return None
         return (w._version, g._version, w.data_ptr(), g.data_ptr(), w.device, w.dtype, self.scale, self.eps,
                 self.backend)

@@ -356,6 +356,60 @@ def test_backend_signatures_match_reference():
             inspect.signature(getattr(ref_ops, name)).parameters.keys(), name
 
 
+def test_eager_calls_run_the_op_bodies_without_the_dispatcher(monkeypatch, rng):
+    """Eager calls of the triton ops (forward, and the backward ops autograd calls) run the ops'
+    Python bodies directly (_library._direct), and get the same bits as the ops called through the
+    dispatcher; under a Python dispatch mode (fake tensors, op counters) the ops themselves run, and
+    under the profiler each body runs in a range named after its op (bench/profile_kernels.py
+    attributes kernels by op name)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from nfnet_fast import _library
+    ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=7), 23).train()
+    fast = nfnet_fast.convert(ref, backend="triton").train()
+    blocks = torch.nn.Sequential(fast.stem, *fast.stages[0][:1], *fast.stages[1][:1])  # stem, pooled downsample
+    x = torch.randn(2, 3, 20, 23, generator=rng).to(DEV).contiguous(memory_format=torch.channels_last)
+    ran = []
+    bodies = dict(_library._BODIES)
+
+    def counted(name, body):
+        def run(*args):
+            ran.append(name)
+            return body(*args)
+        return run
+
+    def step():
+        blocks.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        ran.clear()
+        loss = blocks(xi).square().mean()
+        loss.backward()
+        return [loss, xi.grad] + [p.grad for p in blocks.parameters()], sorted(set(ran))
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(_library, "_BODIES", {n: counted(n, b) for n, b in bodies.items()})
+    direct, ran_direct = step()
+    # (the stage's first block makes its pre-activation with silu_scale: see docs/design.md section 5)
+    assert ran_direct == sorted(name for op in ("fused_conv", "eca_residual", "silu_scale")
+                                for name in (f"nfnet_fast::triton_{op}", f"nfnet_fast::_triton_{op}_backward")), ran_direct
+    with Passthrough():
+        moded, ran_moded = step()
+    assert ran_moded == [], ran_moded
+    monkeypatch.setattr(_library, "_BODIES", {})  # every call through the dispatcher
+    dispatched, _ = step()
+    for i, (a, b, c) in enumerate(zip(direct, dispatched, moded)):
+        assert (a is None) == (b is None) == (c is None), i
+        if a is not None:
+            assert torch.equal(a, b) and torch.equal(a, c), f"tensor {i}"
+    monkeypatch.setattr(_library, "_BODIES", bodies)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    names = {e.name for e in prof.events()}
+    assert {"nfnet_fast::triton_fused_conv", "nfnet_fast::_triton_fused_conv_backward"} <= names, sorted(names)
+
+
 def test_torch_compile_fullgraph(rng):
     """eca_residual (with the next pre-activation), eca and silu_scale in one compiled graph, forward
     and backward, no graph break; on CPU this runs the kernels through the interpreter."""
