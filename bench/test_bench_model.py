@@ -61,6 +61,9 @@ def _train_names():
     if COMPILE:  # compiled training in the fastest dtype only: compiling forward + backward takes minutes
         names += [f"timm compile {dtypes[-1]}"]
     names += [f"nfnet_fast {b} {d}" for b in B.backends_for(DEVICE) for d in dtypes]
+    if CUDA:  # forward and backward replayed from CUDA graphs (benchmark.graph_for_training): the host's share
+        names += [f"timm cudagraph {dtypes[-1]}"] + [f"nfnet_fast {b} cudagraph {dtypes[-1]}"
+                                                     for b in B.backends_for(DEVICE) if b != "reference"]
     return names
 
 
@@ -77,6 +80,8 @@ def test_train_step(benchmark, run_timed, batch, size, name):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     x = torch.randn(batch, 3, size, size, device=DEVICE, generator=g).contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 1000, (batch,), device=DEVICE, generator=g)
+    if " cudagraph " in name:
+        B.graph_for_training(model, x, dtype)
     if CUDA:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -86,5 +91,5 @@ def test_train_step(benchmark, run_timed, batch, size, name):
     benchmark.extra_info.update(kind="train", contender=name, dtype=dtype, batch=batch, size=size,
                                 img_per_s=batch / median,
                                 peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if CUDA else None)
-    if " compile " not in name:  # (saved-tensor hooks would only see the compiled graph's own choices)
+    if " compile " not in name and " cudagraph " not in name:  # (hooks would see the compiled graph's choices)
         benchmark.extra_info["saved_mb"] = B.saved_bytes(model, x, target, dtype) / 2**20
