@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 from torch._prims_common import suggest_memory_format
+from torch.autograd import forward_ad
 
 
 KERNEL_OPS = ("scaled_std_weight", "silu_scale", "eca_residual")  # each a schema pair (forward, backward)
@@ -79,7 +80,8 @@ def _direct(qualname: str) -> Callable:
     """A call of the op ``qualname`` that runs its Python body directly (:func:`custom_op`) when
     nothing but the body could run: every tensor argument a plain CPU or CUDA tensor (no FakeTensor
     or other subclass, no meta), no Python dispatch or torch-function mode active (fake tensors,
-    FlopCounterMode, tests' op counters), and no gradient to track. Else, and for ops without a
+    FlopCounterMode, tests' op counters), no functorch transform (vmap, grad) or forward-mode AD
+    level active, and no gradient to track. Else, and for ops without a
     Python body (the C++ extension's), the op through the dispatcher. The dispatcher's path through a
     custom op (its autograd key with no grad, the alias checks on the outputs, dynamo's disable
     wrapper) costs ~45 us of host time a call on the 2-core build machine, ~90 us a training conv
@@ -90,7 +92,8 @@ def _direct(qualname: str) -> Callable:
 
     def call(*args):
         body = _BODIES.get(qualname)  # (looked up per call: tests wrap bodies to see which path ran)
-        if body is None or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        if (body is None or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+                or torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0):
             return op(*args)
         grad = torch.is_grad_enabled()
         for a in args:

@@ -397,6 +397,15 @@ def test_eager_calls_run_the_op_bodies_without_the_dispatcher(monkeypatch, rng):
     with Passthrough():
         moded, ran_moded = step()
     assert ran_moded == [], ran_moded
+    silu = _backends.op_function("triton", "silu_scale")
+    y = torch.randn(2, 3, 4, 5, generator=rng).to(DEV)
+    ran.clear()
+    with torch.autograd.forward_ad.dual_level():  # (a level open, y no dual: the op itself runs, correctly)
+        assert_rel_close(silu(y, 1.5), ref_ops.silu_scale(y, 1.5), FWD_TOL[y.dtype], "silu under a forward-AD level")
+    torch.func.vmap(lambda v: v + silu(y, 1.5).sum())(torch.ones(3))  # (y from outside the transform)
+    assert ran == [], ran
+    silu(y, 1.5)
+    assert ran == ["nfnet_fast::triton_silu_scale"], ran
     monkeypatch.setattr(_library, "_BODIES", {})  # every call through the dispatcher
     dispatched, _ = step()
     for i, (a, b, c) in enumerate(zip(direct, dispatched, moded)):
