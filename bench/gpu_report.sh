@@ -174,6 +174,11 @@ step "kernel-time profiles (eager)"
 run_step "profiles-eager" 60 $PY bench/profile_kernels.py --out "$work/prof" --no-compile
 step "kernel-time profile of a training step (eager): what each phase costs against the step's wall time"
 run_step "profiles-train" 90 $PY bench/profile_kernels.py --out "$work/prof" --train
+step "host time: each op's call, and a whole training step at 1/8 width by phase (tiny kernels: the host's pace)"
+run_step "host-overhead" 60 bash -c "$PY bench/host_overhead.py >'$work/host_overhead.txt' 2>&1"
+[ -s "$work/host_overhead.txt" ] && { tail -20 "$work/host_overhead.txt"
+  { echo "- bench/host_overhead.py (host time on this machine):"; echo; echo '```'; tail -20 "$work/host_overhead.txt"
+    echo '```'; echo; } >>"$notes"; }
 
 # 3. the GPU tests in the background while torch.compile fills its caches with the compiled
 #    inference contenders' graphs (one untimed round each). On an H200 the tests took 57-61 s with
