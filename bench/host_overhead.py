@@ -7,9 +7,11 @@ the C launcher would start; the cuda backend runs its C++ CPU twins on tiny tens
 
 Last, the host time of a whole training step (benchmark.train_step: forward, backward, AGC,
 optimizer) of eca_nfnet_l0's layer graph at 1/8 of its width (the same 57 convs, 12 ECA blocks and
-layer sequence; batch 2, 32 px, fp32), timm's model and each backend's, by phase: on the CPU timm's
-aten ops do their (tiny) work where nfnet_fast's kernels do none, so nfnet_fast's rows are, if
-anything, flattered. A step that a GPU finishes sooner than its host issues it runs at this pace.
+layer sequence; batch 2, 32 px, fp32), timm's model and each backend's, by phase, and an eval
+forward at batch 1. On the CPU aten's ops do their (tiny) work where the Triton kernels do none:
+timm's convolutions, and the data and weight gradients that nfnet_fast's conv backward leaves to
+aten, take real CPU time (about 8 ms of timm's backward). A step that a GPU finishes sooner than
+its host issues it runs at this pace.
 
     PYTHONPATH=. python bench/host_overhead.py
 """
@@ -194,8 +196,11 @@ for be in [None] + BACKENDS:
         step_phases(model, opt, clip)
     runs = [step_phases(model, opt, clip) for _ in range(25)]
     steps[be or "timm"] = [min(r[i] for r in runs) * 1e3 for i in range(4)] + [min(sum(r) for r in runs) * 1e3]
+    model.eval()
+    with torch.no_grad():  # (the batch-1 eager inference rows of the GPU report are paced so)
+        steps[be or "timm"].append(bench(lambda: model(sx[:1]), n=5) / 1e3)
 print(f"training step of eca_nfnet_l0's layers at 1/8 width, batch 2, 32 px, fp32 ({DEV.type}, 1 thread): host ms, "
-      "min of 25 (each phase's own minimum)")
-print(f"{'':8s}" + "".join(f"{k:>10s}" for k in ("forward", "backward", "AGC", "optimizer", "step")))
+      "min of 25 (each phase's own minimum); an eval forward at batch 1")
+print(f"{'':8s}" + "".join(f"{k:>10s}" for k in ("forward", "backward", "AGC", "optimizer", "step", "eval b1")))
 for name, row in steps.items():
     print(f"{name:8s}" + "".join(f"{v:10.2f}" for v in row))

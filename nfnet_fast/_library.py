@@ -78,11 +78,11 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 def _direct(qualname: str) -> Callable:
     """A call of the op ``qualname`` that runs its Python body directly (:func:`custom_op`) when
-    nothing but the body could run: every tensor argument a plain CPU or CUDA tensor (no FakeTensor
-    or other subclass, no meta), no Python dispatch or torch-function mode active (fake tensors,
-    FlopCounterMode, tests' op counters), no functorch transform (vmap, grad) or forward-mode AD
-    level active, and no gradient to track. Else, and for ops without a
-    Python body (the C++ extension's), the op through the dispatcher. The dispatcher's path through a
+    nothing but the body could run: every tensor argument a plain tensor (no FakeTensor or other
+    subclass, no meta), no Python dispatch or torch-function mode active (fake tensors,
+    FlopCounterMode, tests' op counters), no functorch transform (vmap, grad), forward-AD level or
+    torch.jit.trace active, and no gradient to track (a double backward's backward op). Else, and
+    for ops without a Python body (the C++ extension's), the op through the dispatcher. Its path through a
     custom op (its autograd key with no grad, the alias checks on the outputs, dynamo's disable
     wrapper) costs ~45 us of host time a call on the 2-core build machine, ~90 us a training conv
     (bench/host_overhead.py): a training step makes two calls per conv, and the H100 step was
@@ -93,7 +93,8 @@ def _direct(qualname: str) -> Callable:
     def call(*args):
         body = _BODIES.get(qualname)  # (looked up per call: tests wrap bodies to see which path ran)
         if (body is None or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-                or torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0):
+                or torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+                or torch._C._get_tracing_state() is not None):
             return op(*args)
         grad = torch.is_grad_enabled()
         for a in args:

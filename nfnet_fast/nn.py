@@ -10,6 +10,7 @@ through to the ops (``"auto"``, ``"reference"``, ``"triton"``, ``"cuda"``).
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Optional, Tuple
 
@@ -389,6 +390,12 @@ class NormFreeBlock(_FastModule, _TimmBlock):
     # trades one activation write per block for a SiLU per element and column tile, a trade only
     # a GPU measurement decides (docs/design.md section 5).
     silu_prologue = False
+    # In eager training the tail's input y (conv3's output, the block's widest activation) is not
+    # kept for eca_residual's backward: that backward recomputes it from conv3's input, which conv3's
+    # own backward keeps anyway (_saved_as_recompute). eca_nfnet_l0 at batch 128, 224 px, bf16: 931 MB
+    # a step less held, for one more conv3 forward per block in the backward (27% of the forward's
+    # conv MACs: 1.17 of 4.24 G an image). False keeps y.
+    recompute_tail_input = True
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -448,28 +455,22 @@ class NormFreeBlock(_FastModule, _TimmBlock):
             out = self.act3(self.attn_gain * self.attn(last(out)))
         else:
             out = _conv_act(last, out, self.act3)
-        sums = None
+        sums, saving = None, contextlib.nullcontext()
         if (self._fused_tail() and isinstance(self.conv3, _FusedConv) and not _hooked(self.conv3)
                 and not _fx_traced(out)):
             # conv3's epilogue also sums its output per channel: ECA's pooling without reading it again
-            out, sums = self.conv3.fused(out, want_sums=True)
+            conv3_in = out
+            out, sums = self.conv3.fused(conv3_in, want_sums=True)
+            if self.recompute_tail_input and _may_recompute(out, self.backend):
+                saving = _saved_as_recompute(out, lambda: self.conv3.fused(conv3_in, want_sums=True)[0],
+                                             (conv3_in, self.conv3.weight, self.conv3.gain, self.conv3.bias))
         else:
             out = self.conv3(out)
         # (a block called on an fp32 input under autocast has a bf16 branch and an fp32 shortcut:
         # timm's tail promotes, the fused op wants one dtype)
         if self._fused_tail() and (_fx_traced(out) or out.dtype == shortcut.dtype):
-            if beta_next is not None and torch.is_grad_enabled() and not _fx_traced(out) and (
-                    out.requires_grad or shortcut.requires_grad):
-                # Training: the next block's convs send a_next's gradient to x_next themselves
-                # (pre_x), so eca_residual must not save the shortcut for an a_next gradient that
-                # never comes (a whole activation at each stage's first block: its downsample's
-                # output); a_next is one silu_scale pass instead (one more read of x_next).
-                x_next = _eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain, None,
-                                       self.backend, sums)
-                return x_next, _silu_scale(x_next, beta_next, self.backend)
-            res = _eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain, beta_next,
-                                self.backend, sums)
-            return (res[0], res[1]) if beta_next is not None else (res, None)
+            with saving:
+                return self._fused_tail_call(out, shortcut, sums, beta_next)
         if self.attn_last is not None:
             out = self.attn_gain * self.attn_last(out)
         out = self.drop_path(out)
@@ -477,8 +478,66 @@ class NormFreeBlock(_FastModule, _TimmBlock):
             out = out * self.skipinit_gain
         return out * self.alpha + shortcut, None
 
+    def _fused_tail_call(self, out, shortcut, sums, beta_next):
+        """``(x_next, a_next)`` of the fused tail, eca_residual on conv3's output ``out``."""
+        if beta_next is not None and torch.is_grad_enabled() and not _fx_traced(out) and (
+                out.requires_grad or shortcut.requires_grad):
+            # Training: the next block's convs send a_next's gradient to x_next themselves
+            # (pre_x), so eca_residual must not save the shortcut for an a_next gradient that
+            # never comes (a whole activation at each stage's first block: its downsample's
+            # output); a_next is one silu_scale pass instead (one more read of x_next).
+            x_next = _eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain, None,
+                                   self.backend, sums)
+            return x_next, _silu_scale(x_next, beta_next, self.backend)
+        res = _eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain, beta_next,
+                            self.backend, sums)
+        return (res[0], res[1]) if beta_next is not None else (res, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_fused(x)[0]
+
+
+def _may_recompute(y: torch.Tensor, backend: str) -> bool:
+    """Whether a training forward may save ``y`` as its recipe (_saved_as_recompute): eager autograd on a
+    compiled backend, saved-tensor hooks enabled, and no functorch transform, export or trace, which
+    see plain autograd only."""
+    return (torch.is_grad_enabled() and y.requires_grad and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and torch._C._autograd._saved_tensors_hooks_is_enabled()
+            and ops.resolve_backend(backend, y.device, "eca_residual") != "reference")
+
+
+_RECIPE = object()  # what autograd holds in place of a tensor saved as its recipe
+
+
+def _saved_as_recompute(y: torch.Tensor, recompute, inputs) -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved-tensor hooks under which autograd keeps ``y`` (when an op saves it) as ``recompute``, a call
+    that makes the same bits again without gradients, under the autocast state of now; every other saved
+    tensor goes to the hooks active before these (torch.utils.checkpoint's, save_on_cpu's, a memory
+    count's), or is kept as it is. Like autograd, the unpacking refuses ``inputs`` modified in place
+    since."""
+    device, amp = y.device.type, _library.autocast_dtype(y.device.type)
+    versions = [None if t is None else t._version for t in inputs]
+    outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    outer_pack, outer_unpack = outer if outer is not None else (None, None)
+    target = weakref.ref(y)  # (autograd keeps the pack hook with what it packed: no reference to y)
+
+    def pack(t):
+        if t is target():
+            return _RECIPE
+        return t if outer_pack is None else outer_pack(t)
+
+    def unpack(saved):
+        if saved is not _RECIPE:
+            return saved if outer_unpack is None else outer_unpack(saved)
+        if any(t is not None and t._version != v for t, v in zip(inputs, versions)):
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               "inplace operation: conv3's input, weight, gain or bias, from which the backward "
+                               "recomputes the block's ECA input")
+        with torch.no_grad(), torch.autocast(device, dtype=amp, enabled=amp is not None):
+            return recompute()
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
 def _hooked(m: nn.Module) -> bool:

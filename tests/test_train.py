@@ -282,11 +282,13 @@ def test_training_step_matches_timm(name, size, kwargs, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["timm"] + [b for b in _backends.NAMES if b != "reference"])
-def test_cuda_graphed_training_step_matches_eager(backend):
-    """benchmark.graph_for_training (the training benchmark's "cudagraph" rows): three fp32 steps of
+def test_cuda_graphed_training_step_matches_eager(backend, dtype):
+    """benchmark.graph_for_training (the training benchmark's "cudagraph" rows): three steps of
     benchmark.train_step, new data each, replaying the captured forward and backward, against the same
-    steps run eagerly: every loss and every parameter after each step within the fp32 contract."""
+    steps run eagerly: every loss and every parameter after each step within the fp32 contract (bf16:
+    the same kernels under autocast, so within a few bf16 roundings)."""
     from nfnet_fast.benchmark import graph_for_training, train_step
     ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), seed=31)  # (TF32 off: conftest)
     models = []
@@ -300,15 +302,17 @@ def test_cuda_graphed_training_step_matches_eager(backend):
     batches = [(torch.randn(4, 3, 96, 96, device="cuda", generator=g).contiguous(memory_format=torch.channels_last),
                 torch.randint(0, 10, (4,), device="cuda", generator=g)) for _ in range(3)]
     eager, graphed = models
-    graph_for_training(graphed, batches[0][0].clone(), "fp32")
+    graph_for_training(graphed, batches[0][0].clone(), dtype)
+    assert "forward" in vars(graphed), "make_graphed_callables did not replace the forward"
+    tol = 1e-4 if dtype == "fp32" else 2e-2
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
     for i, (x, y) in enumerate(batches):
-        loss_eager = train_step(eager, opts[0], x, y, "fp32")
-        loss_graphed = train_step(graphed, opts[1], x, y, "fp32")
-        assert_rel_close(loss_graphed, loss_eager, what=f"{backend} step {i} loss")
+        loss_eager = train_step(eager, opts[0], x, y, dtype)
+        loss_graphed = train_step(graphed, opts[1], x, y, dtype)
+        assert_rel_close(loss_graphed, loss_eager, tol, f"{backend} {dtype} step {i} loss")
         params = dict(eager.named_parameters())
         for n, p in graphed.named_parameters():
-            assert_rel_close(p.detach(), params[n].detach(), what=f"{backend} step {i}: {n}")
+            assert_rel_close(p.detach(), params[n].detach(), tol, f"{backend} {dtype} step {i}: {n}")
 
 
 def test_training_step_clips_some_units_and_not_others():

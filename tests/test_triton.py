@@ -364,6 +364,7 @@ def test_eager_calls_run_the_op_bodies_without_the_dispatcher(monkeypatch, rng):
     attributes kernels by op name)."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from nfnet_fast import _library
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # (bits compared across steps on a GPU)
     ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=7), 23).train()
     fast = nfnet_fast.convert(ref, backend="triton").train()
     blocks = torch.nn.Sequential(fast.stem, *fast.stages[0][:1], *fast.stages[1][:1])  # stem, pooled downsample
@@ -392,8 +393,9 @@ def test_eager_calls_run_the_op_bodies_without_the_dispatcher(monkeypatch, rng):
     monkeypatch.setattr(_library, "_BODIES", {n: counted(n, b) for n, b in bodies.items()})
     direct, ran_direct = step()
     # (the stage's first block makes its pre-activation with silu_scale: see docs/design.md section 5)
-    assert ran_direct == sorted(name for op in ("fused_conv", "eca_residual", "silu_scale")
-                                for name in (f"nfnet_fast::triton_{op}", f"nfnet_fast::_triton_{op}_backward")), ran_direct
+    expected = sorted(name for op in ("fused_conv", "eca_residual", "silu_scale")
+                      for name in (f"nfnet_fast::triton_{op}", f"nfnet_fast::_triton_{op}_backward"))
+    assert ran_direct == expected, ran_direct
     with Passthrough():
         moded, ran_moded = step()
     assert ran_moded == [], ran_moded
@@ -403,7 +405,15 @@ def test_eager_calls_run_the_op_bodies_without_the_dispatcher(monkeypatch, rng):
     with torch.autograd.forward_ad.dual_level():  # (a level open, y no dual: the op itself runs, correctly)
         assert_rel_close(silu(y, 1.5), ref_ops.silu_scale(y, 1.5), FWD_TOL[y.dtype], "silu under a forward-AD level")
     torch.func.vmap(lambda v: v + silu(y, 1.5).sum())(torch.ones(3))  # (y from outside the transform)
+    traced = torch.jit.trace(lambda t: silu(t, 1.5), y, check_trace=False)  # (records the op, not its launches)
+    assert "nfnet_fast::triton_silu_scale" in str(traced.graph), traced.graph
     assert ran == [], ran
+    yg = y.clone().requires_grad_()  # a double backward: the backward op itself, which has no autograd
+    (grad,) = torch.autograd.grad(silu(yg, 1.5).sum(), yg, create_graph=True)
+    with pytest.raises(RuntimeError, match="autograd"):
+        grad.sum().backward()
+    assert ran == ["nfnet_fast::triton_silu_scale"], ran  # (the forward; the backward went to the op)
+    ran.clear()
     silu(y, 1.5)
     assert ran == ["nfnet_fast::triton_silu_scale"], ran
     monkeypatch.setattr(_library, "_BODIES", {})  # every call through the dispatcher
