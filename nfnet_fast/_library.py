@@ -235,17 +235,18 @@ def _eca_setup(ctx, inputs, output):
 
 def _eca_backward(backward_op):
     def backward(ctx, grad_x_next, grad_a_next, _grad_stats):
-        y, weight, shortcut, stats = ctx.saved_tensors
         need_y, need_w, need_shortcut = ctx.needs_input_grad[:3]
         if ctx.beta_next is None:
             grad_a_next = None
         if grad_x_next is None and grad_a_next is None:
             return None, None, None, None, None, None
-        if grad_a_next is None:
+        if grad_a_next is None and not (need_y or need_w):
             # x_next = coef * gate * y + shortcut: the shortcut's gradient is grad_x_next itself
+            return None, None, grad_x_next if need_shortcut else None, None, None, None
+        # (unpacked only now: a block's y may be saved as a recipe that recomputes it, nn._saved_as_recompute)
+        y, weight, shortcut, stats = ctx.saved_tensors
+        if grad_a_next is None:
             grad_shortcut = grad_x_next if need_shortcut else None
-            if not (need_y or need_w):
-                return None, None, grad_shortcut, None, None, None
             grad_y, grad_weight, _ = backward_op(grad_x_next, None, y, weight, None, stats, ctx.coef, None)
         else:
             grad_y, grad_weight, grad_total = backward_op(grad_x_next, grad_a_next, y, weight, shortcut, stats,

@@ -210,13 +210,15 @@ class _FusedConv(_StdWeightCache):
 
     def fused(self, x: torch.Tensor, act: Optional[str] = None, act_gain: float = 1.0,
               pool: bool = False, want_sums: bool = False, pre: Optional[Tuple[torch.Tensor, float]] = None,
-              pre_act: Optional[float] = None, want_out: bool = True):
+              pre_act: Optional[float] = None, want_out: bool = True, recipe: bool = False):
         """``act(self(pool(x))) * act_gain`` in one op where it applies, else as timm computes it.
         With ``want_sums``, ``(out, sums)``: the fp32 (N, C) sums of ``out`` over its pixels from
         the op's epilogue, or None where the op does not apply (the caller then pools); with
         ``want_out=False`` too, ``out`` is None where the op applies (it never writes it).
         ``pre``: ``(pre_x, beta)`` when ``x`` is ``silu(pre_x) * beta``; ``pre_act``: ``beta`` when
-        the conv's input is ``silu(x) * beta``, applied as the op loads ``x`` (see ``ops.fused_conv``)."""
+        the conv's input is ``silu(x) * beta``, applied as the op loads ``x`` (see ``ops.fused_conv``).
+        ``recipe``: ``(result, args)``, ``args`` the arguments of the op's call (the exact tensors it
+        got: ``_fused_conv(*args)`` recomputes the op's result), or None where the op does not apply."""
         padding = self._padding4(x)
         if padding is None:
             if pre_act is not None:
@@ -227,18 +229,21 @@ class _FusedConv(_StdWeightCache):
             if act is not None:
                 out = ops_act(act)(out)
             out = out * act_gain if act_gain != 1.0 else out
-            return (out, None) if want_sums else out
+            result = (out, None) if want_sums else out
+            return (result, None) if recipe else result
         pre_x, pre_beta = pre if pre is not None else (None, 1.0 if pre_act is None else pre_act)
         key = self._cache_key()
         if key is None:  # training (or tracing): the op standardises the raw weight as it packs it
-            res = _fused_conv(x, self.weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
-                              self.backend, want_sums, pre_x, pre_beta, self.gain, self.scale, self.eps,
-                              pre_act is not None, want_out)
+            args = (x, self.weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
+                    self.backend, want_sums, pre_x, pre_beta, self.gain, self.scale, self.eps,
+                    pre_act is not None, want_out)
         else:
             weight = self._cached_weight(key, _library.autocast_dtype(x.device.type))
-            res = _fused_conv(x, weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
-                              self.backend, want_sums, pre_x, pre_beta, pre_act=pre_act is not None, want_out=want_out)
-        return res if want_out else (None, res)
+            args = (x, weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
+                    self.backend, want_sums, pre_x, pre_beta, None, 1.0, 0.0, pre_act is not None, want_out)
+        res = _fused_conv(*args)
+        result = res if want_out else (None, res)
+        return (result, args) if recipe else result  # (args: the same call again recomputes res)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)
@@ -393,8 +398,8 @@ class NormFreeBlock(_FastModule, _TimmBlock):
     # In eager training the tail's input y (conv3's output, the block's widest activation) is not
     # kept for eca_residual's backward: that backward recomputes it from conv3's input, which conv3's
     # own backward keeps anyway (_saved_as_recompute). eca_nfnet_l0 at batch 128, 224 px, bf16: 931 MB
-    # a step less held, for one more conv3 forward per block in the backward (27% of the forward's
-    # conv MACs: 1.17 of 4.24 G an image). False keeps y.
+    # a step less held, for one more conv3 forward per block in the backward (22% of the forward's
+    # conv MACs: 0.93 of 4.24 G an image at 224 px). False keeps y.
     recompute_tail_input = True
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
@@ -459,11 +464,9 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         if (self._fused_tail() and isinstance(self.conv3, _FusedConv) and not _hooked(self.conv3)
                 and not _fx_traced(out)):
             # conv3's epilogue also sums its output per channel: ECA's pooling without reading it again
-            conv3_in = out
-            out, sums = self.conv3.fused(conv3_in, want_sums=True)
-            if self.recompute_tail_input and _may_recompute(out, self.backend):
-                saving = _saved_as_recompute(out, lambda: self.conv3.fused(conv3_in, want_sums=True)[0],
-                                             (conv3_in, self.conv3.weight, self.conv3.gain, self.conv3.bias))
+            (out, sums), args = self.conv3.fused(out, want_sums=True, recipe=True)
+            if args is not None and self.recompute_tail_input and _may_recompute(out, self.backend):
+                saving = _saved_as_recompute(out, args)
         else:
             out = self.conv3(out)
         # (a block called on an fp32 input under autocast has a bf16 branch and an fp32 shortcut:
@@ -508,35 +511,41 @@ def _may_recompute(y: torch.Tensor, backend: str) -> bool:
             and ops.resolve_backend(backend, y.device, "eca_residual") != "reference")
 
 
-_RECIPE = object()  # what autograd holds in place of a tensor saved as its recipe
-
-
-def _saved_as_recompute(y: torch.Tensor, recompute, inputs) -> torch.autograd.graph.saved_tensors_hooks:
-    """Saved-tensor hooks under which autograd keeps ``y`` (when an op saves it) as ``recompute``, a call
-    that makes the same bits again without gradients, under the autocast state of now; every other saved
-    tensor goes to the hooks active before these (torch.utils.checkpoint's, save_on_cpu's, a memory
-    count's), or is kept as it is. Like autograd, the unpacking refuses ``inputs`` modified in place
-    since."""
+def _saved_as_recompute(y: torch.Tensor, args: tuple) -> torch.autograd.graph.saved_tensors_hooks:
+    """Saved-tensor hooks under which autograd keeps ``y``, the result of ``_fused_conv(*args)`` (the
+    exact tensors that call got), as that call, made again without gradients under the autocast state
+    of now when the backward unpacks it: the same kernels on the same inputs, so the same bits where the
+    forward's tile choice was final (every call but a first one inside a CUDA graph capture; a shape
+    that autotuning gave to cuDNN gets whatever engine cuDNN takes). The conv's input is packed through
+    the hooks active before these (torch.utils.checkpoint's, save_on_cpu's, a memory count's), as are
+    all other saved tensors, so they free or offload it as they would; without such hooks it is held
+    as it is, as the conv's own backward holds it anyway. Like autograd, the unpacking refuses
+    tensors of the call modified in place since."""
     device, amp = y.device.type, _library.autocast_dtype(y.device.type)
-    versions = [None if t is None else t._version for t in inputs]
     outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
     outer_pack, outer_unpack = outer if outer is not None else (None, None)
     target = weakref.ref(y)  # (autograd keeps the pack hook with what it packed: no reference to y)
+    recipe = object()  # what autograd holds in place of y (one per call: never another scope's)
+    x, rest = args[0], args[1:]
+    x_packed = x if outer_pack is None else outer_pack(x)
+    tensors = [t for t in rest if isinstance(t, torch.Tensor)] + ([x] if outer_pack is None else [])
+    versions = [t._version for t in tensors]
 
     def pack(t):
         if t is target():
-            return _RECIPE
+            return recipe
         return t if outer_pack is None else outer_pack(t)
 
     def unpack(saved):
-        if saved is not _RECIPE:
+        if saved is not recipe:
             return saved if outer_unpack is None else outer_unpack(saved)
-        if any(t is not None and t._version != v for t, v in zip(inputs, versions)):
+        if any(t._version != v for t, v in zip(tensors, versions)):
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
                                "inplace operation: conv3's input, weight, gain or bias, from which the backward "
                                "recomputes the block's ECA input")
+        xin = x_packed if outer_unpack is None else outer_unpack(x_packed)
         with torch.no_grad(), torch.autocast(device, dtype=amp, enabled=amp is not None):
-            return recompute()
+            return _fused_conv(xin, *rest)[0]
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 

@@ -1,6 +1,7 @@
 """ops.fused_conv on every CPU backend here against the reference (timm's own calls: avg_pool2d,
 conv2d with its bias, the activation, GammaAct's gain), forward and gradients; its registration
 (opcheck, torch.compile); and eca_nfnet_l0's forward running no separate bias, SiLU or pool pass."""
+import contextlib
 import copy
 
 import pytest
@@ -678,6 +679,45 @@ def test_tail_recompute_under_checkpointing_and_offloading(backend):
     with torch.no_grad():
         blocks[1].conv3.weight.mul_(1.5)
     with pytest.raises(RuntimeError, match="recomputes the block's ECA input"):  # (before conv3's own check)
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_tail_recompute_uses_the_forwards_tensors(backend, monkeypatch):
+    """The recompute calls the op on the tensors the forward's call got, not on what the module holds
+    when the backward runs: torch.func.functional_call (weights swapped in for the forward only) and an
+    eval-mode block with gradients give the same bits as with y kept, and the eval block's weight cache
+    stays empty. Under outer saved-tensor hooks that copy what they save (save_on_cpu's way on a GPU)
+    conv3's input is packed through them: the recipe keeps no reference to the original."""
+    import weakref
+    blocks, x = _tail_recompute_case(backend, 47)
+    block = blocks[2]
+    x = blocks[:2](x).detach()
+    swapped = {n: (p * 1.5 + 0.01).detach().requires_grad_() for n, p in block.named_parameters()}
+    results = []
+    for recompute in (False, True):
+        monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "recompute_tail_input", recompute)
+        out = torch.func.functional_call(block, swapped, (x,))
+        swapped_grads = torch.autograd.grad(out.square().sum(), list(swapped.values()))
+        block.eval()
+        try:
+            eval_grads = _grads(block, x)
+            assert block.conv3._std_cache is None
+        finally:
+            block.train()
+        results.append(list(swapped_grads) + eval_grads)
+    for i, (kept, recomputed) in enumerate(zip(*results)):
+        assert torch.equal(kept, recomputed), f"{backend} tensor {i}"
+    conv3_inputs = []
+    real = nfnet_fast.nn._saved_as_recompute
+    monkeypatch.setattr(nfnet_fast.nn, "_saved_as_recompute",
+                        lambda y, args: (conv3_inputs.append(weakref.ref(args[0])), real(y, args))[1])
+    for offload in (False, True):
+        conv3_inputs.clear()
+        copying = torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach().clone(), lambda t: t)
+        with copying if offload else contextlib.nullcontext():
+            loss = block(x.clone().requires_grad_()).square().sum()
+        assert (conv3_inputs[0]() is None) == offload, offload  # (kept by conv3's backward without hooks)
         loss.backward()
 
 
