@@ -118,7 +118,6 @@ def _apply_per_tensor(grads: List[torch.Tensor], plan: _Plan, scale: torch.Tenso
     torch._foreach_mul_(tensors, factors)
 
 
-@torch.no_grad()
 def agc_parameters(model: torch.nn.Module) -> List[torch.Tensor]:
     """The parameters AGC clips, as NFNets train: all but the classifier's (``get_classifier()``, which a
     ``torch.compile`` wrapper passes through to its model)."""
@@ -126,6 +125,7 @@ def agc_parameters(model: torch.nn.Module) -> List[torch.Tensor]:
     return [p for p in model.parameters() if id(p) not in head]
 
 
+@torch.no_grad()
 def adaptive_clip_grad_(parameters: _TensorOrTensors, clip_factor: float = 0.01, eps: float = 1e-3,
                         norm_type: float = 2.0, *, _batched: Optional[bool] = None) -> None:
     """Adaptive gradient clipping (AGC, Brock et al. 2021), in place: ``timm.utils.adaptive_clip_grad`` in a few
