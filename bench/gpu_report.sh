@@ -5,7 +5,7 @@
 # tests in the background while torch.compile fills its caches; then the compiled contenders. Writes
 # bench/results/<date>-<gpu>.md and .json, whose first line says how long each step took.
 #
-#   bash bench/gpu_report.sh [--quick] [--dry-run] [--out DIR] [--max-autotune | --train-compiled] [--sanitize]
+#   bash bench/gpu_report.sh [--quick] [--dry-run] [--out DIR] [--max-autotune | --train-compiled | --train] [--sanitize]
 #
 #   --quick           fewer timed rounds
 #   --dry-run         on a machine without a GPU: every step on the CPU at small sizes (CI runs this)
@@ -16,6 +16,10 @@
 #                     100 s of compiling on an H200 beside the GPU tests, more than the 5-minute run has
 #                     room for, so a call of its own (BUDGET_S defaults to 400 then), with timm eager's
 #                     training step as its baseline in the same run
+#   --train           ONLY the training issue's checks (BUDGET_S defaults to 560 then): the GPU tests in
+#                     the background beside bench/peak_memory.py --dtype bf16 (a memory figure, which
+#                     they do not disturb), then the training-step rows on a quiet GPU, with the time
+#                     left reserved for them
 #   --sanitize        ALSO compute-sanitizer memcheck, then racecheck, over the CUDA ops' GPU tests (slow)
 # PYTHON selects the interpreter (default python3). BUDGET_S (default 300) bounds the whole run:
 # every step gets at most the time left, and the script always ends with a report of what finished.
@@ -24,7 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-QUICK=0 DRY=0 OUT=bench/results AUTOTUNE=0 TRAIN_COMPILED=0 SANITIZE=0
+QUICK=0 DRY=0 OUT=bench/results AUTOTUNE=0 TRAIN_COMPILED=0 TRAIN=0 SANITIZE=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
@@ -32,15 +36,17 @@ while [ $# -gt 0 ]; do
     --out) OUT=$2; shift ;;
     --max-autotune) AUTOTUNE=1 ;;
     --train-compiled) TRAIN_COMPILED=1 ;;
+    --train) TRAIN=1 ;;
     --sanitize) SANITIZE=1 ;;
-    *) echo "usage: $0 [--quick] [--dry-run] [--out DIR] [--max-autotune | --train-compiled] [--sanitize]" >&2; exit 2 ;;
+    *) echo "usage: $0 [--quick] [--dry-run] [--out DIR] [--max-autotune | --train-compiled | --train] [--sanitize]" >&2; exit 2 ;;
   esac
   shift
 done
-if [ "$AUTOTUNE" = 1 ] && [ "$TRAIN_COMPILED" = 1 ]; then
-  echo "--max-autotune and --train-compiled are runs of their own: pick one" >&2; exit 2
+if [ $((AUTOTUNE + TRAIN_COMPILED + TRAIN)) -gt 1 ]; then
+  echo "--max-autotune, --train-compiled and --train are runs of their own: pick one" >&2; exit 2
 fi
-BUDGET_S=${BUDGET_S:-$( ([ "$AUTOTUNE" = 1 ] && echo 560) || ([ "$TRAIN_COMPILED" = 1 ] && echo 400) || echo 300)}
+BUDGET_S=${BUDGET_S:-$( ([ "$AUTOTUNE" = 1 ] && echo 560) || ([ "$TRAIN_COMPILED" = 1 ] && echo 400) \
+  || ([ "$TRAIN" = 1 ] && echo 560) || echo 300)}
 start=$(date +%s)
 elapsed() { echo $(( $(date +%s) - start )); }
 step() { echo "== [$(elapsed)s] $*"; }
@@ -58,6 +64,7 @@ else
 fi
 [ "$AUTOTUNE" = 1 ] && slug="$slug-max-autotune"
 [ "$TRAIN_COMPILED" = 1 ] && slug="$slug-train-compiled"
+[ "$TRAIN" = 1 ] && slug="$slug-train"
 name="$OUT/$(date -u +%Y-%m-%d-%H%M)-$slug"
 
 # REPORT_COMMIT names the commit where the tree has no git (a copy of a checkout)
@@ -144,6 +151,40 @@ fi
 timeline+=("install $(( $(elapsed) - t0 ))s")
 compiled=$($PY -c 'import sys; sys.path.insert(0, "bench"); import conftest; print(int(conftest.COMPILE))' 2>/dev/null || echo 0)
 
+# the project's GPU tests, run in the background by the default and --train runs
+xdist=$($PY -c 'import xdist' 2>/dev/null && [ "$DRY" = 0 ] && echo "-n ${GPU_TEST_WORKERS:-6}")
+gpu_tests() {
+  $PY -m pytest tests -m gpu -q -ra -p no:cacheprovider $xdist >"$work/tests.log" 2>&1
+  echo $? >"$work/tests.rc"
+}
+wait_gpu_tests() {  # wait_gpu_tests RESERVE_S: wait for $tests_pid (started at $t0) until RESERVE_S of the budget is left
+  local t waited=0; t=$(( $(left) - $1 ))
+  while kill -0 "$tests_pid" 2>/dev/null && [ $waited -lt $(( t > 0 ? t : 0 )) ]; do sleep 1; waited=$((waited + 1)); done
+  if kill -0 "$tests_pid" 2>/dev/null; then  # SIGINT: pytest still prints its summary of what ran
+    pkill -INT -P "$tests_pid"; sleep 5; kill "$tests_pid" 2>/dev/null
+    echo "- GPU tests: cut off at the budget" >>"$notes"
+  fi
+  wait "$tests_pid" 2>/dev/null
+  timeline+=("gpu-tests $(( $(elapsed) - t0 ))s")
+  tail -25 "$work/tests.log"
+  { grep -E "(passed|failed|skipped|error|deselected).* in [0-9.]+s" "$work/tests.log" | tail -1
+    grep -E "^(FAILED|ERROR)" "$work/tests.log"; } >>"$work/tests.summary" 2>/dev/null
+}
+
+if [ "$TRAIN" = 1 ]; then  # the training issue's checks in one call
+  step "GPU tests (background) + peak memory of a training step (bf16)"
+  t0=$(elapsed)
+  gpu_tests & tests_pid=$!
+  # (a dry run: small sizes, the Triton kernels through the interpreter)
+  peak_args=$([ "$DRY" = 1 ] && echo "--batches 1 2 --size 32 --target-batch 4 --target-size 32")
+  interp=$([ "$DRY" = 1 ] && echo "TRITON_INTERPRET=1")
+  run_step "peak-memory" 150 bash -c "$interp $PY bench/peak_memory.py --dtype bf16 $peak_args >'$work/peak.txt' 2>&1"
+  [ -s "$work/peak.txt" ] && { tail -15 "$work/peak.txt"
+    { echo "- bench/peak_memory.py --dtype bf16:"; echo; echo '```'; tail -15 "$work/peak.txt"; echo '```'; echo; } >>"$notes"; }
+  wait_gpu_tests "${TRAIN_RESERVE_S:-200}"  # the rest of the budget is the training rows'
+  bench train-eager 240 bench/test_bench_model.py -k "test_train_step and not compile"
+  report; exit $?
+fi
 if [ "$AUTOTUNE" = 1 ]; then  # a run of its own: nothing else fits beside 400 s of autotuning
   export NFNET_BENCH_MAX_AUTOTUNE=1
   bench max-autotune 540 bench/test_bench_model.py -k "max-autotune and test_inference"
@@ -187,11 +228,6 @@ run_step "host-overhead" 120 bash -c "NFNET_FAST_AUTOTUNE=0 $PY bench/host_overh
 #    6 workers; compiling timm and nfnet_fast for inference about as long beside them, while the
 #    compiled training step alone ran past 100 s there (hence --train-compiled).
 step "GPU tests (background) + compile warm-up"
-xdist=$($PY -c 'import xdist' 2>/dev/null && [ "$DRY" = 0 ] && echo "-n 6")
-gpu_tests() {
-  $PY -m pytest tests -m gpu -q -ra -p no:cacheprovider $xdist >"$work/tests.log" 2>&1
-  echo $? >"$work/tests.rc"
-}
 t0=$(elapsed)
 gpu_tests & tests_pid=$!
 if [ "$compiled" = 1 ]; then
@@ -203,17 +239,7 @@ else
   echo "   compile warm-up: skipped, the compiled contenders are off here (NFNET_BENCH_COMPILE=0; default on a CPU)"
   echo "- compiled contenders: off (NFNET_BENCH_COMPILE=0, the default without CUDA)" >>"$notes"
 fi
-t=$(left); waited=0
-while kill -0 $tests_pid 2>/dev/null && [ $waited -lt $(( t > 0 ? t : 0 )) ]; do sleep 1; waited=$((waited + 1)); done
-if kill -0 $tests_pid 2>/dev/null; then
-  pkill -INT -P $tests_pid; sleep 5; kill $tests_pid 2>/dev/null
-  echo "- GPU tests: cut off at the budget" >>"$notes"
-fi
-wait $tests_pid 2>/dev/null
-timeline+=("gpu-tests $(( $(elapsed) - t0 ))s")
-tail -25 "$work/tests.log"
-{ grep -E "(passed|failed|skipped|error|deselected).* in [0-9.]+s" "$work/tests.log" | tail -1
-  grep -E "^(FAILED|ERROR)" "$work/tests.log"; } >>"$work/tests.summary" 2>/dev/null
+wait_gpu_tests 0
 
 # 4. the compiled contenders, timed from warm caches, and the compiled profile.
 if [ "$compiled" = 1 ]; then
