@@ -459,15 +459,20 @@ GPU_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3, torch.float32: 1e-5}
     ((4, 3, 96, 96), (16, 3, 3, 3), 2, 1, 1, "silu", False),          # stem, CONV_FLAT
     ((4, 70, 17, 19), (50, 70, 3, 3), 1, 1, 1, "gelu", False),        # CONV_GENERIC
 ], ids=lambda c: f"{c[0]}-{c[1]}-s{c[2]}-g{c[4]}{'-pool' if c[6] else ''}")
-def test_gpu_fused_conv(case, dtype, rng):
+@pytest.mark.parametrize("vendor", [False, None], ids=["triton", "tuned"])
+def test_gpu_fused_conv(case, dtype, vendor, rng):
+    """vendor=False: the Triton tiles alone, whose sums are of the fp32 values (1e-4). None (the
+    default): 16-bit tuning may pick the vendor candidate, aten's ops as timm eager runs them under
+    autocast (the bias rounded to the dtype, the sums of the rounded output), so the sums are
+    within the output's tolerance; the H100 picked it for two of these shapes (2026-11-27)."""
     x_shape, w_shape, stride, padding, groups, act, pool = case
     x, w, b = _case(rng, x_shape, w_shape, dtype)
-    kw = dict(stride=stride, padding=padding, groups=groups, act=act, pool=pool, want_sums=True)
+    kw = dict(stride=stride, padding=padding, groups=groups, act=act, pool=pool, want_sums=True, vendor=vendor)
     out, sums = fc.fused_conv(x, w, b, **kw)
     expect, expect_sums = _spec(x, w, b, **kw)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     assert_rel_close(out, expect, GPU_TOL[dtype], f"{case} {dtype}")
-    assert_rel_close(sums, expect_sums, 1e-4, f"{case} {dtype} sums")
+    assert_rel_close(sums, expect_sums, 1e-4 if vendor is False else max(1e-4, GPU_TOL[dtype]), f"{case} {dtype} sums")
     assert torch.equal(sums, fc.fused_conv(x, w, b, **kw)[1]), "sums not deterministic"
 
 
