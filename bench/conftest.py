@@ -49,17 +49,19 @@ def run_timed(benchmark):
     after the run is the timed steps' peak; the warm-up's (the first call's kernel tuning and the
     optimizer's state included) goes to extra_info["warmup_peak_mb"]. (Counted together, the H100
     report of 2026-11-27 03:08 gave nfnet_fast triton's training step 9448 MiB where
-    bench/peak_memory.py's second step peaked at 3726: the tuning is the likely cause, unmeasured.)"""
+    bench/peak_memory.py's second step peaked at 3726: the tuning is the likely cause, unmeasured.)
+    ``reset_peak=False`` keeps the statistic the caller started (a CUDA graph's memory is allocated
+    when it is captured, and its replays allocate nothing)."""
     from nfnet_fast.benchmark import synchronize
 
-    def run(step, rounds=ROUNDS, warmup=2):
+    def run(step, rounds=ROUNDS, warmup=2, reset_peak=True):
         def call():
             step()
             synchronize(DEVICE)
         warmup = min(warmup, rounds - 1)
         for _ in range(warmup):
             call()
-        if CUDA and warmup:
+        if CUDA and warmup and reset_peak:
             benchmark.extra_info["warmup_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
             torch.cuda.reset_peak_memory_stats()
         benchmark.pedantic(call, rounds=rounds, warmup_rounds=0, iterations=1)

@@ -66,7 +66,8 @@ def model_tables(benches, kind: str) -> list:
         out += [f"### {kind}: batch {batch} @ {size}x{size}, channels_last", "", format_table(results), ""]
         for key, what in (("saved_mb", "Saved for the backward by one forward (MiB; the activation memory of a "
                                         "step's peak, any device)"),
-                          ("peak_mem_mb", "Peak memory (MiB, max_memory_allocated over the timed steps)"),
+                          ("peak_mem_mb", "Peak memory (MiB, max_memory_allocated over the timed steps; the cudagraph "
+                                           "rows' from their capture on)"),
                           ("warmup_peak_mb", "Peak memory of the untimed warm-up steps before them (MiB; the first "
                                              "step's kernel tuning and optimizer state included)")):
             mbs = {b["extra_info"]["contender"]: b["extra_info"][key] for b in benches
