@@ -21,7 +21,7 @@ from torch.profiler import record_function
 
 from . import _backends, ops
 from .model import convert
-from .train import adaptive_clip_grad_, agc_parameters
+from .train import adaptive_clip_grad_, agc_parameters, graph_training_forward
 
 Step = Callable[[torch.Tensor], torch.Tensor]
 
@@ -92,23 +92,17 @@ def backends_for(device: torch.device, ops_needed=_backends.OPS) -> List[str]:
     return names
 
 
-def _autocast(device: torch.device, dtype: str, cache_enabled: bool = True):
+def _autocast(device: torch.device, dtype: str):
     if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def graph_for_training(model: nn.Module, example: torch.Tensor, dtype: str) -> nn.Module:
-    """Capture ``model``'s training forward and backward for inputs shaped like ``example`` in CUDA
-    graphs (``torch.cuda.make_graphed_callables``: warm-up iterations on a side stream, then one graph
-    for the forward and one for the backward), so that :func:`train_step` replays two graphs instead
-    of issuing every kernel from Python. The H100's eager training steps spread widely from round to
-    round (docs/triton-training-step.md): a step paced by its host speeds up so, one paced by its
-    kernels does not. Under bf16 the capture runs in autocast with its cast cache off, as
-    make_graphed_callables requires. Returns ``model`` (its forward replaced); every call must then
-    pass a tensor shaped like ``example`` (its values are copied into the captured input)."""
-    with _autocast(example.device, dtype, cache_enabled=False):
-        return torch.cuda.make_graphed_callables(model, (example,))
+    """:func:`nfnet_fast.train.graph_training_forward` for the training benchmark's "cudagraph" rows
+    (bf16 autocast when ``dtype`` is "bf16"): a step paced by its host speeds up so, one paced by its
+    kernels does not. Returns ``model``."""
+    return graph_training_forward(model, example, amp=dtype == "bf16")
 
 
 TRAIN_PHASES = ("forward", "backward", "agc", "optimizer")

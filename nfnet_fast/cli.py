@@ -476,6 +476,8 @@ def _finetune_command(args: argparse.Namespace) -> int:
     from nfnet_fast import train as T
 
     device = _device(args.device)
+    if args.cuda_graph and device.type != "cuda":
+        raise CliError(f"--cuda-graph needs a CUDA device, not {device.type}")
     if not (args.data or args.dataset):
         raise CliError("no data: pass --data DIR (an image folder, one subfolder per class, or train/ and val/ "
                        "folders of them) or --dataset NAME (a timm dataset)")
@@ -515,9 +517,10 @@ def _finetune_command(args: argparse.Namespace) -> int:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_epochs=args.warmup_epochs,
         weight_decay=args.weight_decay, clip_grad=args.clip_grad, smoothing=args.smoothing,
         aa=aa, img_size=args.img_size, ema_decay=args.ema_decay,
-        amp=not args.no_amp, channels_last=not args.no_channels_last, workers=args.workers, seed=args.seed)
+        amp=not args.no_amp, channels_last=not args.no_channels_last, cuda_graph=args.cuda_graph,
+        workers=args.workers, seed=args.seed)
     cuda = device.type == "cuda"
-    precision = "bf16 autocast" if config.amp and cuda else "fp32"
+    precision = ("bf16 autocast" if config.amp and cuda else "fp32") + (", CUDA graphs" if config.cuda_graph else "")
     weights = "resumed" if resume is not None else "pretrained" if args.pretrained else "random"
     backend = args.backend if args.backend != "auto" else f"auto: {nfnet_fast.ops.resolve_backend('auto', device)}"
     head = f"{'' if resume is not None else 'new '}{len(data.classes)}-class head"
@@ -751,6 +754,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     f.add_argument("--no-amp", action="store_true", help="on a GPU, train in fp32 instead of bf16 autocast")
     f.add_argument("--no-channels-last", action="store_true", help="on a GPU, keep NCHW instead of channels_last")
+    f.add_argument("--cuda-graph", action="store_true",
+                   help="on a GPU, replay each training forward and backward from CUDA graphs captured on the first "
+                        "batch (eca_nfnet_l0 on an H100: 2.2x the eager step, whose pace is the host's); an epoch's "
+                        "last, smaller batch and validation run eagerly")
     f.add_argument("--seed", type=_number(int, 0, 2**32), default=0, metavar="N",
                    help="seed of the weights, shuffling and augmentation, 0 to 2^32 - 1 (default: %(default)s)")
     f.add_argument("--output", metavar="DIR", default=None,
