@@ -175,8 +175,8 @@ if [ "$TRAIN" = 1 ]; then  # the training issue's checks in one call
   step "GPU tests (background) + peak memory of a training step (bf16)"
   t0=$(elapsed)
   gpu_tests & tests_pid=$!
-  # (a dry run: small sizes, the Triton kernels through the interpreter)
-  peak_args=$([ "$DRY" = 1 ] && echo "--batches 1 2 --size 32 --target-batch 4 --target-size 32")
+  # (a dry run: timm's smallest NF model, small sizes, the Triton kernels through the interpreter)
+  peak_args=$([ "$DRY" = 1 ] && echo "--model test_nfnet --batches 1 2 --size 32 --target-batch 4 --target-size 32")
   interp=$([ "$DRY" = 1 ] && echo "TRITON_INTERPRET=1")
   run_step "peak-memory" 150 bash -c "$interp $PY bench/peak_memory.py --dtype bf16 $peak_args >'$work/peak.txt' 2>&1"
   [ -s "$work/peak.txt" ] && { tail -15 "$work/peak.txt"
