@@ -1049,7 +1049,10 @@ def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, pre_
     if autotune and (x.is_cuda or gpu_config):
         names = candidates("1x1" if one_by_one else "conv", cg, cog, pool, aligned) + [VENDOR] * bool(vendor)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        pick = tuned(_tune_key(x, weight.shape, stride, padding4, groups, pool, want_sums, backward, pre_act), names,
+        key = _tune_key(x, weight.shape, stride, padding4, groups, pool, want_sums, backward, pre_act)
+        if not vendor and x.dtype != torch.float32:  # (vendor=False must not overwrite, nor take, the
+            key += " novendor"                          # pick of a 16-bit tuning that timed cuDNN too)
+        pick = tuned(key, names,
                      x.device,
                      lambda name: vendor_launch() if name == VENDOR else launch(tile(TILES[name])))
         return (pick if pick == VENDOR else tile(TILES[pick])), not capturing

@@ -756,8 +756,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--no-channels-last", action="store_true", help="on a GPU, keep NCHW instead of channels_last")
     f.add_argument("--cuda-graph", action="store_true",
                    help="on a GPU, replay each training forward and backward from CUDA graphs captured on the first "
-                        "batch (eca_nfnet_l0 on an H100: 2.2x the eager step, whose pace is the host's); an epoch's "
-                        "last, smaller batch and validation run eagerly")
+                        "batch (the benchmark's eca_nfnet_l0 step on an H100: 2.2x the eager one, whose pace is the "
+                        "host's); an epoch's last, smaller batch and validation run eagerly")
     f.add_argument("--seed", type=_number(int, 0, 2**32), default=0, metavar="N",
                    help="seed of the weights, shuffling and augmentation, 0 to 2^32 - 1 (default: %(default)s)")
     f.add_argument("--output", metavar="DIR", default=None,

@@ -534,7 +534,9 @@ def _saved_as_recompute(y: torch.Tensor, args: tuple) -> torch.autograd.graph.sa
     def pack(t):
         if t is target():
             return recipe
-        return t if outer_pack is None else outer_pack(t)
+        # (detached: a node that saves its own output would otherwise hold it in a cycle through C++
+        # that the collector never frees, leaking a forward that is dropped without its backward)
+        return t.detach() if outer_pack is None else outer_pack(t)
 
     def unpack(saved):
         if saved is not recipe:

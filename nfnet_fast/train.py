@@ -600,24 +600,27 @@ def graph_training_forward(model: torch.nn.Module, example: torch.Tensor, amp: b
     graphs (``torch.cuda.make_graphed_callables``: warm-up passes on a side stream, then one graph for
     the forward and one for the backward), under bf16 autocast with its cast cache off when ``amp``.
     A training step then replays two graphs instead of issuing each kernel from Python: on an H100,
-    eca_nfnet_l0's step at batch 128, 224 px took 42.7 ms so against 94.8 eagerly, whose time is the
-    host's (bench/results/2026-11-27-h100-session-2.md). The parameters stay the model's own (the
+    the benchmark's eca_nfnet_l0 step at batch 128, 224 px took 42.7 ms so against 94.8 eagerly,
+    whose time is the host's (bench/results/2026-11-27-h100-session-2.md). The parameters stay the model's own (the
     optimizer, AGC, EMA and checkpoints see no difference); the loss is computed outside the graphs.
 
     Replaces ``model.forward``: in training mode a batch of ``example``'s shape and dtype replays the
-    graphs (its values copied into the captured input); another batch (an epoch's last, smaller one)
-    and every call in eval mode run the model eagerly. The warm-up passes draw random numbers
-    (dropout, stochastic depth) that an eager run would not. Returns ``model``."""
+    graphs (its values copied into the captured input); another batch (an epoch's last, smaller one,
+    or one whose requires_grad differs) and every call in eval mode run the model eagerly. The
+    warm-up passes draw random numbers (dropout, stochastic depth) that an eager run would not. The
+    graphs read the parameters and buffers at their addresses at capture: moving the model, changing
+    its dtype or assigning new parameter tensors afterwards needs ``del model.forward`` first (which
+    also frees the graphs). Returns ``model``."""
     if not example.is_cuda:
         raise ValueError(f"CUDA graphs need a CUDA input, got one on {example.device}")
     eager_forward = model.forward
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp, cache_enabled=False):
         torch.cuda.make_graphed_callables(model, (example,))
     graphed_forward = model.forward  # (itself eager outside the mode it was captured in)
-    shape, dtype = example.shape, example.dtype
+    shape, dtype, grad = example.shape, example.dtype, example.requires_grad
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.shape == shape and x.dtype == dtype and x.device == example.device:
+        if x.shape == shape and x.dtype == dtype and x.device == example.device and x.requires_grad == grad:
             return graphed_forward(x)
         return eager_forward(x)
     model.forward = forward
@@ -647,8 +650,8 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
     (:func:`adaptive_clip_grad_`) of every parameter but the classifier's, label smoothing, timm's training
     transforms with RandAugment (``timm.data.create_transform``), optionally an EMA of the weights
     (``timm.utils.ModelEmaV3``); on CUDA bf16 autocast and channels_last, and with ``config.cuda_graph`` the
-    training forward and backward replayed from CUDA graphs (:func:`graph_training_forward`, which leaves
-    ``model.forward`` replaced). After each epoch: validation (top-1,
+    training forward and backward replayed from CUDA graphs (:func:`graph_training_forward`; the model is
+    eager again when this returns). After each epoch: validation (top-1,
     top-5 with 5 classes or more) of the model and of its EMA, and atomic checkpoints in ``output``.
 
     Files in ``output`` (created when the first epoch ends): ``last.pth`` after every epoch (model, optimizer,
@@ -820,6 +823,8 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
         summary = summary_now()
         save_atomic(summary, os.path.join(output, SUMMARY_FILE))
 
+    if graphed:  # (the caller gets its model back eager: the graphs and their memory go)
+        del model.forward
     save_atomic(_state_dict(ema.module if ema is not None else model), os.path.join(output, FINAL_FILE))
     summary["files"]["final"] = FINAL_FILE
     save_atomic(summary, os.path.join(output, SUMMARY_FILE))

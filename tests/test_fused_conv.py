@@ -3,6 +3,7 @@ conv2d with its bias, the activation, GammaAct's gain), forward and gradients; i
 (opcheck, torch.compile); and eca_nfnet_l0's forward running no separate bias, SiLU or pool pass."""
 import contextlib
 import copy
+import gc
 
 import pytest
 import timm
@@ -635,7 +636,7 @@ def test_tail_input_recomputed_in_training(backend, monkeypatch):
     real_tail = nfnet_fast.nn.NormFreeBlock._fused_tail_call
 
     def tail(self, out, *args):
-        tail_inputs.append(weakref.ref(out))
+        tail_inputs.append(weakref.ref(out.untyped_storage()))  # (its memory: the hooks save detached views)
         return real_tail(self, out, *args)
     monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "_fused_tail_call", tail)
     for recompute in (False, True):
@@ -644,7 +645,8 @@ def test_tail_input_recomputed_in_training(backend, monkeypatch):
         xi = x.clone().requires_grad_()
         tail_inputs.clear()
         nbytes, loss = saved_storage_bytes(lambda: blocks(xi).square().mean(), exclude=params)
-        # y alive after the forward while kept for the backward, and freed when recomputed
+        # y's memory alive after the forward while kept for the backward, and freed when recomputed
+        gc.collect()  # (the Triton interpreter holds each launch's arguments in a cycle until then)
         assert [r() is not None for r in tail_inputs] == [not recompute] * len(blocks), (recompute, tail_inputs)
         loss.backward()
         held.append(nbytes)
@@ -657,6 +659,22 @@ def test_tail_input_recomputed_in_training(backend, monkeypatch):
     assert held[0] - held[1] == y_bytes, (held, y_bytes)
     for i, (kept, recomputed) in enumerate(zip(*results)):
         assert torch.equal(kept, recomputed), f"{backend} tensor {i}"
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_training_forward_dropped_without_backward_frees_everything(backend):
+    """A training forward whose loss is dropped unused (a skipped batch, an exception) frees every
+    activation: the recompute's saved-tensor hooks hold what they pack detached, since a node that saves
+    its own output, held as itself, forms a cycle through C++ that Python's collector never frees."""
+    import weakref
+    blocks, x = _tail_recompute_case(backend, 43)
+    outs = []
+    hooks = [blk.register_forward_hook(lambda m, i, o: outs.append(weakref.ref(o))) for blk in blocks]
+    blocks(x.clone().requires_grad_()).square().mean()  # (the loss dropped at once)
+    for h in hooks:
+        h.remove()
+    gc.collect()
+    assert len(outs) == len(blocks) and [r() for r in outs] == [None] * len(blocks)
 
 
 @pytest.mark.parametrize("backend", COMPILED)

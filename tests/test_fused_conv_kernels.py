@@ -474,6 +474,11 @@ def test_gpu_fused_conv(case, dtype, vendor, rng):
     assert_rel_close(out, expect, GPU_TOL[dtype], f"{case} {dtype}")
     assert_rel_close(sums, expect_sums, 1e-4 if vendor is False else max(1e-4, GPU_TOL[dtype]), f"{case} {dtype} sums")
     assert torch.equal(sums, fc.fused_conv(x, w, b, **kw)[1]), "sums not deterministic"
+    if vendor is None and dtype != torch.float32:  # the vendor candidate itself, whichever the tuning took
+        v_out, v_sums = fc._vendor_conv(x, w, b, stride, fc.normalize_padding(padding), groups, fc._act_index(act),
+                                        1.0, pool, True)
+        assert_rel_close(v_out, expect, GPU_TOL[dtype], f"{case} {dtype} vendor")
+        assert_rel_close(v_sums, expect_sums, GPU_TOL[dtype], f"{case} {dtype} vendor sums")
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu", "silu"])
@@ -536,6 +541,41 @@ def _fake_bench(calls, fastest):
         calls.append(len(calls))
         return 1.0 if len(calls) - 1 == fastest else 2.0
     return bench
+
+
+def test_tuning_without_the_vendor_keeps_its_own_pick(tile_cache, monkeypatch, rng):
+    """A 16-bit tuning with ``vendor=False`` picks among the Triton tiles under a key of its own: it
+    neither takes nor overwrites the pick of the tuning that timed the vendor path too. (It did both:
+    the GPU test of the tiles alone, run first, left its tile where the default's tuning then found
+    it, and the default never timed cuDNN.)"""
+    path, calls = tile_cache
+    xs, ws, groups = next(iter(TUNE_CASES.values()))
+    x, w, b = _case(rng, xs, ws, torch.float16)
+    kind = "1x1" if ws[2] == 1 else "conv"
+    tiles = fc.candidates(kind, ws[1], ws[0] // groups, False, True)
+    kw = dict(padding=ws[2] // 2, groups=groups, act="silu", want_sums=True, gpu_config=True, autotune=True)
+    vendor_result = fc._vendor_conv(x, w, b, 1, fc.normalize_padding(kw["padding"]), groups, 1, 1.0, False, True)
+    monkeypatch.setattr(fc, "_bench", _fake_bench(calls, len(tiles)))  # the vendor path fastest
+    assert all(torch.equal(g, e) for g, e in zip(fc.fused_conv(x, w, b, vendor=True, **kw), vendor_result))
+    assert len(calls) == len(tiles) + 1
+    calls.clear()
+    monkeypatch.setattr(fc, "_bench", _fake_bench(calls, len(tiles) - 1))  # the last tile fastest
+    _check(x, w, b, "tiles alone", vendor=False, **kw)
+    assert len(calls) == len(tiles)
+
+    def no_bench(fn):
+        raise AssertionError("timed again")
+    monkeypatch.setattr(fc, "_bench", no_bench)
+    for new_process in (False, True):
+        if new_process:  # the file answers
+            monkeypatch.setattr(fc, "_TABLES", {})
+            monkeypatch.setattr(fc, "_PICKS", {})
+        assert all(torch.equal(g, e) for g, e in zip(fc.fused_conv(x, w, b, vendor=True, **kw), vendor_result))
+        assert torch.equal(fc.fused_conv(x, w, b, vendor=False, **kw)[0],
+                           fc.fused_conv(x, w, b, config=fc.TILES[tiles[-1]], **kw)[0])
+    import json
+    (table,) = [json.loads(f.read_text()) for f in path.glob("fused_conv-*.json")]
+    assert sorted(table.values()) == sorted([fc.VENDOR, tiles[-1]]), table
 
 
 @pytest.mark.parametrize("vendor", [False, True], ids=["triton tiles", "vendor fastest"])
