@@ -115,6 +115,7 @@ def test_gpu_annotations_are_not_counted_as_kernels():
                   kernels=list(kernels), cpu_parent=parent)
     op = event("aten::add", DeviceType.CPU, 0, 5, kernels=[NS(name="add_kernel", duration=3.0)])
     annotation = event("forward", DeviceType.CUDA, 9, 30, annotation=True)
-    events = [op, event("add_kernel", DeviceType.CUDA, 10, 13), annotation, event("_conv1x1_kernel", DeviceType.CUDA, 14, 21)]
+    events = [op, event("add_kernel", DeviceType.CUDA, 10, 13), annotation,
+              event("_conv1x1_kernel", DeviceType.CUDA, 14, 21)]
     got = sorted((name, chain, us) for name, chain, us in P.kernel_times(NS(events=lambda: events), on_gpu=True))
     assert got == [("_conv1x1_kernel", [], 7), ("add_kernel", ["aten::add"], 3.0)]
