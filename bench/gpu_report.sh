@@ -19,7 +19,8 @@
 #   --train           ONLY the training issue's checks (BUDGET_S defaults to 560 then): the GPU tests in
 #                     the background beside bench/peak_memory.py --dtype bf16 (a memory figure, which
 #                     they do not disturb), then the training-step rows on a quiet GPU, with the time
-#                     left reserved for them
+#                     left reserved for them, then, as time allows, the step's kernel-time profile and
+#                     its host time (bench/host_overhead.py)
 #   --sanitize        ALSO compute-sanitizer memcheck, then racecheck, over the CUDA ops' GPU tests (slow)
 # PYTHON selects the interpreter (default python3). BUDGET_S (default 300) bounds the whole run:
 # every step gets at most the time left, and the script always ends with a report of what finished.
@@ -171,6 +172,19 @@ wait_gpu_tests() {  # wait_gpu_tests RESERVE_S: wait for $tests_pid (started at 
     grep -E "^(FAILED|ERROR)" "$work/tests.log"; } >>"$work/tests.summary" 2>/dev/null
 }
 
+train_time_split() {  # where a training step's time goes: its kernels by phase, then its host time
+  step "kernel-time profile of a training step (eager): what each phase costs against the step's wall time"
+  run_step "profiles-train" 90 $PY bench/profile_kernels.py --out "$work/prof" --train
+  step "host time: each op's call, and a whole training step at 1/8 width by phase (tiny kernels: the host's pace)"
+  # (the tile heuristic, not tuning: the 1/8-width shapes are new, and tuning would time each tile once more)
+  run_step "host-overhead" 120 \
+    bash -c "NFNET_FAST_AUTOTUNE=0 $PY bench/host_overhead.py >'$work/host_overhead.txt' 2>&1"
+  [ -s "$work/host_overhead.txt" ] && { tail -20 "$work/host_overhead.txt"
+    { echo "- bench/host_overhead.py (host time on this machine):"; echo; echo '```'; tail -20 "$work/host_overhead.txt"
+      echo '```'; echo; } >>"$notes"; }
+  return 0
+}
+
 if [ "$TRAIN" = 1 ]; then  # the training issue's checks in one call
   step "GPU tests (background) + peak memory of a training step (bf16)"
   t0=$(elapsed)
@@ -183,6 +197,7 @@ if [ "$TRAIN" = 1 ]; then  # the training issue's checks in one call
     { echo "- bench/peak_memory.py --dtype bf16:"; echo; echo '```'; tail -15 "$work/peak.txt"; echo '```'; echo; } >>"$notes"; }
   wait_gpu_tests "${TRAIN_RESERVE_S:-200}"  # the rest of the budget is the training rows'
   bench train-eager 240 bench/test_bench_model.py -k "test_train_step and not compile"
+  train_time_split  # (as time allows; the tuning cache is warm now)
   report; exit $?
 fi
 if [ "$AUTOTUNE" = 1 ]; then  # a run of its own: nothing else fits beside 400 s of autotuning
@@ -214,14 +229,7 @@ bench agc 30 bench/test_bench_agc.py
 bench conv 60 bench/test_bench_conv.py -k "not compile and not backward"
 step "kernel-time profiles (eager)"
 run_step "profiles-eager" 60 $PY bench/profile_kernels.py --out "$work/prof" --no-compile
-step "kernel-time profile of a training step (eager): what each phase costs against the step's wall time"
-run_step "profiles-train" 90 $PY bench/profile_kernels.py --out "$work/prof" --train
-step "host time: each op's call, and a whole training step at 1/8 width by phase (tiny kernels: the host's pace)"
-# (the tile heuristic, not tuning: the 1/8-width shapes are new, and tuning would time each tile once more)
-run_step "host-overhead" 120 bash -c "NFNET_FAST_AUTOTUNE=0 $PY bench/host_overhead.py >'$work/host_overhead.txt' 2>&1"
-[ -s "$work/host_overhead.txt" ] && { tail -20 "$work/host_overhead.txt"
-  { echo "- bench/host_overhead.py (host time on this machine):"; echo; echo '```'; tail -20 "$work/host_overhead.txt"
-    echo '```'; echo; } >>"$notes"; }
+train_time_split
 
 # 3. the GPU tests in the background while torch.compile fills its caches with the compiled
 #    inference contenders' graphs (one untimed round each). On an H200 the tests took 57-61 s with

@@ -9,7 +9,9 @@
 #   2. the tests that trace, export or compile the model with torch 2.11 (dynamo, export, FX,
 #      torch.func; ONNX needs onnxruntime, left out), on the reference backend: Triton 3.6's
 #      interpreter fails on the fused convs here ("only 0-dimensional arrays can be converted to
-#      Python scalars"), so the triton backend stays out.
+#      Python scalars"), so the triton backend stays out;
+#   3. the launch cache's tests (kernels.launch): its memo picks Triton 3.6's own binary and passes the
+#      launcher Triton 3.6's own arguments.
 # The environment is .venv-gpu-stack (~1 minute to install, 4.6 GB), reinstalled when the pins change.
 #
 #   bash bench/gpu_stack_check.sh
@@ -42,3 +44,4 @@ out=$(mktemp -d)
 "$V/bin/python" bench/triton_resources.py --allow-spills --out "$out/triton_resources.md"
 "$V/bin/python" -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_ecosystem.py \
   -k "reference and (compile or export or fx or func) and not onnx"
+"$V/bin/python" -m pytest -q -p no:cacheprovider tests/test_triton.py -k launch_cache

@@ -33,12 +33,16 @@ class FakeDriver:
     def get_active_torch_device(self): return torch.device("cpu")
     def is_active(self): return True
 
-class FakeKernel:
-    function = None
-    packed_metadata = None
-    def launch_metadata(self, grid, stream, *args):  # CompiledKernel's: None unless a launch_enter_hook is set
+from triton.compiler import CompiledKernel
+
+
+class FakeKernel(CompiledKernel):  # (a CompiledKernel, so that kernels.launch's cache may keep it)
+    def __init__(self):
+        self.function, self.packed_metadata, self.module = 0, (4, 1, 0), 1
+        self._run = lambda *args: None  # where the C launcher (argument parsing, cuLaunchKernelEx) would run
+    def launch_metadata(self, grid, stream, *args):  # (CompiledKernel's builds a LazyDict for the hooks)
         return None
-    def run(self, *args):  # where the C launcher (argument parsing, cuLaunchKernelEx) would run
+    def __del__(self):
         pass
 
 from triton.runtime.jit import JITFunction
@@ -153,7 +157,15 @@ def launch_reduce():
                                    HAS_GX=True, HAS_GA=False, **pl.tile)
 def plan_only():
     E.plan(yy.shape, True, torch.device("cuda"), pool=True)
-print(f"one Triton launch (16 args + 5 constexprs), Python path only: {bench(launch_reduce, n=2000):.1f} us; eca plan(): {bench(plan_only, n=2000):.1f} us")
+from nfnet_fast import kernels as _kernels
+def launch_reduce_cached():  # the same launch through kernels.launch with its cache on
+    _kernels.launch(E._reduce_nhwc_kernel, pl.grid, yy, yy, yy, yy, yy, st, wk, dp, C, H * H, 1, 1, 5, 0.25, 0.4,
+                    0.0, 1, HAS_GX=True, HAS_GA=False, **pl.tile)
+_kernels.LAUNCH_CACHE, _was = True, _kernels.LAUNCH_CACHE
+cached_us = bench(launch_reduce_cached, n=2000)
+_kernels.LAUNCH_CACHE = _was
+print(f"one Triton launch (16 args + 5 constexprs), Python path only: {bench(launch_reduce, n=2000):.1f} us, "
+      f"with the launch cache {cached_us:.1f} us; eca plan(): {bench(plan_only, n=2000):.1f} us")
 
 
 # A whole training step, by phase (benchmark.train_step's four), of eca_nfnet_l0's layer graph at 1/8 width
@@ -186,7 +198,10 @@ def step_phases(model, opt, clip):
 
 
 steps = {}
-for be in [None] + BACKENDS:
+for be in [None] + BACKENDS + (["triton"] if "triton" in BACKENDS else []):
+    # (triton twice: the second time with kernels.LAUNCH_CACHE, the memoised launches, whatever the default)
+    cached_launches = be == "triton" and "triton" in steps
+    _kernels.LAUNCH_CACHE = cached_launches
     model = random_weights_(timm_nfnet.NormFreeNet(narrow, num_classes=10))
     model = (model if be is None else nfnet_fast.convert(model, backend=be)).to(DEV).train()
     model = model.to(memory_format=torch.channels_last)
@@ -195,12 +210,15 @@ for be in [None] + BACKENDS:
     for _ in range(3):
         step_phases(model, opt, clip)
     runs = [step_phases(model, opt, clip) for _ in range(25)]
-    steps[be or "timm"] = [min(r[i] for r in runs) * 1e3 for i in range(4)] + [min(sum(r) for r in runs) * 1e3]
+    name = "triton+lc" if cached_launches else be or "timm"
+    steps[name] = [min(r[i] for r in runs) * 1e3 for i in range(4)] + [min(sum(r) for r in runs) * 1e3]
     model.eval()
     with torch.no_grad():  # (the batch-1 eager inference rows of the GPU report are paced so)
-        steps[be or "timm"].append(bench(lambda: model(sx[:1]), n=5) / 1e3)
+        steps[name].append(bench(lambda: model(sx[:1]), n=5) / 1e3)
 print(f"training step of eca_nfnet_l0's layers at 1/8 width, batch 2, 32 px, fp32 ({DEV.type}, 1 thread): host ms, "
-      "min of 25 (each phase's own minimum); an eval forward at batch 1")
-print(f"{'':8s}" + "".join(f"{k:>10s}" for k in ("forward", "backward", "AGC", "optimizer", "step", "eval b1")))
+      "min of 25 (each phase's own minimum); an eval forward at batch 1; triton+lc: with the launch cache "
+      "(NFNET_FAST_LAUNCH_CACHE=1)")
+_kernels.LAUNCH_CACHE = _was
+print(f"{'':10s}" + "".join(f"{k:>10s}" for k in ("forward", "backward", "AGC", "optimizer", "step", "eval b1")))
 for name, row in steps.items():
-    print(f"{name:8s}" + "".join(f"{v:10.2f}" for v in row))
+    print(f"{name:10s}" + "".join(f"{v:10.2f}" for v in row))

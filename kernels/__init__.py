@@ -3,11 +3,14 @@
 Each op file holds its ``@triton.jit`` kernels, the launchers that pick a configuration and a grid,
 and ``AOT``: every (kernel, argument types, constexpr values, warps) the launchers can use, which
 :mod:`nfnet_fast.kernels.aot` compiles for sm_90 and sm_80 without a GPU. Kernels know nothing of
-modules or autograd; :mod:`nfnet_fast._triton` registers them as ``torch.library`` ops.
+modules or autograd; :mod:`nfnet_fast._triton` registers them as ``torch.library`` ops. Every
+launch goes through :func:`launch` (below: its optional cache of launch signatures).
 """
 from __future__ import annotations
 
 import contextlib
+import os
+from operator import itemgetter
 from typing import Dict, List, NamedTuple
 
 import torch
@@ -43,3 +46,110 @@ def cdiv(a: int, b: int) -> int:
 def device_guard(t: torch.Tensor):
     """Launch on ``t``'s GPU (Triton launches on the current device); no-op for CPU tensors."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------
+# launches
+#
+# ``kernel[grid](...)`` runs Triton's JITFunction.run on every launch: it binds the arguments,
+# specialises each one, hashes the options and looks the binary up, then calls the binary's launcher.
+# That Python is most of a launch's host cost: 23.5-32.9 us on the H100 machine's host, and a training
+# step makes 461 Triton launches (docs/triton-training-step.md). With LAUNCH_CACHE, :func:`launch`
+# memoises, per launch signature, the CompiledKernel that the first such launch returned, and later
+# calls its launcher with the arguments JITFunction.run itself passes it. That argument list is the
+# same in Triton 3.6 and 3.8: grid, stream, CUfunction, packed metadata, launch metadata, the two hooks
+# (None here: the launcher calls a hook only when it is not None, and Triton's default hooks are empty
+# chains), then every parameter in order, constexprs included, which the launcher skips. The memo key
+# is at least as fine as Triton's own cache key: the device; for each positional runtime argument, its
+# type and what Triton specialises on (a tensor's dtype and 16-byte alignment, an int's value, or for
+# a do_not_specialize int its i32/i64/u64 range); each keyword's type and value. A constexpr passed
+# positionally, an argument type it does not key, hooks, debug and instrumentation modes, callable
+# grids and the interpreter's kernels take the normal path. Not checked, unlike JITFunction.run: that
+# the globals a kernel read have not changed since it compiled (nfnet_fast's never change). Measured on
+# the build machine with Triton's launcher stubbed: 10.0 -> 5.4 us a launch. Not yet run on a GPU, so
+# off by default: NFNET_FAST_LAUNCH_CACHE=1 turns it on.
+
+try:
+    import triton as _triton
+    from triton import knobs as _knobs
+    from triton.compiler import CompiledKernel as _CompiledKernel
+    from triton.runtime.jit import JITFunction as _JITFunction
+except ImportError:  # (no Triton: the cache never applies)
+    _triton = None
+
+LAUNCH_CACHE = os.environ.get("NFNET_FAST_LAUNCH_CACHE", "0") == "1" and _triton is not None
+_LAUNCH_MEMO_MAX = 4096  # (a memo entry per shape: bounded by a model's layers, unless the shapes keep changing)
+_key_fns: dict = {}      # (id(kernel), positional types) -> key function, or None: no memo for these types
+_launches: dict = {}     # memo key -> (binary, launcher, CUfunction, packed metadata, keyword-parameter getter)
+_kept: dict = {}         # id(kernel) -> kernel, so that ids in the keys stay the kernels'
+
+
+def _key_fn(kernel, types: tuple):
+    """A function of the positional arguments that returns what Triton specialises on, for this exact
+    tuple of their types: a tensor's dtype and 16-byte alignment (one OR of all pointers when all are
+    aligned), an int's value (its ==1, %16 and range), or for a do_not_specialize int its range only
+    (i32, i64, u64), nothing more for float, bool and None (fp32, u1 and a constexpr None, whatever
+    the value). None where an argument is a constexpr or of another type: no memo for such launches."""
+    exprs, tensors = [], []
+    for i, t in enumerate(types):
+        if kernel.params[i].is_constexpr:
+            return None
+        if issubclass(t, torch.Tensor):
+            tensors.append(i)
+            exprs.append(f"a[{i}].dtype")
+        elif t is int:
+            exprs.append(f"(a[{i}] < -2147483648, a[{i}] > 2147483647, a[{i}] >= 9223372036854775808)"
+                         if kernel.params[i].do_not_specialize else f"a[{i}]")
+        elif t not in (float, bool, type(None)):
+            return None
+    ptrs = " | ".join(f"a[{i}].data_ptr()" for i in tensors) or "0"
+    each = ", ".join(f"a[{i}].data_ptr() & 15 == 0" for i in tensors)
+    namespace: dict = {}
+    exec(f"def key(a):\n    al = ({ptrs}) & 15\n    if al:\n        al = ({each},)\n"  # noqa: S102 (our source)
+         f"    return (al, {', '.join(exprs)})\n", namespace)
+    return namespace["key"]
+
+
+def _plain_launches() -> bool:
+    """Nothing is switched on that makes JITFunction.run do more than find the binary and launch it."""
+    rt = _knobs.runtime
+    return not (rt.launch_enter_hook.calls or rt.launch_exit_hook.calls or rt.debug
+                or _knobs.compilation.instrumentation_mode
+                or getattr(rt, "add_stages_inspection_hook", None) is not None)
+
+
+def launch(kernel, grid, /, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``; with LAUNCH_CACHE, memoised per launch signature (above).
+    Returns the CompiledKernel launched."""
+    if not LAUNCH_CACHE or type(kernel) is not _JITFunction or type(grid) is not tuple or kernel.pre_run_hooks \
+            or not _plain_launches():
+        return kernel[grid](*args, **kwargs)
+    types = tuple(map(type, args))
+    kid = id(kernel)
+    key_fn = _key_fns.get((kid, types), False)
+    if key_fn is False:
+        _kept[kid] = kernel
+        key_fn = _key_fns[(kid, types)] = _key_fn(kernel, types)
+    if key_fn is None:
+        return kernel[grid](*args, **kwargs)
+    driver = _triton.runtime.driver.active
+    device = driver.get_current_device()
+    # (a keyword's type too: True == 1 == 1.0 as keys, which Triton compiles apart)
+    key = (kid, device, types, key_fn(args), tuple(kwargs.items()), tuple(map(type, kwargs.values())))
+    hit = _launches.get(key)
+    if hit is None:
+        compiled = kernel[grid](*args, **kwargs)  # (compiles if it must, launches, returns the binary)
+        names = tuple(p.name for p in kernel.params[len(args):])
+        if (isinstance(compiled, _CompiledKernel) and all(n in kwargs for n in names)
+                and not any(isinstance(v, torch.Tensor) for v in kwargs.values())):
+            if len(_launches) >= _LAUNCH_MEMO_MAX:
+                _launches.clear()
+            get = itemgetter(*names) if len(names) > 1 else (lambda kw, names=names: [kw[n] for n in names])
+            # (the binary itself kept: Triton 3.8 unloads its module when it is collected)
+            _launches[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata, get)
+        return compiled
+    compiled, run, function, packed, get = hit
+    n = len(grid)
+    run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, driver.get_current_stream(device), function,
+        packed, None, None, None, *args, *get(kwargs))
+    return compiled

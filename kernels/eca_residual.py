@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec, cdiv, device_guard
+from . import AotSpec, cdiv, device_guard, launch
 
 # channels_last tile: 32 pixels x 128 channels. 128 channels are 256 contiguous bytes in bf16 (512
 # in fp32): whole 128-byte lines and 16-byte vectors along C; 4096 elements at 8 warps = 16 a thread.
@@ -419,9 +419,9 @@ def _pool(y: torch.Tensor, cl: bool, gpu_config: bool) -> torch.Tensor:
     pl = plan(y.shape, cl, y.device, pool=True, gpu_config=gpu_config)
     part = torch.empty((n, pl.splits, c), device=y.device, dtype=torch.float32)
     if cl:
-        _pool_nhwc_kernel[pl.grid](y, part, c, h * w, pl.splits, pl.per, **pl.tile)
+        launch(_pool_nhwc_kernel, pl.grid, y, part, c, h * w, pl.splits, pl.per, **pl.tile)
     else:
-        _pool_nchw_kernel[pl.grid](y, part, n * c, c, h * w, pl.splits, pl.per, **pl.tile)
+        launch(_pool_nchw_kernel, pl.grid, y, part, n * c, c, h * w, pl.splits, pl.per, **pl.tile)
     return part
 
 
@@ -450,9 +450,9 @@ def forward(y: torch.Tensor, weight: torch.Tensor, shortcut: Optional[torch.Tens
                 0.0 if beta_next is None else float(beta_next))
         flags = dict(HAS_RES=shortcut is not None, HAS_NEXT=a_next is not None, **pl.tile)
         if cl:
-            _apply_nhwc_kernel[pl.grid](*args, c, h * w, *scal, pl.splits, pl.per, **flags)
+            launch(_apply_nhwc_kernel, pl.grid, *args, c, h * w, *scal, pl.splits, pl.per, **flags)
         else:
-            _apply_nchw_kernel[pl.grid](*args, n * c, c, h * w, *scal, pl.per, **flags)
+            launch(_apply_nchw_kernel, pl.grid, *args, n * c, c, h * w, *scal, pl.per, **flags)
     return x_next, a_next, stats
 
 
@@ -482,25 +482,25 @@ def backward(grad_x_next: Optional[torch.Tensor], grad_a_next: Optional[torch.Te
         scal = (stats.shape[1], pr.splits, k, 1.0 / hw, float(coef), float(beta_next) if has_ga else 0.0, pr.per)
         flags = dict(HAS_GX=grad_x_next is not None, HAS_GA=has_ga, **pr.tile)
         if cl:
-            _reduce_nhwc_kernel[pr.grid](*ptrs, c, hw, *scal, **flags)
+            launch(_reduce_nhwc_kernel, pr.grid, *ptrs, c, hw, *scal, **flags)
         else:
-            _reduce_nchw_kernel[pr.grid](*ptrs, n * c, c, hw, *scal, **flags)
+            launch(_reduce_nchw_kernel, pr.grid, *ptrs, n * c, c, hw, *scal, **flags)
 
         gate = torch.empty((n, c), device=y.device, dtype=torch.float32)
         dz = torch.empty_like(gate)
         cblocks = cdiv(c, GATE_BLOCK)
         dwp = torch.empty((n * cblocks, k), device=y.device, dtype=torch.float32)
-        _gate_bwd_kernel[(n, cblocks)](stats, dpart, weight, gate, dz, dwp, c, stats.shape[1], pr.splits, k,
-                                       1.0 / hw, float(coef), BLOCK=GATE_BLOCK, num_warps=GATE_WARPS)
+        launch(_gate_bwd_kernel, (n, cblocks), stats, dpart, weight, gate, dz, dwp, c, stats.shape[1], pr.splits, k,
+               1.0 / hw, float(coef), BLOCK=GATE_BLOCK, num_warps=GATE_WARPS)
 
         dx_total = grad_shortcut if has_ga else grad_x_next  # d(loss)/d(x_next), the act's share included
         pl = plan(y.shape, cl, y.device, gpu_config=gpu_config)
         if cl:
-            _dy_nhwc_kernel[pl.grid](dx_total, gate, dz, weight, grad_y, c, hw, k, 1.0 / hw, pl.splits, pl.per,
-                                     **pl.tile)
+            launch(_dy_nhwc_kernel, pl.grid, dx_total, gate, dz, weight, grad_y, c, hw, k, 1.0 / hw, pl.splits, pl.per,
+                   **pl.tile)
         else:
-            _dy_nchw_kernel[pl.grid](dx_total, gate, dz, weight, grad_y, n * c, c, hw, k, 1.0 / hw, pl.per,
-                                     **pl.tile)
+            launch(_dy_nchw_kernel, pl.grid, dx_total, gate, dz, weight, grad_y, n * c, c, hw, k, 1.0 / hw, pl.per,
+                   **pl.tile)
     return grad_y, dwp.sum(0), grad_shortcut
 
 

@@ -95,7 +95,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec, cdiv, device_guard
+from . import AotSpec, cdiv, device_guard, launch
 from . import scaled_std_weight as _std
 from . import silu_scale as _silu
 
@@ -319,9 +319,9 @@ def _bench(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=20)
 
 
-def tuned(key: str, names: Sequence[str], device: torch.device, launch: Callable[[str], object]) -> str:
+def tuned(key: str, names: Sequence[str], device: torch.device, run_candidate: Callable[[str], object]) -> str:
     """The candidate (a name of TILES, or VENDOR) for the launch ``key``: from the cache, or the
-    fastest of ``names`` timed now with ``launch(name)`` (the whole launch) and then cached. The
+    fastest of ``names`` timed now with ``run_candidate(name)`` (the whole launch) and then cached. The
     first name without timing: a single candidate, autotuning off, or a CUDA graph capturing."""
     if len(names) == 1 or not autotune_enabled() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return names[0]
@@ -331,7 +331,7 @@ def tuned(key: str, names: Sequence[str], device: torch.device, launch: Callable
         table = _TABLES[path] = _read_table(path)
     if table.get(key) in names:
         return table[key]
-    times = {name: _bench(lambda name=name: launch(name)) for name in names}
+    times = {name: _bench(lambda name=name: run_candidate(name)) for name in names}
     best = min(names, key=lambda name: times[name])  # (a tie keeps the heuristic's, listed first)
     table[key] = best
     _write_table(path, {key: best})
@@ -873,7 +873,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     aligned = _is_aligned((cin, cout, cg, cog), (x, wt, out, grad_t, gsums_t))
     flags = dict(has_grad=int(grad_out is not None), has_gsums=int(grad_sums is not None), has_out=int(want_out))
 
-    def launch(cfg: dict):
+    def run_tile(cfg: dict):
         """Run the conv with tile ``cfg`` into ``out``; the sums' partial rows and their slots count."""
         if one_by_one:
             cfg.pop("FLAT_K", None)
@@ -885,15 +885,14 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             with device_guard(x):
                 if one_by_one:
                     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(cout, cfg["BLOCK_N"]),)
-                    _conv1x1_kernel[grid](x, wt, b, out, part, grad_t, gsums_t, m, cin, cout, x.shape[2], x.shape[3],
-                                          wo, hw, slots, a, float(act_gain), **flags, pre_beta=float(pre_beta),
-                                          POOL=bool(pool), SUMS=bool(want_sums), BWD=bool(backward),
-                                          PRE_ACT=bool(pre_act), **cfg)
+                    launch(_conv1x1_kernel, grid, x, wt, b, out, part, grad_t, gsums_t, m, cin, cout, x.shape[2],
+                           x.shape[3], wo, hw, slots, a, float(act_gain), **flags, pre_beta=float(pre_beta),
+                           POOL=bool(pool), SUMS=bool(want_sums), BWD=bool(backward), PRE_ACT=bool(pre_act), **cfg)
                 else:
                     grid = (cdiv(m, cfg["BLOCK_M"]) * groups * cdiv(cog, cfg["BLOCK_N"]),)
-                    _conv_kernel[grid](x, wt, b, out, part, grad_t, gsums_t, m, h, w, cin, wo, hw, cout, cg, cog, stride,
-                                       pt, pl, slots, a, float(act_gain), **flags, KH=kh, KW=kw, SUMS=bool(want_sums),
-                                       BWD=bool(backward), **cfg)
+                    launch(_conv_kernel, grid, x, wt, b, out, part, grad_t, gsums_t, m, h, w, cin, wo, hw, cout, cg,
+                           cog, stride, pt, pl, slots, a, float(act_gain), **flags, KH=kh, KW=kw, SUMS=bool(want_sums),
+                           BWD=bool(backward), **cfg)
         return part, slots
 
     def vendor_launch():
@@ -921,21 +920,21 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         if pick is None:
             pick, final = _choose(x, weight, (pt, pb, pl, pr), stride, groups, pool, want_sums, backward, pre_act,
                                   aligned, autotune and m, vendor, gpu_config, one_by_one, cg, cog,
-                                  lambda cfg: launch(dict(cfg)), vendor_launch)
+                                  lambda cfg: run_tile(dict(cfg)), vendor_launch)
             if final:
                 _PICKS[memo] = pick
         if pick == VENDOR:
             return vendor_launch()
         cfg = dict(pick)
     tile_m = cfg["BLOCK_M"]
-    part, slots = launch(cfg)
+    part, slots = run_tile(cfg)
     if not want_sums:
         return out
     sums = torch.empty((nb, cout), device=x.device, dtype=torch.float32)  # every (n, c) is written
     if m:
         with device_guard(x):
-            _sums_kernel[(nb, cdiv(cout, SUMS_BLOCK))](part, sums, cout, hw, slots, tile_m,
-                                                              BLOCK=SUMS_BLOCK, num_warps=SUMS_WARPS)
+            launch(_sums_kernel, (nb, cdiv(cout, SUMS_BLOCK)), part, sums, cout, hw, slots, tile_m, BLOCK=SUMS_BLOCK,
+                   num_warps=SUMS_WARPS)
     return (out, sums) if want_out else sums
 
 
@@ -1041,9 +1040,9 @@ _PICKS: Dict[tuple, Union[str, dict]] = {}  # launch signature -> tile (or VENDO
 
 
 def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, pre_act, aligned, autotune, vendor,
-            gpu_config, one_by_one, cg, cog, launch, vendor_launch):
+            gpu_config, one_by_one, cg, cog, run_tile, vendor_launch):
     """``(tile or VENDOR, final)`` for a launch: tuned (from the cache file, or timed now with
-    ``launch(tile)`` / ``vendor_launch()``) where autotuning applies, else the heuristic's;
+    ``run_tile(tile)`` / ``vendor_launch()``) where autotuning applies, else the heuristic's;
     ``final`` is False when a CUDA graph capture made tuning fall back to the heuristic."""
     tile = bwd_tile if backward else dict
     if autotune and (x.is_cuda or gpu_config):
@@ -1052,9 +1051,8 @@ def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, pre_
         key = _tune_key(x, weight.shape, stride, padding4, groups, pool, want_sums, backward, pre_act)
         if not vendor and x.dtype != torch.float32:  # (vendor=False must not overwrite, nor take, the
             key += " novendor"                          # pick of a 16-bit tuning that timed cuDNN too)
-        pick = tuned(key, names,
-                     x.device,
-                     lambda name: vendor_launch() if name == VENDOR else launch(tile(TILES[name])))
+        pick = tuned(key, names, x.device,
+                     lambda name: vendor_launch() if name == VENDOR else run_tile(tile(TILES[name])))
         return (pick if pick == VENDOR else tile(TILES[pick])), not capturing
     cfg = config_for(x, weight, groups, stride, padding4, pool, aligned, gpu_config)
     return (bwd_tile(cfg) if backward and (x.is_cuda or gpu_config) else cfg), True

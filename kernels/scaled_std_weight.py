@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec, cdiv, device_guard
+from . import AotSpec, cdiv, device_guard, launch
 
 # A program's tile is ROWS x BLOCK_K = 4096 elements (16 a thread at 8 warps): BLOCK_K is the
 # smallest of these row lengths that holds the fan-in, so short rows share a program (the 27-wide
@@ -198,8 +198,8 @@ def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, 
         out = packed
     cfg = config(fan_in, weight.device, gpu_config)
     with device_guard(weight):
-        _std_fwd_kernel[(cdiv(c_out, cfg["ROWS"]),)](weight, gain, out, c_out, fan_in, taps, float(scale), float(eps),
-                                                     PACKED=packed is not None, **cfg)
+        launch(_std_fwd_kernel, (cdiv(c_out, cfg["ROWS"]),), weight, gain, out, c_out, fan_in, taps, float(scale),
+               float(eps), PACKED=packed is not None, **cfg)
     return out
 
 
@@ -212,6 +212,6 @@ def backward(grad_out: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, s
     grad_gain = torch.empty(c_out, device=weight.device, dtype=torch.float32)
     cfg = config(fan_in, weight.device, gpu_config)
     with device_guard(weight):
-        _std_bwd_kernel[(cdiv(c_out, cfg["ROWS"]),)](grad_out, weight, gain, grad_weight, grad_gain, c_out,
-                                                     fan_in, float(scale), float(eps), **cfg)
+        launch(_std_bwd_kernel, (cdiv(c_out, cfg["ROWS"]),), grad_out, weight, gain, grad_weight, grad_gain, c_out,
+               fan_in, float(scale), float(eps), **cfg)
     return grad_weight, grad_gain

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import AotSpec, cdiv, device_guard
+from . import AotSpec, cdiv, device_guard, launch
 
 # 4096 elements a program at 8 warps = 16 per thread: 16-byte vector loads for every dtype
 # (several for fp32/fp64), enough bytes in flight per SM to cover HBM latency, and a grid of
@@ -55,7 +55,7 @@ def forward(x: torch.Tensor, beta: float) -> torch.Tensor:
     out = torch.empty_like(x)
     n = x.numel()
     with device_guard(x):
-        _silu_scale_fwd_kernel[(cdiv(n, BLOCK),)](x, out, n, float(beta), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch(_silu_scale_fwd_kernel, (cdiv(n, BLOCK),), x, out, n, float(beta), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return out
 
 
@@ -64,5 +64,6 @@ def backward(grad: torch.Tensor, x: torch.Tensor, beta: float) -> torch.Tensor:
     dx = torch.empty_like(x)
     n = x.numel()
     with device_guard(x):
-        _silu_scale_bwd_kernel[(cdiv(n, BLOCK),)](grad, x, dx, n, float(beta), BLOCK=BLOCK, num_warps=NUM_WARPS)
+        launch(_silu_scale_bwd_kernel, (cdiv(n, BLOCK),), grad, x, dx, n, float(beta), BLOCK=BLOCK,
+               num_warps=NUM_WARPS)
     return dx

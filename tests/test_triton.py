@@ -663,3 +663,207 @@ def test_gpu_model_bf16_autocast():
     timm_err = ((timm_bf16 - expect).abs().max() / scale).item()
     fast_err = ((fast_bf16 - expect).abs().max() / scale).item()
     assert fast_err <= 2 * timm_err + 2e-3, (fast_err, timm_err)
+
+
+# --- the launch cache (kernels.launch with LAUNCH_CACHE): checked against Triton's own lookup ------
+
+@pytest.fixture
+def fake_gpu_launches(monkeypatch):
+    """Real JITFunctions of nfnet_fast's kernels (not the interpreter's) under a driver that targets
+    sm_90 and records each launch: (the binary, every argument its launcher got)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import CompiledKernel
+    from triton.runtime.jit import JITFunction
+
+    from nfnet_fast import kernels
+
+    class Driver:
+        def get_current_device(self): return 0
+        def get_current_stream(self, device=None): return 7
+        def get_current_target(self): return GPUTarget("cuda", 90, 32)
+        def get_active_torch_device(self): return torch.device("cpu")
+        def is_active(self): return True
+
+    calls = []
+
+    class Binary(CompiledKernel):  # (no code: its launcher records)
+        def __init__(self, key):
+            self.key, self.function, self.packed_metadata, self.module = key, 99, (4, 1, 0), 1
+            self._run = lambda *args: calls.append((self, args))
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def __del__(self):  # (Triton 3.8's unloads the module it never loaded)
+            pass
+
+    def compile_(self, key, signature, device, constexprs, options, attrs, warmup):
+        binary = self.device_caches[device][0][key] = Binary(key)
+        return binary
+
+    previous = triton.runtime.driver._active
+    triton.runtime.driver.set_active(Driver())
+    monkeypatch.setattr(JITFunction, "_do_compile", compile_)
+    for memo in ("_key_fns", "_launches", "_kept"):  # (fresh ones: the fake binaries never reach real launches)
+        monkeypatch.setattr(kernels, memo, {})
+    monkeypatch.setattr(kernels, "LAUNCH_CACHE", True)
+    yield (lambda k, dns=(): JITFunction(k.fn, do_not_specialize=list(dns))), calls
+    triton.runtime.driver._active = previous
+
+
+def _triton_pick(kernel, args, kwargs):
+    """The binary Triton's own cache lookup (JITFunction.run's) takes for these arguments."""
+    import triton
+    cache, key_cache, _, _, binder = kernel.device_caches[0]
+    _, spec, options = binder(*args, **kwargs, debug=False,
+                              instrumentation_mode=triton.knobs.compilation.instrumentation_mode)
+    return cache.get(triton.runtime.jit.compute_cache_key(key_cache, spec, options))
+
+
+def test_launch_cache_takes_tritons_binary_with_tritons_arguments(fake_gpu_launches):
+    """Every variant of a launch that Triton specialises on (pointer alignment, dtype, an int's ==1,
+    %16 and range, a bool for an int, a float for an int, do_not_specialize ints, constexprs,
+    num_warps, 1- and 3-d grids), launched three times: each memoised launch calls the binary that
+    Triton's own lookup picks, with the arguments JITFunction.run passes (bar the launch metadata and
+    the hooks, None in the memo's launches: the launcher calls a hook only when it is not None, and
+    Triton's default hooks are empty chains)."""
+    from nfnet_fast import kernels
+    from nfnet_fast.kernels import fused_conv as fc
+    jit, calls = fake_gpu_launches
+    conv, pool = jit(fc._conv1x1_kernel), jit(eca_kernels._pool_nhwc_kernel, ("S", "per"))
+    assert '@triton.jit(do_not_specialize=["S", "per"])\ndef _pool_nhwc_kernel(' in inspect.getsource(eca_kernels)
+    x = torch.empty(4096)
+    xb = torch.empty(4096, dtype=torch.bfloat16)
+    base = [x] * 7 + [4096, 64, 64, 8, 8, 8, 64, 4, 1, 1.0, 0, 0, 1, 0.5]
+    tile = dict(POOL=False, SUMS=True, BWD=False, PRE_ACT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8,
+                NUM_STAGES=3, ALIGNED=True, FP32_K=32, num_warps=4)
+    variants = [({}, {}), ({0: x[1:]}, {}), ({3: xb}, {}), ({7: 1}, {}), ({7: 17}, {}), ({7: 2 ** 31}, {}),
+                ({15: True}, {}), ({15: 16}, {}), ({16: 2.0}, {}), ({17: 1}, {}), ({}, {"num_warps": 8}),
+                ({}, {"BLOCK_M": 128}), ({5: x[4:]}, {}), ({5: x[4:], 6: x[2:]}, {}), ({16: 1}, {})]
+    cases = []
+    for pos, changed in variants:
+        args = list(base)
+        for i, v in pos.items():
+            args[i] = v
+        cases.append((conv, (64,), args, dict(tile, **changed)))
+    # the runtime flags as keywords, as fused_conv passes them: True, 1 and 1.0 are keys apart
+    flags = dict(has_grad=0, has_gsums=0, has_out=1, pre_beta=0.5)
+    for changed in ({}, {"has_grad": 1}, {"has_grad": True}, {"pre_beta": 1.0}, {"pre_beta": 1}, {"has_out": 16}):
+        cases.append((conv, (64,), base[:17], dict(tile, **dict(flags, **changed))))
+    for c, s, per in ((16, 1, 1), (17, 2, 16), (1, 17, 2 ** 31), (16, 5, -5), (32, 2 ** 31, 1), (16, 2 ** 31, 1),
+                      (16, 2 ** 63, 1)):
+        cases.append((pool, (4, 2, 3), [x, x[1:], c, 64, s, per], dict(BLOCK_P=32, BLOCK_C=16)))
+    strip = lambda a: a[:6] + a[9:]  # noqa: E731
+    for round_ in range(3):
+        for kernel, grid, args, kw in cases:
+            calls.clear()
+            kernels.launch(kernel, grid, *args, **kw)
+            (binary, got), = calls
+            assert binary is _triton_pick(kernel, args, kw), (args, kw)
+            if round_:  # (the memo's launch: no launch metadata, no hooks; Triton's passes its empty chains)
+                assert got[6:9] == (None, None, None), (args, kw)
+            calls.clear()
+            kernel[grid](*args, **kw)
+            (_, expect), = calls
+            assert strip(got) == strip(expect), (args, kw)
+    binaries = {id(_triton_pick(k, a, w)) for k, _, a, w in cases}
+    assert len(binaries) <= len(kernels._launches) < len(cases)  # (x[4:] keys as x, 2.0 as 1.0: as Triton does)
+
+
+def test_launch_cache_steps_aside(fake_gpu_launches, monkeypatch):
+    """The normal path (never memoised) where the memo cannot vouch for the launch: a launch hook (a
+    profiler's), a callable grid, an argument type it does not key (a tuple), a constexpr passed
+    positionally, the flag off, the interpreter's kernels."""
+    import triton
+
+    from nfnet_fast import kernels
+    from nfnet_fast.kernels import silu_scale as sk
+    jit, calls = fake_gpu_launches
+    kernel = jit(sk._silu_scale_fwd_kernel)
+    x = torch.empty(4096)
+    args, kw = (x, x, 4096, 1.5), dict(BLOCK=4096, num_warps=8)
+    hook = lambda *a: None  # noqa: E731
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        kernels.launch(kernel, (1,), *args, **kw)
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
+    kernels.launch(kernel, lambda meta: (1,), *args, **kw)
+    kernels.launch(kernel, (1,), x, x, 4096, (1.5,), **kw)  # (a tuple: a type the key does not cover)
+    kernels.launch(kernel, (1,), *args, 4096, num_warps=8)  # (BLOCK, a constexpr, passed positionally)
+    monkeypatch.setattr(kernels, "LAUNCH_CACHE", False)
+    kernels.launch(kernel, (1,), *args, **kw)
+    assert kernels._launches == {} and len(calls) == 5
+    assert all(c[1][6:9] != (None, None, None) for c in calls)  # (all through JITFunction.run)
+    monkeypatch.setattr(kernels, "LAUNCH_CACHE", True)
+    for _ in range(2):
+        kernels.launch(kernel, (1,), *args, **kw)
+    assert len(kernels._launches) == 1 and len(calls) == 7 and calls[-1][1][6:9] == (None, None, None)
+    interpreted = sk._silu_scale_fwd_kernel  # (the interpreter's, under TRITON_INTERPRET=1)
+    assert type(interpreted).__name__ == "InterpretedFunction"
+    ones, out = torch.ones(16), torch.empty(16)
+    kernels.launch(interpreted, (1,), ones, out, 16, 2.0, BLOCK=16, num_warps=1)
+    assert torch.allclose(out, 2.0 * torch.nn.functional.silu(ones)) and len(kernels._launches) == 1
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_launch_cache_gives_the_same_bits(dtype, monkeypatch):
+    """On the GPU, training steps of eca_nfnet_l0 (batch 2, 96 px) with the launch cache on give the
+    bits they give with it off (the same binaries with the same arguments): the step that fills the
+    memo, the steps after it, which launch through it alone (no JITFunction.run), one of them on
+    another stream, and an eval forward captured in a CUDA graph through it and replayed. The check
+    before the cache is turned on by default."""
+    from nfnet_fast import kernels
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(kernels, "_launches", {})
+    monkeypatch.setattr(kernels, "_key_fns", {})
+    monkeypatch.setattr(kernels, "_kept", {})
+    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), seed=5), backend="triton")
+    model = model.cuda().train().to(memory_format=torch.channels_last)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 3, 96, 96, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (2,), device="cuda", generator=g)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return [loss.detach().clone()] + [p.grad.clone() for p in model.parameters()]
+
+    from triton.runtime.jit import JITFunction
+    normal = []
+    jit_run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: (normal.append(1), jit_run(self, *a, **k))[1])
+    monkeypatch.setattr(kernels, "LAUNCH_CACHE", False)
+    expect = step()
+    with torch.no_grad():
+        expect_eval = model.eval()(x).clone()
+    model.train()
+    monkeypatch.setattr(kernels, "LAUNCH_CACHE", True)
+    runs = [step()]  # it fills the memo; then every launch goes through it
+    with torch.no_grad():
+        model.eval()(x)
+    model.train()
+    assert len(kernels._launches) > 50, len(kernels._launches)
+    normal.clear()
+    runs.append(step())
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        runs.append(step())
+    torch.cuda.current_stream().wait_stream(side)
+    assert not normal, f"{len(normal)} launches took Triton's path"
+    graph, model = torch.cuda.CUDAGraph(), model.eval()  # a capture through the memo's launches (its stream)
+    with torch.no_grad():
+        model(x)
+        with torch.cuda.graph(graph):
+            static_out = model(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert not normal and torch.equal(static_out, expect_eval)
+    for got in runs:
+        assert all(torch.equal(a, b) for a, b in zip(got, expect))
