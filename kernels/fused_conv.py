@@ -411,12 +411,16 @@ def tuned_choice(x: torch.Tensor, weight_shape, stride: int = 1, padding: Paddin
 
 
 def _tune_key(x: torch.Tensor, weight_shape, stride: int, padding, groups: int, pool: bool, want_sums: bool,
-              backward: bool = False, pre_act: bool = False) -> str:
+              backward: bool = False, pre_act: bool = False, vendor: bool = True) -> str:
+    """The tuning table's key of a launch. ``vendor=False`` on a 16-bit launch (tuned among the Triton
+    tiles alone) has a key of its own: it must neither take nor overwrite the pick of a tuning that
+    timed cuDNN too."""
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight_shape
     return (f"{str(x.dtype).replace('torch.', '')} n{n} x{cin}x{h}x{w} w{cout}x{kh}x{kw} s{stride} "
             f"p{','.join(map(str, padding))} g{groups}{' pool' if pool else ''}{' sums' if want_sums else ''}"
-            f"{' backward' if backward else ''}{' pre_act' if pre_act else ''}")
+            f"{' backward' if backward else ''}{' pre_act' if pre_act else ''}"
+            f"{' novendor' if not vendor and x.dtype != torch.float32 else ''}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1048,9 +1052,7 @@ def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, pre_
     if autotune and (x.is_cuda or gpu_config):
         names = candidates("1x1" if one_by_one else "conv", cg, cog, pool, aligned) + [VENDOR] * bool(vendor)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        key = _tune_key(x, weight.shape, stride, padding4, groups, pool, want_sums, backward, pre_act)
-        if not vendor and x.dtype != torch.float32:  # (vendor=False must not overwrite, nor take, the
-            key += " novendor"                          # pick of a 16-bit tuning that timed cuDNN too)
+        key = _tune_key(x, weight.shape, stride, padding4, groups, pool, want_sums, backward, pre_act, bool(vendor))
         pick = tuned(key, names, x.device,
                      lambda name: vendor_launch() if name == VENDOR else run_tile(tile(TILES[name])))
         return (pick if pick == VENDOR else tile(TILES[pick])), not capturing

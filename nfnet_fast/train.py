@@ -766,7 +766,8 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
         for step, (x, y) in enumerate(bar):
             x, y = _to_device(x, y, device, channels_last)
             if config.cuda_graph and not graphed:  # captured on the run's first batch
-                graphed = graph_training_forward(model, x, amp) is model
+                graph_training_forward(model, x, amp)
+                graphed = True
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 out = model(x)
                 loss = criterion(out, y)
