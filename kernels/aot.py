@@ -43,7 +43,7 @@ def jobs(archs: Iterable[int] = ARCHS, ops: Iterable[str] = OPS) -> List[dict]:
     out = []
     for op in ops:
         mod = importlib.import_module(f"nfnet_fast.kernels.{op}")
-        for spec in mod.AOT:
+        for si, spec in enumerate(mod.AOT):
             name = spec.kernel.__name__
             # arg_names: also there on the interpreter's functions (this runs in the caller's process)
             generic = any(_arg_type(spec, a) == "*T" for a in spec.kernel.arg_names if a not in spec.configs[0])
@@ -51,8 +51,8 @@ def jobs(archs: Iterable[int] = ARCHS, ops: Iterable[str] = OPS) -> List[dict]:
                 for dtype in (DTYPES if generic else ("-",)):
                     for arch in archs:
                         for aligned in (True, False):
-                            out.append(dict(op=op, kernel=name, config_index=ci, dtype=dtype, arch=arch,
-                                            aligned=aligned))
+                            out.append(dict(op=op, kernel=name, spec_index=si, config_index=ci, dtype=dtype,
+                                            arch=arch, aligned=aligned))
     return out
 
 
@@ -76,7 +76,7 @@ def compile_one(job: dict) -> dict:
     from triton.compiler import ASTSource
 
     mod = importlib.import_module(f"nfnet_fast.kernels.{job['op']}")
-    spec = next(s for s in mod.AOT if s.kernel.__name__ == job["kernel"])
+    spec = mod.AOT[job["spec_index"]]  # (by position: a kernel may have several specs, e.g. other types)
     config = dict(spec.configs[job["config_index"]])
     num_warps = config.pop("num_warps")
     fn = spec.kernel

@@ -756,7 +756,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                autotune: Optional[bool] = None, vendor: Optional[bool] = None, gain: Optional[torch.Tensor] = None,
                std_scale: float = 1.0, std_eps: float = 0.0, backward: bool = False,
                grad_out: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None,
-               pre_act: bool = False, pre_beta: float = 1.0, want_out: bool = True):
+               pre_act: bool = False, pre_beta: float = 1.0, want_out: bool = True,
+               std_out: Optional[torch.Tensor] = None):
     """``act(conv2d(pool(x), weight, stride, padding, groups) + bias) * act_gain`` in one launch,
     channels_last. The specification is ``nfnet_fast._reference.fused_conv``.
 
@@ -800,6 +801,9 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         pre_beta: that pre-activation's scale.
         want_out: False: only the sums are wanted (with ``want_sums``; not with ``backward``): the
             output is computed but never written, nor allocated.
+        std_out: with ``gain``, the contiguous (kh, kw, Cin/groups, Cout) tensor in ``x``'s dtype
+            to standardise the weight into (a new one if None): the caller keeps it (a training
+            forward's op returns it, so that the backward need not standardise again).
 
     Returns:
         ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, ``(out, sums)`` with
@@ -850,7 +854,9 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if gain is not None:
         if gain.numel() != cout:
             raise ValueError(f"gain has {gain.numel()} values for {cout} output channels")
-        wt = torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype)
+        wt = torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype) if std_out is None else std_out
+        if std_out is not None and (wt.shape != (kh, kw, cg, cout) or wt.dtype != x.dtype or not wt.is_contiguous()):
+            raise ValueError(f"std_out must be contiguous {(kh, kw, cg, cout)} in {x.dtype}")
         _std.forward(weight.detach().contiguous(), gain.detach().reshape(-1).contiguous(), std_scale, std_eps,
                      gpu_config, packed=wt)
     else:
@@ -946,14 +952,16 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
              weight: torch.Tensor, bias: Optional[torch.Tensor], *, stride: int = 1, padding: Padding = 0,
              groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
              pre_beta: Optional[float] = None, gain: Optional[torch.Tensor] = None, std_scale: float = 1.0,
-             std_eps: float = 0.0, needs: Sequence[bool] = (True, True, True, True), gpu_config: bool = False):
+             std_eps: float = 0.0, needs: Sequence[bool] = (True, True, True, True), gpu_config: bool = False,
+             std_weight: Optional[torch.Tensor] = None):
     """Gradients ``(grad_x, grad_weight, grad_bias, grad_gain)`` of :func:`fused_conv` for the
     output's gradient ``grad_out`` and the sums' ``grad_sums`` (either may be None); each None where
     ``needs`` (x, weight, bias, gain) says so, or where there is no such argument. See "backward".
 
-    ``weight`` in ``x``'s dtype, or with ``gain`` the raw weight (standardised here again: one
-    launch, and the standardisation's backward turns the conv's weight gradient into the raw
-    weight's and the gain's: one launch). With ``pre_beta``, ``x`` is the tensor the convolved input
+    ``weight`` in ``x``'s dtype, or with ``gain`` the raw weight (standardised here again, one
+    launch, unless ``std_weight`` is the forward's standardised weight, its ``std_out``; the
+    standardisation's backward turns the conv's weight gradient into the raw weight's and the
+    gain's: one launch). With ``pre_beta``, ``x`` is the tensor the convolved input
     was made from as ``silu(x) * pre_beta`` (recomputed here: one launch), and grad_x is x's
     gradient through it (one launch). Everything a conv's backward needs is this one call, so a
     training step pays one op's host overhead per conv.
@@ -969,11 +977,17 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
         pre_x = x if _is_dense(x) else x.contiguous()
         x = _silu.forward(pre_x, pre_beta)
     raw = packed = None
-    if gain is not None:  # standardised straight into the GEMM's packed operand, as the forward does
+    if gain is not None:  # the GEMM's packed operand: the forward's, or standardised again as it was
         raw, gain_flat = weight.detach().contiguous(), gain.detach().reshape(-1).contiguous()
         cout, cg, kh, kw = raw.shape
-        packed = _std.forward(raw, gain_flat, std_scale, std_eps, gpu_config,
-                              packed=torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype))
+        if std_weight is None:
+            packed = _std.forward(raw, gain_flat, std_scale, std_eps, gpu_config,
+                                  packed=torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype))
+        elif std_weight.shape != (kh, kw, cg, cout) or std_weight.dtype != x.dtype or not std_weight.is_contiguous():
+            raise ValueError(f"std_weight must be contiguous {(kh, kw, cg, cout)} in {x.dtype}, got "
+                             f"{tuple(std_weight.shape)} {std_weight.dtype}")
+        else:
+            packed = std_weight
         weight = packed.permute(3, 2, 0, 1)  # (cuDNN copies it into its own layout)
     pt, pb, pl, pr = normalize_padding(padding)
     xin = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) if pool else x
@@ -1016,7 +1030,7 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
         grad_x = grad_x.contiguous(memory_format=_memory_format(x if pre_x is None else pre_x))
     grad_gain = None
     if raw is not None and grad_w is not None:
-        grad_w, grad_gain = _std.backward(grad_w.to(raw.dtype).contiguous(), raw, gain_flat, std_scale, std_eps)
+        grad_w, grad_gain = _std.backward(grad_w.contiguous(), raw, gain_flat, std_scale, std_eps)  # (any dtype)
         grad_gain = grad_gain.to(gain.dtype).reshape(gain.shape) if need_gain else None
     if grad_w is not None:
         grad_w = grad_w.contiguous() if need_w else None

@@ -172,6 +172,10 @@ AOT = [
             [dict(PACKED=True, **c) for c in _CONFIGS], aligned=("w_ptr", "gain_ptr", "out_ptr", "K")),
     AotSpec(_std_bwd_kernel, dict(dgain_ptr="*fp32", scale="fp32", eps="fp32"), _CONFIGS,
             aligned=("dy_ptr", "w_ptr", "gain_ptr", "dw_ptr", "dgain_ptr", "K")),
+    # the fused conv's backward: the conv's 16-bit weight gradient in, the fp32 raw weight's out
+    AotSpec(_std_bwd_kernel, dict(w_ptr="*fp32", gain_ptr="*fp32", dw_ptr="*fp32", dgain_ptr="*fp32", scale="fp32",
+                                  eps="fp32"), _CONFIGS,
+            aligned=("dy_ptr", "w_ptr", "gain_ptr", "dw_ptr", "dgain_ptr", "K")),
 ]
 
 
@@ -206,7 +210,10 @@ def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, 
 def backward(grad_out: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float,
              gpu_config: bool = False):
     """``(grad_weight, grad_gain)``: grad_weight like ``weight`` (contiguous), grad_gain fp32 with
-    C_out values. ``grad_out`` and ``weight`` contiguous, ``gain`` C_out contiguous values."""
+    C_out values. ``grad_out`` and ``weight`` contiguous, ``gain`` C_out contiguous values.
+    ``grad_out`` may be in another float dtype than ``weight`` (the fused conv's 16-bit weight
+    gradient of an fp32 weight): the kernel reads it as fp32, what a cast to weight's dtype first
+    would give, without that cast's launch and pass."""
     c_out, fan_in = _rows(weight)
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     grad_gain = torch.empty(c_out, device=weight.device, dtype=torch.float32)

@@ -310,7 +310,8 @@ def public_functions(prefix: str, float64=None) -> dict:
 #
 #   <prefix>fused_conv(x, weight, bias?, stride, padding[4], groups, act, act_gain, pool, want_sums,
 #                      pre_x?, pre_beta, gain?, std_scale, std_eps, pre_act, want_out, compute_dtype?)
-#       -> (out, sums)          act: index into ops.ACTIVATIONS; sums (N, C_out) fp32, or (0,)
+#       -> (out, sums, std_weight)   act: index into ops.ACTIVATIONS; sums (N, C_out) fp32, or (0,);
+#                                    std_weight: with gain, the standardised weight, else (0,)
 #
 # With compute_dtype (autocast's, given by fused_conv_function for an input of another dtype that
 # needs no gradient: the batch of images at the stem) the op casts x itself, so the autograd saves
@@ -323,8 +324,12 @@ def public_functions(prefix: str, float64=None) -> dict:
 #
 # With gain, weight is a ScaledStdConv2d's raw weight (any float dtype, fp32 under autocast) and the
 # op standardises it itself (scaled_std_weight(weight, gain, std_scale, std_eps), written straight
-# into the kernels' packed operand); the backward recomputes the standardised weight and turns its
-# gradient into the weight's and the gain's with scaled_std_weight's backward kernel.
+# into the kernels' packed operand, (kh, kw, C_in/groups, C_out) in x's dtype); the op returns that
+# operand as std_weight (not differentiable), which the autograd saves for the backward: a training
+# conv standardises once a step, not again in its backward (a launch and its host time per conv, for
+# the standardised weights held from forward to backward: 41.5 MiB in bf16 for eca_nfnet_l0). The
+# backward turns the conv's weight gradient into the weight's and the gain's with
+# scaled_std_weight's backward kernel.
 #
 # With pre_x (x = silu(pre_x) * pre_beta, an NF block's pre-activation) the autograd saves pre_x,
 # which the block keeps anyway as its shortcut, instead of x, recomputes x in the backward, and
@@ -334,12 +339,13 @@ def public_functions(prefix: str, float64=None) -> dict:
 #
 #   _<prefix>fused_conv_backward(grad_out?, grad_sums?, x, weight, bias?, stride, padding[4], groups, act,
 #                                act_gain, pool, pre_beta?, gain?, std_scale, std_eps, need_x, need_weight,
-#                                need_bias, need_gain)
+#                                need_bias, need_gain, compute_dtype?, std_weight?)
 #       -> (grad_x, grad_weight, grad_bias, grad_gain)     (0,) where not needed
 #
-# (x, weight: the saved pre_x and raw weight where the forward had them; the backward op recomputes
-# silu(pre_x) * pre_beta and the standardised weight itself and returns pre_x's, the raw weight's
-# and the gain's gradients: one op call per conv)
+# (x, weight: the saved pre_x and raw weight where the forward had them; std_weight: the forward's;
+# the backward op recomputes silu(pre_x) * pre_beta (and the standardised weight, where no
+# std_weight is given) itself and returns pre_x's, the raw weight's and the gain's gradients: one op
+# call per conv)
 #
 # The backward op recomputes the pre-activation z = conv(x) + bias in the forward kernel, whose
 # epilogue turns the incoming gradients into z's, (grad_out + grad_sums) * act_gain * act'(z), and
@@ -386,7 +392,9 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
     out = (torch.empty((n, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
            if want_out else x.new_empty((0,)))
     sums = x.new_empty((n, weight.shape[0]) if want_sums else (0,), dtype=torch.float32)
-    return out, sums
+    std_weight = (x.new_empty((weight.shape[2], weight.shape[3], weight.shape[1], weight.shape[0]))
+                  if gain is not None else x.new_empty((0,)))
+    return out, sums, std_weight
 
 
 def _fused_conv_setup(ctx, inputs, output):
@@ -397,17 +405,18 @@ def _fused_conv_setup(ctx, inputs, output):
         ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
     if not want_out:
         ctx.mark_non_differentiable(output[0])  # likewise
+    ctx.mark_non_differentiable(output[2])  # the standardised weight: the backward's, not the caller's
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.pre_x = pre_x is not None  # (x's gradient then goes to pre_x, argument 10)
     ctx.pre = ctx.pre_x or bool(pre_act)  # the saved tensor is a pre-activation
     ctx.x_dtype = x.dtype
-    ctx.save_for_backward(pre_x if ctx.pre_x else x, weight, bias, gain)
+    ctx.save_for_backward(pre_x if ctx.pre_x else x, weight, bias, gain, output[2] if gain is not None else None)
 
 
 def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padding, groups, act, act_gain, pool,
                               pre_beta, gain, std_scale, std_eps, need_x, need_weight, need_bias, need_gain,
-                              compute_dtype=None):
+                              compute_dtype=None, std_weight=None):
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device,
                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -421,8 +430,8 @@ def _fused_conv_backward(backward_op):
     """The autograd formula: one call of the backend's backward op, which recomputes what the
     forward did not keep (the pre-activation x from pre_x, the standardised weight from the raw one)
     and returns every gradient, so a conv's backward pays one op's host overhead."""
-    def backward(ctx, grad_out, grad_sums):
-        x, weight, bias, gain = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_sums, _grad_std_weight):
+        x, weight, bias, gain, std_weight = ctx.saved_tensors
         # (under AOT dispatch needs_input_grad covers only the arguments the caller passed)
         needs = ctx.needs_input_grad
         need_x = needs[10] if ctx.pre_x else needs[0]  # with pre_x, x's gradient goes to pre_x
@@ -437,7 +446,7 @@ def _fused_conv_backward(backward_op):
         grad_x, grad_w, grad_b, grad_gain = backward_op(
             grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain,
             ctx.pool, ctx.pre_beta if ctx.pre else None, gain, ctx.std_scale, ctx.std_eps, need_x, need_w, need_b,
-            need_gain, ctx.compute_dtype)
+            need_gain, ctx.compute_dtype, std_weight)
         grad_x, grad_w = (grad_x if need_x else None), (grad_w if need_w else None)
         grad_b, grad_gain = (grad_b if need_b else None), (grad_gain if need_gain else None)
         return ((None if ctx.pre_x else grad_x, grad_w, grad_b) + (None,) * 7
@@ -536,8 +545,8 @@ def fused_conv_function(prefix: str, float64=None):
                 compute_dtype = dtype  # the caller's data: the op casts it, so its autograd keeps x (no copy)
             else:
                 x = x.to(dtype)
-        out, sums = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
-                       want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out, compute_dtype)
+        out, sums, _ = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
+                          want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out, compute_dtype)
         if not want_out:
             return sums
         return (out, sums) if want_sums else out

@@ -138,18 +138,24 @@ def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
                   act: int, act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                   pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
                   std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True,
-                  compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+                  compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
     # (pre_x: for the autograd only, which saves pre_x instead of x; see _library)
     if compute_dtype is not None:
         x = x.to(compute_dtype)
+    # with a gain, the standardised weight the GEMM read: the autograd saves it for the backward
+    std_weight = None
+    if gain is not None and weight.dim() == 4:  # (a wrong shape: fused_conv's checks say so)
+        cout, cg, kh, kw = weight.shape
+        std_weight = torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype)
     res = _conv.fused_conv(x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, want_sums=want_sums,
                            gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, pre_beta=pre_beta,
-                           want_out=want_out)
+                           want_out=want_out, std_out=std_weight)
+    std_weight = x.new_empty((0,)) if std_weight is None else std_weight
     if not want_out:  # the sums alone, and a (0,) placeholder for the output never written
-        return x.new_empty((0,)), res
+        return x.new_empty((0,)), res, std_weight
     out, sums = res if want_sums else (res, None)
-    return out, x.new_empty((0,), dtype=torch.float32) if sums is None else sums
+    return out, x.new_empty((0,), dtype=torch.float32) if sums is None else sums, std_weight
 
 
 @_library.custom_op("nfnet_fast::_triton_fused_conv_backward")
@@ -157,14 +163,15 @@ def _fused_conv_backward_op(grad_out: Optional[Tensor], grad_sums: Optional[Tens
                             bias: Optional[Tensor], stride: int, padding: List[int], groups: int, act: int,
                             act_gain: float, pool: bool, pre_beta: Optional[float], gain: Optional[Tensor],
                             std_scale: float, std_eps: float, need_x: bool, need_weight: bool, need_bias: bool,
-                            need_gain: bool, compute_dtype: Optional[torch.dtype] = None
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                            need_gain: bool, compute_dtype: Optional[torch.dtype] = None,
+                            std_weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     x_dtype = x.dtype
     if compute_dtype is not None:  # (the forward's cast, again: the autograd kept the caller's x)
         x = x.to(compute_dtype)
     grads = _conv.backward(grad_out, grad_sums, x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, pre_beta=pre_beta, gain=gain,
-                           std_scale=std_scale, std_eps=std_eps, needs=(need_x, need_weight, need_bias, need_gain))
+                           std_scale=std_scale, std_eps=std_eps, needs=(need_x, need_weight, need_bias, need_gain),
+                           std_weight=std_weight)
     grad_x, grad_weight, grad_bias, grad_gain = grads
     if grad_x is not None:
         grad_x = grad_x.to(x_dtype)  # (a cast's backward)

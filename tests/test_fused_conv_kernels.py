@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_rel_close
+from conftest import assert_rel_close, counted_work
 
 pytest.importorskip("triton")
 from nfnet_fast.kernels import fused_conv as fc  # noqa: E402
@@ -364,7 +364,7 @@ def _aot_row(job):
     row = aot.compile_one(job)
     if "error" in row:
         return row
-    spec = next(s for s in fc.AOT if s.kernel.__name__ == job["kernel"])
+    spec = fc.AOT[job["spec_index"]]
     config = dict(spec.configs[job["config_index"]])
     num_warps = config.pop("num_warps")
     signature, constexprs, attrs = {}, {}, {}
@@ -706,6 +706,40 @@ def test_backward_gpu_config_on_cpu(name, rng):
     x, w, b = _case(rng, x_shape, w_shape, torch.float32)
     _backward_check(x, w, b, f"{name} {tile}", gpu_config=True, stride=stride, padding=padding, groups=groups,
                     act=act or "silu")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", ["1x1 silu sums", "3x3 g2 s2 relu sums", "3x3 same pad s2", "1x1 batch1 none"])
+def test_backward_takes_the_forwards_standardised_weight(name, dtype, rng):
+    """A raw weight and gain: the forward standardises into ``std_out``, and a backward given it as
+    ``std_weight`` returns the same bits as one that standardises again (the same kernel, the same
+    inputs), with one standardisation launch less; a std_weight of another shape or dtype is refused."""
+    x_shape, w_shape, stride, padding, groups, act, _, _ = CASES[name]
+    x, w, b = _case(rng, x_shape, w_shape, dtype)
+    w = w.float()
+    gain = torch.rand(w.shape[0], 1, 1, 1, generator=rng) + 0.5
+    std = dict(gain=gain, std_scale=float(torch.empty(()).uniform_(0.05, 0.5, generator=rng)), std_eps=1e-4)
+    conv = dict(stride=stride, padding=padding, groups=groups, act=act or "silu")
+    cout, cg, kh, kw = w.shape
+    std_out = torch.full((kh, kw, cg, cout), float("nan"), dtype=dtype)
+    out = fc.fused_conv(x, w, b, std_out=std_out, **conv, **std)
+    assert torch.equal(out, fc.fused_conv(x, w, b, **conv, **std))
+    assert torch.equal(std_out, fc._std.forward(w.contiguous(), gain.reshape(-1), std["std_scale"], std["std_eps"],
+                                                packed=torch.empty_like(std_out)))
+    grad_out = torch.randn(out.shape, generator=rng).to(dtype)
+    with counted_work(fc._std) as again:
+        expect = fc.backward(grad_out, None, x, w, b, **conv, **std)
+    with counted_work(fc._std) as saved:
+        got = fc.backward(grad_out, None, x, w, b, **conv, **std, std_weight=std_out)
+    assert again["launches"] == {"_std_fwd_kernel": 1, "_std_bwd_kernel": 1}, again
+    assert saved["launches"] == {"_std_bwd_kernel": 1}, saved
+    for g, e, what in zip(got, expect, ("x", "weight", "bias", "gain")):
+        assert torch.equal(g, e), what
+    for bad in (std_out.transpose(2, 3), std_out.double(), std_out[..., 1:]):
+        with pytest.raises(ValueError, match="std_weight must be contiguous"):
+            fc.backward(grad_out, None, x, w, b, **conv, **std, std_weight=bad)
+        with pytest.raises(ValueError, match="std_out must be contiguous"):
+            fc.fused_conv(x, w, b, std_out=bad, **conv, **std)
 
 
 def test_backward_epilogue_needs_no_pool():

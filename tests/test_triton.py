@@ -163,6 +163,27 @@ def test_scaled_std_weight_packed(shape, dtype, gpu_config, rng):
         std_kernels.forward(w, gain, scale, eps, gpu_config, packed=packed.transpose(2, 3))
 
 
+@pytest.mark.parametrize("gpu_config", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(70, 3, 3, 3), (9, 1536, 1, 1), (3, 556, 3, 3), (5, 7, 1, 5)])
+def test_scaled_std_weight_backward_of_a_16bit_gradient(shape, dtype, gpu_config, rng):
+    """The fused conv's backward hands the standardisation's backward the conv's weight gradient in
+    the activation dtype, for an fp32 weight: the same bits as that gradient cast to fp32 first
+    (the cast it replaces), in every tile (whole rows, several rows a program, looped long rows)."""
+    w, gain, scale, eps = _std_case(shape, torch.float32, rng)
+    w, gain = w.detach().contiguous(), gain.detach().reshape(-1).contiguous()
+    grad = (torch.randn(shape, generator=rng) * float(torch.empty(()).uniform_(0.1, 10, generator=rng)))
+    grad = grad.to(DEV, dtype)
+    grad_w, grad_gain = std_kernels.backward(grad, w, gain, scale, eps, gpu_config)
+    cast_w, cast_gain = std_kernels.backward(grad.float(), w, gain, scale, eps, gpu_config)
+    assert grad_w.dtype == torch.float32 and grad_gain.dtype == torch.float32
+    assert torch.equal(grad_w, cast_w) and torch.equal(grad_gain, cast_gain)
+    wr, gr = w.double().requires_grad_(), gain.double().requires_grad_()
+    ref_ops.scaled_std_weight(wr, gr, scale, eps).backward(grad.double())
+    assert_rel_close(grad_w, wr.grad, BWD_TOL[torch.float32], f"{shape} {dtype} weight grad")
+    assert_rel_close(grad_gain, gr.grad, BWD_TOL[torch.float32], f"{shape} {dtype} gain grad")
+
+
 # ---------------------------------------------------------------------------------------------
 # eca and eca_residual
 
