@@ -721,6 +721,8 @@ Padding = Union[int, Sequence[int]]
 
 def normalize_padding(padding: Padding) -> Tuple[int, int, int, int]:
     """``(top, bottom, left, right)`` from an int, ``(pad_h, pad_w)`` or ``(top, bottom, left, right)``."""
+    if type(padding) is tuple and len(padding) == 4 and all(type(p) is int for p in padding):
+        return padding  # (the launchers' own form, every call: returned as it is)
     if isinstance(padding, int):
         return (padding,) * 4
     padding = tuple(int(p) for p in padding)
@@ -857,14 +859,13 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         wt = torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype) if std_out is None else std_out
         if std_out is not None and (wt.shape != (kh, kw, cg, cout) or wt.dtype != x.dtype or not wt.is_contiguous()):
             raise ValueError(f"std_out must be contiguous {(kh, kw, cg, cout)} in {x.dtype}")
-        _std.forward(weight.detach().contiguous(), gain.detach().reshape(-1).contiguous(), std_scale, std_eps,
-                     gpu_config, packed=wt)
+        _std.forward(weight.contiguous(), _values(gain), std_scale, std_eps, gpu_config, packed=wt)
     else:
         wt = pack_weight(weight, x.dtype) if packed_weight is None else packed_weight
     if wt.shape != (kh, kw, cg, cout) or wt.dtype != x.dtype or not wt.is_contiguous():
         raise ValueError(f"packed weight must be contiguous {(kh, kw, cg, cout)} in {x.dtype}")
     b = (torch.zeros(cout, device=x.device, dtype=torch.float32) if bias is None
-         else bias.detach().to(torch.float32).contiguous())
+         else bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.detach().float().contiguous())
     m = nb * ho * wo
     hw = ho * wo
     cog = cout // groups
@@ -978,7 +979,7 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
         x = _silu.forward(pre_x, pre_beta)
     raw = packed = None
     if gain is not None:  # the GEMM's packed operand: the forward's, or standardised again as it was
-        raw, gain_flat = weight.detach().contiguous(), gain.detach().reshape(-1).contiguous()
+        raw, gain_flat = weight.contiguous(), _values(gain)
         cout, cg, kh, kw = raw.shape
         if std_weight is None:
             packed = _std.forward(raw, gain_flat, std_scale, std_eps, gpu_config,
@@ -1031,10 +1032,17 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     grad_gain = None
     if raw is not None and grad_w is not None:
         grad_w, grad_gain = _std.backward(grad_w.contiguous(), raw, gain_flat, std_scale, std_eps)  # (any dtype)
-        grad_gain = grad_gain.to(gain.dtype).reshape(gain.shape) if need_gain else None
+        grad_gain = (grad_gain if gain.dtype == torch.float32 else grad_gain.to(gain.dtype)).view(gain.shape) \
+            if need_gain else None
     if grad_w is not None:
         grad_w = grad_w.contiguous() if need_w else None
     return grad_x, grad_w, grad_b, grad_gain
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values contiguous, for a kernel that reads them flat (a conv's (C_out, 1, 1, 1) gain):
+    ``t`` itself where it is contiguous, whatever its shape, else a flat copy."""
+    return t if t.is_contiguous() else t.reshape(-1).contiguous()
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -1076,7 +1084,12 @@ def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, pre_
 
 def _is_aligned(channels, tensors) -> bool:
     """ALIGNED's condition: channel counts multiples of 16, tensors starting 16-byte aligned."""
-    return all(c % 16 == 0 for c in channels) and all(t.data_ptr() % 16 == 0 for t in tensors)
+    bits = 0
+    for c in channels:
+        bits |= c
+    for t in tensors:
+        bits |= t.data_ptr()
+    return bits & 15 == 0
 
 
 def config_for(x: torch.Tensor, weight: torch.Tensor, groups: int = 1, stride: int = 1, padding: Padding = 0,

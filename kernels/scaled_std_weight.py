@@ -187,7 +187,7 @@ def _rows(weight: torch.Tensor):
 def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, gpu_config: bool = False,
             packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``out``, the standardised ``weight`` (contiguous, its dtype); ``weight`` contiguous, ``gain``
-    C_out contiguous values. ``packed``: instead write the result into this contiguous
+    C_out contiguous values (any shape: (C_out,), a conv's (C_out, 1, 1, 1)). ``packed``: instead write the result into this contiguous
     (kh, kw, C_in/groups, C_out) tensor, in its dtype, and return it. ``gpu_config``: the GPU tiles
     on CPU tensors too (tests)."""
     c_out, fan_in = _rows(weight)
@@ -200,7 +200,7 @@ def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, 
             raise ValueError(f"packed must be a contiguous (kh, kw, C_in/groups, C_out) tensor for weight "
                              f"{tuple(weight.shape)}, got {tuple(packed.shape)}")
         out = packed
-    cfg = config(fan_in, weight.device, gpu_config)
+    cfg = _config(fan_in, weight.is_cuda or gpu_config)
     with device_guard(weight):
         launch(_std_fwd_kernel, (cdiv(c_out, cfg["ROWS"]),), weight, gain, out, c_out, fan_in, taps, float(scale),
                float(eps), PACKED=packed is not None, **cfg)
@@ -217,7 +217,7 @@ def backward(grad_out: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, s
     c_out, fan_in = _rows(weight)
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     grad_gain = torch.empty(c_out, device=weight.device, dtype=torch.float32)
-    cfg = config(fan_in, weight.device, gpu_config)
+    cfg = _config(fan_in, weight.is_cuda or gpu_config)
     with device_guard(weight):
         launch(_std_bwd_kernel, (cdiv(c_out, cfg["ROWS"]),), grad_out, weight, gain, grad_weight, grad_gain, c_out,
                fan_in, float(scale), float(eps), **cfg)

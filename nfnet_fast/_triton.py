@@ -173,9 +173,9 @@ def _fused_conv_backward_op(grad_out: Optional[Tensor], grad_sums: Optional[Tens
                            std_scale=std_scale, std_eps=std_eps, needs=(need_x, need_weight, need_bias, need_gain),
                            std_weight=std_weight)
     grad_x, grad_weight, grad_bias, grad_gain = grads
-    if grad_x is not None:
+    if grad_x is not None and grad_x.dtype != x_dtype:
         grad_x = grad_x.to(x_dtype)  # (a cast's backward)
-    if grad_bias is not None:
+    if grad_bias is not None and grad_bias.dtype != bias.dtype:
         grad_bias = grad_bias.to(bias.dtype)
     # (each missing gradient its own (0,) tensor: outputs of a custom op may not alias)
     return tuple(x.new_empty((0,)) if g is None else g for g in (grad_x, grad_weight, grad_bias, grad_gain))

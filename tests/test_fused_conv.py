@@ -544,7 +544,8 @@ def test_training_step_runs_one_op_per_conv(backend, monkeypatch):
     ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 11).train()
     fast = nfnet_fast.convert(copy.deepcopy(ref), backend=backend).train()
     convs = sum(isinstance(m, timm.layers.ScaledStdConv2d) for m in fast.modules())
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    x = x.contiguous(memory_format=torch.channels_last)
     with _AtenCounter() as counter:
         out = fast(x)
     names = [str(f.overloadpacket.__name__) for f, _ in counter.calls]
@@ -572,8 +573,10 @@ def test_training_step_runs_one_op_per_conv(backend, monkeypatch):
         name for prefix in ("", "triton_") for name in (f"_{prefix}silu_scale_backward", f"{prefix}silu_scale",
                                                         f"_{prefix}eca_residual_backward")}
     assert on_activations <= allowed, on_activations
+    # (the fp32 contract against timm, 1e-4: both are fp32 computations ~1e-5 of max from float64
+    # (test_model.py), so 1e-5 between them failed at 1.1x on one order of the suite, on an ECA weight)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
-        assert_rel_close(p.grad, q.grad, 1e-5, f"{backend} {name} grad")
+        assert_rel_close(p.grad, q.grad, what=f"{backend} {name} grad")
     fast.eval()
     for autocast in (False, True):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16, enabled=autocast):

@@ -742,6 +742,35 @@ def _triton_pick(kernel, args, kwargs):
     return cache.get(triton.runtime.jit.compute_cache_key(key_cache, spec, options))
 
 
+@pytest.mark.parametrize("current", [0, 1, 3])
+def test_device_guard_switches_only_to_another_gpu(current, monkeypatch):
+    """A launch's device guard switches devices (torch.cuda.device, whose __enter__ would make the
+    tensor's GPU current) exactly where the tensor is on a GPU that is not the current one; a CPU
+    tensor or the current GPU's gets the shared no-op."""
+    from nfnet_fast import kernels
+
+    monkeypatch.setattr(torch._C, "_cuda_getDevice", lambda: current)
+
+    class OnGpu:  # (a CUDA tensor's three attributes the guard reads; no GPU here)
+        is_cuda = True
+
+        def __init__(self, index):
+            self.index, self.device = index, torch.device("cuda", index)
+
+        def get_device(self):
+            return self.index
+
+    for index in range(4):
+        guard = kernels.device_guard(OnGpu(index))
+        if index == current:
+            assert guard is kernels._NO_SWITCH
+        else:
+            assert isinstance(guard, torch.cuda.device) and guard.idx == index
+    assert kernels.device_guard(torch.zeros(1)) is kernels._NO_SWITCH
+    with kernels.device_guard(torch.zeros(1)), kernels.device_guard(torch.zeros(1)):  # (nests: stateless)
+        pass
+
+
 def test_launch_cache_takes_tritons_binary_with_tritons_arguments(fake_gpu_launches):
     """Every variant of a launch that Triton specialises on (pointer alignment, dtype, an int's ==1,
     %16 and range, a bool for an int, a float for an int, do_not_specialize ints, constexprs,
