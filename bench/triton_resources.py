@@ -53,14 +53,21 @@ def render(rows) -> str:
         f"max shared {max((r['shared'] for r in ok), default=0)} B.**",
         "",
     ]
+    # a kernel compiled from several AOT specs (other argument types) is named with its spec's index
+    specs = defaultdict(set)
+    for r in rows:
+        specs[r["kernel"]].add(r.get("spec_index", 0))
+
+    def name_of(r):
+        return f"`{r['kernel']}`" + (f" (spec {r.get('spec_index', 0)})" if len(specs[r["kernel"]]) > 1 else "")
     # per kernel summary
     per = defaultdict(list)
     for r in ok:
-        per[r["kernel"]].append(r)
+        per[name_of(r)].append(r)
     lines += ["| kernel | compiles | registers (min-max) | spills | shared B (max) |", "|---|---|---|---|---|"]
     for name, rs in per.items():
         regs = [r["registers"] for r in rs]
-        lines.append(f"| `{name}` | {len(rs)} | {min(regs)}-{max(regs)} | "
+        lines.append(f"| {name} | {len(rs)} | {min(regs)}-{max(regs)} | "
                      f"{sum(1 for r in rs if r['stack'] or r['local'])} | {max(r['shared'] for r in rs)} |")
     lines += ["", "## Every configuration", "",
               "| kernel | config | dtype | arch | spec | registers | spills (B) | shared (B) | load (bits) |",
@@ -68,10 +75,10 @@ def render(rows) -> str:
     for r in rows:
         spec = "aligned" if r["aligned"] else "generic"
         if "error" in r:
-            lines.append(f"| `{r['kernel']}` | {r['config']} | {r['dtype']} | sm_{r['arch']} | {spec} | "
+            lines.append(f"| {name_of(r)} | {r['config']} | {r['dtype']} | sm_{r['arch']} | {spec} | "
                          f"error: {r['error'][:80]} | | | |")
             continue
-        lines.append(f"| `{r['kernel']}` | {r['config']} | {r['dtype']} | sm_{r['arch']} | {spec} | "
+        lines.append(f"| {name_of(r)} | {r['config']} | {r['dtype']} | sm_{r['arch']} | {spec} | "
                      f"{r['registers']} | {r['stack'] + r['local']} | {r['shared']} | {r['widest_load_bits']} |")
     bad = aot.problems(rows)
     lines += ["", "Problems: " + ("none." if not bad else ""), *[f"- {b}" for b in bad], ""]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from operator import itemgetter
-from typing import Dict, List, NamedTuple
+from typing import Dict, List, NamedTuple, Optional
 
 import torch
 
@@ -28,12 +28,14 @@ class AotSpec(NamedTuple):
         aligned: arguments a typical launch sees 16-divisible (fresh allocations, channel counts):
             the matrix compiles each config with Triton's ``tt.divisibility=16`` on these (as such
             a launch specialises) and with none (the worst case).
+        dtypes: the activation dtypes ``"*T"`` runs over (None: fp32, fp16 and bf16).
     """
 
     kernel: object
     types: Dict[str, str]
     configs: List[dict]
     aligned: tuple = ()
+    dtypes: Optional[tuple] = None
 
 
 def cdiv(a: int, b: int) -> int:

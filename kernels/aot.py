@@ -38,8 +38,9 @@ SMEM_LIMIT = {90: 228 * 1024, 80: 164 * 1024}
 
 
 def jobs(archs: Iterable[int] = ARCHS, ops: Iterable[str] = OPS) -> List[dict]:
-    """Every (op, kernel, config, dtype, arch, aligned) to compile. Kernels with no pointer to the
-    activation dtype are compiled once per arch (dtype "-")."""
+    """Every (op, kernel, spec, config, dtype, arch, aligned) to compile; ``spec_index`` is the
+    spec's position in its op's ``AOT`` (a kernel may have several, e.g. for other argument
+    types). Kernels with no pointer to the activation dtype are compiled once per arch (dtype "-")."""
     out = []
     for op in ops:
         mod = importlib.import_module(f"nfnet_fast.kernels.{op}")
@@ -48,7 +49,7 @@ def jobs(archs: Iterable[int] = ARCHS, ops: Iterable[str] = OPS) -> List[dict]:
             # arg_names: also there on the interpreter's functions (this runs in the caller's process)
             generic = any(_arg_type(spec, a) == "*T" for a in spec.kernel.arg_names if a not in spec.configs[0])
             for ci, _ in enumerate(spec.configs):
-                for dtype in (DTYPES if generic else ("-",)):
+                for dtype in ((spec.dtypes or DTYPES) if generic else ("-",)):
                     for arch in archs:
                         for aligned in (True, False):
                             out.append(dict(op=op, kernel=name, spec_index=si, config_index=ci, dtype=dtype,
@@ -142,7 +143,8 @@ def problems(rows: List[dict], spills: bool = True) -> List[str]:
     compile, bench/gpu_stack_check.sh), shared memory over the arch's limit."""
     out = []
     for r in rows:
-        what = f"{r['kernel']} [{r['config']}] {r['dtype']} sm_{r['arch']} aligned={r['aligned']}"
+        what = (f"{r['kernel']} (spec {r.get('spec_index', 0)}) [{r['config']}] {r['dtype']} sm_{r['arch']} "
+                f"aligned={r['aligned']}")
         if "error" in r:
             out.append(f"{what}: {r['error']}")
         elif spills and (r["stack"] or r["local"]):

@@ -853,6 +853,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     # it never stores through: has_out 0)
     out = (torch.empty((nb, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
            if want_out else x.new_empty((1,)))
+    if std_out is not None and gain is None:
+        raise ValueError("std_out is where the weight is standardised to: it needs gain")
     if gain is not None:
         if gain.numel() != cout:
             raise ValueError(f"gain has {gain.numel()} values for {cout} output channels")

@@ -146,8 +146,8 @@ def config(fan_in: int, device: torch.device = torch.device("cuda"), gpu_config:
            ) -> types.MappingProxyType:
     """Tile for rows of ``fan_in`` elements: whole rows in registers when they fit, else a loop.
     CPU tensors (the interpreter) get taller tiles unless ``gpu_config``. Memoised and read-only:
-    training standardises every conv's weight twice a step (forward and backward), and the launch's
-    host time, not the kernel's, is what these small launches cost."""
+    training standardises every conv's weight and differentiates the standardisation every step,
+    and the launch's host time, not the kernel's, is what these small launches cost."""
     return _config(fan_in, device.type == "cuda" or gpu_config)
 
 
@@ -175,7 +175,7 @@ AOT = [
     # the fused conv's backward: the conv's 16-bit weight gradient in, the fp32 raw weight's out
     AotSpec(_std_bwd_kernel, dict(w_ptr="*fp32", gain_ptr="*fp32", dw_ptr="*fp32", dgain_ptr="*fp32", scale="fp32",
                                   eps="fp32"), _CONFIGS,
-            aligned=("dy_ptr", "w_ptr", "gain_ptr", "dw_ptr", "dgain_ptr", "K")),
+            aligned=("dy_ptr", "w_ptr", "gain_ptr", "dw_ptr", "dgain_ptr", "K"), dtypes=("fp16", "bf16")),
 ]
 
 
@@ -212,8 +212,8 @@ def backward(grad_out: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, s
     """``(grad_weight, grad_gain)``: grad_weight like ``weight`` (contiguous), grad_gain fp32 with
     C_out values. ``grad_out`` and ``weight`` contiguous, ``gain`` C_out contiguous values.
     ``grad_out`` may be in another float dtype than ``weight`` (the fused conv's 16-bit weight
-    gradient of an fp32 weight): the kernel reads it as fp32, what a cast to weight's dtype first
-    would give, without that cast's launch and pass."""
+    gradient of an fp32 weight): the kernel reads it as fp32, exact for any 16-bit value, so for an
+    fp32 weight the same bits as casting it first, without that cast's launch and pass."""
     c_out, fan_in = _rows(weight)
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     grad_gain = torch.empty(c_out, device=weight.device, dtype=torch.float32)

@@ -417,6 +417,13 @@ def _fused_conv_setup(ctx, inputs, output):
 def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padding, groups, act, act_gain, pool,
                               pre_beta, gain, std_scale, std_eps, need_x, need_weight, need_bias, need_gain,
                               compute_dtype=None, std_weight=None):
+    if std_weight is not None:  # the forward's third output, which the backward reads as its GEMM operand
+        wshape = (weight.shape[2], weight.shape[3], weight.shape[1], weight.shape[0])
+        torch._check(gain is not None and std_weight.shape == wshape,
+                     lambda: f"std_weight {tuple(std_weight.shape)} must be the standardised weight {wshape} of a "
+                             "conv with gain")
+        torch._check(std_weight.dtype == (x.dtype if compute_dtype is None else compute_dtype),
+                     lambda: f"std_weight dtype {std_weight.dtype} must be the conv's compute dtype")
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device,
                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -428,8 +435,8 @@ def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padd
 
 def _fused_conv_backward(backward_op):
     """The autograd formula: one call of the backend's backward op, which recomputes what the
-    forward did not keep (the pre-activation x from pre_x, the standardised weight from the raw one)
-    and returns every gradient, so a conv's backward pays one op's host overhead."""
+    forward did not keep (the pre-activation x from pre_x), takes the standardised weight the
+    forward returned, and returns every gradient, so a conv's backward pays one op's host overhead."""
     def backward(ctx, grad_out, grad_sums, _grad_std_weight):
         x, weight, bias, gain, std_weight = ctx.saved_tensors
         # (under AOT dispatch needs_input_grad covers only the arguments the caller passed)

@@ -389,6 +389,26 @@ def test_opcheck_and_compile(backend, rng):
     assert_rel_close(compiled(x, w, b), f(x, w, b), 1e-5, f"{backend} compiled")
 
 
+def test_backward_fake_checks_the_standardised_weight():
+    """Traced (meta tensors, the fake kernel), the backward op refuses a std_weight that is not the
+    (kh, kw, Cin/groups, Cout) standardised weight in the conv's compute dtype, or comes without a gain."""
+    op = torch.ops.nfnet_fast._triton_fused_conv_backward
+    x = torch.empty(2, 6, 5, 5, device="meta")
+    w, gain, grad = torch.empty(4, 3, 3, 3, device="meta"), torch.empty(4, 1, 1, 1, device="meta"), None
+
+    def call(std_weight, gain=gain, compute_dtype=None):
+        return op(torch.empty(2, 4, 5, 5, device="meta"), grad, x, w, None, 1, [1, 1, 1, 1], 2, 1, 1.0, False, None,
+                  gain, 0.3, 1e-5, True, True, False, True, compute_dtype, std_weight)
+
+    good = torch.empty(3, 3, 3, 4, device="meta")
+    assert call(good)[0].shape == x.shape
+    assert call(good.half(), compute_dtype=torch.float16)[0].shape == x.shape
+    for bad, kw in ((torch.empty(3, 3, 4, 3, device="meta"), {}), (good.half(), {}), (good, dict(gain=None)),
+                    (good, dict(compute_dtype=torch.bfloat16))):
+        with pytest.raises(RuntimeError, match="std_weight"):
+            call(bad, **kw)
+
+
 def test_cuda_backend_says_its_convolutions_run_the_triton_kernel():
     info = nfnet_fast.backends()["cuda"]
     if info.available:
@@ -573,10 +593,10 @@ def test_training_step_runs_one_op_per_conv(backend, monkeypatch):
         name for prefix in ("", "triton_") for name in (f"_{prefix}silu_scale_backward", f"{prefix}silu_scale",
                                                         f"_{prefix}eca_residual_backward")}
     assert on_activations <= allowed, on_activations
-    # (the fp32 contract against timm, 1e-4: both are fp32 computations ~1e-5 of max from float64
-    # (test_model.py), so 1e-5 between them failed at 1.1x on one order of the suite, on an ECA weight)
+    # (1e-5 of timm's fp32 gradients, 6.8e-6 at most for this input; the input is seeded: an unseeded
+    # one, which took the global generator's state, gave 1.1e-5 on one ECA weight on one suite order)
     for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
-        assert_rel_close(p.grad, q.grad, what=f"{backend} {name} grad")
+        assert_rel_close(p.grad, q.grad, 1e-5, f"{backend} {name} grad")
     fast.eval()
     for autocast in (False, True):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16, enabled=autocast):

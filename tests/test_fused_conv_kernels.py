@@ -713,7 +713,9 @@ def test_backward_gpu_config_on_cpu(name, rng):
 def test_backward_takes_the_forwards_standardised_weight(name, dtype, rng):
     """A raw weight and gain: the forward standardises into ``std_out``, and a backward given it as
     ``std_weight`` returns the same bits as one that standardises again (the same kernel, the same
-    inputs), with one standardisation launch less; a std_weight of another shape or dtype is refused."""
+    inputs), with one standardisation launch less; the GEMM and cuDNN's data gradient read the
+    std_weight given (another gain's gives that gain's x and bias gradients); a std_weight of another
+    shape or dtype is refused, as is a std_out without a gain."""
     x_shape, w_shape, stride, padding, groups, act, _, _ = CASES[name]
     x, w, b = _case(rng, x_shape, w_shape, dtype)
     w = w.float()
@@ -735,6 +737,15 @@ def test_backward_takes_the_forwards_standardised_weight(name, dtype, rng):
     assert saved["launches"] == {"_std_bwd_kernel": 1}, saved
     for g, e, what in zip(got, expect, ("x", "weight", "bias", "gain")):
         assert torch.equal(g, e), what
+    other = dict(std, gain=gain * (1.5 + torch.rand(gain.shape, generator=rng)))
+    other_std = fc._std.forward(w.contiguous(), other["gain"].reshape(-1), std["std_scale"], std["std_eps"],
+                                packed=torch.empty_like(std_out))
+    with_other = fc.backward(grad_out, None, x, w, b, **conv, **std, std_weight=other_std)
+    other_expect = fc.backward(grad_out, None, x, w, b, **conv, **other)
+    assert torch.equal(with_other[0], other_expect[0]) and torch.equal(with_other[2], other_expect[2])
+    assert not torch.equal(with_other[0], expect[0])
+    with pytest.raises(ValueError, match="needs gain"):
+        fc.fused_conv(x, w.to(dtype), b, std_out=std_out, **conv)
     for bad in (std_out.transpose(2, 3), std_out.double(), std_out[..., 1:]):
         with pytest.raises(ValueError, match="std_weight must be contiguous"):
             fc.backward(grad_out, None, x, w, b, **conv, **std, std_weight=bad)
