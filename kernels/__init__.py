@@ -64,7 +64,7 @@ def device_guard(t: torch.Tensor):
 # ``kernel[grid](...)`` runs Triton's JITFunction.run on every launch: it binds the arguments,
 # specialises each one, hashes the options and looks the binary up, then calls the binary's launcher.
 # That Python is most of a launch's host cost: 23.5-32.9 us on the H100 machine's host, and a training
-# step makes 461 Triton launches (docs/triton-training-step.md). With LAUNCH_CACHE, :func:`launch`
+# step makes 404 Triton launches (docs/triton-training-step.md). With LAUNCH_CACHE, :func:`launch`
 # memoises, per launch signature, the CompiledKernel that the first such launch returned, and later
 # calls its launcher with the arguments JITFunction.run itself passes it. That argument list is the
 # same in Triton 3.6 and 3.8: grid, stream, CUfunction, packed metadata, launch metadata, the two hooks
