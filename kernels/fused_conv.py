@@ -859,13 +859,11 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         if gain.numel() != cout:
             raise ValueError(f"gain has {gain.numel()} values for {cout} output channels")
         wt = torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype) if std_out is None else std_out
-        if std_out is not None and (wt.shape != (kh, kw, cg, cout) or wt.dtype != x.dtype or not wt.is_contiguous()):
-            raise ValueError(f"std_out must be contiguous {(kh, kw, cg, cout)} in {x.dtype}")
-        _std.forward(weight.contiguous(), _values(gain), std_scale, std_eps, gpu_config, packed=wt)
     else:
         wt = pack_weight(weight, x.dtype) if packed_weight is None else packed_weight
-    if wt.shape != (kh, kw, cg, cout) or wt.dtype != x.dtype or not wt.is_contiguous():
-        raise ValueError(f"packed weight must be contiguous {(kh, kw, cg, cout)} in {x.dtype}")
+    _check_operand(wt, "packed weight" if std_out is None else "std_out", (kh, kw, cg, cout), x.dtype)
+    if gain is not None:  # (checked first: the launch writes into wt)
+        _std.forward(weight.contiguous(), _values(gain), std_scale, std_eps, gpu_config, packed=wt)
     b = (torch.zeros(cout, device=x.device, dtype=torch.float32) if bias is None
          else bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.detach().float().contiguous())
     m = nb * ho * wo
@@ -986,10 +984,8 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
         if std_weight is None:
             packed = _std.forward(raw, gain_flat, std_scale, std_eps, gpu_config,
                                   packed=torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype))
-        elif std_weight.shape != (kh, kw, cg, cout) or std_weight.dtype != x.dtype or not std_weight.is_contiguous():
-            raise ValueError(f"std_weight must be contiguous {(kh, kw, cg, cout)} in {x.dtype}, got "
-                             f"{tuple(std_weight.shape)} {std_weight.dtype}")
         else:
+            _check_operand(std_weight, "std_weight", (kh, kw, cg, cout), x.dtype)
             packed = std_weight
         weight = packed.permute(3, 2, 0, 1)  # (cuDNN copies it into its own layout)
     pt, pb, pl, pr = normalize_padding(padding)
@@ -1039,6 +1035,12 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     if grad_w is not None:
         grad_w = grad_w.contiguous() if need_w else None
     return grad_x, grad_w, grad_b, grad_gain
+
+
+def _check_operand(t: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype) -> None:
+    """The GEMM's packed weight operand ``t`` (given, or to be written) is contiguous ``shape`` in ``dtype``."""
+    if t.shape != shape or t.dtype != dtype or not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous {shape} in {dtype}, got {tuple(t.shape)} {t.dtype}")
 
 
 def _values(t: torch.Tensor) -> torch.Tensor:
