@@ -161,8 +161,11 @@ def _check_same(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str, dt
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
 
 
+# (each check first tries the exact built-in types, what the modules pass: an isinstance against an ABC of
+# numbers is several times slower, and a training step checks a few hundred arguments on its host)
+
 def _check_number(v, name: str, optional: bool = False) -> None:
-    if optional and v is None:
+    if type(v) is float or type(v) is int or (optional and v is None):
         return
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"{name} must be a Python float, got {type(v).__name__}")
@@ -301,6 +304,8 @@ def silu_scale(x: torch.Tensor, beta: float, *, backend: str = "auto") -> torch.
 
 
 def _padding4(padding) -> Tuple[int, int, int, int]:
+    if type(padding) is tuple and len(padding) == 4 and all(type(p) is int and p >= 0 for p in padding):
+        return padding
     if isinstance(padding, numbers.Integral) and not isinstance(padding, bool):
         padding = (int(padding),) * 4
     elif isinstance(padding, (tuple, list)) and len(padding) == 2:
@@ -312,6 +317,8 @@ def _padding4(padding) -> Tuple[int, int, int, int]:
 
 
 def _check_int(v, name: str, low: int) -> int:
+    if type(v) is int and v >= low:
+        return v
     if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < low:
         raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
     return int(v)
