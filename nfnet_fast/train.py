@@ -67,10 +67,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(_row_count(t.shape), _row_length(t.shape))
 
 
-def _rows_are_a_view(t: torch.Tensor) -> bool:
-    return t.is_contiguous() or _channels_last(t)
-
-
 def _unrows(rows: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """The inverse of :func:`_rows`: ``rows`` (t's units as rows, in the order ``_rows(t)`` gives) viewed with
     t's shape and, for a channels_last ``t``, its strides (so that a multi-tensor copy keeps its fast path)."""
@@ -89,14 +85,16 @@ def _group_rows(tensors: List[torch.Tensor]) -> torch.Tensor:
 def _apply_batched(grads: List[torch.Tensor], plan: _Plan, grad_rows: List[torch.Tensor],
                    scale: torch.Tensor) -> None:
     """Scale the units of ``grads`` on an accelerator: one multiply per group of stacked rows, then one
-    multi-tensor copy back into the gradients whose rows were a copy."""
+    multi-tensor copy back into the gradients whose rows were a copy (stacked, or not a view)."""
     dst, src = [], []
     for (_, idx), rows, s in zip(plan.groups, grad_rows, scale.split(plan.rows)):
         rows.mul_(s[:, None])
         start = 0
         for i in idx:
             n = _row_count(grads[i].shape)
-            if len(idx) > 1 or not _rows_are_a_view(grads[i]):
+            # (a view where _rows could view the gradient: contiguous, channels_last, or another layout with
+            # rows in it, a transposed 1x1 conv's; copying a view back onto itself would be refused as overlap)
+            if len(idx) > 1 or not torch._C._is_alias_of(rows, grads[i]):
                 dst.append(grads[i])
                 src.append(_unrows(rows.narrow(0, start, n), grads[i]))
             start += n
@@ -127,7 +125,8 @@ def agc_parameters(model: torch.nn.Module) -> List[torch.Tensor]:
 
 @torch.no_grad()
 def adaptive_clip_grad_(parameters: _TensorOrTensors, clip_factor: float = 0.01, eps: float = 1e-3,
-                        norm_type: float = 2.0, *, _batched: Optional[bool] = None) -> None:
+                        norm_type: float = 2.0, *, _batched: Optional[bool] = None,
+                        _native: Optional[bool] = None) -> None:
     """Adaptive gradient clipping (AGC, Brock et al. 2021), in place: ``timm.utils.adaptive_clip_grad`` in a few
     batched kernels instead of about ten small ones per parameter.
 
@@ -138,13 +137,16 @@ def adaptive_clip_grad_(parameters: _TensorOrTensors, clip_factor: float = 0.01,
     ``torch.linalg.vector_norm`` with ``ord=norm_type`` (2, inf, 1, any float, as timm's ``Tensor.norm``).
 
     How: the parameters with a gradient are grouped by (device, dtype), as ``torch.nn.utils.clip_grad_norm_``
-    groups them, and their units by length (eca_nfnet_l0 without its classifier: 15 lengths). On an accelerator
+    groups them (in order of first appearance), and their units by length (eca_nfnet_l0 without its classifier: 15 lengths). On an accelerator
     each length's rows are stacked (one concatenation) and reduced in one row-wise norm, for the parameters and
     for the gradients; the per-unit scale is a few elementwise ops on one vector; each stack of gradient rows is
     multiplied by it, and one multi-tensor copy writes them back: 73 aten ops (kernel launches) for
     eca_nfnet_l0, where timm's loop dispatches 1830, ten per parameter. On the CPU, where an op costs no launch
     but a copy costs memory traffic, the norms are taken per tensor and one ``torch._foreach_mul_`` applies the
-    scales broadcast, without copying: four passes over the gradients' memory to timm's nine.
+    scales broadcast, without copying: four passes over the gradients' memory to timm's nine. The ops are issued
+    from C++ (the extension's ``nfnet_fast::adaptive_clip_grad_``) where it is built, from Python otherwise and
+    under ``torch.compile`` or tracing: the same ops in the same order, so the same bits, for a fraction of the
+    host time (the Python walks ~180 tensors a step).
 
     Numerics: for fp32 (and fp64) the norms are the same reductions as timm's (on a CPU the result is
     bit-identical to timm's for eca_nfnet_l0's parameters), so the result equals timm's up to fp32 rounding.
@@ -171,42 +173,67 @@ def adaptive_clip_grad_(parameters: _TensorOrTensors, clip_factor: float = 0.01,
         parameters = [parameters]
     seen, params, grads = set(), [], []
     for p in parameters:
-        if p.grad is None or id(p) in seen or p.numel() == 0:
+        g = p.grad
+        if g is None or id(p) in seen:
             continue
-        if p.grad.is_sparse:
+        if g.is_sparse:
             raise RuntimeError("adaptive_clip_grad_ does not support sparse gradients")
         seen.add(id(p))
-        params.append(p.detach())
-        grads.append(p.grad.detach())
+        params.append(p)
+        grads.append(g)
     if not params:
         return
-    norm_type = float(norm_type)
-    from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+    native = _native_agc() if _native is None else _native
+    if native and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        torch.ops.nfnet_fast.adaptive_clip_grad_(params, grads, float(clip_factor), float(eps), float(norm_type),
+                                                 _batched)
+        return
+    groups: Dict[tuple, Tuple[list, list]] = {}  # (device, dtype) -> (params, grads), in order of first appearance
+    for p, g in zip(params, grads):
+        if p.numel():
+            ps, gs = groups.setdefault((p.device, p.dtype), ([], []))
+            ps.append(p.detach())
+            gs.append(g.detach())
+    for (device, _), (ps, gs) in groups.items():
+        _clip_group(ps, gs, float(clip_factor), float(eps), float(norm_type),
+                    _batched if _batched is not None else device.type != "cpu")
 
-    for (device, dtype), ((ps, gs), _) in _group_tensors_by_device_and_dtype([params, grads]).items():
-        plan = _plan(tuple(tuple(p.shape) for p in ps))
-        batched = _batched if _batched is not None else device.type != "cpu"
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
 
-        def norms(rows):
-            return torch.linalg.vector_norm(rows, norm_type, dim=1, dtype=acc)
+@functools.lru_cache(maxsize=None)
+def _native_agc() -> bool:
+    """Whether the compiled extension has the adaptive_clip_grad_ op (csrc/adaptive_clip_grad.cpp): the same aten
+    ops as :func:`_clip_group`, issued from C++ (a fraction of the host time; the same bits)."""
+    from . import _backends
 
-        max_norm, grad_norm, grad_rows = [], [], []
-        for _, idx in plan.groups:
-            if batched:
-                max_norm.append(norms(_group_rows([ps[i] for i in idx])))
-                grad_rows.append(_group_rows([gs[i] for i in idx]))
-                grad_norm.append(norms(grad_rows[-1]))
-            else:
-                max_norm += [norms(_rows(ps[i])) for i in idx]
-                grad_norm += [norms(_rows(gs[i])) for i in idx]
-        max_norm = torch.cat(max_norm).clamp_(min=eps).mul_(clip_factor)
-        grad_norm = torch.cat(grad_norm)
-        scale = torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=1e-6)).to(dtype)
+    return _backends.extension() is not None and hasattr(torch.ops.nfnet_fast, "adaptive_clip_grad_")
+
+
+def _clip_group(ps: List[torch.Tensor], gs: List[torch.Tensor], clip_factor: float, eps: float, norm_type: float,
+                batched: bool) -> None:
+    """AGC of one (device, dtype) group of parameters ``ps`` and their gradients ``gs`` (none empty): the Python
+    twin of csrc/adaptive_clip_grad.cpp, which must issue the same ops in the same order."""
+    plan = _plan(tuple(tuple(p.shape) for p in ps))
+    acc = torch.float64 if ps[0].dtype == torch.float64 else torch.float32
+
+    def norms(rows):
+        return torch.linalg.vector_norm(rows, norm_type, dim=1, dtype=acc)
+
+    max_norm, grad_norm, grad_rows = [], [], []
+    for _, idx in plan.groups:
         if batched:
-            _apply_batched(gs, plan, grad_rows, scale)
+            max_norm.append(norms(_group_rows([ps[i] for i in idx])))
+            grad_rows.append(_group_rows([gs[i] for i in idx]))
+            grad_norm.append(norms(grad_rows[-1]))
         else:
-            _apply_per_tensor(gs, plan, scale)
+            max_norm += [norms(_rows(ps[i])) for i in idx]
+            grad_norm += [norms(_rows(gs[i])) for i in idx]
+    max_norm = torch.cat(max_norm).clamp_(min=eps).mul_(clip_factor)
+    grad_norm = torch.cat(grad_norm)
+    scale = torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=1e-6)).to(ps[0].dtype)
+    if batched:
+        _apply_batched(gs, plan, grad_rows, scale)
+    else:
+        _apply_per_tensor(gs, plan, scale)
 
 
 # --- fine-tuning ------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Training: nfnet_fast.adaptive_clip_grad_ against timm.utils.adaptive_clip_grad, and one SGD + AGC training step
 of every backend against timm's (docs/design.md section 3)."""
+import itertools
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.utils import adaptive_clip_grad
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nfnet_fast
 from conftest import assert_rel_close, cpu_backends, randomize_
@@ -23,6 +25,12 @@ FP32_TOL = 1e-6
 # each element within 2 * 2^-8 of the exact (float64) AGC of the same bf16 inputs.
 BF16_TOL = 2.0 ** -7
 PATHS = {"per-tensor": False, "batched": True}  # the CPU path, and the accelerator path run on the CPU
+# who issues the ops: the extension's C++ op (csrc/adaptive_clip_grad.cpp, the default where it is built) or its
+# Python twin (train._clip_group: no extension, torch.compile)
+NATIVE = train._native_agc()
+IMPLS = {"python": False, "native": True}
+needs_native = pytest.mark.skipif(not NATIVE, reason="nfnet_fast._C is not built (the C++ op)")
+IMPL_PARAMS = [pytest.param(False, id="python"), pytest.param(True, id="native", marks=needs_native)]
 
 # Backends that run a whole model on the CPU here (triton through the interpreter, cuda through its C++ twins).
 STEP_BACKENDS = [b for b in _backends.NAMES if all(b in cpu_backends(op) for op in _backends.OPS)]
@@ -64,10 +72,11 @@ def l0_params():
     return params, _random_grads(params, seed=4)
 
 
-def _check_against_timm(params, grads, tol, what, clip_factor=0.015, norm_type=2.0, batched=None, **kwargs):
+def _check_against_timm(params, grads, tol, what, clip_factor=0.015, norm_type=2.0, batched=None, native=None,
+                        **kwargs):
     ref, out = _leaves(params, grads, **kwargs), _leaves(params, grads, **kwargs)
     adaptive_clip_grad(ref, clip_factor, norm_type=norm_type)
-    adaptive_clip_grad_(out, clip_factor, norm_type=norm_type, _batched=batched)
+    adaptive_clip_grad_(out, clip_factor, norm_type=norm_type, _batched=batched, _native=native)
     for i, (r, o) in enumerate(zip(ref, out)):
         assert o.grad.stride() == r.grad.stride(), f"{what}: tensor {i} changed layout"
         assert_rel_close(o.grad, r.grad, tol, f"{what} tensor {i} {tuple(r.shape)}")
@@ -90,19 +99,22 @@ def test_matches_timm_on_eca_nfnet_l0(l0_params, norm_type, channels_last):
     fmt = torch.channels_last if channels_last else None
     ref = _leaves(params, grads, memory_format=fmt)
     adaptive_clip_grad(ref, 0.015, norm_type=norm_type)
-    for path, batched in PATHS.items():
+    for (path, batched), (impl, native) in itertools.product(PATHS.items(), IMPLS.items()):
+        if native and not NATIVE:
+            continue
         out = _leaves(params, grads, memory_format=fmt)
-        adaptive_clip_grad_(out, 0.015, norm_type=norm_type, _batched=batched)
+        adaptive_clip_grad_(out, 0.015, norm_type=norm_type, _batched=batched, _native=native)
         for i, (r, o) in enumerate(zip(ref, out)):
-            assert o.grad.stride() == r.grad.stride(), f"{path}: tensor {i} changed layout"
-            assert_rel_close(o.grad, r.grad, FP32_TOL, f"{path} ord={norm_type} tensor {i} {tuple(r.shape)}")
+            assert o.grad.stride() == r.grad.stride(), f"{impl} {path}: tensor {i} changed layout"
+            assert_rel_close(o.grad, r.grad, FP32_TOL, f"{impl} {path} ord={norm_type} tensor {i} {tuple(r.shape)}")
     clipped, kept = _clipped_units(grads, ref)
     assert clipped > 1000 and kept > 1000, (clipped, kept)
 
 
+@pytest.mark.parametrize("native", IMPL_PARAMS)
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_every_ndim(path, dtype):
+def test_every_ndim(path, dtype, native):
     """Tensors of ndim 0 to 5, with units (rows) designed above and below the threshold, in one call: the clipped
     units end at max_norm exactly as in timm, the others unchanged."""
     g = torch.Generator().manual_seed(0)
@@ -116,13 +128,14 @@ def test_every_ndim(path, dtype):
         factor = (want / _unit_norms(r)).to(dtype)
         grads.append(r * (factor.view(rows, *[1] * (p.dim() - 1)) if p.dim() > 1 else factor[0]))
     ref = _check_against_timm(params, grads, FP32_TOL if dtype == torch.float32 else 1e-12, f"{path} {dtype}",
-                              batched=PATHS[path])
+                              batched=PATHS[path], native=native)
     clipped, kept = _clipped_units(grads, ref)
     assert clipped >= 8 and kept >= 8
 
 
+@pytest.mark.parametrize("native", IMPL_PARAMS)
 @pytest.mark.parametrize("path", PATHS)
-def test_bf16(l0_params, path):
+def test_bf16(l0_params, path, native):
     """bf16 parameters and gradients: each element within 2^-7 of the exact AGC (float64 math on the same bf16
     inputs); timm's own bf16 result (norms rounded to bf16) is further from it."""
     params, grads = l0_params
@@ -131,7 +144,7 @@ def test_bf16(l0_params, path):
     exact = _leaves([p.double() for p in exact], [p.grad.double() for p in exact])
     adaptive_clip_grad(exact, 0.015)
     out, ref = _leaves(params, grads, dtype=torch.bfloat16), _leaves(params, grads, dtype=torch.bfloat16)
-    adaptive_clip_grad_(out, 0.015, _batched=PATHS[path])
+    adaptive_clip_grad_(out, 0.015, _batched=PATHS[path], _native=native)
     adaptive_clip_grad(ref, 0.015)
     worst_ours = worst_timm = 0.0
     for i, (o, r, e) in enumerate(zip(out, ref, exact)):
@@ -161,7 +174,8 @@ def test_tensor_argument_and_generator():
     torch.testing.assert_close(q.grad.norm(), q.detach().norm() * 0.01)
 
 
-def test_params_without_grad_and_empty():
+@pytest.mark.parametrize("native", IMPL_PARAMS)
+def test_params_without_grad_and_empty(native):
     g = torch.Generator().manual_seed(2)
     params = [torch.randn(4, 3, generator=g).requires_grad_() for _ in range(4)]
     params[0].grad = torch.full((4, 3), 5.0)
@@ -170,25 +184,26 @@ def test_params_without_grad_and_empty():
     for r, p in zip(ref, params):
         r.grad = None if p.grad is None else p.grad.clone()
     adaptive_clip_grad(ref, 0.01)
-    adaptive_clip_grad_(params, 0.01)
+    adaptive_clip_grad_(params, 0.01, _native=native)
     assert params[1].grad is None and params[3].grad is None
     for r, p in zip(ref, params):
         if p.grad is not None:
             assert_rel_close(p.grad, r.grad, FP32_TOL, "with grad")
-    adaptive_clip_grad_([])
-    adaptive_clip_grad_([params[1], params[3]])  # none with a gradient
-    adaptive_clip_grad_(torch.nn.Linear(2, 2).parameters())  # never had a backward
+    adaptive_clip_grad_([], _native=native)
+    adaptive_clip_grad_([params[1], params[3]], _native=native)  # none with a gradient
+    adaptive_clip_grad_(torch.nn.Linear(2, 2).parameters(), _native=native)  # never had a backward
     empty = torch.empty(0, 3).requires_grad_()
     empty.grad = torch.empty(0, 3)
-    adaptive_clip_grad_([empty])
+    adaptive_clip_grad_([empty], _native=native)
 
 
-def test_zero_parameters_use_eps_and_duplicates_clip_once():
+@pytest.mark.parametrize("native", IMPL_PARAMS)
+def test_zero_parameters_use_eps_and_duplicates_clip_once(native):
     """A zero-initialised unit gets a gradient of norm eps * clip_factor (timm's max(||p||, eps)); a tensor given
     twice is clipped once (timm's second pass is a no-op but for rounding)."""
     p = torch.zeros(3, 4).requires_grad_()
     p.grad = torch.ones(3, 4)
-    adaptive_clip_grad_([p, p], clip_factor=0.5, eps=1e-2)
+    adaptive_clip_grad_([p, p], clip_factor=0.5, eps=1e-2, _native=native)
     torch.testing.assert_close(p.grad.norm(dim=1), torch.full((3,), 0.5 * 1e-2))
 
 
@@ -197,8 +212,8 @@ def test_mixed_dtypes_in_one_call():
     g = torch.Generator().manual_seed(3)
     params = [torch.randn(6, 4, generator=g, dtype=dt) for dt in (torch.float32, torch.float64, torch.float32)]
     grads = _random_grads(params, seed=5)
-    for path in PATHS.values():
-        _check_against_timm(params, grads, FP32_TOL, "mixed dtypes", batched=path)
+    for path, native in itertools.product(PATHS.values(), (False, True) if NATIVE else (False,)):
+        _check_against_timm(params, grads, FP32_TOL, "mixed dtypes", batched=path, native=native)
 
 
 def test_exported_lazily_from_the_package():
@@ -206,29 +221,128 @@ def test_exported_lazily_from_the_package():
     assert "adaptive_clip_grad_" in dir(nfnet_fast) and "adaptive_clip_grad_" in nfnet_fast.__all__
 
 
-def test_fewer_ops_than_timm(l0_params):
+class _Record(TorchDispatchMode):
+    """Every aten op dispatched (a composite C++ op's too: CompositeImplicitAutograd dispatches what it calls)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _launches(ops):
+    """The ops that launch a kernel: views and detach launch nothing."""
+    return [f for f in ops if not any(r.alias_info is not None and not r.alias_info.is_write
+                                      for r in f._schema.returns)]
+
+
+@pytest.mark.parametrize("native", IMPL_PARAMS)
+def test_fewer_ops_than_timm(l0_params, native):
     """The point of it: on eca_nfnet_l0 the batched path dispatches under a tenth of the (kernel-launching) ops of
     timm's per-parameter loop."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
-            self.n += not view  # views and detach launch nothing
-            return func(*args, **(kwargs or {}))
-
     params, grads = l0_params
     counts = {}
-    for name, clip in (("timm", adaptive_clip_grad), ("ours", lambda ps, c: adaptive_clip_grad_(ps, c, _batched=True))):
+    for name, clip in (("timm", adaptive_clip_grad),
+                       ("ours", lambda ps, c: adaptive_clip_grad_(ps, c, _batched=True, _native=native))):
         leaves = _leaves(params, grads)
-        with Count() as mode:
+        with _Record() as mode:
             clip(leaves, 0.015)
-        counts[name] = mode.n
+        counts[name] = len(_launches(mode.ops))
     assert counts["ours"] * 10 < counts["timm"], counts
+
+
+def _odd_layouts(params, grads, seed):
+    """Leaves of ``params`` whose gradients come in every layout a .grad may have: contiguous, channels_last, and
+    (every third tensor of ndim >= 2) a permuted view that is neither, which AGC's rows copy and copy back."""
+    out = _leaves(params, grads)
+    g = torch.Generator().manual_seed(seed)
+    for i, q in enumerate(out):
+        if q.dim() == 4 and i % 3 == 1:
+            q.grad = q.grad.contiguous(memory_format=torch.channels_last)
+        elif q.dim() >= 2 and i % 3 == 2:
+            dims = list(range(q.dim()))[::-1]
+            q.grad = q.grad.permute(dims).contiguous().permute(dims)
+        if i % 5 == 0:  # some units far above the threshold whatever the random scale
+            q.grad.mul_(10 ** (3 * torch.rand((), generator=g).item()))
+    return out
+
+
+@needs_native
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16,), (torch.float64,),
+                                    (torch.float32, torch.bfloat16)], ids=["fp32", "bf16", "fp64", "fp32+bf16"])
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.5])
+def test_native_issues_its_python_twins_ops(l0_params, path, dtypes, norm_type):
+    """The C++ op (the default) and its Python twin (train._clip_group, which torch.compile traces) dispatch the
+    same computing aten ops in the same order, so they give the same bits: eca_nfnet_l0's parameters, gradients in every
+    layout, some tensors given twice, some without a gradient, an empty one, one or two dtypes in one call."""
+    params, grads = l0_params
+    params, grads = params[::2], grads[::2]  # (every ndim and most row lengths, half the time)
+    results, records = {}, {}
+    for native in (False, True):
+        leaves = [q if q.dtype == dtypes[i % len(dtypes)] else
+                  q.detach().to(dtypes[i % len(dtypes)]).requires_grad_()
+                  for i, q in enumerate(_odd_layouts(params, grads, seed=7))]
+        for q, r in zip(leaves, _odd_layouts(params, grads, seed=7)):
+            if q.grad is None:
+                q.grad = r.grad.to(q.dtype)
+        leaves[3].grad = None
+        empty = torch.zeros(0, 4, dtype=dtypes[0]).requires_grad_()
+        empty.grad = torch.zeros(0, 4, dtype=dtypes[0])
+        with _Record() as mode:
+            adaptive_clip_grad_(leaves + [leaves[5], empty, leaves[0]], 0.015, norm_type=norm_type,
+                                _batched=PATHS[path], _native=native)
+        results[native], records[native] = leaves, mode.ops
+    assert sum(not q.grad.is_contiguous() and not train._channels_last(q.grad) for q in leaves if q.grad is not None) >= 3
+    assert sum(train._channels_last(q.grad) for q in leaves if q.grad is not None) >= 3
+    assert _launches(records[True]) == _launches(records[False])  # (views may differ: they compute nothing)
+    if PATHS[path]:  # (a few per row length and dtype, where timm's dispatches ten per tensor)
+        assert len(_launches(records[True])) < 80 * len(dtypes)
+    for i, (a, b) in enumerate(zip(results[True], results[False])):
+        if b.grad is None:
+            assert a.grad is None
+            continue
+        assert a.grad.stride() == b.grad.stride(), f"tensor {i} changed layout"
+        assert torch.equal(a.grad, b.grad), f"tensor {i} {tuple(a.shape)} {a.dtype}"
+
+
+@needs_native
+def test_native_checks_its_arguments():
+    """The op itself (torch.ops.nfnet_fast.adaptive_clip_grad_) refuses what adaptive_clip_grad_ never passes it,
+    with the argument named: lists of two lengths, a gradient unlike its parameter, an integer tensor."""
+    op = torch.ops.nfnet_fast.adaptive_clip_grad_
+    p, g = torch.randn(4, 3), torch.randn(4, 3)
+    with pytest.raises(RuntimeError, match="2 parameters and 1 gradients"):
+        op([p, p], [g], 0.01, 1e-3, 2.0)
+    with pytest.raises(RuntimeError, match="gradient 1 must match its parameter's shape"):
+        op([p, p], [g, torch.randn(3, 4)], 0.01, 1e-3, 2.0)
+    with pytest.raises(RuntimeError, match="gradient 0 must match its parameter's shape, dtype"):
+        op([p], [g.double()], 0.01, 1e-3, 2.0)
+    with pytest.raises(RuntimeError, match="parameter 0 must be a floating-point tensor"):
+        op([torch.ones(3, dtype=torch.long)], [torch.ones(3, dtype=torch.long)], 0.01, 1e-3, 2.0)
+    before = g.clone()
+    op([], [], 0.01, 1e-3, 2.0)
+    op([p], [g], 0.01, 1e-3, 2.0, batched=True)
+    assert g.shape == before.shape
+
+
+def test_compiled_agc_gives_the_eager_bits():
+    """Under torch.compile (fullgraph) AGC traces its Python twin into the graph; the compiled step clips to the
+    same bits as the eager call (the C++ op where it is built)."""
+    g = torch.Generator().manual_seed(11)
+    shapes = [(8, 4, 3, 3), (8, 1, 1, 1), (8,), (6, 8), (16, 8, 1, 1)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = _random_grads(params, seed=12)
+    eager, compiled = _leaves(params, grads), _leaves(params, grads)
+    adaptive_clip_grad_(eager, 0.015)
+    torch.compile(lambda ps: adaptive_clip_grad_(ps, 0.015), fullgraph=True, backend="eager")(compiled)
+    clipped, kept = _clipped_units(grads, eager)
+    assert clipped and kept
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        assert torch.equal(a.grad, b.grad), f"tensor {i}"
 
 
 # --- one training step against timm --------------------------------------------------------------------
