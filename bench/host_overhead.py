@@ -13,9 +13,12 @@ timm's convolutions, and the data and weight gradients that nfnet_fast's conv ba
 aten, take real CPU time (about 8 ms of timm's backward). A step that a GPU finishes sooner than
 its host issues it runs at this pace.
 
-    PYTHONPATH=. python bench/host_overhead.py
+    PYTHONPATH=. python bench/host_overhead.py [--profile]
+
+--profile: then a cProfile of 10 steps of the fastest nfnet_fast path (the launch cache's), by own time.
 """
 import os
+import sys
 import time
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -197,7 +200,7 @@ def step_phases(model, opt, clip):
     return [b - a for a, b in zip(marks, marks[1:])]
 
 
-steps = {}
+steps, models = {}, {}
 for be in [None] + BACKENDS + (["triton"] if "triton" in BACKENDS else []):
     # (triton twice: the second time with kernels.LAUNCH_CACHE, the memoised launches, whatever the default)
     cached_launches = be == "triton" and "triton" in steps
@@ -212,6 +215,7 @@ for be in [None] + BACKENDS + (["triton"] if "triton" in BACKENDS else []):
     runs = [step_phases(model, opt, clip) for _ in range(25)]
     name = "triton+lc" if cached_launches else be or "timm"
     steps[name] = [min(r[i] for r in runs) * 1e3 for i in range(4)] + [min(sum(r) for r in runs) * 1e3]
+    models[name] = model, opt, clip
     model.eval()
     with torch.no_grad():  # (the batch-1 eager inference rows of the GPU report are paced so)
         steps[name].append(bench(lambda: model(sx[:1]), n=5) / 1e3)
@@ -222,3 +226,26 @@ _kernels.LAUNCH_CACHE = _was
 print(f"{'':10s}" + "".join(f"{k:>10s}" for k in ("forward", "backward", "AGC", "optimizer", "step", "eval b1")))
 for name, row in steps.items():
     print(f"{name:10s}" + "".join(f"{v:10.2f}" for v in row))
+
+
+# --profile: where the host time of the fastest path goes, function by function (its own time, callees
+# excluded): on a GPU machine this separates Python from the C launchers, cuDNN's calls and the allocator,
+# which the stubbed launcher here cannot show
+if "--profile" in sys.argv:
+    import cProfile
+    import pstats
+    name = "triton+lc" if "triton+lc" in models else list(models)[-1]
+    model, opt, clip = models[name]
+    _kernels.LAUNCH_CACHE = name == "triton+lc"
+    model.train()
+    for _ in range(3):
+        step_phases(model, opt, clip)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(10):
+        step_phases(model, opt, clip)
+    prof.disable()
+    _kernels.LAUNCH_CACHE = _was
+    print(f"\ncProfile of 10 training steps ({name}, {DEV.type}), the 30 functions of most own time:")
+    stats = pstats.Stats(prof)
+    stats.strip_dirs().sort_stats("tottime").print_stats(30)
