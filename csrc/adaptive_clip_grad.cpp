@@ -5,7 +5,8 @@
 // and a view back of each gradient), 2.6 ms of host time a training step on the build machine and
 // 9.2 ms on the H100 machine's host (docs/triton-training-step.md section 8), which an eager step whose
 // host paces it pays in full. A composite (CompositeImplicitAutograd): every op it issues is dispatched as
-// usual, so it runs on any device and under any dispatch mode, fake tensors and profilers included.
+// usual, so it runs on any device and under dispatch modes, fake tensors (static shapes: its shape
+// arithmetic is on ints, so not under symbolic tracing, where Python takes the twin) and profilers.
 #include <ATen/ScalarOps.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_foreach_copy.h>
@@ -125,13 +126,14 @@ void clip_group(const std::vector<at::Tensor>& ps, const std::vector<at::Tensor>
   }
 }
 
-// params[i] and grads[i] (the parameters with a gradient, each once, in the caller's order); batched:
+// params[i] and grads[i] (the parameters with a gradient, each once, in the caller's order: the messages'
+// indices count this list, not the caller's); batched:
 // the accelerator path (true), the CPU one (false), or by each group's device (none: CPU per tensor).
 void adaptive_clip_grad(at::TensorList params, at::TensorList grads, double clip_factor, double eps,
                         double norm_type, std::optional<bool> batched) {
   TORCH_CHECK(params.size() == grads.size(), "adaptive_clip_grad_: ", params.size(), " parameters and ",
               grads.size(), " gradients");
-  // grouped by (device, dtype) in order of first appearance, as torch's _group_tensors_by_device_and_dtype
+  // grouped by (device, dtype) in order of first appearance, as the twin groups them
   std::vector<std::pair<std::pair<at::Device, at::ScalarType>, std::pair<std::vector<at::Tensor>,
                                                                           std::vector<at::Tensor>>>>
       by_kind;
@@ -141,10 +143,10 @@ void adaptive_clip_grad(at::TensorList params, at::TensorList grads, double clip
                 "adaptive_clip_grad_: parameter ", i, " and its gradient must be strided (dense) tensors");
     TORCH_CHECK(at::isFloatingType(p.scalar_type()), "adaptive_clip_grad_: parameter ", i,
                 " must be a floating-point tensor, got ", p.scalar_type());
-    TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type() && g.device() == p.device(),
-                "adaptive_clip_grad_: gradient ", i, " must match its parameter's shape, dtype and device, got ",
-                g.sizes(), " ", g.scalar_type(), " ", g.device(), " for ", p.sizes(), " ", p.scalar_type(), " ",
-                p.device());
+    // (the shape only: a parameter whose .data changed dtype keeps a gradient of the old one, which the
+    // twin, and timm, clip with the same ops)
+    TORCH_CHECK(g.sizes() == p.sizes(), "adaptive_clip_grad_: gradient ", i, " has shape ", g.sizes(),
+                " but its parameter has shape ", p.sizes());
     if (p.numel() == 0) continue;
     const auto kind = std::make_pair(p.device(), p.scalar_type());
     auto it = by_kind.begin();
@@ -153,8 +155,8 @@ void adaptive_clip_grad(at::TensorList params, at::TensorList grads, double clip
       by_kind.push_back({kind, {}});
       it = by_kind.end() - 1;
     }
-    it->second.first.push_back(p);
-    it->second.second.push_back(g);
+    it->second.first.push_back(p.detach());  // (as the twin: a detached grad, whatever its autograd state)
+    it->second.second.push_back(g.detach());
   }
   for (const auto& [kind, tensors] : by_kind)
     clip_group(tensors.first, tensors.second, clip_factor, eps, norm_type,

@@ -137,16 +137,16 @@ def adaptive_clip_grad_(parameters: _TensorOrTensors, clip_factor: float = 0.01,
     ``torch.linalg.vector_norm`` with ``ord=norm_type`` (2, inf, 1, any float, as timm's ``Tensor.norm``).
 
     How: the parameters with a gradient are grouped by (device, dtype), as ``torch.nn.utils.clip_grad_norm_``
-    groups them (in order of first appearance), and their units by length (eca_nfnet_l0 without its classifier: 15 lengths). On an accelerator
-    each length's rows are stacked (one concatenation) and reduced in one row-wise norm, for the parameters and
+    groups them (here in order of first appearance), and their units by length (eca_nfnet_l0 without its
+    classifier: 15 lengths). On an accelerator each length's rows are stacked (one concatenation) and reduced in one row-wise norm, for the parameters and
     for the gradients; the per-unit scale is a few elementwise ops on one vector; each stack of gradient rows is
     multiplied by it, and one multi-tensor copy writes them back: 73 aten ops (kernel launches) for
     eca_nfnet_l0, where timm's loop dispatches 1830, ten per parameter. On the CPU, where an op costs no launch
     but a copy costs memory traffic, the norms are taken per tensor and one ``torch._foreach_mul_`` applies the
-    scales broadcast, without copying: four passes over the gradients' memory to timm's nine. The ops are issued
-    from C++ (the extension's ``nfnet_fast::adaptive_clip_grad_``) where it is built, from Python otherwise and
-    under ``torch.compile`` or tracing: the same ops in the same order, so the same bits, for a fraction of the
-    host time (the Python walks ~180 tensors a step).
+    scales broadcast, without copying: four passes over the gradients' memory to timm's nine. The ops are
+    issued from C++ (the extension's ``nfnet_fast::adaptive_clip_grad_``) where it is built, from Python
+    otherwise and under ``torch.compile`` or tracing: the same ops in the same order, so the same bits, for
+    a fraction of the host time (the Python walks ~180 tensors a step).
 
     Numerics: for fp32 (and fp64) the norms are the same reductions as timm's (on a CPU the result is
     bit-identical to timm's for eca_nfnet_l0's parameters), so the result equals timm's up to fp32 rounding.
@@ -183,8 +183,11 @@ def adaptive_clip_grad_(parameters: _TensorOrTensors, clip_factor: float = 0.01,
         grads.append(g)
     if not params:
         return
-    native = _native_agc() if _native is None else _native
-    if native and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+    # (tracing first: torch.compile must not trace _native_agc's first call, which imports the extension)
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and (_native_agc() if _native is None
+                                                                          else _native):
+        if not _native_agc():
+            raise RuntimeError("adaptive_clip_grad_(_native=True): nfnet_fast._C has no adaptive_clip_grad_ op")
         torch.ops.nfnet_fast.adaptive_clip_grad_(params, grads, float(clip_factor), float(eps), float(norm_type),
                                                  _batched)
         return

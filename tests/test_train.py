@@ -296,8 +296,9 @@ def test_native_issues_its_python_twins_ops(l0_params, path, dtypes, norm_type):
             adaptive_clip_grad_(leaves + [leaves[5], empty, leaves[0]], 0.015, norm_type=norm_type,
                                 _batched=PATHS[path], _native=native)
         results[native], records[native] = leaves, mode.ops
-    assert sum(not q.grad.is_contiguous() and not train._channels_last(q.grad) for q in leaves if q.grad is not None) >= 3
-    assert sum(train._channels_last(q.grad) for q in leaves if q.grad is not None) >= 3
+    with_grad = [q.grad for q in leaves if q.grad is not None]
+    assert sum(not g.is_contiguous() and not train._channels_last(g) for g in with_grad) >= 3
+    assert sum(train._channels_last(g) for g in with_grad) >= 3
     assert _launches(records[True]) == _launches(records[False])  # (views may differ: they compute nothing)
     if PATHS[path]:  # (a few per row length and dtype, where timm's dispatches ten per tensor)
         assert len(_launches(records[True])) < 80 * len(dtypes)
@@ -312,37 +313,113 @@ def test_native_issues_its_python_twins_ops(l0_params, path, dtypes, norm_type):
 @needs_native
 def test_native_checks_its_arguments():
     """The op itself (torch.ops.nfnet_fast.adaptive_clip_grad_) refuses what adaptive_clip_grad_ never passes it,
-    with the argument named: lists of two lengths, a gradient unlike its parameter, an integer tensor."""
+    with the argument named: lists of two lengths, a gradient of another shape than its parameter, an integer
+    tensor; and called directly it clips as its twin does."""
     op = torch.ops.nfnet_fast.adaptive_clip_grad_
     p, g = torch.randn(4, 3), torch.randn(4, 3)
     with pytest.raises(RuntimeError, match="2 parameters and 1 gradients"):
         op([p, p], [g], 0.01, 1e-3, 2.0)
-    with pytest.raises(RuntimeError, match="gradient 1 must match its parameter's shape"):
+    with pytest.raises(RuntimeError, match=r"gradient 1 has shape \[3, 4\] but its parameter has shape \[4, 3\]"):
         op([p, p], [g, torch.randn(3, 4)], 0.01, 1e-3, 2.0)
-    with pytest.raises(RuntimeError, match="gradient 0 must match its parameter's shape, dtype"):
-        op([p], [g.double()], 0.01, 1e-3, 2.0)
     with pytest.raises(RuntimeError, match="parameter 0 must be a floating-point tensor"):
         op([torch.ones(3, dtype=torch.long)], [torch.ones(3, dtype=torch.long)], 0.01, 1e-3, 2.0)
-    before = g.clone()
     op([], [], 0.01, 1e-3, 2.0)
-    op([p], [g], 0.01, 1e-3, 2.0, batched=True)
-    assert g.shape == before.shape
+    gen = torch.Generator().manual_seed(17)
+    params = [torch.randn(s, generator=gen) for s in [(6, 4), (3, 2, 2), (5,)]]
+    for batched in (False, True):
+        grads = [g * 100 for g in _random_grads(params, seed=18)]
+        twin = [g.clone() for g in grads]
+        op(params, grads, 0.01, 1e-3, 2.0, batched=batched)
+        train._clip_group(params, twin, 0.01, 1e-3, 2.0, batched)
+        assert all(torch.equal(a, b) for a, b in zip(grads, twin))
+        assert not all(torch.equal(a, b * 100) for a, b in zip(grads, _random_grads(params, seed=18)))
 
 
-def test_compiled_agc_gives_the_eager_bits():
-    """Under torch.compile (fullgraph) AGC traces its Python twin into the graph; the compiled step clips to the
-    same bits as the eager call (the C++ op where it is built)."""
+def test_compiled_agc_gives_the_eager_bits(monkeypatch):
+    """Under torch.compile (fullgraph) AGC traces its Python twin without asking whether the extension is built
+    (the first ask imports it, which dynamo cannot trace: without the extension, a failed compile); the compiled
+    call clips to the same bits as the eager one (the C++ op where it is built)."""
     g = torch.Generator().manual_seed(11)
     shapes = [(8, 4, 3, 3), (8, 1, 1, 1), (8,), (6, 8), (16, 8, 1, 1)]
     params = [torch.randn(s, generator=g) for s in shapes]
     grads = _random_grads(params, seed=12)
     eager, compiled = _leaves(params, grads), _leaves(params, grads)
     adaptive_clip_grad_(eager, 0.015)
+    native_agc = train._native_agc
+
+    def asked():
+        assert not torch.compiler.is_compiling(), "asked for the extension while compiling"
+        return native_agc()
+    monkeypatch.setattr(train, "_native_agc", asked)
     torch.compile(lambda ps: adaptive_clip_grad_(ps, 0.015), fullgraph=True, backend="eager")(compiled)
     clipped, kept = _clipped_units(grads, eager)
     assert clipped and kept
     for i, (a, b) in enumerate(zip(eager, compiled)):
         assert torch.equal(a.grad, b.grad), f"tensor {i}"
+
+
+@pytest.mark.parametrize("native", IMPL_PARAMS)
+def test_which_path_runs(native):
+    """The default call runs the C++ op where it is built (so the twin tests above compare two things), the twin
+    otherwise or when asked."""
+    from torch.overrides import TorchFunctionMode
+
+    class Calls(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    p = torch.randn(4, 3).requires_grad_()
+    p.grad = torch.randn(4, 3)
+    with Calls() as mode:
+        adaptive_clip_grad_([p], 0.01, _native=None if native else False)
+    assert any("nfnet_fast.adaptive_clip_grad_" in n for n in mode.names) == native, mode.names[:5]
+
+
+@pytest.mark.parametrize("native", IMPL_PARAMS)
+@pytest.mark.parametrize("path", PATHS)
+def test_transposed_gradient(path, native):
+    """A gradient whose rows are a view although it is neither contiguous nor channels_last (a transposed 1x1
+    conv's: strides (1, C_out, ...)), alone with its row length or beside another tensor: clipped as timm clips
+    it, in place (the batched path once copied it back onto itself, which _foreach_copy_ refuses)."""
+    g = torch.Generator().manual_seed(13)
+    params = [torch.randn(32, 16, 1, 1, generator=g), torch.randn(8, 5, generator=g), torch.randn(4, 5, generator=g)]
+    grads = _random_grads(params, seed=14)
+    for leaves_of in (lambda: _leaves(params, grads), lambda: _leaves(params[:1], grads[:1])):
+        ref, out = leaves_of(), leaves_of()
+        for q in out:
+            q.grad = q.grad.permute(3, 2, 1, 0).contiguous().permute(3, 2, 1, 0) if q.dim() == 4 else q.grad
+        assert not out[0].grad.is_contiguous() and not train._channels_last(out[0].grad)
+        storage = out[0].grad.data_ptr()
+        adaptive_clip_grad(ref, 0.015)
+        adaptive_clip_grad_(out, 0.015, _batched=PATHS[path], _native=native)
+        assert out[0].grad.data_ptr() == storage
+        for i, (r, o) in enumerate(zip(ref, out)):
+            assert_rel_close(o.grad, r.grad, FP32_TOL, f"tensor {i}")
+    assert _clipped_units(grads[:1], ref)[0] > 0
+
+
+@pytest.mark.parametrize("native", IMPL_PARAMS)
+@pytest.mark.parametrize("path", PATHS)
+def test_gradient_of_another_dtype(path, native):
+    """A parameter whose .data changed dtype after its backward keeps a gradient of the old dtype: clipped with
+    the parameter's group, as timm clips it (the C++ op once refused it)."""
+    g = torch.Generator().manual_seed(15)
+    params = [torch.randn(6, 4, generator=g), torch.randn(5, 3, generator=g, dtype=torch.float64)]
+    grads = _random_grads(params, seed=16)
+    ref, out = _leaves(params, grads), _leaves(params, grads)
+    for leaves in (ref, out):
+        leaves[0].data = leaves[0].data.double()
+        assert leaves[0].grad.dtype == torch.float32
+    adaptive_clip_grad(ref, 0.015)
+    adaptive_clip_grad_(out, 0.015, _batched=PATHS[path], _native=native)
+    for i, (r, o) in enumerate(zip(ref, out)):
+        assert o.grad.dtype == r.grad.dtype
+        assert_rel_close(o.grad, r.grad, FP32_TOL, f"tensor {i}")
 
 
 # --- one training step against timm --------------------------------------------------------------------
