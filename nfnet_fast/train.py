@@ -138,8 +138,8 @@ def adaptive_clip_grad_(parameters: _TensorOrTensors, clip_factor: float = 0.01,
 
     How: the parameters with a gradient are grouped by (device, dtype), as ``torch.nn.utils.clip_grad_norm_``
     groups them (here in order of first appearance), and their units by length (eca_nfnet_l0 without its
-    classifier: 15 lengths). On an accelerator each length's rows are stacked (one concatenation) and reduced in one row-wise norm, for the parameters and
-    for the gradients; the per-unit scale is a few elementwise ops on one vector; each stack of gradient rows is
+    classifier: 15 lengths). On an accelerator each length's rows are stacked (one concatenation) and reduced
+    in one row-wise norm, for the parameters and for the gradients; the per-unit scale is a few elementwise ops on one vector; each stack of gradient rows is
     multiplied by it, and one multi-tensor copy writes them back: 73 aten ops (kernel launches) for
     eca_nfnet_l0, where timm's loop dispatches 1830, ten per parameter. On the CPU, where an op costs no launch
     but a copy costs memory traffic, the norms are taken per tensor and one ``torch._foreach_mul_`` applies the
@@ -184,13 +184,13 @@ def adaptive_clip_grad_(parameters: _TensorOrTensors, clip_factor: float = 0.01,
     if not params:
         return
     # (tracing first: torch.compile must not trace _native_agc's first call, which imports the extension)
-    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and (_native_agc() if _native is None
-                                                                          else _native):
-        if not _native_agc():
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()) and _native is not False:
+        if _native_agc():
+            torch.ops.nfnet_fast.adaptive_clip_grad_(params, grads, float(clip_factor), float(eps),
+                                                     float(norm_type), _batched)
+            return
+        if _native:
             raise RuntimeError("adaptive_clip_grad_(_native=True): nfnet_fast._C has no adaptive_clip_grad_ op")
-        torch.ops.nfnet_fast.adaptive_clip_grad_(params, grads, float(clip_factor), float(eps), float(norm_type),
-                                                 _batched)
-        return
     groups: Dict[tuple, Tuple[list, list]] = {}  # (device, dtype) -> (params, grads), in order of first appearance
     for p, g in zip(params, grads):
         if p.numel():

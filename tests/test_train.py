@@ -283,12 +283,12 @@ def test_native_issues_its_python_twins_ops(l0_params, path, dtypes, norm_type):
     params, grads = params[::2], grads[::2]  # (every ndim and most row lengths, half the time)
     results, records = {}, {}
     for native in (False, True):
-        leaves = [q if q.dtype == dtypes[i % len(dtypes)] else
-                  q.detach().to(dtypes[i % len(dtypes)]).requires_grad_()
-                  for i, q in enumerate(_odd_layouts(params, grads, seed=7))]
-        for q, r in zip(leaves, _odd_layouts(params, grads, seed=7)):
-            if q.grad is None:
-                q.grad = r.grad.to(q.dtype)
+        leaves = _odd_layouts(params, grads, seed=7)
+        for i, q in enumerate(leaves):
+            dtype = dtypes[i % len(dtypes)]
+            if q.dtype != dtype:  # (the gradient keeps its layout)
+                leaves[i] = q.detach().to(dtype).requires_grad_()
+                leaves[i].grad = q.grad.to(dtype)
         leaves[3].grad = None
         empty = torch.zeros(0, 4, dtype=dtypes[0]).requires_grad_()
         empty.grad = torch.zeros(0, 4, dtype=dtypes[0])
