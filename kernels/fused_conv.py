@@ -863,7 +863,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         wt = pack_weight(weight, x.dtype) if packed_weight is None else packed_weight
     _check_operand(wt, "packed weight" if std_out is None else "std_out", (kh, kw, cg, cout), x.dtype)
     if gain is not None:  # (checked first: the launch writes into wt)
-        _std.forward(weight.contiguous(), _values(gain), std_scale, std_eps, gpu_config, packed=wt)
+        _std.forward(_std_rows(weight), _values(gain), std_scale, std_eps, gpu_config, packed=wt)
     b = (torch.zeros(cout, device=x.device, dtype=torch.float32) if bias is None
          else bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.detach().float().contiguous())
     m = nb * ho * wo
@@ -967,8 +967,9 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     gradient through it (one launch). Everything a conv's backward needs is this one call, so a
     training step pays one op's host overhead per conv.
 
-    grad_x comes back in x's memory format (NCHW or channels_last), grad_weight contiguous in
-    weight's dtype, grad_bias fp32, grad_gain like gain.
+    grad_x comes back in x's memory format (NCHW or channels_last), grad_weight in weight's
+    (channels_last where weight is channels_last-contiguous and not contiguous, else contiguous) and
+    dtype, grad_bias fp32, grad_gain like gain.
     """
     need_x, need_w, need_b, need_gain = needs
     need_gain = need_gain and gain is not None
@@ -978,8 +979,9 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
         pre_x = x if _is_dense(x) else x.contiguous()
         x = _silu.forward(pre_x, pre_beta)
     raw = packed = None
+    grad_w_format = _memory_format(weight)  # (the layout AccumulateGrad wants: the parameter's, see below)
     if gain is not None:  # the GEMM's packed operand: the forward's, or standardised again as it was
-        raw, gain_flat = weight.contiguous(), _values(gain)
+        raw, gain_flat = _std_rows(weight), _values(gain)
         cout, cg, kh, kw = raw.shape
         if std_weight is None:
             packed = _std.forward(raw, gain_flat, std_scale, std_eps, gpu_config,
@@ -1027,14 +1029,25 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
             grad_x = _silu.backward(grad_x if grad_x.stride() == pre_x.stride() else
                                     torch.empty_like(pre_x).copy_(grad_x), pre_x, pre_beta)
         grad_x = grad_x.contiguous(memory_format=_memory_format(x if pre_x is None else pre_x))
+    # grad_w in the weight's own layout (_memory_format): a channels_last model's kxk weights get
+    # channels_last gradients, as cuDNN makes them for channels_last activations, with no copy here;
+    # and AccumulateGrad, which copies a gradient into its parameter's strides where they differ
+    # (autograd's layout contract), copies none either
     grad_gain = None
-    if raw is not None and grad_w is not None:
-        grad_w, grad_gain = _std.backward(grad_w.contiguous(), raw, gain_flat, std_scale, std_eps)  # (any dtype)
+    if raw is not None and grad_w is not None:  # (the standardisation's backward reads both in raw's layout)
+        grad_w, grad_gain = _std.backward(grad_w.contiguous(memory_format=_std.rows_layout(raw)), raw, gain_flat,
+                                          std_scale, std_eps)  # (any dtype)
         grad_gain = (grad_gain if gain.dtype == torch.float32 else grad_gain.to(gain.dtype)).view(gain.shape) \
             if need_gain else None
     if grad_w is not None:
-        grad_w = grad_w.contiguous() if need_w else None
+        grad_w = grad_w.contiguous(memory_format=grad_w_format) if need_w else None
     return grad_x, grad_w, grad_b, grad_gain
+
+
+def _std_rows(weight: torch.Tensor) -> torch.Tensor:
+    """A raw weight as the standardisation kernels read it: ``weight`` itself where its rows are dense
+    (contiguous, or a channels_last model's kxk weight), else a contiguous copy."""
+    return weight if _std.rows_layout(weight) is not None else weight.contiguous()
 
 
 def _check_operand(t: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype) -> None:

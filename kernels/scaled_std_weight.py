@@ -184,16 +184,46 @@ def _rows(weight: torch.Tensor):
     return c_out, weight.numel() // c_out
 
 
+def rows_layout(weight: torch.Tensor) -> Optional[torch.memory_format]:
+    """The layout in which each of ``weight``'s rows (one per output channel) is one dense block of its
+    fan-in, the only layouts the kernels read: contiguous (the fan-in channel-major), or for a 4-D
+    weight channels_last-contiguous (tap-major: a channels_last model's kxk conv weights, and cuDNN's
+    weight gradients of channels_last activations). None for any other layout (the caller copies).
+    The kernels' row statistics do not depend on the order within a row, so a weight and its
+    gradient in the same layout need no copy to contiguous; only the packed write's offsets do."""
+    if weight.is_contiguous():
+        return torch.contiguous_format
+    if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return None
+
+
+def _check_rows(t: torch.Tensor, name: str, ref: Optional[torch.Tensor] = None) -> torch.memory_format:
+    """``t``'s rows layout (see :func:`rows_layout`); with ``ref``, it must be ``ref``'s, element for element."""
+    layout = rows_layout(t)
+    if layout is None:
+        raise ValueError(f"{name} must be contiguous or channels_last-contiguous, got strides {t.stride()}")
+    if ref is not None and t.stride() != ref.stride() and (
+            t.shape != ref.shape or any(a != b for a, b, n in zip(t.stride(), ref.stride(), t.shape) if n > 1)):
+        raise ValueError(f"{name} {tuple(t.shape)} (strides {t.stride()}) must be laid out like the weight "
+                         f"{tuple(ref.shape)} (strides {ref.stride()})")
+    return layout
+
+
 def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, gpu_config: bool = False,
             packed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``out``, the standardised ``weight`` (contiguous, its dtype); ``weight`` contiguous, ``gain``
-    C_out contiguous values (any shape: (C_out,), a conv's (C_out, 1, 1, 1)). ``packed``: instead write the result into this contiguous
+    """``out``, the standardised ``weight`` in ``weight``'s layout and dtype; ``weight`` contiguous or
+    channels_last-contiguous (:func:`rows_layout`), ``gain`` C_out contiguous values (any shape:
+    (C_out,), a conv's (C_out, 1, 1, 1)). ``packed``: instead write the result into this contiguous
     (kh, kw, C_in/groups, C_out) tensor, in its dtype, and return it. ``gpu_config``: the GPU tiles
     on CPU tensors too (tests)."""
     c_out, fan_in = _rows(weight)
-    taps = weight.shape[2] * weight.shape[3] if weight.dim() == 4 else 1
+    layout = _check_rows(weight, "weight")
+    # (the packed write's offsets: a channels_last row is tap-major already, so it is written as a
+    # 1x1 conv's row is, TAPS 1: the same binary as every 1x1 conv's)
+    taps = weight.shape[2] * weight.shape[3] if weight.dim() == 4 and layout == torch.contiguous_format else 1
     if packed is None:
-        out = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        out = torch.empty_like(weight, memory_format=layout)
     else:
         if weight.dim() != 4 or packed.shape != (*weight.shape[2:], weight.shape[1], c_out) \
                 or not packed.is_contiguous():
@@ -209,13 +239,17 @@ def forward(weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float, 
 
 def backward(grad_out: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, scale: float, eps: float,
              gpu_config: bool = False):
-    """``(grad_weight, grad_gain)``: grad_weight like ``weight`` (contiguous), grad_gain fp32 with
-    C_out values. ``grad_out`` and ``weight`` contiguous, ``gain`` C_out contiguous values.
-    ``grad_out`` may be in another float dtype than ``weight`` (the fused conv's 16-bit weight
-    gradient of an fp32 weight): the kernel reads it as fp32, exact for any 16-bit value, so for an
-    fp32 weight the same bits as casting it first, without that cast's launch and pass."""
+    """``(grad_weight, grad_gain)``: grad_weight in ``weight``'s layout and dtype, grad_gain fp32 with
+    C_out values. ``weight`` contiguous or channels_last-contiguous (:func:`rows_layout`),
+    ``grad_out`` in the same layout (a channels_last conv weight's gradient from cuDNN, as it comes:
+    no copy), ``gain`` C_out contiguous values. ``grad_out`` may be in another float dtype than
+    ``weight`` (the fused conv's 16-bit weight gradient of an fp32 weight): the kernel reads it as
+    fp32, exact for any 16-bit value, so for an fp32 weight the same bits as casting it first,
+    without that cast's launch and pass."""
     c_out, fan_in = _rows(weight)
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    layout = _check_rows(weight, "weight")
+    _check_rows(grad_out, "grad_out", weight)
+    grad_weight = torch.empty_like(weight, memory_format=layout)
     grad_gain = torch.empty(c_out, device=weight.device, dtype=torch.float32)
     cfg = _config(fan_in, weight.is_cuda or gpu_config)
     with device_guard(weight):

@@ -428,9 +428,17 @@ def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padd
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device,
                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     return (grad_x if need_x else x.new_empty((0,)),
-            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else x.new_empty((0,)),
+            torch.empty_like(weight, memory_format=weight_grad_format(weight)) if need_weight else x.new_empty((0,)),
             bias.new_empty(bias.shape) if need_bias and bias is not None else x.new_empty((0,)),
             gain.new_empty(gain.shape) if need_gain and gain is not None else x.new_empty((0,)))
+
+
+def weight_grad_format(weight: Tensor) -> torch.memory_format:
+    """The layout of fused_conv's weight gradient: the weight's own, channels_last where it is
+    channels_last-contiguous and not contiguous (a channels_last model's kxk weight), else contiguous,
+    so that AccumulateGrad takes it as it is (kernels/fused_conv.py, ``backward``, has the same rule)."""
+    cl = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 def _fused_conv_backward(backward_op):

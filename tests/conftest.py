@@ -136,6 +136,19 @@ def check_backward_against_float64(outs, refs, leaves, dtype: torch.dtype, rng, 
                          f"{what} {name} grad")
 
 
+def weight_copies(prof, shape) -> int:
+    """Copies of a ``shape`` tensor (a conv weight's, or its gradient's) in a profile, outside aten's own
+    convolution_backward (which copies its weight operand into the layout it wants: aten's business)."""
+    count = 0
+    for ev in prof.events():
+        if ev.name == "aten::copy_" and ev.input_shapes and tuple(ev.input_shapes[0]) == tuple(shape):
+            parent = ev.cpu_parent
+            while parent is not None and parent.name != "aten::convolution_backward":
+                parent = parent.cpu_parent
+            count += parent is None
+    return count
+
+
 @contextlib.contextmanager
 def counted_work(*kernel_modules):
     """Counts, during the block, the Triton launches of ``kernel_modules``' kernels (``launches``:

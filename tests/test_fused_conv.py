@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nfnet_fast
-from conftest import assert_rel_close, cpu_backends, randomize_
+from conftest import assert_rel_close, cpu_backends, randomize_, weight_copies
 from nfnet_fast import _backends, ops
 from nfnet_fast import _reference as ref_ops
 from nfnet_fast.benchmark import saved_storage_bytes
@@ -232,6 +232,36 @@ def test_standardised_weight(name, backend, rng):
 
 
 @pytest.mark.parametrize("backend", COMPILED)
+@pytest.mark.parametrize("name", ["3x3 g3 width5 s2", "3x3 same pad s2", "5x5 stem-like"])
+def test_channels_last_weight_is_not_copied(name, backend, rng):
+    """A channels_last model's kxk weight (how a training step runs on a GPU): the op standardises and
+    packs it where it is, and makes its gradient in its layout, so neither the op nor AccumulateGrad
+    (which copies a gradient into its parameter's strides where they differ) copies the weight or its
+    gradient, in the forward or the backward. Every result as a contiguous weight's, within the fp32
+    contract (the standardisation's row sums run in another order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    (x, w, b), kw = _case(name, rng)
+    w = w * 3 + 0.2 * torch.randn((), generator=rng)
+    gain, scale, eps = _std_params(w, rng)
+    results = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        leaves = _leaves((x, w.contiguous(memory_format=layout), b, gain))
+        assert leaves[1].is_contiguous() == (layout == torch.contiguous_format)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            out = ops.fused_conv(*leaves[:3], gain=leaves[3], std_scale=scale, std_eps=eps, want_sums=True,
+                                 backend=backend, **kw)
+            grads = [torch.randn(t.shape, generator=torch.Generator().manual_seed(5)) for t in out]
+            torch.autograd.backward(out, grads)
+        assert leaves[1].grad.stride() == leaves[1].stride()
+        results[layout] = out, [t.grad for t in leaves], weight_copies(prof, w.shape)
+    assert results[torch.channels_last][2] == 0, "a channels_last weight or its gradient was copied"
+    (out_c, grads_c, _), (out_cl, grads_cl, _) = results[torch.contiguous_format], results[torch.channels_last]
+    for got, expect, what in zip([*out_cl, *grads_cl], [*out_c, *grads_c], ("out", "sums", "x", "w", "b", "gain")):
+        assert_rel_close(got, expect, 1e-5, f"{backend} {name} channels_last weight: {what}")
+
+
+@pytest.mark.parametrize("backend", COMPILED)
 def test_standardised_weight_under_autocast(backend, rng):
     """fp16 autocast with fp32 parameters (a training step's setting): the raw weight is
     standardised in fp32 and only then rounded to fp16, as timm's fp32 batch_norm and the conv's cast
@@ -383,6 +413,20 @@ def test_opcheck_and_compile(backend, rng):
                                False))  # the sums alone
     torch.library.opcheck(op, (x, w.half(), b, 1, [0, 0, 0, 0], 1, 1, 1.0, True, True, None, 1.0, None, 1.0, 0.0,
                                False, True, torch.float16))  # x cast in the op (grad_x cast back)
+    # a channels_last kxk weight with its gain (a channels_last model's): its gradient in its layout, the fake's too
+    (x3, w3, b3), _ = _case("3x3 g2 gelu gain", rng)
+    x3, b3 = x3.requires_grad_(), b3.requires_grad_()
+    w3 = w3.contiguous(memory_format=torch.channels_last).requires_grad_()
+    gain3 = torch.rand(w3.shape[0], 1, 1, 1, generator=rng).add_(0.5).requires_grad_()
+    conv3 = (1, [1, 1, 1, 1], 2, 3, 1.0, False)  # (stride, padding, groups, gelu, act_gain, pool)
+    torch.library.opcheck(op, (x3, w3, b3, *conv3, True, None, 1.0, gain3, 0.3, 1e-5))
+    grad_out = torch.randn(x3.shape[0], w3.shape[0], *x3.shape[2:], generator=rng).contiguous(
+        memory_format=torch.channels_last)
+    backward_op = torch.ops.nfnet_fast._triton_fused_conv_backward  # (no double backward: inputs detached)
+    backward_args = (grad_out, None, *(t.detach() for t in (x3, w3, b3)), *conv3, None, gain3.detach(), 0.3, 1e-5,
+                     True, True, True, True)
+    assert backward_op(*backward_args)[1].stride() == w3.stride()
+    torch.library.opcheck(backward_op, backward_args)
 
     def f(x, w, b):
         out, sums = ops.fused_conv(x, w, b, act="silu", pool=True, want_sums=True, backend=backend)

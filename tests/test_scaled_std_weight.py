@@ -94,3 +94,55 @@ def test_bad_input(kwargs, err, match, backend):
     args.update(kwargs)
     with pytest.raises(err, match=match):
         ops.scaled_std_weight(**args)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+@pytest.mark.parametrize("gpu_config", [False, True], ids=["cpu tiles", "gpu tiles"])
+@pytest.mark.parametrize("shape", [(24, 16, 3, 3), (5, 460, 3, 3), (9, 7, 1, 3), (6, 3, 5, 5)],
+                         ids=["3x3", "3x3 looped rows", "1x3", "5x5 cin3"])
+def test_kernels_read_a_channels_last_weight_as_it_is(shape, gpu_config, rng):
+    """A channels_last model's kxk weight (each row its fan-in tap-major) and its channels_last gradient,
+    as cuDNN makes it for channels_last activations: standardised, packed and differentiated where they
+    are, without a copy; the results in the weight's layout, and the float64 math's values within the
+    fp32 contract (the row sums run in another order than a contiguous weight's). Rows of 4140 (460 x 9)
+    take the looped kernels."""
+    from nfnet_fast.kernels import scaled_std_weight as std_kernels
+
+    cout, cg, kh, kw = shape
+    w = (torch.randn(shape, generator=rng) * 0.5 + 0.2).contiguous(memory_format=torch.channels_last)
+    gain = 1 + 0.3 * torch.randn(cout, generator=rng)
+    scale, eps = float(torch.empty(()).uniform_(0.05, 0.5, generator=rng)), 1e-4
+    grad = torch.randn(shape, generator=rng).contiguous(memory_format=torch.channels_last)
+    assert not w.is_contiguous() and std_kernels.rows_layout(w) == torch.channels_last
+    packed = torch.full((kh, kw, cg, cout), float("nan"))
+    with counted_work(std_kernels) as work:
+        out = std_kernels.forward(w, gain, scale, eps, gpu_config)
+        std_kernels.forward(w, gain, scale, eps, gpu_config, packed=packed)
+        grad_w, grad_gain = std_kernels.backward(grad, w, gain, scale, eps, gpu_config)
+    assert work["launches"] == {"_std_fwd_kernel": 2, "_std_bwd_kernel": 1} and work["copies"] == [], work
+    assert out.stride() == w.stride() and grad_w.stride() == w.stride()
+    assert torch.equal(packed, out.permute(2, 3, 1, 0))  # (the same math: the packed write only moves it)
+    wd, gd = w.double().requires_grad_(), gain.double().requires_grad_()
+    ref = _ref(wd, gd, scale, eps)
+    ref.backward(grad.double())
+    assert_rel_close(out, ref, 1e-5, "channels_last forward")
+    assert_rel_close(grad_w, wd.grad, 1e-5, "channels_last weight gradient")
+    assert_rel_close(grad_gain, gd.grad, 1e-5, "channels_last gain gradient")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+def test_kernels_refuse_rows_they_cannot_read():
+    """A weight whose rows are not dense blocks, or a gradient laid out unlike its weight (the kernels pair
+    their elements by offset), is refused with the reason rather than read wrongly."""
+    from nfnet_fast.kernels import scaled_std_weight as std_kernels
+
+    w, gain = torch.randn(8, 6, 3, 3), torch.ones(8)
+    w_cl = w.contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="weight must be contiguous or channels_last-contiguous"):
+        std_kernels.forward(w[:, ::2], gain, 0.5, 1e-5)
+    with pytest.raises(ValueError, match="must be laid out like the weight"):
+        std_kernels.backward(torch.randn(8, 6, 3, 3), w_cl, gain, 0.5, 1e-5)
+    with pytest.raises(ValueError, match="must be laid out like the weight"):
+        std_kernels.backward(torch.randn(8, 6, 3, 3).contiguous(memory_format=torch.channels_last), w, gain, 0.5, 1e-5)
+    with pytest.raises(ValueError, match="grad_out must be contiguous or channels_last-contiguous"):
+        std_kernels.backward(torch.randn(8, 6, 3, 6)[..., ::2], w, gain, 0.5, 1e-5)
