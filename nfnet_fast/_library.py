@@ -196,13 +196,24 @@ def _fake_eca_backward(grad_x_next, grad_a_next, y, weight, shortcut, stats, coe
 # autograd: each gradient computed only when needs_input_grad asks for it
 
 
+# Every op's setup turns materialize_grads off, and its backward returns no gradient for an output
+# whose gradient never came (None): autograd otherwise hands the backward a zero tensor it allocates
+# and fills, and the backward would run its kernels on those zeros for a zero gradient that
+# autograd then adds into the input's. It happens in every training step: each NF block's
+# pre-activation a = silu_scale(x) feeds convs that send its gradient to x themselves (pre_x), so
+# no gradient ever reaches a, yet the silu_scale node is still run, once per block.
+
+
 def _std_setup(ctx, inputs, output):
     weight, gain, ctx.scale, ctx.eps = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(weight, gain)
 
 
 def _std_backward(backward_op):
     def backward(ctx, grad):
+        if grad is None:
+            return None, None, None, None
         weight, gain = ctx.saved_tensors
         need_w, need_gain = ctx.needs_input_grad[:2]
         grad_weight, grad_gain = backward_op(grad, weight, gain, ctx.scale, ctx.eps)  # one kernel makes both
@@ -212,11 +223,14 @@ def _std_backward(backward_op):
 
 def _silu_setup(ctx, inputs, output):
     x, ctx.beta = inputs
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x)
 
 
 def _silu_backward(backward_op):
     def backward(ctx, grad):
+        if grad is None:  # (a block's pre-activation, whose convs took the gradient to x: see above)
+            return None, None
         (x,) = ctx.saved_tensors
         return backward_op(grad, x, ctx.beta), None
     return backward

@@ -136,6 +136,20 @@ def check_backward_against_float64(outs, refs, leaves, dtype: torch.dtype, rng, 
                          f"{what} {name} grad")
 
 
+class DropsGradient(torch.autograd.Function):
+    """``b`` (a copy) with ``a`` an input that gets no gradient (None): ``a``'s producer stays in the
+    graph, and is run, but no gradient reaches it, as with an NF block's pre-activation, whose convs
+    send its gradient to the block input themselves (``pre_x``)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return b.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, grad
+
+
 def weight_copies(prof, shape) -> int:
     """Copies of a ``shape`` tensor (a conv weight's, or its gradient's) in a profile, outside aten's own
     convolution_backward (which copies its weight operand into the layout it wants: aten's business)."""

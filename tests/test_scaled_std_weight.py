@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from timm.layers import ScaledStdConv2d as TimmStdConv
 
-from conftest import assert_rel_close, check_backward_against_float64, counted_work, cpu_backends, dtype_tol
+from conftest import (DropsGradient, assert_rel_close, check_backward_against_float64, counted_work, cpu_backends,
+                      dtype_tol)
 from nfnet_fast import ops
 
 BACKENDS = cpu_backends("scaled_std_weight")
@@ -71,6 +72,23 @@ def test_triton_step_launches_and_copies(grad_layout, rng):
     assert backward["launches"] == {"_std_bwd_kernel": 1}
     assert backward["copies"] == ([w.numel()] if k > 1 and grad_layout == "channels_last" else [])
     assert w0.grad is not None and gain0.grad is not None
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_no_backward_work_without_a_gradient(backend, rng):
+    """A standardised weight no gradient reaches costs its backward nothing: no zero gradient made, no
+    backward op (autograd would make zeros for it, and the op's backward would run on them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    w = torch.randn(6, 4, 3, 3, generator=rng).requires_grad_()
+    gain = (1 + 0.3 * torch.randn(6, 1, 1, 1, generator=rng)).requires_grad_()
+    std = ops.scaled_std_weight(w, gain, 0.3, 1e-5, backend=backend)
+    out = DropsGradient.apply(std, w * 2.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out.backward(torch.ones_like(out))
+    names = [e.name for e in prof.events()]
+    assert not [n for n in names if "scaled_std_weight_backward" in n or n in ("aten::zeros", "aten::zero_")], names
+    assert torch.equal(w.grad, torch.full_like(w, 2.0)) and gain.grad is None
 
 
 @pytest.mark.parametrize("kwargs, err, match", [

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import assert_rel_close, counted_work, cpu_backends, dtype_tol
+from conftest import DropsGradient, assert_rel_close, counted_work, cpu_backends, dtype_tol
 from nfnet_fast import ops
 
 BACKENDS = cpu_backends("silu_scale")
@@ -58,6 +58,24 @@ def test_triton_step_launches_and_copies(grad_layout, rng):
     assert backward["launches"] == {"_silu_scale_bwd_kernel": 1}
     assert backward["copies"] == ([x.numel()] if grad_layout == "other" else [])
     assert x0.grad is not None
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_no_backward_work_without_a_gradient(backend, rng):
+    """An output no gradient reaches (an NF block's pre-activation in training: its convs send the gradient
+    to the block input themselves) costs its backward nothing: no zero gradient made, no backward op, nothing
+    added to x's gradient. (Autograd made a zero tensor for it, and the op's backward ran its kernel on it,
+    once per block and step: about 9 activation volumes of memory traffic a block.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randn(2, 8, 5, 5, generator=rng).contiguous(memory_format=torch.channels_last).requires_grad_()
+    a = ops.silu_scale(x, 1.3, backend=backend)
+    out = DropsGradient.apply(a, x * 2.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out.backward(torch.ones_like(out))
+    names = [e.name for e in prof.events()]
+    assert not [n for n in names if "silu_scale_backward" in n or n in ("aten::zeros", "aten::zero_")], names
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))
 
 
 def test_matches_timm_preactivation(rng):

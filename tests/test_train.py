@@ -485,11 +485,15 @@ def test_training_step_matches_timm(name, size, kwargs, backend, channels_last):
 
 
 @pytest.mark.parametrize("backend", [b for b in STEP_BACKENDS if b != "reference"])
-def test_channels_last_step_copies_no_conv_weight(backend):
+def test_channels_last_step_does_no_wasted_work(backend):
     """A channels_last model (how finetune and the benchmark train on a GPU), whose kxk conv weights are channels_last
     too: its forward and backward copy no conv weight and no weight gradient. (They used to copy each kxk weight
     four times a step: into a contiguous copy to standardise in the forward and again in the backward, the weight
-    gradient into contiguous, and back into the weight's strides in AccumulateGrad.)"""
+    gradient into contiguous, and back into the weight's strides in AccumulateGrad.) And no silu_scale backward
+    runs: every block's pre-activation feeds convs that send its gradient to the block input themselves, so none
+    reaches it. (Autograd used to hand each block's silu_scale backward a zero gradient it made, which the backward
+    copied into x's layout, ran its kernel on, and autograd added into x's gradient: ~9 activation volumes of
+    memory traffic a block.)"""
     from torch.profiler import ProfilerActivity, profile
 
     model = nfnet_fast.create_model("test_nfnet", backend=backend, num_classes=10, attn_layer="eca", attn_kwargs={})
@@ -503,6 +507,7 @@ def test_channels_last_step_copies_no_conv_weight(backend):
         F.cross_entropy(model(x), y).backward()
     copies = {tuple(w.shape): weight_copies(prof, w.shape) for w in weights}
     assert not any(copies.values()), f"weight-shaped copies: {copies}"
+    assert not [e.name for e in prof.events() if "silu_scale_backward" in e.name]
     # (AccumulateGrad's layout contract: the weight's strides, those of size-1 dimensions aside)
     assert all(a == b for w in weights for a, b, n in zip(w.grad.stride(), w.stride(), w.shape) if n > 1)
 
