@@ -145,7 +145,15 @@ def aten_step():
     out = y * 2.0 + sc
     torch.autograd.backward(out, g)
 base = bench(aten_step)
-print(f"host us per call ({DEV.type}, 1 thread), tiny tensors; reference point: aten y*2+sc fwd+bwd = {base:.1f} us")
+# and timm's own conv_step: the same 1x1 conv as timm's modules run it in training (ScaledStdConv2d's batch_norm
+# standardisation and conv2d, then SiLU), so that a machine's conv_step row reads against timm's on that machine
+from timm.layers import ScaledStdConv2d as _TimmStdConv
+timm_conv = _TimmStdConv(16, 16, 1).to(DEV)
+def timm_conv_step():
+    torch.autograd.backward(torch.nn.functional.silu(timm_conv(cx)), cg)
+timm_conv_us = bench(timm_conv_step)
+print(f"host us per call ({DEV.type}, 1 thread), tiny tensors; reference points: aten y*2+sc fwd+bwd = {base:.1f} us, "
+      f"timm's conv_step (ScaledStdConv2d + SiLU, fwd+bwd) = {timm_conv_us:.1f} us")
 print(f"{'op':14s}" + "".join(f"{be:>10s}" for be, _ in rows))
 for k in rows[0][1]:
     print(f"{k:14s}" + "".join(f"{r[k]:10.1f}" for _, r in rows))
