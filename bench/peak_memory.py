@@ -134,6 +134,10 @@ def main(argv=None) -> int:
     ap.add_argument("--target-batch", type=int, default=128)
     ap.add_argument("--target-size", type=int, default=224)
     ap.add_argument("--silu-prologue", action="store_true", help="nfnet_fast with convert(silu_prologue=True)")
+    ap.add_argument("--keep-y-stages", type=int, nargs="*", default=[], metavar="STAGE",
+                    help="stages (0-based) whose blocks keep their ECA input y for the backward instead of "
+                         "recomputing it (NormFreeBlock.recompute_tail_input = False; docs/triton-training-step.md "
+                         "section 9)")
     args = ap.parse_args(argv)
     import timm
 
@@ -146,8 +150,12 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     ref = timm.create_model(args.model, num_classes=10).to(device).train()
     fast = nfnet_fast.convert(copy.deepcopy(ref), backend=args.backend, silu_prologue=args.silu_prologue).train()
+    for stage in args.keep_y_stages:
+        for block in fast.stages[stage]:
+            block.recompute_tail_input = False
+    kept = f", y kept in stages {args.keep_y_stages}" if args.keep_y_stages else ""
     print(f"{args.model}, {args.dtype}, training step (SGD momentum + AGC), {device.type}, size {size}, "
-          f"nfnet_fast backend {args.backend}{' with the SiLU prologue' if args.silu_prologue else ''}")
+          f"nfnet_fast backend {args.backend}{' with the SiLU prologue' if args.silu_prologue else ''}{kept}")
     mib = 2**-20
     peaks = {}
     for name, model in (("timm eager", ref), ("nfnet_fast", fast)):

@@ -48,3 +48,25 @@ def test_cpu_step_books_balance(backend, dtype):
     # the step's result is the model's: a second measurement of the same state agrees
     again = peak_memory.step_peak(copy.deepcopy(model), batch, size, dtype, CPU)
     assert again == peaks
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU method (CUDA reads max_memory_allocated)")
+@pytest.mark.skipif(not triton_interpreted(), reason="the recompute of y runs on the compiled backends only")
+def test_keep_y_stages_keeps_each_blocks_y(capsys):
+    """--keep-y-stages: the blocks of those stages keep their ECA input y for the backward (one activation of the
+    block's output shape each, in the autocast dtype), where by default the backward recomputes it."""
+    saved = {}
+    for keep in ([], [2]):
+        model = nfnet_fast.convert(_small_nfnet(), backend="triton")
+        for stage in keep:  # (what peak_memory.main does with --keep-y-stages)
+            for block in model.stages[stage]:
+                block.recompute_tail_input = False
+        saved[tuple(keep)] = peak_memory.step_peak(model, 2, 32, "bf16", CPU)["saved"]
+    shapes = []  # stage 2's one block: y has the block output's shape, (2, 96, 2, 2) at 32 px
+    model.stages[2].register_forward_hook(lambda mod, args, out: shapes.append(out.shape))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert saved[(2,)] - saved[()] == shapes[0].numel() * 2, (saved, shapes)  # (bf16)
+    peak_memory.main(["--model", "test_nfnet", "--batches", "1", "2", "--size", "32", "--target-batch", "4",
+                      "--target-size", "32", "--dtype", "bf16", "--keep-y-stages", "2", "3"])
+    assert "y kept in stages [2, 3]" in capsys.readouterr().out
