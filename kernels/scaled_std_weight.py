@@ -203,8 +203,8 @@ def _check_rows(t: torch.Tensor, name: str, ref: Optional[torch.Tensor] = None) 
     layout = rows_layout(t)
     if layout is None:
         raise ValueError(f"{name} must be contiguous or channels_last-contiguous, got strides {t.stride()}")
-    if ref is not None and t.stride() != ref.stride() and (
-            t.shape != ref.shape or any(a != b for a, b, n in zip(t.stride(), ref.stride(), t.shape) if n > 1)):
+    if ref is not None and (t.shape != ref.shape or t.stride() != ref.stride() and any(
+            a != b for a, b, n in zip(t.stride(), ref.stride(), t.shape) if n > 1)):
         raise ValueError(f"{name} {tuple(t.shape)} (strides {t.stride()}) must be laid out like the weight "
                          f"{tuple(ref.shape)} (strides {ref.stride()})")
     return layout

@@ -150,7 +150,7 @@ def test_kernels_read_a_channels_last_weight_as_it_is(shape, gpu_config, rng):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
 def test_kernels_refuse_rows_they_cannot_read():
-    """A weight whose rows are not dense blocks, or a gradient laid out unlike its weight (the kernels pair
+    """A weight whose rows are not dense blocks, or a gradient of another shape or layout than its weight (the kernels pair
     their elements by offset), is refused with the reason rather than read wrongly."""
     from nfnet_fast.kernels import scaled_std_weight as std_kernels
 
@@ -162,5 +162,7 @@ def test_kernels_refuse_rows_they_cannot_read():
         std_kernels.backward(torch.randn(8, 6, 3, 3), w_cl, gain, 0.5, 1e-5)
     with pytest.raises(ValueError, match="must be laid out like the weight"):
         std_kernels.backward(torch.randn(8, 6, 3, 3).contiguous(memory_format=torch.channels_last), w, gain, 0.5, 1e-5)
+    with pytest.raises(ValueError, match="must be laid out like the weight"):  # (same strides, fewer rows)
+        std_kernels.backward(torch.randn(2, 3, 1, 1), torch.randn(3, 3, 1, 1), torch.ones(3), 0.5, 1e-5)
     with pytest.raises(ValueError, match="grad_out must be contiguous or channels_last-contiguous"):
         std_kernels.backward(torch.randn(8, 6, 3, 6)[..., ::2], w, gain, 0.5, 1e-5)
