@@ -150,8 +150,8 @@ def test_kernels_read_a_channels_last_weight_as_it_is(shape, gpu_config, rng):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
 def test_kernels_refuse_rows_they_cannot_read():
-    """A weight whose rows are not dense blocks, or a gradient of another shape or layout than its weight (the kernels pair
-    their elements by offset), is refused with the reason rather than read wrongly."""
+    """A weight whose rows are not dense blocks, or a gradient of another shape or layout than its weight (the
+    kernels pair their elements by offset), is refused with the reason rather than read wrongly."""
     from nfnet_fast.kernels import scaled_std_weight as std_kernels
 
     w, gain = torch.randn(8, 6, 3, 3), torch.ones(8)

@@ -430,7 +430,8 @@ def test_gradient_of_another_dtype(path, native):
 # Each also channels_last (model and batch), as finetune and the benchmark train on a GPU: the kxk conv weights are
 # then channels_last too, and their gradients must come out in that layout.
 STEP_CASES = [pytest.param("test_nfnet", 48, dict(attn_layer="eca", attn_kwargs={}), b, cl,
-                           id=f"test_nfnet-eca-{b}" + "-channels_last" * cl) for b in STEP_BACKENDS for cl in (False, True)]
+                           id=f"test_nfnet-eca-{b}" + "-channels_last" * cl)
+              for b in STEP_BACKENDS for cl in (False, True)]
 STEP_CASES += [pytest.param("eca_nfnet_l0", 32, {}, b, cl, id=f"eca_nfnet_l0-{b}" + "-channels_last" * cl)
                for b in STEP_BACKENDS if b != "triton" for cl in (False, True)]
 
