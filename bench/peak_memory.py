@@ -123,6 +123,14 @@ def step_peak(model, batch: int, size: int, dtype: str, device: torch.device) ->
     return peaks
 
 
+def keep_y(model, stages) -> None:
+    """Let the blocks of ``stages`` (0-based) keep their ECA input y for the backward instead of recomputing it
+    (NormFreeBlock.recompute_tail_input; docs/triton-training-step.md section 9)."""
+    for stage in stages:
+        for block in model.stages[stage]:
+            block.recompute_tail_input = False
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="eca_nfnet_l0")
@@ -150,9 +158,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     ref = timm.create_model(args.model, num_classes=10).to(device).train()
     fast = nfnet_fast.convert(copy.deepcopy(ref), backend=args.backend, silu_prologue=args.silu_prologue).train()
-    for stage in args.keep_y_stages:
-        for block in fast.stages[stage]:
-            block.recompute_tail_input = False
+    keep_y(fast, args.keep_y_stages)
     kept = f", y kept in stages {args.keep_y_stages}" if args.keep_y_stages else ""
     print(f"{args.model}, {args.dtype}, training step (SGD momentum + AGC), {device.type}, size {size}, "
           f"nfnet_fast backend {args.backend}{' with the SiLU prologue' if args.silu_prologue else ''}{kept}")

@@ -58,9 +58,7 @@ def test_keep_y_stages_keeps_each_blocks_y(capsys):
     saved = {}
     for keep in ([], [2]):
         model = nfnet_fast.convert(_small_nfnet(), backend="triton")
-        for stage in keep:  # (what peak_memory.main does with --keep-y-stages)
-            for block in model.stages[stage]:
-                block.recompute_tail_input = False
+        peak_memory.keep_y(model, keep)  # (what peak_memory.main does with --keep-y-stages)
         saved[tuple(keep)] = peak_memory.step_peak(model, 2, 32, "bf16", CPU)["saved"]
     shapes = []  # stage 2's one block: y has the block output's shape, (2, 96, 2, 2) at 32 px
     model.stages[2].register_forward_hook(lambda mod, args, out: shapes.append(out.shape))
