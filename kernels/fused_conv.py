@@ -66,7 +66,9 @@ Backward (:func:`backward`, BWD): the gradient of the pre-activation ``z = conv 
 which the forward does not keep (it would be one more activation held per conv). The same kernel
 recomputes it: with BWD its epilogue loads the output's gradient tile instead of storing y, adds
 the sums' gradient of its image, and stores ``(grad_out + grad_sums) * act_gain * act'(z)`` in the
-activation dtype, with the per-(image, channel) fp32 sums of it that the bias gradient needs. That
+activation dtype, with the fp32 partial sums of it that the bias gradient needs. Those need no
+per-image sums: one aten reduction of the zero-filled partial rows makes the bias gradient
+(``sum_images``), without ``_sums_kernel``'s launch and its Python (40 a training step). That
 is one GEMM plus two activation volumes (grad_out in, z's gradient out) where aten's formula
 took a convolution and about ten fp32 elementwise passes (~86 bytes an output element); cuDNN and
 cuBLAS then compute the data and weight gradients from it (``aten.convolution_backward``).
@@ -759,7 +761,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                std_scale: float = 1.0, std_eps: float = 0.0, backward: bool = False,
                grad_out: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None,
                pre_act: bool = False, pre_beta: float = 1.0, want_out: bool = True,
-               std_out: Optional[torch.Tensor] = None):
+               std_out: Optional[torch.Tensor] = None, sum_images: bool = False):
     """``act(conv2d(pool(x), weight, stride, padding, groups) + bias) * act_gain`` in one launch,
     channels_last. The specification is ``nfnet_fast._reference.fused_conv``.
 
@@ -806,10 +808,14 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         std_out: with ``gain``, the contiguous (kh, kw, Cin/groups, Cout) tensor in ``x``'s dtype
             to standardise the weight into (a new one if None): the caller keeps it (a training
             forward's op returns it, so that the backward need not standardise again).
+        sum_images: with ``want_sums``, the sums are summed over the images too: fp32 (Cout,),
+            the bias gradient of a ``backward`` launch. One aten reduction of the partial rows
+            (zero-filled, so that the slots no tile writes add nothing) instead of the per-image
+            ``_sums_kernel`` launch and a sum over the images after it.
 
     Returns:
         ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, ``(out, sums)`` with
-        ``want_sums``, or ``sums`` alone with ``want_out=False``.
+        ``want_sums`` (sums (Cout,) with ``sum_images``), or ``sums`` alone with ``want_out=False``.
     """
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"x and weight must be 4-d, got {tuple(x.shape)} and {tuple(weight.shape)}")
@@ -891,7 +897,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         else:
             cfg.setdefault("FLAT_K", cg < cfg["BLOCK_K"])
         slots = _sum_slots(hw, cfg["BLOCK_M"])
-        part = torch.empty((nb, slots, cout), device=x.device, dtype=torch.float32) if want_sums else b
+        part = (b if not want_sums else (torch.zeros if sum_images else torch.empty)(
+            (nb, slots, cout), device=x.device, dtype=torch.float32))
         if m:
             with device_guard(x):
                 if one_by_one:
@@ -935,12 +942,18 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             if final:
                 _PICKS[memo] = pick
         if pick == VENDOR:
-            return vendor_launch()
+            res = vendor_launch()
+            if want_sums and sum_images:  # (the vendor candidate's sums are per image)
+                return (res[0], res[1].sum(0)) if want_out else res.sum(0)
+            return res
         cfg = dict(pick)
     tile_m = cfg["BLOCK_M"]
     part, slots = run_tile(cfg)
     if not want_sums:
         return out
+    if sum_images:  # (one aten reduction: no Triton launch, and no per-image sums to sum again)
+        sums = part.sum((0, 1))
+        return (out, sums) if want_out else sums
     sums = torch.empty((nb, cout), device=x.device, dtype=torch.float32)  # every (n, c) is written
     if m:
         with device_guard(x):
@@ -997,9 +1010,9 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     if act is not None:  # z recomputed in the GEMM, its gradient made in the epilogue (with its sums)
         grad_z, sums = fused_conv(xin, weight, bias, act=act, act_gain=act_gain, want_sums=True, backward=True,
                                   grad_out=grad_out, grad_sums=grad_sums, gpu_config=gpu_config, packed_weight=packed,
-                                  **conv)
+                                  sum_images=True, **conv)
         if need_b:
-            grad_b = sums.sum(0)
+            grad_b = sums
     else:  # no activation: z is the output, its gradient needs no recompute (and often no pass at all)
         g = grad_out
         if g is None or grad_sums is not None or act_gain != 1.0:

@@ -753,6 +753,41 @@ def test_backward_takes_the_forwards_standardised_weight(name, dtype, rng):
             fc.fused_conv(x, w, b, std_out=bad, **conv, **std)
 
 
+@pytest.mark.parametrize("name, gpu_config", [("1x1 silu sums", False), ("3x3 g2 s2 relu sums", False),
+                                              ("1x1 narrow, 143-pixel images", True), ("3x3 g2 width 64", True),
+                                              ("3x3 width 32 s2", True)])
+def test_sum_images_is_the_bias_gradient_without_the_sums_launch(name, gpu_config, rng):
+    """``sum_images``: a backward launch's sums summed over the images as well, from the partial rows
+    (zero-filled: in these shapes tiles straddle images, so some (image, slot) rows are never
+    written), in one aten reduction and no ``_sums_kernel`` launch: grad_z's bits as without it, the
+    sums those of the per-image sums added up (to fp32 rounding: another order). ``fc.backward`` takes
+    its bias gradient so (test_backward_matches_autograd checks it against autograd)."""
+    x_shape, w_shape, stride, padding, groups, act = (GPU_CASES if gpu_config else CASES)[name][:6]
+    x, w, b = _case(rng, (x_shape[0] + 1, *x_shape[1:]), w_shape, torch.float32)
+    nb, cout = x.shape[0], w.shape[0]
+    grad_out = torch.randn(fc.fused_conv(x, w, b, stride=stride, padding=padding, groups=groups).shape,
+                           generator=rng).contiguous(memory_format=torch.channels_last)
+    grad_sums = torch.randn(nb, cout, generator=rng)
+    kw = dict(stride=stride, padding=padding, groups=groups, act=act or "silu", act_gain=1.3, want_sums=True,
+              backward=True, grad_out=grad_out, grad_sums=grad_sums, gpu_config=gpu_config)
+    per_image_z, per_image = fc.fused_conv(x, w, b, **kw)
+    torch.full((nb * 64, cout), float("nan")).sum()  # (freed: memory an unfilled partial row could be given)
+    with counted_work(fc) as work:
+        grad_z, total = fc.fused_conv(x, w, b, sum_images=True, **kw)
+    assert "_sums_kernel" not in work["launches"] and sum(work["launches"].values()) == 1, work["launches"]
+    assert torch.equal(grad_z, per_image_z)
+    assert total.shape == (cout,) and total.dtype == torch.float32
+    assert_rel_close(total, per_image.sum(0), 1e-6, f"{name} summed over images")
+    with counted_work(fc) as work:
+        got = fc.backward(grad_out, grad_sums, x, w, b, stride=stride, padding=padding, groups=groups,
+                          act=act or "silu", act_gain=1.3, gpu_config=gpu_config)
+    assert "_sums_kernel" not in work["launches"], work["launches"]
+    assert torch.equal(got[2], total)
+    # an empty batch: zero sums, nothing launched
+    empty = fc.fused_conv(x[:0], w, b, sum_images=True, **dict(kw, grad_out=grad_out[:0], grad_sums=grad_sums[:0]))
+    assert empty[0].shape[0] == 0 and torch.equal(empty[1], torch.zeros(cout))
+
+
 def test_backward_epilogue_needs_no_pool():
     x, w, b = _case(torch.Generator().manual_seed(0), (1, 8, 4, 4), (8, 8, 1, 1), torch.float32)
     with pytest.raises(ValueError, match="no backward"):
@@ -803,6 +838,8 @@ def test_backward_vendor_candidate(act, with_sums, tile_cache, monkeypatch, rng)
     vendor, vendor_sums = fc._vendor_conv_backward(x, packed, b, 1, (0, 0, 0, 0), 1, fc.ACTS.index(act), gain, True,
                                                    grad_out, grad_sums)
     assert torch.equal(got, vendor) and torch.equal(got_sums, vendor_sums)
+    _, got_total = fc.fused_conv(x, w, b, autotune=True, vendor=True, sum_images=True, **kw)  # (picked already)
+    assert len(calls) == len(names) and torch.equal(got_total, vendor_sums.sum(0))
     triton_tile, triton_sums = fc.fused_conv(x, w, b, autotune=False, **kw)
     if act == "relu":  # (where z is within rounding of 0 the two accumulations may take either side)
         z = F.conv2d(x.float(), w.to(x.dtype).float(), b.float())
