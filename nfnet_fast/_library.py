@@ -24,7 +24,7 @@ pooling pass reads y, and the backward differentiates through y alone). ``ops.ec
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor
@@ -498,6 +498,25 @@ _AUTOGRAD = {"scaled_std_weight": (_std_setup, _std_backward), "silu_scale": (_s
              "eca_residual": (_eca_setup, _eca_backward), "fused_conv": (_fused_conv_setup, _fused_conv_backward)}
 
 
+# op -> the autograd node classes of its eager calls (one per backend prefix): see fused_conv_std_weight
+_EAGER_NODES: Dict[str, set] = {}
+
+
+def fused_conv_std_weight(out: Tensor) -> Optional[Tensor]:
+    """The standardised weight (the packed GEMM operand, in the conv's compute dtype) that the eager
+    fused_conv call which returned ``out`` made and saved for its backward, or None: a conv without
+    gain, a call autograd did not record through :func:`_with_eager_autograd`'s Function, or saved
+    tensors already freed. Read in the forward, while no saved-tensor hooks are set (it unpacks the
+    node's saved tensors, which such hooks would have to unpack too)."""
+    node = out.grad_fn
+    if node is None or type(node) not in _EAGER_NODES.get("fused_conv", ()):
+        return None
+    try:
+        return node.saved_tensors[4]  # (_fused_conv_setup's save order: x, weight, bias, gain, std_weight)
+    except RuntimeError:  # (freed by a backward already)
+        return None
+
+
 def _with_eager_autograd(prefix: str, op: str) -> Callable:
     """``nfnet_fast::<prefix><op>`` as a function of all its arguments (positional, none left to a
     default) that runs an eager call with autograd through an ``autograd.Function`` with the op's
@@ -518,6 +537,7 @@ def _with_eager_autograd(prefix: str, op: str) -> Callable:
     backward = make_backward(_direct(backward_name))
     function = type(f"{prefix}{op}_autograd", (torch.autograd.Function,),
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    _EAGER_NODES.setdefault(op, set()).add(function._backward_cls)
     traced_op = _op(forward_name)
 
     def call(*inputs):

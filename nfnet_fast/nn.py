@@ -530,6 +530,13 @@ def _saved_as_recompute(y: torch.Tensor, args: tuple) -> torch.autograd.graph.sa
     x_packed = x if outer_pack is None else outer_pack(x)
     tensors = [t for t in rest if isinstance(t, torch.Tensor)] + ([x] if outer_pack is None else [])
     versions = [t._version for t in tensors]
+    # with a gain, the recompute reads the standardised weight the forward made, which conv3's own
+    # node holds for its backward anyway: no standardisation launch, and the GEMM reads the very
+    # operand the forward read (the same tile, so the same bits). (Under outer hooks its saved
+    # tensors are theirs to unpack: the raw weight is standardised again then.)
+    std = _library.fused_conv_std_weight(y) if outer_pack is None and args[13] is not None else None
+    if std is not None:  # (_fused_conv's arguments: weight 1, gain 13, its scale and eps 14-15)
+        rest = (std.permute(3, 2, 0, 1), *rest[1:12], None, 1.0, 0.0, *rest[15:])
 
     def pack(t):
         if t is target():

@@ -592,8 +592,9 @@ def test_training_step_runs_one_op_per_conv(backend, monkeypatch):
     standardisation, cast or pack: each conv op gets its raw weight and gain and standardises it in
     the launch that packs it; its backward is one op per conv with no aten elementwise passes
     around it; in eval, the modules' cached weight is already packed (and cast, under autocast), so
-    no conv copies a weight at all. The backward uses the standardised weight its forward made
-    (standardising again only in the recompute of each block's conv3). Gradients stay timm's."""
+    no conv copies a weight at all. The backward uses the standardised weight its forward made, and
+    so does the recompute of each block's conv3 (ECA's input y): the backward standardises nothing.
+    Gradients stay timm's."""
     from nfnet_fast.kernels import fused_conv as fc
     packed = {"std": 0, "copied": 0}
     real_std, real_pack = fc._std.forward, fc.pack_weight
@@ -626,7 +627,7 @@ def test_training_step_runs_one_op_per_conv(backend, monkeypatch):
     with _AtenCounter() as counter:
         out.square().sum().backward()
     blocks = sum(isinstance(m, nfnet_fast.nn.NormFreeBlock) for m in fast.modules())
-    assert packed["std"] == blocks, packed  # the forward's standardised weights; only conv3's recompute standardises
+    assert packed == {"std": 0, "copied": 0}, packed  # (the forward's standardised weights, conv3's recompute too)
     expect.square().sum().backward()
     # the backward: one op per conv (the pre-activation's gradient from the recomputing GEMM's
     # epilogue, then cuDNN's data and weight gradients inside it), no aten convolution or SiLU
@@ -737,6 +738,35 @@ def test_tail_input_recomputed_in_training(backend, monkeypatch):
     assert held[0] - held[1] == y_bytes, (held, y_bytes)
     for i, (kept, recomputed) in enumerate(zip(*results)):
         assert torch.equal(kept, recomputed), f"{backend} tensor {i}"
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_fused_conv_std_weight_is_the_operand_the_forward_read(backend):
+    """``_library.fused_conv_std_weight`` (what the tail's recompute reads instead of standardising
+    again): the standardised weight that an eager training conv made and saved for its backward,
+    (kh, kw, C_in/groups, C_out) in the compute dtype, the standalone standardisation's values; None
+    for a call autograd did not record, a conv without gain (eval's cached weight), any other
+    tensor, and once the backward has freed it."""
+    from nfnet_fast import _library
+    gen = torch.Generator().manual_seed(17)
+    conv = nfnet_fast.nn.ScaledStdConv2d(6, 10, 3, padding=1, groups=2, backend=backend).train()
+    with torch.no_grad():
+        for p in conv.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    x = torch.randn(2, 6, 5, 7, generator=gen).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = conv.fused(x, act="silu")
+    std = _library.fused_conv_std_weight(out)
+    assert std.shape == (3, 3, 3, 10) and std.dtype == x.dtype and std.is_contiguous()
+    expect = nfnet_fast.ops.scaled_std_weight(conv.weight, conv.gain, conv.scale, conv.eps, backend=backend)
+    assert_rel_close(std.permute(3, 2, 0, 1), expect, 1e-6, f"{backend} std weight")
+    with torch.no_grad():
+        assert _library.fused_conv_std_weight(conv.fused(x, act="silu")) is None
+    assert _library.fused_conv_std_weight(out * 2) is None
+    out.sum().backward()
+    assert _library.fused_conv_std_weight(out) is None
+    conv.eval().requires_grad_(False)  # (frozen: the cached standardised weight, and no gain, with x's gradient)
+    frozen = conv.fused(x, act="silu")
+    assert frozen.grad_fn is not None and _library.fused_conv_std_weight(frozen) is None
 
 
 @pytest.mark.parametrize("backend", COMPILED)
