@@ -512,9 +512,12 @@ def fused_conv_std_weight(out: Tensor) -> Optional[Tensor]:
     if node is None or type(node) not in _EAGER_NODES.get("fused_conv", ()):
         return None
     try:
-        return node.saved_tensors[4]  # (_fused_conv_setup's save order: x, weight, bias, gain, std_weight)
+        _, weight, _, gain, std = node.saved_tensors  # (_fused_conv_setup's save order)
     except RuntimeError:  # (freed by a backward already)
         return None
+    if gain is None or std is None or std.shape != (*weight.shape[2:], weight.shape[1], weight.shape[0]):
+        return None
+    return std
 
 
 def _with_eager_autograd(prefix: str, op: str) -> Callable:
