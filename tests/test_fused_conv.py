@@ -748,15 +748,15 @@ def test_tail_input_recomputed_in_training(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", COMPILED)
-def test_fused_conv_std_weight_is_the_operand_the_forward_read(backend):
+def test_fused_conv_std_weight_is_the_operand_the_forward_read(backend, monkeypatch):
     """``_library.fused_conv_std_weight`` (what the tail's recompute reads instead of standardising
     again): the standardised weight that an eager training conv made and saved for its backward,
     (kh, kw, C_in/groups, C_out) in the compute dtype, the standalone standardisation's values; None
     for a call autograd did not record, a conv without gain (eval's cached weight), any other
     tensor, and once the backward has freed it."""
     from nfnet_fast import _library
-    gen = torch.Generator().manual_seed(17)
     from nfnet_fast.kernels import fused_conv as fc
+    gen = torch.Generator().manual_seed(17)
     conv = nfnet_fast.nn.ScaledStdConv2d(6, 10, 3, padding=1, groups=2, backend=backend).train()
     with torch.no_grad():
         for p in conv.parameters():
@@ -767,11 +767,9 @@ def test_fused_conv_std_weight_is_the_operand_the_forward_read(backend):
     def std_forward(*args, packed=None, **kwargs):  # (the operand the op's launch standardised into)
         written.append(packed)
         return real_std(*args, packed=packed, **kwargs)
-    fc._std.forward = std_forward
-    try:
-        out = conv.fused(x, act="silu")
-    finally:
-        fc._std.forward = real_std
+    monkeypatch.setattr(fc._std, "forward", std_forward)
+    out = conv.fused(x, act="silu")
+    monkeypatch.undo()
     std = _library.fused_conv_std_weight(out)
     assert std.shape == (3, 3, 3, 10) and std.dtype == x.dtype and std.is_contiguous()
     assert len(written) == 1 and std.data_ptr() == written[0].data_ptr()  # that very tensor, not a copy
