@@ -761,7 +761,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                std_scale: float = 1.0, std_eps: float = 0.0, backward: bool = False,
                grad_out: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None,
                pre_act: bool = False, pre_beta: float = 1.0, want_out: bool = True,
-               std_out: Optional[torch.Tensor] = None, sum_images: bool = False):
+               std_out: Optional[torch.Tensor] = None, sum_images: bool = False, std_ready: bool = False):
     """``act(conv2d(pool(x), weight, stride, padding, groups) + bias) * act_gain`` in one launch,
     channels_last. The specification is ``nfnet_fast._reference.fused_conv``.
 
@@ -808,6 +808,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         std_out: with ``gain``, the contiguous (kh, kw, Cin/groups, Cout) tensor in ``x``'s dtype
             to standardise the weight into (a new one if None): the caller keeps it (a training
             forward's op returns it, so that the backward need not standardise again).
+        std_ready: ``std_out`` holds that standardised weight already (the caller made it with
+            ``scaled_std_weight.forward_many``, with the weights of other convs): no launch here.
         sum_images: with ``want_sums``, the sums are summed over the images too: fp32 (Cout,),
             the bias gradient of a ``backward`` launch. One aten reduction of the partial rows
             (zero-filled, so that the slots no tile writes add nothing) instead of the per-image
@@ -861,6 +863,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
            if want_out else x.new_empty((1,)))
     if std_out is not None and gain is None:
         raise ValueError("std_out is where the weight is standardised to: it needs gain")
+    if std_ready and std_out is None:
+        raise ValueError("std_ready=True says std_out holds the standardised weight: it needs std_out")
     if gain is not None:
         if gain.numel() != cout:
             raise ValueError(f"gain has {gain.numel()} values for {cout} output channels")
@@ -868,7 +872,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     else:
         wt = pack_weight(weight, x.dtype) if packed_weight is None else packed_weight
     _check_operand(wt, "packed weight" if std_out is None else "std_out", (kh, kw, cg, cout), x.dtype)
-    if gain is not None:  # (checked first: the launch writes into wt)
+    if gain is not None and not std_ready:  # (checked first: the launch writes into wt)
         _std.forward(_std_rows(weight), _values(gain), std_scale, std_eps, gpu_config, packed=wt)
     b = (torch.zeros(cout, device=x.device, dtype=torch.float32) if bias is None
          else bias if bias.dtype == torch.float32 and bias.is_contiguous() else bias.detach().float().contiguous())

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 import triton
@@ -85,10 +85,11 @@ def _out_offsets(offs, rows, k, C_out, K, TAPS, PACKED: tl.constexpr):
     return offs
 
 
-@triton.jit(do_not_specialize=["C_out"])
-def _std_fwd_kernel(w_ptr, gain_ptr, out_ptr, C_out, K, TAPS, scale, eps,
-                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr):
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+@triton.jit
+def _std_fwd_rows(w_ptr, gain_ptr, out_ptr, rows, C_out, K, TAPS, scale, eps,
+                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr):
+    """Standardise weight rows ``rows`` (one program's): the forward kernels' one body, so that a
+    weight standardised alone or among others (``_std_fwd_many_kernel``) gets the same bits."""
     rmask = rows < C_out
     gs = tl.load(gain_ptr + rows, mask=rmask, other=0.0).to(tl.float32) * scale
     if SINGLE:  # the row stays in registers between the statistics and the write
@@ -104,6 +105,37 @@ def _std_fwd_kernel(w_ptr, gain_ptr, out_ptr, C_out, K, TAPS, scale, eps,
             out = (w - mean[:, None]) * (rstd * gs)[:, None]
             dst = _out_offsets(offs, rows, k0 + tl.arange(0, BLOCK_K), C_out, K, TAPS, PACKED)
             tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["C_out"])
+def _std_fwd_kernel(w_ptr, gain_ptr, out_ptr, C_out, K, TAPS, scale, eps,
+                    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    _std_fwd_rows(w_ptr, gain_ptr, out_ptr, rows, C_out, K, TAPS, scale, eps, ROWS, BLOCK_K, SINGLE, PACKED)
+
+
+# One row of ``_std_fwd_many_kernel``'s per-program table (int64): the weight's and the gain's
+# addresses, the packed operand's offset in the output buffer (elements), the weight's C_out, fan-in
+# and TAPS, and the program's first row; its fp32 table holds the weight's scale and eps.
+TABLE_INTS = tl.constexpr(7)
+
+
+@triton.jit
+def _std_fwd_many_kernel(table_ptr, coef_ptr, out_ptr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SINGLE: tl.constexpr):
+    """Many fp32 weights with the same tile, each into its packed operand in one buffer: each program
+    reads its weight's addresses and sizes from its table row, then runs the one-weight kernel's body."""
+    row = table_ptr + tl.program_id(0) * TABLE_INTS
+    w = tl.load(row).to(tl.pointer_type(tl.float32))
+    gain = tl.load(row + 1).to(tl.pointer_type(tl.float32))
+    out = out_ptr + tl.load(row + 2)
+    c_out = tl.load(row + 3).to(tl.int32)
+    k = tl.load(row + 4).to(tl.int32)
+    taps = tl.load(row + 5).to(tl.int32)
+    rows = tl.load(row + 6).to(tl.int32) + tl.arange(0, ROWS)
+    scale = tl.load(coef_ptr + tl.program_id(0) * 2)
+    eps = tl.load(coef_ptr + tl.program_id(0) * 2 + 1)
+    _std_fwd_rows(w, gain, out, rows, c_out, k, taps, scale, eps, ROWS, BLOCK_K, SINGLE, True)
 
 
 @triton.jit(do_not_specialize=["C_out"])
@@ -176,6 +208,9 @@ AOT = [
     AotSpec(_std_bwd_kernel, dict(w_ptr="*fp32", gain_ptr="*fp32", dw_ptr="*fp32", dgain_ptr="*fp32", scale="fp32",
                                   eps="fp32"), _CONFIGS,
             aligned=("dy_ptr", "w_ptr", "gain_ptr", "dw_ptr", "dgain_ptr", "K"), dtypes=("fp16", "bf16")),
+    # many fp32 weights at once into their packed operands (forward_many: a training forward's convs)
+    AotSpec(_std_fwd_many_kernel, dict(table_ptr="*i64", coef_ptr="*fp32"), _CONFIGS,
+            aligned=("table_ptr", "coef_ptr", "out_ptr")),
 ]
 
 
@@ -256,3 +291,106 @@ def backward(grad_out: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor, s
         launch(_std_bwd_kernel, (cdiv(c_out, cfg["ROWS"]),), grad_out, weight, gain, grad_weight, grad_gain, c_out,
                fan_in, float(scale), float(eps), **cfg)
     return grad_weight, grad_gain
+
+
+# forward_many's output buffer places each packed operand at a multiple of this many bytes: 16-byte
+# aligned, as a fresh allocation is, so the fused conv reading it specialises (and tiles) as it would
+# for an operand of its own
+_OPERAND_ALIGN = 256
+_PLANS: dict = {}  # forward_many's plans, by the weights' and gains' addresses, shapes and coefficients
+_PLANS_MAX = 16    # (a model's training forward needs one: bounded should the parameters keep moving)
+_CAPTURED: set = set()  # keys of plans whose tables a CUDA graph reads: never dropped (its replays read them)
+
+
+def forward_many(weights: Sequence[torch.Tensor], gains: Sequence[torch.Tensor], scales: Sequence[float],
+                 epss: Sequence[float], dtype: torch.dtype, gpu_config: bool = False) -> Optional[List[torch.Tensor]]:
+    """Each ``weights[i]`` standardised (``gains[i]``, ``scales[i]``, ``epss[i]``) into its packed
+    (kh, kw, C_in/groups, C_out) operand in ``dtype``: the values :func:`forward` writes with
+    ``packed=``, in the same bits (each weight gets the tile it gets alone, and the same kernel body),
+    from one launch per tile instead of one per weight. The operands are views of one buffer.
+
+    For a training forward, which standardises every conv weight of a model before its convs run
+    (nfnet_fast.nn): the launch, its host time, is what a weight's standardisation costs, and a step
+    makes 57. The table of addresses the kernel reads is built once per set of weights (parameters
+    keep their storage from step to step) and kept on the device, for good once a CUDA graph captured
+    a launch reading it; so None, where the call would have to build one while a graph is being
+    captured (a host-to-device copy). A weight that
+    :func:`reads_packed` refuses, or on another device than the first, gets None in the list (the
+    caller standardises it itself). ``dtype``: fp32, fp16 or bf16."""
+    n = len(weights)
+    if not n or not (len(gains) == len(scales) == len(epss) == n):
+        raise ValueError(f"forward_many needs as many gains, scales and eps as weights (got {len(weights)}, "
+                         f"{len(gains)}, {len(scales)}, {len(epss)}), and at least one")
+    device = weights[0].device
+    gpu = device.type == "cuda" or gpu_config
+    # (what the plan depends on: each tensor's address, device, dtype, shape and strides, each
+    # coefficient. Held by the caller as it is: no reference to the tensors is kept.)
+    key = [device, dtype, gpu]
+    for w, g, sc, ep in zip(weights, gains, scales, epss):
+        key += (w.data_ptr(), w.get_device(), w.dtype, w.shape, w.stride(), g.data_ptr(), g.get_device(), g.dtype,
+                g.shape, g.stride(), sc, ep)
+    key = tuple(key)
+    plan = _PLANS.get(key)
+    capturing = _capturing(device)
+    if plan is None:
+        if capturing:
+            return None
+        plan = _plan(weights, gains, scales, epss, dtype, gpu)
+        if len(_PLANS) >= _PLANS_MAX:
+            for old in [k for k in _PLANS if k not in _CAPTURED]:
+                del _PLANS[old]
+        _PLANS[key] = plan
+    if capturing:
+        _CAPTURED.add(key)
+    total, groups, views = plan
+    buffer = torch.empty(total, device=device, dtype=dtype)
+    with device_guard(buffer):
+        for cfg, table, coef, programs in groups:
+            launch(_std_fwd_many_kernel, (programs,), table, coef, buffer, **cfg)
+    return [None if v is None else buffer.as_strided(*v) for v in views]
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def reads_packed(weight: torch.Tensor, gain: torch.Tensor) -> bool:
+    """Whether :func:`forward_many` takes this weight and gain as they are: a 4-D fp32 weight whose rows
+    are dense (:func:`rows_layout`), a contiguous fp32 gain of C_out values on its device."""
+    return (weight.dim() == 4 and weight.dtype == torch.float32 and gain.dtype == torch.float32
+            and gain.device == weight.device and gain.is_contiguous() and gain.numel() == weight.shape[0]
+            and rows_layout(weight) is not None)
+
+
+def _plan(weights, gains, scales, epss, dtype, gpu):
+    """forward_many's launches for these weights: (buffer elements, [(tile, int64 table, fp32 table,
+    programs)], [(shape, strides, offset) of each operand, or None for a weight it does not read])."""
+    device, itemsize = weights[0].device, torch.empty((), dtype=dtype).element_size()
+    align = _OPERAND_ALIGN // itemsize
+    rows_by_tile: dict = {}
+    views, offset = [], 0
+    for w, g, sc, ep in zip(weights, gains, scales, epss):
+        if w.device != device or not reads_packed(w, g):
+            views.append(None)
+            continue
+        layout = rows_layout(w)
+        c_out, fan_in = _rows(w)
+        kh, kw, cg = w.shape[2], w.shape[3], w.shape[1]
+        taps = kh * kw if layout == torch.contiguous_format else 1  # (as forward's packed write)
+        cfg = _config(fan_in, gpu)
+        tile = (cfg["ROWS"], cfg["BLOCK_K"], cfg["SINGLE"], cfg["num_warps"])
+        ints, floats = rows_by_tile.setdefault(tile, ([], []))
+        for row0 in range(0, c_out, cfg["ROWS"]):
+            ints += (w.data_ptr(), g.data_ptr(), offset, c_out, fan_in, taps, row0)
+            floats += (float(sc), float(ep))
+        shape = (kh, kw, cg, c_out)
+        views.append((shape, (kw * cg * c_out, cg * c_out, c_out, 1), offset))
+        offset += -(-w.numel() // align) * align
+    groups = []
+    for (rows, block_k, single, warps), (ints, floats) in rows_by_tile.items():
+        table = torch.tensor(ints, dtype=torch.int64).to(device)
+        coef = torch.tensor(floats, dtype=torch.float32).to(device)
+        groups.append((dict(ROWS=rows, BLOCK_K=block_k, SINGLE=single, num_warps=warps), table, coef,
+                       len(floats) // 2))
+    return max(offset, 1), groups, views

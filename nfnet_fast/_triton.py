@@ -18,7 +18,8 @@ either way, and the kernels are compiled and verified for fp32, fp16 and bf16 on
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import threading
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -133,6 +134,59 @@ def _eca_residual_backward_op(grad_x_next: Optional[Tensor], grad_a_next: Option
     return grad_y, grad_weight, y.new_empty((0,)) if grad_shortcut is None else grad_shortcut
 
 
+# ---------------------------------------------------------------------------------------------
+# weights standardised ahead (a training forward's convs: nfnet_fast.nn.NormFreeNet)
+#
+# A training forward standardises every conv's raw weight into the packed operand its GEMM reads:
+# one launch per conv, 57 in eca_nfnet_l0, each with its host time (the step is paced by its host:
+# docs/triton-training-step.md). ``standardised_ahead`` makes all of them first, one launch per tile
+# (kernels.scaled_std_weight.forward_many: the same bits), and for its duration each fused_conv call
+# whose weight and gain are the very tensors it standardised, unchanged since (their version
+# counters), with the same scale, eps and compute dtype, takes its operand from here: the op's
+# result, saved tensors and gradients are what they would be without it. Any other call (another
+# weight, a weight changed in place in between, another dtype) standardises its weight itself.
+
+_AHEAD = threading.local()  # .operands: id(weight) -> (weight, gain, versions, scale, eps, operand), or None
+
+
+class standardised_ahead:
+    """Context: ``convs`` ((weight, gain, scale, eps) each: fp32 raw weights and their gains)
+    standardised now into their packed operands in ``dtype``, which the fused_conv calls inside
+    take (above). Does nothing where forward_many declines (a CUDA graph capture before the first
+    such call; a weight it does not read as it is). Nests: an inner scope's operands replace the
+    outer's until it exits."""
+
+    __slots__ = ("operands", "outer")
+
+    def __init__(self, convs: Sequence[tuple], dtype: torch.dtype):
+        made = _std.forward_many(*zip(*convs), dtype) if convs else None
+        self.operands = None
+        if made is not None:
+            self.operands = {id(w): (w, g, (w._version, g._version), sc, ep, operand)
+                             for (w, g, sc, ep), operand in zip(convs, made) if operand is not None}
+
+    def __enter__(self):
+        self.outer = getattr(_AHEAD, "operands", None)
+        if self.operands is not None:
+            _AHEAD.operands = self.operands
+        return self
+
+    def __exit__(self, *exc):
+        _AHEAD.operands = self.outer
+        return False
+
+
+def _operand_ahead(weight: Tensor, gain: Tensor, scale: float, eps: float, dtype: torch.dtype) -> Optional[Tensor]:
+    """The operand :class:`standardised_ahead` made of exactly this weight and gain as they are now,
+    for this scale, eps and dtype; else None."""
+    operands = getattr(_AHEAD, "operands", None)
+    entry = operands.get(id(weight)) if operands else None
+    if (entry is None or entry[0] is not weight or entry[1] is not gain or entry[2] != (weight._version, gain._version)
+            or entry[3] != scale or entry[4] != eps or entry[5].dtype != dtype):
+        return None
+    return entry[5]
+
+
 @_library.custom_op("nfnet_fast::triton_fused_conv")
 def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding: List[int], groups: int,
                   act: int, act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
@@ -143,14 +197,17 @@ def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
     if compute_dtype is not None:
         x = x.to(compute_dtype)
     # with a gain, the standardised weight the GEMM read: the autograd saves it for the backward
-    std_weight = None
+    std_weight, ready = None, False
     if gain is not None and weight.dim() == 4:  # (a wrong shape: fused_conv's checks say so)
-        cout, cg, kh, kw = weight.shape
-        std_weight = torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype)
+        std_weight = _operand_ahead(weight, gain, std_scale, std_eps, x.dtype)
+        ready = std_weight is not None
+        if not ready:
+            cout, cg, kh, kw = weight.shape
+            std_weight = torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype)
     res = _conv.fused_conv(x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, want_sums=want_sums,
                            gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, pre_beta=pre_beta,
-                           want_out=want_out, std_out=std_weight)
+                           want_out=want_out, std_out=std_weight, std_ready=ready)
     std_weight = x.new_empty((0,)) if std_weight is None else std_weight
     if not want_out:  # the sums alone, and a (0,) placeholder for the output never written
         return x.new_empty((0,)), res, std_weight

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 from timm.layers import EcaModule as _TimmEca
 from timm.layers import ScaledStdConv2d as _TimmStdConv
 from timm.layers import ScaledStdConv2dSame as _TimmStdConvSame
@@ -690,15 +691,60 @@ class NormFreeNet(_TimmNet):
                   * _library.conv_out_size(x.shape[3], left, right, conv.kernel_size[1], conv.stride[0]))
         return None, (sums / pixels).to(_library.conv_out_dtype(x))
 
+    def _standardised_ahead(self, x: torch.Tensor):
+        """A context in which a training forward on ``x`` runs: every conv weight that the forward's
+        convs standardise in their ops is standardised on entry, a few launches in all instead of one
+        per conv (``ops._standardised_ahead``: the same values; a conv whose weight changed since
+        standardises its own). A null context where no conv would (eval without gradients: the
+        convs' cached weights serve), and under symbolic tracing, dispatch or function modes."""
+        if (not torch.is_grad_enabled() or _fx_traced(x) or not isinstance(x, torch.Tensor)
+                or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None
+                or forward_ad._current_level >= 0 or _global_hooks()):
+            return ops._NOTHING_AHEAD
+        convs = []
+        for m in self._convs_ahead():
+            params = m._parameters
+            w, g = params.get("weight"), params.get("gain")
+            if (g is not None and type(w) in _library._PLAIN and type(g) in _library._PLAIN
+                    and (m.training or w.requires_grad or g.requires_grad)):
+                convs.append((w, g, m.scale, m.eps, m.backend))
+        return ops._standardised_ahead(convs, x)
+
+    def _convs_ahead(self):
+        """The convs a training forward may standardise ahead: nfnet_fast's, where timm's NormFreeNet
+        keeps them (the stem's layers, each block's conv1, conv2, conv2b, conv3 and downsample conv, the
+        final conv), without hooks on them or on the blocks and stages around them: a hook may change a
+        weight between the entry and the conv (through ``.data``, which no version counter sees). Read
+        from the module dicts, for the host time of a training step. A conv kept anywhere else
+        standardises its own weight, as it always does."""
+        stem = self._modules["stem"]
+        mods = [] if stem is None or _hooked(stem) else list(stem._modules.values())
+        for stage in self._modules["stages"]._modules.values():
+            if stage is None or _hooked(stage):
+                continue
+            for blk in stage._modules.values():
+                if blk is None or _hooked(blk):
+                    continue
+                sub = blk._modules
+                mods += (sub.get("conv1"), sub.get("conv2"), sub.get("conv2b"), sub.get("conv3"))
+                down = sub.get("downsample")
+                if down is not None and not _hooked(down):
+                    mods.append(down._modules.get("conv"))
+        mods.append(self._modules.get("final_conv"))
+        return [m for m in mods if isinstance(m, _FusedConv) and not _hooked(m)]
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self._final(self._trunk(x), pooled=False)
+        with self._standardised_ahead(x):
+            return self._final(self._trunk(x), pooled=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         head = self.head
         if (type(head) is not _TimmHead or _hooked(head) or _hooked(head.drop) or _hooked(head.fc)
                 or not isinstance(head.fc, (nn.Linear, nn.Identity)) or not _global_avg_pool_flat(head.global_pool)):
-            return super().forward(x)
-        x, pooled = self._final(self._trunk(x), pooled=True)
+            return super().forward(x)  # (timm's: through forward_features, above)
+        with self._standardised_ahead(x):
+            x, pooled = self._final(self._trunk(x), pooled=True)
         if pooled is None:
             return self.forward_head(x)
         return head.flatten(head.fc(head.drop(pooled)))

@@ -10,6 +10,7 @@ so they work under ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck
 """
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Optional, Tuple, Union
 
@@ -430,6 +431,34 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return _implementation("fused_conv", backend, x, weight, bias, pre_x, gain)(
         x, weight, bias, stride, padding, groups, act, float(act_gain), bool(pool), bool(want_sums), pre_x,
         float(pre_beta), gain, float(std_scale), float(std_eps), bool(pre_act), bool(want_out))
+
+
+_NOTHING_AHEAD = contextlib.nullcontext()
+
+
+def _standardised_ahead(convs, x: torch.Tensor):
+    """A context for a training forward on ``x`` (nfnet_fast.nn.NormFreeNet): of ``convs``, the
+    (weight, gain, scale, eps, backend) of the ScaledStdConv2d layers it is about to run, those whose
+    fused_conv runs the Triton kernels on ``x``'s device have their weights standardised now, one
+    launch per tile instead of one per conv (nfnet_fast._triton.standardised_ahead: same values).
+    A null context where none does, and where the ops would run the reference math anyway."""
+    if x.dtype == torch.float64 or torch.compiler.is_compiling() or _needs_reference(x):
+        return _NOTHING_AHEAD
+    device = x.device
+    chosen, triton_runs = [], {}
+    for weight, gain, scale, eps, backend in convs:
+        runs = triton_runs.get(backend)
+        if runs is None:  # (a model's convs share one backend name: resolved once)
+            name = resolve_backend(backend, device, "fused_conv")
+            # (the cuda backend's fused_conv runs the Triton kernel where triton runs: _cuda.fused_conv)
+            runs = triton_runs[backend] = name == "triton" or (
+                name == "cuda" and _backends.backends()["triton"].runs_on(device.type))
+        if runs:
+            chosen.append((weight, gain, scale, eps))
+    if not chosen or _backends.op_function("triton", "fused_conv") is None:
+        return _NOTHING_AHEAD
+    from . import _triton
+    return _triton.standardised_ahead(chosen, _library.conv_out_dtype(x))
 
 
 # The backends, imported here, outside any compiled region (dynamo cannot trace an import): each

@@ -655,6 +655,126 @@ def test_training_step_runs_one_op_per_conv(backend, monkeypatch):
         assert packed == {"std": 0, "copied": 0}, (autocast, packed)
 
 
+def _narrow_nfnet(seed: int):
+    """eca_nfnet_l0's layer graph at 1/8 of its width (the same 57 convs and 12 ECA blocks), random weights."""
+    import dataclasses
+
+    import timm.models.nfnet as timm_nfnet
+    cfg = dataclasses.replace(timm_nfnet.model_cfgs["eca_nfnet_l0"], channels=(32, 64, 192, 192), stem_chs=16,
+                              group_size=8, num_features=288)
+    return randomize_(timm_nfnet.NormFreeNet(cfg, num_classes=10), seed)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_training_forward_standardises_ahead(backend, monkeypatch):
+    """A training forward standardises all its convs' weights on entry, one launch per tile
+    (kernels.scaled_std_weight.forward_many), and each conv op takes its operand instead of launching
+    its own standardisation: the output, the loss and every gradient are the bits of the same step
+    with one standardisation per conv. A conv whose weight changed in place after the entry (a block's
+    forward pre-hook here) standardises its own, and so gets timm's values for the changed weight; the
+    scope ends with the forward, an exception too; an eval forward without gradients standardises
+    nothing ahead (the convs' cached weights serve)."""
+    from conftest import counted_work
+    from nfnet_fast import _triton
+    from nfnet_fast.kernels import scaled_std_weight as std_kernels
+
+    took = []
+    real_take = _triton._operand_ahead
+    monkeypatch.setattr(_triton, "_operand_ahead", lambda *a: took.append(real_take(*a)) or took[-1])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)).contiguous(
+        memory_format=torch.channels_last)
+
+    def step(ahead: bool, hook=None):
+        fast = nfnet_fast.convert(_narrow_nfnet(21), backend=backend).train().to(memory_format=torch.channels_last)
+        if not ahead:
+            fast._standardised_ahead = lambda x: contextlib.nullcontext()
+        if hook is not None:
+            hook(fast)
+        took.clear()
+        with counted_work(std_kernels) as work:
+            out = fast(x)
+        loss = torch.nn.functional.cross_entropy(out, torch.tensor([1, 7]))
+        loss.backward()
+        assert getattr(_triton._AHEAD, "operands", None) is None  # (the scope ended with the forward)
+        return fast, dict(work["launches"]), [out, loss] + [p.grad for p in fast.parameters()], sum(
+            t is not None for t in took)
+
+    fast, forward, ahead, hits = step(True)
+    convs = [m for m in fast.modules() if isinstance(m, timm.layers.ScaledStdConv2d)]
+    tiles = {tuple(std_kernels.config(m.weight[0].numel()).items()) for m in convs}
+    cpu_tiles = {tuple(std_kernels.config(m.weight[0].numel(), torch.device("cpu")).items()) for m in convs}
+    assert forward == {"_std_fwd_many_kernel": len(cpu_tiles)}, forward
+    assert hits == len(convs) == 57 and len(tiles) <= 5  # (on a GPU: one launch per tile, <= 5 of 57)
+    _, forward, each, hits = step(False)
+    assert forward == {"_std_fwd_kernel": len(convs)} and hits == 0, forward
+    for i, (a, b) in enumerate(zip(ahead, each)):
+        assert torch.equal(a, b), i
+
+    def scale_conv2_on_entry(model):  # (a changed weight: its version counter moves after the entry)
+        changed = model.stages[2][1].conv2
+
+        def pre_hook(module, args):
+            with torch.no_grad():
+                changed.weight.mul_(1.5)
+        model.stages[1][0].conv1.register_forward_pre_hook(pre_hook)
+    _, _, changed_ahead, hits = step(True, scale_conv2_on_entry)
+    assert hits == len(convs) - 2  # (the changed weight's conv, and the hooked conv: not standardised ahead)
+    _, _, changed_each, _ = step(False, scale_conv2_on_entry)
+    for i, (a, b) in enumerate(zip(changed_ahead, changed_each)):
+        assert torch.equal(a, b), i
+    assert not torch.equal(changed_ahead[0], ahead[0])
+
+    def fail(module, args):
+        raise RuntimeError("a failing hook")
+    handle = fast.stages[1][0].register_forward_pre_hook(fail)
+    with pytest.raises(RuntimeError, match="a failing hook"):
+        fast(x)
+    assert getattr(_triton._AHEAD, "operands", None) is None
+    handle.remove()
+    fast.eval()
+    with torch.no_grad():
+        fast(x)  # (fills the convs' caches)
+        calls = []
+        monkeypatch.setattr(std_kernels, "forward_many", lambda *a: calls.append(a))
+        fast(x)
+    assert calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_training_step_standardised_ahead_gives_the_same_bits(dtype, monkeypatch):
+    """On the GPU, eca_nfnet_l0's training step (batch 2, 64 px, channels_last) with its weights
+    standardised ahead gives the bits of the step with one standardisation per conv: the GPU tiles'
+    kernels, compiled, and the same tile per weight (at most 5 launches for the 57 weights)."""
+    from conftest import counted_work
+    from nfnet_fast.kernels import scaled_std_weight as std_kernels
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(2, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (2,), device="cuda", generator=g)
+    results = []
+    for ahead in (True, False):
+        model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 9), backend="triton")
+        model = model.cuda().train().to(memory_format=torch.channels_last)
+        if not ahead:
+            model._standardised_ahead = lambda x: contextlib.nullcontext()
+        for _ in range(2):  # (the first step tunes the tiles; the second is compared)
+            model.zero_grad(set_to_none=True)
+            with counted_work(std_kernels) as work, torch.autocast("cuda", dtype=dtype,
+                                                                  enabled=dtype != torch.float32):
+                out = model(x)
+            torch.nn.functional.cross_entropy(out, y).backward()
+        launches = dict(work["launches"])
+        if ahead:
+            assert set(launches) == {"_std_fwd_many_kernel"} and launches["_std_fwd_many_kernel"] <= 5, launches
+        else:
+            assert launches == {"_std_fwd_kernel": 57}, launches
+        results.append([out] + [p.grad for p in model.parameters()])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert torch.equal(a, b), i
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_training_forward_saves_under_0_45x_of_timms_activations(backend):
     """What one training forward of eca_nfnet_l0 holds for its backward, per-sample tensors only

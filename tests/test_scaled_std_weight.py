@@ -166,3 +166,94 @@ def test_kernels_refuse_rows_they_cannot_read():
         std_kernels.backward(torch.randn(2, 3, 1, 1), torch.randn(3, 3, 1, 1), torch.ones(3), 0.5, 1e-5)
     with pytest.raises(ValueError, match="grad_out must be contiguous or channels_last-contiguous"):
         std_kernels.backward(torch.randn(8, 6, 3, 6)[..., ::2], w, gain, 0.5, 1e-5)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+@pytest.mark.parametrize("gpu_config", [False, True], ids=["cpu tiles", "gpu tiles"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_forward_many_writes_what_forward_writes(dtype, gpu_config, rng):
+    """Many weights standardised at once (a training forward's convs: kernels.scaled_std_weight.forward_many)
+    into their packed operands: each one the bits that ``forward(..., packed=)`` writes for it alone, from
+    one launch per tile; every operand 16-byte aligned and contiguous in one buffer. Weights of every
+    tile (the 27-wide stem rows, 1x1, 3x3, a channels_last kxk weight, rows of 4140 that take the looped
+    kernel), random gains, scales and eps. A weight the kernel cannot read as it is (rows that are not
+    dense, a bf16 weight, a strided gain) gets None, the others their operands. The plan is kept while the
+    weights stay where they are, and made again when one moves."""
+    from nfnet_fast.kernels import scaled_std_weight as std_kernels
+
+    shapes = [(16, 3, 3, 3), (24, 16, 1, 1), (3, 460, 3, 3), (12, 8, 3, 3), (40, 96, 1, 1), (5, 7, 1, 1),
+              (8, 32, 3, 3)]
+    weights = [torch.randn(s, generator=rng) * float(torch.rand((), generator=rng)) + 0.1 for s in shapes]
+    weights[3] = weights[3].contiguous(memory_format=torch.channels_last)
+    gains = [1 + 0.3 * torch.randn(s[0], 1, 1, 1, generator=rng) for s in shapes]
+    scales = [float(torch.empty(()).uniform_(0.02, 0.5, generator=rng)) for _ in shapes]
+    epss = [float(10 ** torch.empty(()).uniform_(-6, -3, generator=rng)) for _ in shapes]
+    refused = {  # (index: weight, gain)
+        len(shapes): (torch.randn(6, 8, 3, 3, generator=rng)[:, ::2], torch.ones(6)),
+        len(shapes) + 1: (torch.randn(6, 4, 1, 1, generator=rng).bfloat16(), torch.ones(6)),
+        len(shapes) + 2: (torch.randn(6, 4, 1, 1, generator=rng), torch.ones(12)[::2]),
+    }
+    for w, g in refused.values():
+        weights.append(w)
+        gains.append(g)
+        scales.append(0.1)
+        epss.append(1e-5)
+    tiles = {tuple(std_kernels.config(w.numel() // w.shape[0], gpu_config=gpu_config).items())
+             for w in weights[:len(shapes)]}
+    std_kernels._PLANS.clear()
+    torch.full((1 << 20,), float("nan")).sum()  # (freed: memory an unwritten operand could be given)
+    with counted_work(std_kernels) as work:
+        operands = std_kernels.forward_many(weights, gains, scales, epss, dtype, gpu_config)
+    assert work["launches"] == {"_std_fwd_many_kernel": len(tiles)} and work["copies"] == [], work
+    assert len(operands) == len(weights) and all(operands[i] is None for i in refused)
+    for w, g, scale, eps, op in zip(weights[:len(shapes)], gains, scales, epss, operands):
+        ref = torch.full((w.shape[2], w.shape[3], w.shape[1], w.shape[0]), float("nan"), dtype=dtype)
+        std_kernels.forward(w, g, scale, eps, gpu_config, packed=ref)
+        assert op.shape == ref.shape and op.dtype == dtype and op.is_contiguous() and op.data_ptr() % 16 == 0
+        assert torch.equal(op, ref), (tuple(w.shape), (op.float() - ref.float()).abs().max())
+    assert len({op.untyped_storage().data_ptr() for op in operands if op is not None}) == 1
+    assert len(std_kernels._PLANS) == 1
+    std_kernels.forward_many(weights, gains, scales, epss, dtype, gpu_config)
+    assert len(std_kernels._PLANS) == 1  # (the same weights: the plan kept)
+    moved = weights[1].clone() * 2  # another weight at another address: a new plan, its values
+    again = std_kernels.forward_many([weights[0], moved], gains[:2], scales[:2], epss[:2], dtype, gpu_config)
+    assert len(std_kernels._PLANS) == 2
+    ref = torch.empty(1, 1, 16, 24, dtype=dtype)
+    std_kernels.forward(moved, gains[1], scales[1], epss[1], gpu_config, packed=ref)
+    assert torch.equal(again[1], ref)
+    with pytest.raises(ValueError, match="as many gains, scales and eps as weights"):
+        std_kernels.forward_many(weights, gains[:2], scales, epss, dtype)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+def test_forward_many_keeps_the_tables_a_cuda_graph_reads(monkeypatch, rng):
+    """During a CUDA graph capture forward_many makes no plan (its tables' host-to-device copy cannot be
+    captured: the caller standardises each weight itself), and a plan a capture used is never dropped to
+    bound the cache, since every replay of the graph reads its tables. (The capture is simulated: the
+    kernels run on CPU tensors here.)"""
+    from nfnet_fast.kernels import scaled_std_weight as std_kernels
+
+    def weights():
+        return [torch.randn(8, 4, 1, 1, generator=rng)], [torch.ones(8)], [0.5], [1e-5]
+    std_kernels._PLANS.clear()
+    captured = weights()
+    try:
+        monkeypatch.setattr(std_kernels, "_capturing", lambda device: True)
+        assert std_kernels.forward_many(*captured, torch.float32) is None and not std_kernels._PLANS
+        monkeypatch.setattr(std_kernels, "_capturing", lambda device: False)
+        first = std_kernels.forward_many(*captured, torch.float32)  # (a warm-up step before the capture)
+        monkeypatch.setattr(std_kernels, "_capturing", lambda device: True)
+        in_graph = std_kernels.forward_many(*captured, torch.float32)
+        assert torch.equal(in_graph[0], first[0])
+        (key,) = std_kernels._PLANS
+        tables = [group[1] for group in std_kernels._PLANS[key][1]]
+        monkeypatch.setattr(std_kernels, "_capturing", lambda device: False)
+        others = [weights() for _ in range(2 * std_kernels._PLANS_MAX)]  # (kept: each at its own address)
+        for other in others:
+            std_kernels.forward_many(*other, torch.float32)
+        assert key in std_kernels._PLANS
+        assert all(a is b for a, b in zip([group[1] for group in std_kernels._PLANS[key][1]], tables))
+        assert len(std_kernels._PLANS) <= std_kernels._PLANS_MAX + 1
+    finally:
+        std_kernels._PLANS.clear()
+        std_kernels._CAPTURED.clear()
