@@ -107,7 +107,12 @@ def _std_fwd_rows(w_ptr, gain_ptr, out_ptr, rows, C_out, K, TAPS, scale, eps,
             tl.store(out_ptr + dst, out.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["C_out"])
+# (compiled knowing nothing of its pointers' alignment or its sizes' divisibility, as
+# _std_fwd_many_kernel knows nothing of the addresses and sizes it reads from its table: the same
+# layouts, so the same order of the row sums, so a weight standardised by either gets the same bits;
+# tests/test_scaled_std_weight.py compares their compiled layouts. A weight is small: its loads
+# need no vectors.)
+@triton.jit(do_not_specialize=["C_out", "K", "TAPS"], do_not_specialize_on_alignment=["w_ptr", "gain_ptr", "out_ptr"])
 def _std_fwd_kernel(w_ptr, gain_ptr, out_ptr, C_out, K, TAPS, scale, eps,
                     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE: tl.constexpr, PACKED: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -197,11 +202,11 @@ def _config(fan_in: int, gpu: bool) -> types.MappingProxyType:
 
 _CONFIGS = [config(k) for k in BLOCK_KS] + [config(BLOCK_KS[-1] + 1)]
 AOT = [
-    AotSpec(_std_fwd_kernel, dict(scale="fp32", eps="fp32"), [dict(PACKED=False, **c) for c in _CONFIGS],
-            aligned=("w_ptr", "gain_ptr", "out_ptr", "K")),
+    # (no argument aligned: the kernel never specialises on it)
+    AotSpec(_std_fwd_kernel, dict(scale="fp32", eps="fp32"), [dict(PACKED=False, **c) for c in _CONFIGS]),
     # packed: fp32 weight in, 16-bit out (the fused conv's operand under autocast)
     AotSpec(_std_fwd_kernel, dict(w_ptr="*fp32", gain_ptr="*fp32", scale="fp32", eps="fp32"),
-            [dict(PACKED=True, **c) for c in _CONFIGS], aligned=("w_ptr", "gain_ptr", "out_ptr", "K")),
+            [dict(PACKED=True, **c) for c in _CONFIGS]),
     AotSpec(_std_bwd_kernel, dict(dgain_ptr="*fp32", scale="fp32", eps="fp32"), _CONFIGS,
             aligned=("dy_ptr", "w_ptr", "gain_ptr", "dw_ptr", "dgain_ptr", "K")),
     # the fused conv's backward: the conv's 16-bit weight gradient in, the fp32 raw weight's out
@@ -338,7 +343,9 @@ def forward_many(weights: Sequence[torch.Tensor], gains: Sequence[torch.Tensor],
         plan = _plan(weights, gains, scales, epss, dtype, gpu)
         if len(_PLANS) >= _PLANS_MAX:
             for old in [k for k in _PLANS if k not in _CAPTURED]:
-                del _PLANS[old]
+                if old[0].type == "cuda":  # (a launch reading its tables may still run, on any stream)
+                    torch.cuda.synchronize(old[0])
+                _PLANS.pop(old, None)
         _PLANS[key] = plan
     if capturing:
         _CAPTURED.add(key)
@@ -352,7 +359,12 @@ def forward_many(weights: Sequence[torch.Tensor], gains: Sequence[torch.Tensor],
 
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on ``device``'s current stream."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if device.type != "cuda":
+        return False
+    if device.index is None or device.index == torch.cuda.current_device():
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def reads_packed(weight: torch.Tensor, gain: torch.Tensor) -> bool:

@@ -693,10 +693,15 @@ class NormFreeNet(_TimmNet):
 
     def _standardised_ahead(self, x: torch.Tensor):
         """A context in which a training forward on ``x`` runs: every conv weight that the forward's
-        convs standardise in their ops is standardised on entry, a few launches in all instead of one
-        per conv (``ops._standardised_ahead``: the same values; a conv whose weight changed since
-        standardises its own). A null context where no conv would (eval without gradients: the
-        convs' cached weights serve), and under symbolic tracing, dispatch or function modes."""
+        convs would standardise in their ops is standardised on entry, a few launches in all instead of
+        one per conv (``ops._standardised_ahead``: the same bits; a conv whose weight or gain changed
+        in place since, or was swapped, standardises its own). A null context where the convs would not
+        standardise (no gradients: the cached weights serve), and where the entry cannot see what the
+        forward will do: symbolic tracing, compiling, dispatch or function modes, functorch transforms,
+        forward-mode AD, module hooks (global, or anywhere in the stem, stages or final conv: a hook may
+        change a weight through ``.data``, which no version counter sees). Code of one's own inside
+        the trunk that edits a weight through ``.data`` is not seen either (as the eval cache does not
+        see such edits: call ``.eval()`` after them)."""
         if (not torch.is_grad_enabled() or _fx_traced(x) or not isinstance(x, torch.Tensor)
                 or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
                 or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None
@@ -707,32 +712,27 @@ class NormFreeNet(_TimmNet):
             params = m._parameters
             w, g = params.get("weight"), params.get("gain")
             if (g is not None and type(w) in _library._PLAIN and type(g) in _library._PLAIN
-                    and (m.training or w.requires_grad or g.requires_grad)):
+                    and (m.training or w.requires_grad or g.requires_grad)
+                    and not w.is_inference() and not g.is_inference()):  # (inference tensors have no version)
                 convs.append((w, g, m.scale, m.eps, m.backend))
         return ops._standardised_ahead(convs, x)
 
-    def _convs_ahead(self):
-        """The convs a training forward may standardise ahead: nfnet_fast's, where timm's NormFreeNet
-        keeps them (the stem's layers, each block's conv1, conv2, conv2b, conv3 and downsample conv, the
-        final conv), without hooks on them or on the blocks and stages around them: a hook may change a
-        weight between the entry and the conv (through ``.data``, which no version counter sees). Read
-        from the module dicts, for the host time of a training step. A conv kept anywhere else
-        standardises its own weight, as it always does."""
-        stem = self._modules["stem"]
-        mods = [] if stem is None or _hooked(stem) else list(stem._modules.values())
-        for stage in self._modules["stages"]._modules.values():
-            if stage is None or _hooked(stage):
+    def _convs_ahead(self) -> list:
+        """nfnet_fast's convs in the stem, the stages and the final conv, or none where any module
+        there carries hooks (see :meth:`_standardised_ahead`). Read from the module dicts, for the
+        host time of a training step."""
+        convs, todo = [], [self._modules.get("stem"), self._modules.get("stages"), self._modules.get("final_conv")]
+        while todo:
+            m = todo.pop()
+            if m is None:
                 continue
-            for blk in stage._modules.values():
-                if blk is None or _hooked(blk):
-                    continue
-                sub = blk._modules
-                mods += (sub.get("conv1"), sub.get("conv2"), sub.get("conv2b"), sub.get("conv3"))
-                down = sub.get("downsample")
-                if down is not None and not _hooked(down):
-                    mods.append(down._modules.get("conv"))
-        mods.append(self._modules.get("final_conv"))
-        return [m for m in mods if isinstance(m, _FusedConv) and not _hooked(m)]
+            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+                return []
+            if isinstance(m, _FusedConv):
+                convs.append(m)
+            else:
+                todo.extend(m._modules.values())
+        return convs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         with self._standardised_ahead(x):

@@ -670,10 +670,11 @@ def test_training_forward_standardises_ahead(backend, monkeypatch):
     """A training forward standardises all its convs' weights on entry, one launch per tile
     (kernels.scaled_std_weight.forward_many), and each conv op takes its operand instead of launching
     its own standardisation: the output, the loss and every gradient are the bits of the same step
-    with one standardisation per conv. A conv whose weight changed in place after the entry (a block's
-    forward pre-hook here) standardises its own, and so gets timm's values for the changed weight; the
-    scope ends with the forward, an exception too; an eval forward without gradients standardises
-    nothing ahead (the convs' cached weights serve)."""
+    with one standardisation per conv. A conv whose weight changed in place after the entry (by a
+    module of the trunk) standardises its own, so the changed weight's values are used; with a hook
+    anywhere in the trunk nothing is standardised ahead; the scope ends with the forward, an
+    exception too; an eval forward without gradients standardises nothing ahead (the convs' cached
+    weights serve)."""
     from conftest import counted_work
     from nfnet_fast import _triton
     from nfnet_fast.kernels import scaled_std_weight as std_kernels
@@ -710,19 +711,32 @@ def test_training_forward_standardises_ahead(backend, monkeypatch):
     for i, (a, b) in enumerate(zip(ahead, each)):
         assert torch.equal(a, b), i
 
-    def scale_conv2_on_entry(model):  # (a changed weight: its version counter moves after the entry)
-        changed = model.stages[2][1].conv2
+    class ChangesAWeight(torch.nn.Module):  # (code in the trunk that edits a later conv's weight in place)
+        def __init__(self, weight):
+            super().__init__()
+            self.weight_to_change = [weight]
 
-        def pre_hook(module, args):
+        def forward(self, x):
             with torch.no_grad():
-                changed.weight.mul_(1.5)
-        model.stages[1][0].conv1.register_forward_pre_hook(pre_hook)
-    _, _, changed_ahead, hits = step(True, scale_conv2_on_entry)
-    assert hits == len(convs) - 2  # (the changed weight's conv, and the hooked conv: not standardised ahead)
-    _, _, changed_each, _ = step(False, scale_conv2_on_entry)
+                self.weight_to_change[0].add_(0.05)  # (its version counter moves after the entry)
+            return F.silu(x)
+
+    def change_a_weight(model):
+        model.stages[1][0].act2 = ChangesAWeight(model.stages[2][1].conv2.weight)
+    _, _, changed_ahead, hits = step(True, change_a_weight)
+    assert hits == len(convs) - 1  # (the changed weight's conv standardises its own)
+    _, _, changed_each, _ = step(False, change_a_weight)
     for i, (a, b) in enumerate(zip(changed_ahead, changed_each)):
         assert torch.equal(a, b), i
     assert not torch.equal(changed_ahead[0], ahead[0])
+
+    def hook_an_activation(model):  # (a hook anywhere in the trunk could edit a weight through .data)
+        model.stages[1][0].act2.register_forward_hook(lambda module, args, out: None)
+    _, forward, hooked_ahead, hits = step(True, hook_an_activation)
+    assert hits == 0 and forward == {"_std_fwd_kernel": len(convs)}, forward
+    _, _, hooked_each, _ = step(False, hook_an_activation)  # (the hooked SiLU runs apart from its conv)
+    for i, (a, b) in enumerate(zip(hooked_ahead, hooked_each)):
+        assert torch.equal(a, b), i
 
     def fail(module, args):
         raise RuntimeError("a failing hook")

@@ -257,3 +257,81 @@ def test_forward_many_keeps_the_tables_a_cuda_graph_reads(monkeypatch, rng):
     finally:
         std_kernels._PLANS.clear()
         std_kernels._CAPTURED.clear()
+
+
+def _row_sum_layouts(job):
+    """The compiled (TTGIR) layouts of a standardisation forward kernel's fp32 loads and row sums, for
+    ``job`` = (kernel, fan-in, arch, out dtype, aligned): its one-weight kernel as the launcher runs it
+    (PACKED; ``aligned`` compiles it as it was before, specialised on 16-divisible pointers and fan-in), or
+    ``_std_fwd_many_kernel``. Runs in a spawned worker (TRITON_INTERPRET=0: the real compiler)."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from nfnet_fast.kernels import scaled_std_weight as std_kernels
+
+    name, fan_in, arch, dtype, aligned = job
+    cfg = dict(std_kernels.config(fan_in, gpu_config=True))
+    warps = cfg.pop("num_warps")
+    if name == "one":
+        kernel = std_kernels._std_fwd_kernel
+        types = dict(w_ptr="*fp32", gain_ptr="*fp32", out_ptr=f"*{dtype}", C_out="i32", K="i32", TAPS="i32",
+                     scale="fp32", eps="fp32")
+        constants = dict(cfg, PACKED=True)
+        divisible = ("w_ptr", "gain_ptr", "out_ptr", "K") if aligned else ()
+    else:
+        kernel = std_kernels._std_fwd_many_kernel
+        types = dict(table_ptr="*i64", coef_ptr="*fp32", out_ptr=f"*{dtype}")
+        constants = cfg
+        divisible = ("table_ptr", "coef_ptr", "out_ptr")  # (fresh tensors)
+    names = [p.name for p in kernel.params]
+    signature = {n: types.get(n, "constexpr") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in divisible}
+    compiled = triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget("cuda", arch, 32),
+                              options=dict(num_warps=warps))
+    ttgir = compiled.asm["ttgir"]
+    layouts = dict(re.findall(r"^(#\w+) = (#ttg\.[^\n]+)$", ttgir, re.M))
+    lines = []
+    for line in ttgir.splitlines():
+        if '"tt.reduce"' in line or "}) : (tensor" in line or ("tt.load" in line and "x!tt.ptr<f32>" in line):
+            line = re.sub(r"%[\w#]+", "%", re.sub(r" loc\(.*?\)$", "", line.strip()))
+            lines.append(re.sub(r"#blocked\d*", lambda m: layouts.get(m.group(0), m.group(0)), line))
+    return lines
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+def test_one_and_many_weight_kernels_sum_rows_alike():
+    """A weight standardised alone (``_std_fwd_kernel``, a conv's own launch) and among others
+    (``_std_fwd_many_kernel``, a training forward's weights standardised ahead) must get the same bits on a
+    GPU, where Triton's row sums run in the order their layout gives, and the layout follows what the
+    compiler knows of the loads' alignment: compiled for sm_90 and sm_80, every tile, fp32 and bf16 out,
+    both kernels' loads and reductions have the same layouts. (The interpreter, which the other tests run,
+    sums alike whatever the layout.) The one-weight kernel as it was compiled before, specialised on
+    aligned pointers and a 16-divisible fan-in, gets other layouts: the comparison can fail."""
+    import concurrent.futures as cf
+    import multiprocessing
+    import os
+
+    from nfnet_fast.kernels import aot
+
+    cases = [(fan_in, arch, dtype) for fan_in in (64, 256, 1024, 2048, 4097)
+             for arch, dtype in ((90, "bf16"), (90, "fp32"), (80, "bf16"))]
+    jobs = [(name, *case, False) for case in cases for name in ("one", "many")] + [("one", 256, 90, "bf16", True)]
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # (the spawned workers inherit it before importing triton)
+    try:
+        with cf.ProcessPoolExecutor(max(1, min(4, os.cpu_count() or 1)), mp_context=multiprocessing.get_context("spawn"),
+                                    initializer=aot._init_worker) as pool:
+            rows = list(pool.map(_row_sum_layouts, jobs))
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    for i, case in enumerate(cases):
+        one, many = rows[2 * i], rows[2 * i + 1]
+        assert len(one) >= 4 and sum('"tt.reduce"' in line for line in one) >= 2, (case, one)
+        assert one == many, case
+    assert rows[-1] != rows[2 * cases.index((256, 90, "bf16"))]
