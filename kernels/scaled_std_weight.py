@@ -133,7 +133,7 @@ def _std_fwd_many_kernel(table_ptr, coef_ptr, out_ptr, ROWS: tl.constexpr, BLOCK
     row = table_ptr + tl.program_id(0) * TABLE_INTS
     w = tl.load(row).to(tl.pointer_type(tl.float32))
     gain = tl.load(row + 1).to(tl.pointer_type(tl.float32))
-    out = out_ptr + tl.load(row + 2)
+    out = out_ptr + tl.load(row + 2).to(tl.int32)  # (an int32 offset: an int64 one left ptxas a stack frame)
     c_out = tl.load(row + 3).to(tl.int32)
     k = tl.load(row + 4).to(tl.int32)
     taps = tl.load(row + 5).to(tl.int32)
@@ -405,4 +405,6 @@ def _plan(weights, gains, scales, epss, dtype, gpu):
         coef = torch.tensor(floats, dtype=torch.float32).to(device)
         groups.append((dict(ROWS=rows, BLOCK_K=block_k, SINGLE=single, num_warps=warps), table, coef,
                        len(floats) // 2))
+    if offset >= 2 ** 31:  # (the kernel's offsets into the buffer are int32)
+        return 1, [], [None] * len(views)
     return max(offset, 1), groups, views
