@@ -594,7 +594,8 @@ def test_training_step_runs_one_op_per_conv(backend, monkeypatch):
     around it; in eval, the modules' cached weight is already packed (and cast, under autocast), so
     no conv copies a weight at all. The backward uses the standardised weight its forward made, and
     so does the recompute of each block's conv3 (ECA's input y): the backward standardises nothing.
-    Gradients stay timm's."""
+    Gradients stay timm's. (Under the op counter's dispatch mode the model does not standardise its
+    weights ahead, so each conv standardises its own: test_training_forward_standardises_ahead.)"""
     from nfnet_fast.kernels import fused_conv as fc
     packed = {"std": 0, "copied": 0}
     real_std, real_pack = fc._std.forward, fc.pack_weight
