@@ -47,6 +47,16 @@ def _bytes(tensors) -> int:
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 
+def _plan_tables() -> dict:
+    """The device tables of ``kernels.scaled_std_weight.forward_many``'s plans, by address: a cache that a
+    training forward fills once for its weights and keeps (docs/triton-training-step.md section 11)."""
+    try:
+        from nfnet_fast.kernels import scaled_std_weight as std_kernels
+    except ImportError:  # (no Triton: no plans)
+        return {}
+    return {t.data_ptr(): t for plan in std_kernels._PLANS.values() for group in plan[1] for t in group[1:3]}
+
+
 @contextlib.contextmanager
 def _interpreter_frees_at_launch_end():
     """Under ``TRITON_INTERPRET=1`` the interpreter holds each launch's arguments in a reference
@@ -96,6 +106,7 @@ def step_peak(model, batch: int, size: int, dtype: str, device: torch.device) ->
     # steps free was allocated inside the profile.
     gc.collect()
     start = _bytes([x, target, *model.parameters()])
+    tables_before = _plan_tables()
     with _interpreter_frees_at_launch_end(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         B.train_step(model, opt, x, target, dtype)
         B.train_step(model, opt, x, target, dtype)
@@ -113,12 +124,14 @@ def step_peak(model, batch: int, size: int, dtype: str, device: torch.device) ->
         peaks[phase] = max(running[first:last + 1])  # what was live as it began, and after each event in it
     peaks["start"] = running[bisect.bisect_left(times, ranges["forward"][0])]  # live as the second step began
     peaks["forward end"] = running[bisect.bisect_right(times, ranges["forward"][1])]
-    # Self-check: after the steps, what is live is the parameters, the batch, the gradients and the
-    # momentum; what the events say more than that (blocks whose free the profiler missed, or the
-    # profiler's own) inflates every peak above by as much.
+    # Self-check: after the steps, what is live is the parameters, the batch, the gradients, the
+    # momentum and the tables of the weights-standardised-ahead plan the first step made (a cache
+    # kept across steps, ~1 KB); what the events say more than that (blocks whose free the profiler
+    # missed, or the profiler's own) inflates every peak above by as much.
     state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    tables = [t for ptr, t in _plan_tables().items() if ptr not in tables_before]
     peaks["unaccounted"] = running[-1] - start - _bytes([p.grad for p in model.parameters() if p.grad is not None]
-                                                        + state)
+                                                        + state + tables)
     peaks["saved"] = B.saved_bytes(model, x, target, dtype)
     return peaks
 

@@ -343,17 +343,19 @@ def forward_many(weights: Sequence[torch.Tensor], gains: Sequence[torch.Tensor],
         plan = _plan(weights, gains, scales, epss, dtype, gpu)
         if len(_PLANS) >= _PLANS_MAX:
             for old in [k for k in _PLANS if k not in _CAPTURED]:
-                if old[0].type == "cuda":  # (a launch reading its tables may still run, on any stream)
-                    torch.cuda.synchronize(old[0])
-                _PLANS.pop(old, None)
+                _PLANS.pop(old, None)  # (its tables' memory waits for the launches reading them: below)
         _PLANS[key] = plan
     if capturing:
         _CAPTURED.add(key)
     total, groups, views = plan
     buffer = torch.empty(total, device=device, dtype=dtype)
     with device_guard(buffer):
+        stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
         for cfg, table, coef, programs in groups:
             launch(_std_fwd_many_kernel, (programs,), table, coef, buffer, **cfg)
+            if stream is not None:  # (a table dropped from the cache is not reused before this launch ends,
+                table.record_stream(stream)  # whichever stream it ran on)
+                coef.record_stream(stream)
     return [None if v is None else buffer.as_strided(*v) for v in views]
 
 

@@ -755,6 +755,22 @@ def test_training_forward_standardises_ahead(backend, monkeypatch):
     assert calls == []
 
 
+@pytest.mark.skipif("triton" not in COMPILED, reason="the triton backend does not run here")
+def test_training_forward_of_a_model_made_under_inference_mode():
+    """A model made under ``torch.inference_mode`` (its parameters inference tensors, which have no version
+    counter) and frozen, then run in train mode with gradients on: its convs standardise their own weights
+    (nothing is standardised ahead, which needs the version counters) and the output is the same model's,
+    made normally."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(8)).contiguous(
+        memory_format=torch.channels_last)
+    outs = []
+    for inference in (True, False):
+        with torch.inference_mode(inference):
+            fast = nfnet_fast.convert(_narrow_nfnet(6), backend="triton").requires_grad_(False)
+        outs.append(fast.train()(x))
+    assert torch.equal(*outs)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
