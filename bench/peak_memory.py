@@ -54,7 +54,7 @@ def _plan_tables() -> dict:
         from nfnet_fast.kernels import scaled_std_weight as std_kernels
     except ImportError:  # (no Triton: no plans)
         return {}
-    return {t.data_ptr(): t for plan in std_kernels._PLANS.values() for group in plan[1] for t in group[1:3]}
+    return {t.data_ptr(): t for t in std_kernels.plan_tables()}
 
 
 @contextlib.contextmanager

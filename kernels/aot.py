@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Sequence
 
 OPS = ("silu_scale", "scaled_std_weight", "eca_residual")  # compiled whole by tests/test_triton.py (~600 compiles)
 # fused_conv's matrix (~530 compiles of GEMM kernels, tens of minutes on 2 cores) is compiled whole by
@@ -124,13 +124,19 @@ def _init_worker():  # pragma: no cover - runs in the worker processes
 def compile_all(archs: Iterable[int] = ARCHS, ops: Iterable[str] = OPS, workers: Optional[int] = None) -> List[dict]:
     """Compile every job in fresh worker processes (TRITON_INTERPRET=0); rows in job order."""
     todo = jobs(archs, ops)
-    workers = workers or max(1, min(len(todo), os.cpu_count() or 1))
+    return map_compiling(compile_one, todo, workers or max(1, min(len(todo), os.cpu_count() or 1)), chunksize=4)
+
+
+def map_compiling(fn: Callable, items: Sequence, workers: int, chunksize: int = 1) -> list:
+    """``[fn(item) for item in items]`` in ``workers`` fresh spawned processes with TRITON_INTERPRET=0, so
+    that ``fn`` compiles with Triton's real compiler even from a process that imported triton as the
+    interpreter (the tests); ``fn`` must be importable by name (a module-level function)."""
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # spawned workers inherit it before they import triton
     try:
         ctx = multiprocessing.get_context("spawn")
         with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as pool:
-            return list(pool.map(compile_one, todo, chunksize=4))
+            return list(pool.map(fn, items, chunksize=chunksize))
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET", None)

@@ -369,6 +369,11 @@ def _capturing(device: torch.device) -> bool:
         return torch.cuda.is_current_stream_capturing()
 
 
+def plan_tables() -> List[torch.Tensor]:
+    """The device tables every kept :func:`forward_many` plan holds (a cache across steps: memory books)."""
+    return [t for plan in _PLANS.values() for group in plan[1] for t in group[1:3]]
+
+
 def reads_packed(weight: torch.Tensor, gain: torch.Tensor) -> bool:
     """Whether :func:`forward_many` takes this weight and gain as they are: a 4-D fp32 weight whose rows
     are dense (:func:`rows_layout`), a contiguous fp32 gain of C_out values on its device."""

@@ -726,7 +726,7 @@ class NormFreeNet(_TimmNet):
             m = todo.pop()
             if m is None:
                 continue
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            if _hooked(m):
                 return []
             if isinstance(m, _FusedConv):
                 convs.append(m)

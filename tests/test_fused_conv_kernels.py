@@ -2,8 +2,6 @@
 through the Triton interpreter when no GPU is present), the launch configurations against the
 ahead-of-time compile matrix, and that matrix compiled for sm_90 and sm_80 (no GPU needed):
 no spills, shared memory inside the limit, tensor-core instructions where they belong."""
-import concurrent.futures as cf
-import multiprocessing
 import os
 
 import pytest
@@ -398,21 +396,9 @@ def _aot_subset():
 
 @pytest.fixture(scope="module")
 def aot_rows():
-    jobs = _aot_subset()
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"  # the spawned workers inherit it before importing triton
-    try:
-        ctx = multiprocessing.get_context("spawn")
-        from nfnet_fast.kernels import aot
+    from nfnet_fast.kernels import aot
 
-        with cf.ProcessPoolExecutor(max(1, min(4, os.cpu_count() or 1)), mp_context=ctx,
-                                    initializer=aot._init_worker) as pool:
-            return list(pool.map(_aot_row, jobs))
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    return aot.map_compiling(_aot_row, _aot_subset(), max(1, min(4, os.cpu_count() or 1)))
 
 
 def test_aot_compiles_without_spills_within_shared_memory(aot_rows):

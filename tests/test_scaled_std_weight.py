@@ -313,8 +313,6 @@ def test_one_and_many_weight_kernels_sum_rows_alike():
     both kernels' loads and reductions have the same layouts. (The interpreter, which the other tests run,
     sums alike whatever the layout.) The one-weight kernel as it was compiled before, specialised on
     aligned pointers and a 16-divisible fan-in, gets other layouts: the comparison can fail."""
-    import concurrent.futures as cf
-    import multiprocessing
     import os
 
     from nfnet_fast.kernels import aot
@@ -322,17 +320,7 @@ def test_one_and_many_weight_kernels_sum_rows_alike():
     cases = [(fan_in, arch, dtype) for fan_in in (64, 256, 1024, 2048, 4096, 4097)  # (every tile; 4097 loops)
              for arch, dtype in ((90, "bf16"), (90, "fp32"), (80, "bf16"), (80, "fp32"), (90, "fp16"))]
     jobs = [(name, *case, False) for case in cases for name in ("one", "many")] + [("one", 256, 90, "bf16", True)]
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"  # (the spawned workers inherit it before importing triton)
-    try:
-        with cf.ProcessPoolExecutor(max(1, min(4, os.cpu_count() or 1)), mp_context=multiprocessing.get_context("spawn"),
-                                    initializer=aot._init_worker) as pool:
-            rows = list(pool.map(_row_sum_layouts, jobs))
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+    rows = aot.map_compiling(_row_sum_layouts, jobs, max(1, min(4, os.cpu_count() or 1)))
     for i, case in enumerate(cases):
         one, many = rows[2 * i], rows[2 * i + 1]
         assert len(one) >= 4 and sum('"tt.reduce"' in line for line in one) >= 2, (case, one)
