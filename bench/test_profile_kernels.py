@@ -96,7 +96,7 @@ def test_cpu_training_profile_splits_the_step_into_phases(tmp_path):
 
 
 @pytest.mark.parametrize("kernel, kind", [
-    ("_conv1x1_kernel", "nfnet_fast kernels"), ("_sums_kernel", "nfnet_fast kernels"),
+    ("_conv1x1_kernel", "nfnet_fast kernels"), ("_conv_kernel", "nfnet_fast kernels"),
     ("_std_bwd_kernel", "weight standardisation"), ("_silu_scale_bwd_kernel", "SiLU"), ("_dy_nhwc_kernel", "ECA")])
 def test_own_kernels_without_their_op_classified_by_name(kernel, kind):
     """The H100's training profile linked some of nfnet_fast's Triton kernels to no op: by name, then."""

@@ -55,10 +55,13 @@ that output (0.22 MiB a sample at 224 px) and the forward never writes it. Chann
 fp32 values before rounding and written without atomics: rows are flattened (n, oh, ow), so a tile
 of BLOCK_M rows may hold the end of one image and the start of the next (several, when HW <
 BLOCK_M); it writes one partial row per image it touches into ``part[n, s, :]``, where s = tile -
-first tile of image n, so each (n, s) slot has exactly one writer. ``_sums_kernel`` then adds each
-image's slots in a fixed order. Atomics would need a zeroing launch and make the sums (ECA's gate,
-and through it every later activation) change from run to run in the last bits; this costs one
-tiny launch instead (N * S * Cout fp32 reads; S = 2 for 9x9 and 4 for 18x18 at BLOCK_M = 128).
+first tile of image n, so each (n, s) slot has exactly one writer. The partial rows are zero-filled
+(a slot of an image that no tile reaches adds nothing) and one aten reduction over the slots makes
+the (N, Cout) sums: deterministic, where atomics would make the sums (ECA's gate, and through it
+every later activation) change from run to run in the last bits. A memset and an aten sum, both
+issued from C++, cost the host less than a Triton launch with its Python did (``_sums_kernel``, 25
+a training step; N * S * Cout fp32 either way: S = 2 for 9x9, 4 for 18x18 and 25 for 56x56 at
+BLOCK_M = 128).
 Its (N, Cout) result is what conv3 hands to ``eca_residual(sums=)`` and the final conv to the
 head's global average pool.
 
@@ -67,8 +70,8 @@ which the forward does not keep (it would be one more activation held per conv).
 recomputes it: with BWD its epilogue loads the output's gradient tile instead of storing y, adds
 the sums' gradient of its image, and stores ``(grad_out + grad_sums) * act_gain * act'(z)`` in the
 activation dtype, with the fp32 partial sums of it that the bias gradient needs. Those need no
-per-image sums: one aten reduction of the zero-filled partial rows makes the bias gradient
-(``sum_images``), without ``_sums_kernel``'s launch and its Python (40 a training step). That
+per-image sums: one aten reduction of the zero-filled partial rows over the images and the slots
+makes the bias gradient (``sum_images``). That
 is one GEMM plus two activation volumes (grad_out in, z's gradient out) where aten's formula
 took a convolution and about ten fp32 elementwise passes (~86 bytes an output element); cuDNN and
 cuBLAS then compute the data and weight gradients from it (``aten.convolution_backward``).
@@ -182,9 +185,6 @@ def bwd_tile(tile: dict) -> dict:
     return dict(tile, BLOCK_N=min(64, tile["BLOCK_N"]), num_warps=8)
 
 
-# channel-sum reduction: one program per (image, 128 channels).
-SUMS_BLOCK = 128
-SUMS_WARPS = 4
 # Under the interpreter (CPU tensors) every program and every loop step costs milliseconds of
 # Python (index arithmetic over the whole tile) whatever the tile's size, while numpy does the tile
 # math fast: CPU launches take one tile as large as the problem (powers of two, capped), so a conv
@@ -702,19 +702,6 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr,
               part_ptr, gsums_ptr, has_grad, has_gsums, has_out, SUMS, BWD, BLOCK_M)
 
 
-@triton.jit
-def _sums_kernel(part_ptr, sums_ptr, C, HW, S, tile_m, BLOCK: tl.constexpr):
-    """sums[n, c] = sum of image n's partial rows part[n, 0:count, c], in slot order."""
-    n = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    cmask = c < C
-    count = ((n + 1) * HW - 1) // tile_m - (n * HW) // tile_m + 1
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(count):
-        acc += tl.load(part_ptr + (n * S + s) * C + c, mask=cmask, other=0.0)
-    tl.store(sums_ptr + n * C + c, acc, mask=cmask)
-
-
 # ---------------------------------------------------------------------------------------------
 # launchers
 
@@ -811,9 +798,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         std_ready: ``std_out`` holds that standardised weight already (the caller made it with
             ``scaled_std_weight.forward_many``, with the weights of other convs): no launch here.
         sum_images: with ``want_sums``, the sums are summed over the images too: fp32 (Cout,),
-            the bias gradient of a ``backward`` launch. One aten reduction of the partial rows
-            (zero-filled, so that the slots no tile writes add nothing) instead of the per-image
-            ``_sums_kernel`` launch and a sum over the images after it.
+            the bias gradient of a ``backward`` launch (one reduction of the partial rows over
+            images and slots, not per-image sums summed again).
 
     Returns:
         ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, ``(out, sums)`` with
@@ -895,14 +881,13 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     flags = dict(has_grad=int(grad_out is not None), has_gsums=int(grad_sums is not None), has_out=int(want_out))
 
     def run_tile(cfg: dict):
-        """Run the conv with tile ``cfg`` into ``out``; the sums' partial rows and their slots count."""
+        """Run the conv with tile ``cfg`` into ``out``; the sums' partial rows (N, slots, Cout)."""
         if one_by_one:
             cfg.pop("FLAT_K", None)
         else:
             cfg.setdefault("FLAT_K", cg < cfg["BLOCK_K"])
         slots = _sum_slots(hw, cfg["BLOCK_M"])
-        part = (b if not want_sums else (torch.zeros if sum_images else torch.empty)(
-            (nb, slots, cout), device=x.device, dtype=torch.float32))
+        part = b if not want_sums else torch.zeros((nb, slots, cout), device=x.device, dtype=torch.float32)
         if m:
             with device_guard(x):
                 if one_by_one:
@@ -915,7 +900,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                     launch(_conv_kernel, grid, x, wt, b, out, part, grad_t, gsums_t, m, h, w, cin, wo, hw, cout, cg,
                            cog, stride, pt, pl, slots, a, float(act_gain), **flags, KH=kh, KW=kw, SUMS=bool(want_sums),
                            BWD=bool(backward), **cfg)
-        return part, slots
+        return part
 
     def vendor_launch():
         if backward:
@@ -951,18 +936,10 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                 return (res[0], res[1].sum(0)) if want_out else res.sum(0)
             return res
         cfg = dict(pick)
-    tile_m = cfg["BLOCK_M"]
-    part, slots = run_tile(cfg)
+    part = run_tile(cfg)
     if not want_sums:
         return out
-    if sum_images:  # (one aten reduction: no Triton launch, and no per-image sums to sum again)
-        sums = part.sum((0, 1))
-        return (out, sums) if want_out else sums
-    sums = torch.empty((nb, cout), device=x.device, dtype=torch.float32)  # every (n, c) is written
-    if m:
-        with device_guard(x):
-            launch(_sums_kernel, (nb, cdiv(cout, SUMS_BLOCK)), part, sums, cout, hw, slots, tile_m, BLOCK=SUMS_BLOCK,
-                   num_warps=SUMS_WARPS)
+    sums = part.sum((0, 1) if sum_images else 1)  # (slots no tile wrote are zeros: they add nothing)
     return (out, sums) if want_out else sums
 
 
@@ -1187,6 +1164,4 @@ AOT = [
              for (kh, kw) in CONV_KERNEL_SIZES for s in _SUMS for bwd in (False, True)],
             aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "Cin", "Cout", "Cg",
                      "Cog")),
-    AotSpec(_sums_kernel, dict(part_ptr=_F32, sums_ptr=_F32), [dict(BLOCK=SUMS_BLOCK, num_warps=SUMS_WARPS)],
-            aligned=("part_ptr", "sums_ptr", "C")),
 ]
