@@ -58,9 +58,9 @@ BLOCK_M); it writes one partial row per image it touches into ``part[n, s, :]``,
 first tile of image n, so each (n, s) slot has exactly one writer. The partial rows are zero-filled
 (a slot of an image that no tile reaches adds nothing) and one aten reduction over the slots makes
 the (N, Cout) sums: deterministic, where atomics would make the sums (ECA's gate, and through it
-every later activation) change from run to run in the last bits. A memset and an aten sum, both
-issued from C++, cost the host less than a Triton launch with its Python did (``_sums_kernel``, 25
-a training step; N * S * Cout fp32 either way: S = 2 for 9x9, 4 for 18x18 and 25 for 56x56 at
+every later activation) change from run to run in the last bits. A zero fill and an aten sum (one
+dispatcher call each) cost the host less than a Triton launch with its Python did (``_sums_kernel``,
+25 a training step; N * S * Cout fp32 either way: S = 2 for 9x9, 4 for 18x18 and 26 for 56x56 at
 BLOCK_M = 128).
 Its (N, Cout) result is what conv3 hands to ``eca_residual(sums=)`` and the final conv to the
 head's global average pool.
