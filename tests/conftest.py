@@ -65,6 +65,13 @@ def random_like(out: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.device, out.dtype)
 
 
+def poison_freed_memory(numel: int) -> None:
+    """Leave ``numel`` fp32 NaNs in memory just freed, where the allocator is likely to place the next
+    allocations: a kernel's output that something should have written but did not then reads NaN
+    instead of the zeros or old values it could otherwise be given by chance."""
+    torch.full((numel,), float("nan")).sum()
+
+
 TF32_SWITCHES = (torch.backends.cudnn, torch.backends.cuda.matmul)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_rel_close, counted_work
+from conftest import assert_rel_close, counted_work, poison_freed_memory
 
 pytest.importorskip("triton")
 from nfnet_fast.kernels import fused_conv as fc  # noqa: E402
@@ -758,12 +758,12 @@ def test_sums_are_one_aten_reduction_of_zero_filled_partial_rows(name, gpu_confi
     grad_sums = torch.randn(nb, cout, generator=rng)
     kw = dict(stride=stride, padding=padding, groups=groups, act=act or "silu", act_gain=1.3, want_sums=True,
               backward=True, grad_out=grad_out, grad_sums=grad_sums, gpu_config=gpu_config)
-    torch.full((nb * 64, cout), float("nan")).sum()  # (freed: memory an unfilled partial row could be given)
+    poison_freed_memory(nb * 64 * cout)  # (an unfilled partial row would read NaN)
     with counted_work(fc) as work:
         per_image_z, per_image = fc.fused_conv(x, w, b, **kw)
     assert sum(work["launches"].values()) == 1, work["launches"]
     assert_rel_close(per_image, per_image_z.double().sum((2, 3)).float(), 1e-5, f"{name} per-image sums")
-    torch.full((nb * 64, cout), float("nan")).sum()  # (freed: memory an unfilled partial row could be given)
+    poison_freed_memory(nb * 64 * cout)  # (an unfilled partial row would read NaN)
     with counted_work(fc) as work:
         grad_z, total = fc.fused_conv(x, w, b, sum_images=True, **kw)
     assert sum(work["launches"].values()) == 1, work["launches"]

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import ScaledStdConv2d as TimmStdConv
 
 from conftest import (DropsGradient, assert_rel_close, check_backward_against_float64, counted_work, cpu_backends,
-                      dtype_tol)
+                      dtype_tol, poison_freed_memory)
 from nfnet_fast import ops
 
 BACKENDS = cpu_backends("scaled_std_weight")
@@ -203,7 +203,7 @@ def test_forward_many_writes_what_forward_writes(dtype, gpu_config, rng):
     tiles = {tuple(std_kernels.config(w.numel() // w.shape[0], gpu_config=gpu_config).items())
              for w in weights[:len(shapes)]}
     std_kernels._PLANS.clear()
-    torch.full((1 << 20,), float("nan")).sum()  # (freed: memory an unwritten operand could be given)
+    poison_freed_memory(1 << 20)  # (an unwritten operand would read NaN)
     with counted_work(std_kernels) as work:
         operands = std_kernels.forward_many(weights, gains, scales, epss, dtype, gpu_config)
     assert work["launches"] == {"_std_fwd_many_kernel": len(tiles)} and work["copies"] == [], work
