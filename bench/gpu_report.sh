@@ -180,9 +180,9 @@ train_time_split() {  # where a training step's time goes: its kernels by phase,
   # (--profile: which functions take the step's host time here, the C launchers and cuDNN's calls included)
   run_step "host-overhead" 150 \
     bash -c "NFNET_FAST_AUTOTUNE=0 $PY bench/host_overhead.py --profile >'$work/host_overhead.txt' 2>&1"
-  [ -s "$work/host_overhead.txt" ] && { tail -70 "$work/host_overhead.txt"
+  [ -s "$work/host_overhead.txt" ] && { tail -90 "$work/host_overhead.txt"
     { echo "- bench/host_overhead.py --profile (host time on this machine):"; echo; echo '```'
-      tail -70 "$work/host_overhead.txt"; echo '```'; echo; } >>"$notes"; }
+      tail -90 "$work/host_overhead.txt"; echo '```'; echo; } >>"$notes"; }
   return 0
 }
 

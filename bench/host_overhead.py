@@ -178,6 +178,35 @@ _kernels.LAUNCH_CACHE = _was
 print(f"one Triton launch (16 args + 5 constexprs), Python path only: {bench(launch_reduce, n=2000):.1f} us, "
       f"with the launch cache {cached_us:.1f} us; eca plan(): {bench(plan_only, n=2000):.1f} us")
 
+# One eval conv call (conv_fwd's 1x1 conv, packed weight, no grad), entered at each layer from the public op
+# down to the launcher, triton backend: where its host time sits (docs/triton-training-step.md section 13)
+if "triton" in BACKENDS:
+    from nfnet_fast import _library
+    from nfnet_fast import ops as _ops
+    from nfnet_fast.kernels import fused_conv as K_conv
+    _name = "nfnet_fast::triton_fused_conv"
+    lx, lb, lw = cx.detach(), cb.detach(), cw_packed
+    op_args = (lx, lw, lb, 1, [0, 0, 0, 0], 1, 1, 1.0, False, False, None, 1.0, None, 1.0, 0.0, False, True, None)
+    body, direct, backend_fn = _library._BODIES[_name], _library._direct(_name), _backends.op_function("triton", "fused_conv")
+    layers = {
+        "ops.fused_conv (public checks, backend choice)": lambda: _ops.fused_conv(
+            lx, lw, lb, padding=(0, 0, 0, 0), act="silu", backend="triton"),  # (the modules' 4-tuple)
+        "backend function (autocast, autograd choice)": lambda: backend_fn(
+            lx, lw, lb, 1, (0, 0, 0, 0), 1, "silu", 1.0, False, False),
+        "_library._direct (dispatch-mode checks)": lambda: direct(*op_args),
+        "op body (_triton.fused_conv_op)": lambda: body(*op_args),
+        "kernels.fused_conv (checks, tile memo, launch)": lambda: K_conv.fused_conv(
+            lx, lw, lb, act="silu", packed_weight=lw.permute(2, 3, 1, 0)),
+    }
+    print("one eval conv call entered at each layer, host us (triton backend; without / with the launch cache):")
+    for label, fn in layers.items():
+        with torch.no_grad():
+            plain = bench(fn, n=500)
+            _kernels.LAUNCH_CACHE = True
+            cached = bench(fn, n=500)
+            _kernels.LAUNCH_CACHE = _was
+        print(f"  {label:50s}{plain:8.1f}{cached:8.1f}")
+
 
 # A whole training step, by phase (benchmark.train_step's four), of eca_nfnet_l0's layer graph at 1/8 width
 import dataclasses
