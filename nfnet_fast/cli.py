@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import tempfile
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 if TYPE_CHECKING:  # annotations only; never imported at run time here
     import torch
@@ -463,12 +463,36 @@ def _check_aa(aa: str) -> None:
                        f"rand-m9-mstd0.5 (RandAugment), augmix-m5, original (AutoAugment), or none") from e
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler) raised as an exception where the run is, as Ctrl-C is:
+    an atomic save under way removes its temporary file, and the run says where to resume."""
+
+
+def _interrupted(e: KeyboardInterrupt) -> Tuple[str, int]:
+    """What to say and the exit status: 143 for SIGTERM (128 + 15), 130 for Ctrl-C (128 + 2), as a shell does."""
+    return ("terminated", 143) if isinstance(e, _Terminated) else ("interrupted", 130)
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    # (a signal handler can be set from the main thread only: a caller's thread keeps SIGTERM's own action)
+    handles = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if handles else None
     try:
         return _finetune_command(args)
-    except KeyboardInterrupt:  # before training (checking images, loading weights): nothing written yet
-        print("nfnet-fast finetune: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # before training (checking images, loading weights): nothing written yet
+        what, status = _interrupted(e)
+        print(f"nfnet-fast finetune: {what}", file=sys.stderr)
+        return status
+    finally:
+        if handles:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _finetune_command(args: argparse.Namespace) -> int:
@@ -481,6 +505,9 @@ def _finetune_command(args: argparse.Namespace) -> int:
     if not (args.data or args.dataset):
         raise CliError("no data: pass --data DIR (an image folder, one subfolder per class, or train/ and val/ "
                        "folders of them) or --dataset NAME (a timm dataset)")
+    if args.dataset and args.val_split is not None and args.eval_split:
+        raise CliError(f"--eval-split {args.eval_split} and --val-split {args.val_split:g}: use one of them "
+                       f"(--val-split holds out part of the training split instead)")
     if not args.dataset:
         given = [flag for flag, value in (("--train-split", args.train_split), ("--eval-split", args.eval_split),
                                           ("--download", args.download or None)) if value is not None]
@@ -537,11 +564,12 @@ def _finetune_command(args: argparse.Namespace) -> int:
                              progress=not args.quiet, log=lambda line: print(line, flush=True))
     except T.FinetuneError as e:
         raise CliError(str(e)) from e
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        what, status = _interrupted(e)
         last = os.path.join(output, T.RESUME_FILE)
-        print(f"nfnet-fast finetune: interrupted{f'; continue with --resume {last}' if os.path.exists(last) else ''}",
+        print(f"nfnet-fast finetune: {what}{f'; continue with --resume {last}' if os.path.exists(last) else ''}",
               file=sys.stderr)
-        return 130
+        return status
     final = os.path.join(output, T.FINAL_FILE)
     best = summary["best"]
     if best:
@@ -699,7 +727,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "hidden or empty class folders, an unknown --dataset or --aa, a --resume checkpoint of another "
                     "model, other classes or another --val-split hold-out, an --output that is a file, cannot be "
                     "written or holds another run), said in one line, with nothing written; 130 when interrupted "
-                    "(Ctrl-C), last.pth of the last finished epoch kept.",
+                    "(Ctrl-C), 143 when terminated (SIGTERM), last.pth of the last finished epoch kept and no "
+                    "half-written file left. A run stopped after its last epoch but before it wrote model.pth "
+                    "finishes with --resume: it writes model.pth and trains nothing.",
         epilog="example:\n"
                "  nfnet-fast finetune --data flowers/ --model eca_nfnet_l0 --pretrained --epochs 10 --batch-size 64 "
                "--lr 0.01 --output runs/flowers")

@@ -469,6 +469,12 @@ def timm_dataset_data(name: str, root: Optional[str], train_split: str = "train"
         names = ", ".join(p + "/NAME" for p in DATASET_PREFIXES)
         raise FinetuneError(f"--dataset {name}: not a timm dataset name ({names}); for an image folder pass --data "
                             f"DIR without --dataset")
+    if name.lower() in ("torch/folder", "torch/image_folder"):
+        # (torchvision's ImageFolder unchecked: timm's split search falls back to the root, so validation would
+        # be the training images, a val/ folder of other classes is labelled silently wrong, and an unreadable
+        # image fails mid-epoch; image_folder_data checks all three)
+        raise FinetuneError(f"--dataset {name}: an image folder is read with --data DIR (without --dataset), which "
+                            f"checks its images, its classes and its val/ folder")
 
     def make(split, is_training, transform=None):
         try:
@@ -558,11 +564,13 @@ def check_resume(checkpoint: dict, path: str, model: str, classes: Sequence[str]
                  held_out: Optional[Tuple[float, int]] = None) -> int:
     """Check that ``checkpoint`` (a ``last.pth`` that :func:`finetune` wrote, read with torch.load) continues
     this run: same model, same classes, the same held-out validation images (``held_out``:
-    :attr:`FinetuneData.held_out`), epochs left. Returns the number of epochs it completed.
+    :attr:`FinetuneData.held_out`), epochs left, or all ``epochs`` done by a run stopped before it wrote its
+    final weights (no ``model.pth`` beside ``path``: :func:`finetune` then trains nothing and writes them).
+    Returns the number of epochs it completed.
 
     Raises:
         FinetuneError: not a resumable checkpoint (e.g. a plain state_dict such as ``model.pth``), another
-            model, other classes, another held-out split, or no epoch left to train.
+            model, other classes, another held-out split, or no epoch left to train (and final weights written).
     """
     if not isinstance(checkpoint, dict) or checkpoint.get("kind") != CHECKPOINT_KIND:
         raise FinetuneError(f"{path} is not a resumable checkpoint of nfnet-fast finetune (no optimizer and "
@@ -587,6 +595,8 @@ def check_resume(checkpoint: dict, path: str, model: str, classes: Sequence[str]
                                 f"{flags(held_out)}: resume with the same, or images it validated on would be "
                                 f"trained on (or the reverse)")
     done = int(checkpoint["epoch"]) + 1
+    if done == epochs and not os.path.exists(os.path.join(os.path.dirname(os.path.abspath(path)), FINAL_FILE)):
+        return done  # (stopped while, or before, writing model.pth: resuming writes it)
     if done >= epochs:
         raise FinetuneError(f"{path} has completed {done} epochs, --epochs is {epochs}: nothing left to train "
                             f"(pass a larger --epochs to train on)")
@@ -856,6 +866,11 @@ def finetune(model: torch.nn.Module, data: FinetuneData, config: FinetuneConfig,
 
     if graphed:  # (the caller gets its model back eager: the graphs and their memory go)
         del model.forward
+    if start >= config.epochs:  # (a resumed run whose epochs were all done: only its final files are written)
+        log(f"no epoch left to train (--epochs {config.epochs}): writing the final weights")
+        os.makedirs(output, exist_ok=True)
+        if not os.path.exists(os.path.join(output, CLASSES_FILE)):
+            save_atomic(list(data.classes), os.path.join(output, CLASSES_FILE))
     save_atomic(_state_dict(ema.module if ema is not None else model), os.path.join(output, FINAL_FILE))
     summary["files"]["final"] = FINAL_FILE
     save_atomic(summary, os.path.join(output, SUMMARY_FILE))

@@ -210,6 +210,67 @@ def test_interrupted_extension_leaves_no_stale_final_weights(run, data, tmp_path
     assert summary["files"]["final"] is None and [e["epoch"] for e in summary["history"]] == [1, 2, 3]
 
 
+def _stop_while_saving(monkeypatch, name, stop):
+    """Make ``stop()`` happen inside save_atomic's write of ``name``, after part of the file is written."""
+    save = torch.save
+
+    def half_then_stop(obj, f, *a, **k):
+        path = os.readlink(f"/proc/self/fd/{f.fileno()}")  # (save_atomic writes through an fd: no name on f)
+        if os.path.basename(path).startswith(f".{name}."):  # (its temporary file for ``name``)
+            f.write(b"half a checkpoint")
+            f.flush()
+            stop()
+        return save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", half_then_stop)
+
+
+def _temporary_files(folder):
+    return [f for f in os.listdir(folder) if f.endswith(".tmp")]
+
+
+def test_run_stopped_while_writing_its_final_weights_finishes_on_resume(data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while model.pth is written (its epochs all done): exit 130, no model.pth and no temporary file;
+    the --resume the message names then writes model.pth (the EMA's weights of last.pth) and summary.json
+    without training, instead of refusing a run with no epoch left."""
+    def interrupt():
+        raise KeyboardInterrupt
+    _stop_while_saving(monkeypatch, train.FINAL_FILE, interrupt)
+    out = tmp_path / "out"
+    assert _finetune(data, out, epochs=1) == 130
+    last = out / train.RESUME_FILE
+    assert _one_line(capsys.readouterr().err) == f"nfnet-fast finetune: interrupted; continue with --resume {last}"
+    assert not (out / train.FINAL_FILE).exists() and not _temporary_files(out)
+    monkeypatch.undo()
+
+    assert cli.main(["finetune", "--data", data, "--resume", str(last), "--epochs", "1", *ARGS]) == 0
+    stdout = capsys.readouterr().out
+    assert "no epoch left to train (--epochs 1): writing the final weights" in stdout
+    assert not [line for line in stdout.splitlines() if line.startswith("epoch")]  # nothing trained
+    final = torch.load(out / train.FINAL_FILE, weights_only=True)
+    ema = torch.load(last, weights_only=True)["state_dict_ema"]
+    assert final.keys() == ema.keys() and all(torch.equal(final[k], ema[k]) for k in ema)
+    with open(out / train.SUMMARY_FILE) as f:
+        summary = json.load(f)
+    assert summary["files"]["final"] == train.FINAL_FILE and [e["epoch"] for e in summary["history"]] == [1]
+    # finished now: a second such resume has nothing to do and says so
+    assert cli.main(["finetune", "--data", data, "--resume", str(last), "--epochs", "1", *ARGS]) == 2
+    assert "has completed 1 epochs, --epochs is 1: nothing left to train" in _one_line(capsys.readouterr().err)
+
+
+def test_sigterm_while_saving_leaves_no_half_written_file(data, tmp_path, monkeypatch, capsys):
+    """SIGTERM (kill, timeout, a scheduler) during a save: the temporary file is removed, one line, exit 143
+    (128 + SIGTERM), and the process's own SIGTERM handler is back afterwards."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    _stop_while_saving(monkeypatch, train.RESUME_FILE, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    out = tmp_path / "out"
+    assert _finetune(data, out, epochs=1) == 143
+    assert _one_line(capsys.readouterr().err) == "nfnet-fast finetune: terminated"  # (no last.pth to resume yet)
+    assert not (out / train.RESUME_FILE).exists() and not _temporary_files(out)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_resume_into_another_folder_writes_its_own_best(run, data, tmp_path, capsys):
     """--resume with another --output: that folder has no model_best.pth of the earlier epochs, so the best is
     judged again from the first resumed epoch and written there (summary.json never names a missing file)."""
@@ -421,6 +482,11 @@ def test_no_data_and_conflicting_split(data, tmp_path, capsys):
     assert _one_line(capsys.readouterr().err).startswith("nfnet-fast finetune: error: no data: pass --data DIR")
     assert _finetune(data, tmp_path / "o", "--val-split", "0.2") == 2
     assert "--val-split 0.2 and a validation folder" in _one_line(capsys.readouterr().err)
+    assert cli.main(["finetune", "--dataset", "torch/cifar10", "--data", data, "--output", str(tmp_path / "o"),
+                     "--eval-split", "test", "--val-split", "0.2", *ARGS]) == 2  # (refused before any loading)
+    assert _one_line(capsys.readouterr().err) == ("nfnet-fast finetune: error: --eval-split test and --val-split 0.2: "
+                                                  "use one of them (--val-split holds out part of the training split "
+                                                  "instead)")
     assert not (tmp_path / "o").exists()
 
 
@@ -528,10 +594,13 @@ def test_timm_dataset(monkeypatch):
                                                   r"Dataset not found or corrupted"):
         train.timm_dataset_data("torch/missing", "/x")
     before = len(made)
+    for folder in ("torch/folder", "torch/image_folder", "torch/Folder"):  # unchecked: --data reads image folders
+        with pytest.raises(train.FinetuneError, match=rf"^--dataset {folder}: an image folder is read with --data DIR"):
+            train.timm_dataset_data(folder, "/data")
     for typo in ("cifar100", "bogus/thing"):  # timm would read any such name as an image folder at root
         with pytest.raises(train.FinetuneError, match=rf"^--dataset {typo}: not a timm dataset name \(torch/NAME, "):
             train.timm_dataset_data(typo, "/data")
-    assert len(made) == before  # (the typos reached no create_dataset)
+    assert len(made) == before  # (the folders and typos reached no create_dataset)
 
 
 def test_help_lists_finetune(capsys):
