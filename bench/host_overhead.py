@@ -15,11 +15,17 @@ its host issues it runs at this pace.
 
     PYTHONPATH=. python bench/host_overhead.py [--profile]
 
---profile: then a cProfile of 10 steps of the fastest nfnet_fast path (the launch cache's), by own time.
+--profile: then a cProfile of 10 steps of the fastest nfnet_fast path (native launches where the extension has
+them, else the launch cache's), by own time.
+
+Rows triton+lc and triton+native: the triton backend with the launch cache (kernels.LAUNCH_CACHE), and with
+native launches too (kernels.NATIVE_LAUNCH: each memoised binary launched from C++). Without a GPU the native
+launches run dry: everything but cuLaunchKernel, as Triton's launcher does nothing here.
 """
 import os
 import sys
 import time
+import types
 
 os.environ.pop("TRITON_INTERPRET", None)
 import torch
@@ -40,8 +46,11 @@ from triton.compiler import CompiledKernel
 
 
 class FakeKernel(CompiledKernel):  # (a CompiledKernel, so that kernels.launch's cache may keep it)
-    def __init__(self):
+    def __init__(self, signature: dict):
         self.function, self.packed_metadata, self.module = 0, (4, 1, 0), 1
+        # (what registering it with the native launcher reads: its specialisation's parameter types, no
+        # clusters, no scratch)
+        self.src, self.metadata = types.SimpleNamespace(signature=signature), types.SimpleNamespace(num_ctas=1)
         self._run = lambda *args: None  # where the C launcher (argument parsing, cuLaunchKernelEx) would run
     def launch_metadata(self, grid, stream, *args):  # (CompiledKernel's builds a LazyDict for the hooks)
         return None
@@ -52,7 +61,7 @@ from triton.runtime.jit import JITFunction
 
 
 def _do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
-    kernel = FakeKernel()  # each specialisation "compiles" once into the kernel cache, as a real one
+    kernel = FakeKernel(signature)  # each specialisation "compiles" once into the kernel cache, as a real one
     self.device_caches[device][0][key] = kernel
     return kernel
 
@@ -174,9 +183,16 @@ def launch_reduce_cached():  # the same launch through kernels.launch with its c
                     0.0, 1, HAS_GX=True, HAS_GA=False, **pl.tile)
 _kernels.LAUNCH_CACHE, _was = True, _kernels.LAUNCH_CACHE
 cached_us = bench(launch_reduce_cached, n=2000)
-_kernels.LAUNCH_CACHE = _was
+_native_was = _kernels.NATIVE_LAUNCH
+NATIVE = bool(_kernels._native_module())
+if NATIVE and not GPU:  # (no driver: the native launches run dry, everything but cuLaunchKernel, as Triton's here)
+    _kernels._native._triton_init(torch.Tensor, _kernels._NATIVE_DTYPES, True)
+_kernels.NATIVE_LAUNCH = NATIVE
+native_us = bench(launch_reduce_cached, n=2000) if NATIVE else float("nan")
+_kernels.LAUNCH_CACHE, _kernels.NATIVE_LAUNCH = _was, _native_was
 print(f"one Triton launch (16 args + 5 constexprs), Python path only: {bench(launch_reduce, n=2000):.1f} us, "
-      f"with the launch cache {cached_us:.1f} us; eca plan(): {bench(plan_only, n=2000):.1f} us")
+      f"with the launch cache {cached_us:.1f} us, natively {native_us:.1f} us"
+      f"{'' if GPU else ' (its driver call left out)'}; eca plan(): {bench(plan_only, n=2000):.1f} us")
 
 # One eval conv call (conv_fwd's 1x1 conv, packed weight, no grad), entered at each layer from the public op
 # down to the launcher, triton backend: where its host time sits (docs/triton-training-step.md section 13)
@@ -238,10 +254,16 @@ def step_phases(model, opt, clip):
 
 
 steps, models = {}, {}
-for be in [None] + BACKENDS + (["triton"] if "triton" in BACKENDS else []):
-    # (triton twice: the second time with kernels.LAUNCH_CACHE, the memoised launches, whatever the default)
-    cached_launches = be == "triton" and "triton" in steps
-    _kernels.LAUNCH_CACHE = cached_launches
+runs = [(None, "timm")] + [(be, be) for be in BACKENDS]
+if "triton" in BACKENDS:
+    # triton again with kernels.LAUNCH_CACHE (the memoised launches), and with NATIVE_LAUNCH too (each memoised
+    # binary launched from C++; without a GPU a dry run: all but cuLaunchKernel, as Triton's launcher is stubbed)
+    runs.append(("triton", "triton+lc"))
+    if NATIVE:
+        runs.append(("triton", "triton+native"))
+for be, name in runs:
+    _kernels.LAUNCH_CACHE = name in ("triton+lc", "triton+native")
+    _kernels.NATIVE_LAUNCH = name == "triton+native"
     model = random_weights_(timm_nfnet.NormFreeNet(narrow, num_classes=10))
     model = (model if be is None else nfnet_fast.convert(model, backend=be)).to(DEV).train()
     model = model.to(memory_format=torch.channels_last)
@@ -249,17 +271,16 @@ for be in [None] + BACKENDS + (["triton"] if "triton" in BACKENDS else []):
     clip = adaptive_clip_grad if be is None else adaptive_clip_grad_
     for _ in range(3):
         step_phases(model, opt, clip)
-    runs = [step_phases(model, opt, clip) for _ in range(25)]
-    name = "triton+lc" if cached_launches else be or "timm"
-    steps[name] = [min(r[i] for r in runs) * 1e3 for i in range(4)] + [min(sum(r) for r in runs) * 1e3]
+    timed = [step_phases(model, opt, clip) for _ in range(25)]
+    steps[name] = [min(r[i] for r in timed) * 1e3 for i in range(4)] + [min(sum(r) for r in timed) * 1e3]
     models[name] = model, opt, clip
     model.eval()
     with torch.no_grad():  # (the batch-1 eager inference rows of the GPU report are paced so)
         steps[name].append(bench(lambda: model(sx[:1]), n=5) / 1e3)
 print(f"training step of eca_nfnet_l0's layers at 1/8 width, batch 2, 32 px, fp32 ({DEV.type}, 1 thread): host ms, "
       "min of 25 (each phase's own minimum); an eval forward at batch 1; triton+lc: with the launch cache "
-      "(NFNET_FAST_LAUNCH_CACHE=1)")
-_kernels.LAUNCH_CACHE = _was
+      "(NFNET_FAST_LAUNCH_CACHE=1); triton+native: its binaries launched from C++ (NFNET_FAST_NATIVE_LAUNCH=1; a dry run without a GPU)")
+_kernels.LAUNCH_CACHE, _kernels.NATIVE_LAUNCH = _was, _native_was
 print(f"{'':10s}" + "".join(f"{k:>10s}" for k in ("forward", "backward", "AGC", "optimizer", "step", "eval b1")))
 for name, row in steps.items():
     print(f"{name:10s}" + "".join(f"{v:10.2f}" for v in row))
@@ -271,9 +292,10 @@ for name, row in steps.items():
 if "--profile" in sys.argv:
     import cProfile
     import pstats
-    name = "triton+lc" if "triton+lc" in models else list(models)[-1]
+    name = list(models)[-1]  # (the fastest nfnet_fast path: native launches where there are, else the memo's)
     model, opt, clip = models[name]
-    _kernels.LAUNCH_CACHE = name == "triton+lc"
+    _kernels.LAUNCH_CACHE = name in ("triton+lc", "triton+native")
+    _kernels.NATIVE_LAUNCH = name == "triton+native"
     model.train()
     for _ in range(3):
         step_phases(model, opt, clip)
@@ -282,7 +304,7 @@ if "--profile" in sys.argv:
     for _ in range(10):
         step_phases(model, opt, clip)
     prof.disable()
-    _kernels.LAUNCH_CACHE = _was
+    _kernels.LAUNCH_CACHE, _kernels.NATIVE_LAUNCH = _was, _native_was
     print(f"\ncProfile of 10 training steps ({name}, {DEV.type}), the 30 functions of most own time:")
     stats = pstats.Stats(prof)
     stats.strip_dirs().sort_stats("tottime").print_stats(30)

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "eca_residual.h"
+#include "triton_launch.h"
 
 namespace {
 
@@ -27,6 +28,14 @@ PyObject* eca_plan_py(PyObject*, PyObject* args) {
 
 PyMethodDef methods[] = {
     {"_eca_plan", eca_plan_py, METH_VARARGS, "Work plan of the ECA kernels (for tests)."},
+    // native launches of memoised Triton binaries (csrc/triton_launch.h; nfnet_fast.kernels.launch)
+    {"_triton_init", nfnet_fast::triton_init_py, METH_VARARGS, "The tensor type and pointer dtypes."},
+    {"_triton_describe", nfnet_fast::triton_describe_py, METH_VARARGS, "A kernel's parameters."},
+    {"_triton_register", nfnet_fast::triton_register_py, METH_VARARGS, "A binary for a launch signature."},
+    {"_triton_launch", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(nfnet_fast::triton_launch_py)),
+     METH_FASTCALL, "Launch a registered binary natively; None where none is registered."},
+    {"_triton_pack", nfnet_fast::triton_pack_py, METH_VARARGS, "A launch's parameter bytes (tests)."},
+    {"_triton_clear", nfnet_fast::triton_clear_py, METH_NOARGS, "Forget every registered binary."},
     {nullptr, nullptr, 0, nullptr},
 };
 

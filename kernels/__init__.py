@@ -87,10 +87,20 @@ try:
 except ImportError:  # (no Triton: the cache never applies)
     _triton = None
 
-LAUNCH_CACHE = os.environ.get("NFNET_FAST_LAUNCH_CACHE", "0") == "1" and _triton is not None
+# Native launches (docs/native-launch.md): with NATIVE_LAUNCH (and the cache on), each memoised binary is also
+# registered with the extension (csrc/triton_launch.cpp), and a later launch of the same signature is one call
+# into C++, which keys the arguments (at least as finely as the memo below), packs the binary's parameters and
+# calls cuLaunchKernel on the current stream: no Python key, no Triton launcher. A binary that needs scratch
+# memory, clusters, PDL or a cooperative launch, a parameter type it does not pack, or an argument it does not
+# key stays on the memo's path. Its packing is checked on the CPU against the PTX's parameters
+# (tests/test_triton.py); its launches have not yet run on a GPU, so it is off by default:
+# NFNET_FAST_NATIVE_LAUNCH=1 turns it on (and the launch cache with it).
+NATIVE_LAUNCH = os.environ.get("NFNET_FAST_NATIVE_LAUNCH", "0") == "1" and _triton is not None
+LAUNCH_CACHE = (os.environ.get("NFNET_FAST_LAUNCH_CACHE", "0") == "1" or NATIVE_LAUNCH) and _triton is not None
 _LAUNCH_MEMO_MAX = 4096  # (a memo entry per shape: bounded by a model's layers, unless the shapes keep changing)
 _key_fns: dict = {}      # (id(kernel), positional types) -> key function, or None: no memo for these types
-_launches: dict = {}     # memo key -> (binary, launcher, CUfunction, packed metadata, keyword-parameter getter)
+_launches: dict = {}     # memo key -> (binary, launcher, CUfunction, packed metadata, keyword-parameter getter,
+#                          whether it was offered to the native launcher)
 _kept: dict = {}         # id(kernel) -> kernel, so that ids in the keys stay the kernels'
 
 
@@ -128,12 +138,66 @@ def _plain_launches() -> bool:
                 or getattr(rt, "add_stages_inspection_hook", None) is not None)
 
 
+# (the pointer dtypes a natively launched signature may hold: their index is the key's dtype code)
+_NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
+                  torch.int64, torch.uint8, torch.bool)
+# a binary's parameter type (its signature) -> how the native launcher passes it (csrc/triton_launch.cpp, Slot)
+_NATIVE_SLOTS = {"constexpr": "-", "i32": "i", "i64": "l", "u64": "u", "fp32": "f", "u1": "b", "i1": "b"}
+_native = None           # nfnet_fast._C once a binary was registered with it; False: no native launches here
+_described: set = set()  # ids of the kernels whose parameters the extension knows
+
+
+def _native_module():
+    """The extension's native launcher, loaded (and told torch's tensor type and dtypes) on first use."""
+    global _native
+    if _native is None:
+        try:
+            from nfnet_fast import _C
+        except ImportError:
+            _C = None
+        _native = _C if hasattr(_C, "_triton_launch") else False
+        if _native:
+            _native._triton_init(torch.Tensor, _NATIVE_DTYPES)
+    return _native
+
+
+def _register_native(kernel, compiled, device: int, args: tuple, kwargs: dict) -> bool:
+    """Register the binary that Triton just launched for these arguments with the native launcher; False
+    where it cannot launch it (see NATIVE_LAUNCH)."""
+    native = _native_module()
+    md = compiled.metadata
+    if (not native or md.num_ctas != 1 or getattr(md, "launch_pdl", False)
+            or getattr(md, "launch_cooperative_grid", False) or getattr(md, "global_scratch_size", 0)
+            or getattr(md, "profile_scratch_size", 0) or getattr(md, "tensordesc_meta", None)):
+        return False
+    signature = compiled.src.signature
+    slots = "".join(_NATIVE_SLOTS.get(signature.get(p.name, "?"), "p" if signature.get(p.name, "").startswith("*")
+                                      else "?") for p in kernel.params)
+    if "?" in slots:
+        return False
+    kid = id(kernel)
+    if kid not in _described:
+        native._triton_describe(kid, kernel.__name__, [p.name for p in kernel.params],
+                                "".join("1" if p.is_constexpr else "0" for p in kernel.params),
+                                "".join("1" if p.do_not_specialize else "0" for p in kernel.params))
+        _described.add(kid)
+    num_warps, _, shared = compiled.packed_metadata
+    return native._triton_register(kid, device, args, kwargs, slots, int(compiled.function), num_warps, shared,
+                                   compiled)
+
+
 def launch(kernel, grid, /, *args, **kwargs):
-    """``kernel[grid](*args, **kwargs)``; with LAUNCH_CACHE, memoised per launch signature (above).
-    Returns the CompiledKernel launched."""
+    """``kernel[grid](*args, **kwargs)``; with LAUNCH_CACHE, memoised per launch signature (above), and with
+    NATIVE_LAUNCH launched from C++ once memoised. Returns the CompiledKernel launched."""
     if not LAUNCH_CACHE or type(kernel) is not _JITFunction or type(grid) is not tuple or kernel.pre_run_hooks \
             or not _plain_launches():
         return kernel[grid](*args, **kwargs)
+    if NATIVE_LAUNCH and _native:
+        n = len(grid)
+        done = _native._triton_launch(id(kernel), grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, args,
+                                      kwargs)
+        if done is not None:
+            return done
     types = tuple(map(type, args))
     kid = id(kernel)
     key_fn = _key_fns.get((kid, types), False)
@@ -156,9 +220,14 @@ def launch(kernel, grid, /, *args, **kwargs):
                 _launches.clear()
             get = itemgetter(*names) if len(names) > 1 else (lambda kw, names=names: [kw[n] for n in names])
             # (the binary itself kept: Triton 3.8 unloads its module when it is collected)
-            _launches[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata, get)
+            _launches[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata, get, NATIVE_LAUNCH)
+            if NATIVE_LAUNCH:
+                _register_native(kernel, compiled, device, args, kwargs)
         return compiled
-    compiled, run, function, packed, get = hit
+    compiled, run, function, packed, get, tried = hit
+    if NATIVE_LAUNCH and not tried:  # (memoised before native launches were on: registered now, tried once)
+        _register_native(kernel, compiled, device, args, kwargs)
+        _launches[key] = (compiled, run, function, packed, get, True)
     n = len(grid)
     run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, driver.get_current_stream(device), function,
         packed, None, None, None, *args, *get(kwargs))

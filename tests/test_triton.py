@@ -2,7 +2,9 @@
 GPU is present), its torch.library registration, the whole eca_nfnet_l0 against timm, the
 ahead-of-time compile matrix (sm_90 and sm_80, no GPU needed), and GPU-only checks."""
 import importlib
+import importlib.util
 import inspect
+import os
 
 import pytest
 import timm
@@ -866,20 +868,74 @@ def test_launch_cache_steps_aside(fake_gpu_launches, monkeypatch):
     assert torch.allclose(out, 2.0 * torch.nn.functional.silu(ones)) and len(kernels._launches) == 1
 
 
+# --- native launches (kernels.launch with NATIVE_LAUNCH: csrc/triton_launch.cpp) ----------------------
+
+def _native_built() -> bool:
+    try:
+        from nfnet_fast import _C
+    except ImportError:
+        return False
+    return hasattr(_C, "_triton_launch")
+
+
+@pytest.mark.skipif(not _native_built(), reason="the extension is not built")
+@pytest.mark.parametrize("mode", ["ptx", "step"])
+def test_native_launch_matches_the_ptx_and_covers_a_step(mode):
+    """tests/native_launch_check.py, in a process of its own (Triton compiles there, for sm_90, with a
+    stand-in driver). ptx: for launch variants of four kernels (pointer alignment, dtype, an int's ==1,
+    %16 and range, do_not_specialize ints, keyword flags, constexprs, warps), the native launcher holds
+    no binary for a signature before Triton compiled one, then Triton's own pick, and its parameter
+    bytes are the PTX's parameters, in count and size, holding the launch's values. step: every launch
+    of a 1/8-width eca_nfnet_l0 training step (260) comes from the native launcher once memoised."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "native_launch_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, script, mode], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0 and done.stdout.startswith("ok"), done.stdout + done.stderr[-4000:]
+
+
+@pytest.mark.skipif(not _native_built(), reason="the extension is not built")
+def test_native_launch_keys_every_specialisation_and_refuses_what_it_cannot_launch():
+    """A registered signature is found again only for the same specialisation: another value of a
+    specialised int, alignment, dtype, constexpr, launch option, device, or a bool for an int, finds
+    nothing. And a registered binary is never launched where it cannot be: no CUDA driver (here) or a
+    CPU tensor (on a GPU machine): None, so the caller takes Triton's path, which says why."""
+    from nfnet_fast import _C, kernels
+    assert kernels._native_module()
+    kid = -7  # (no Python object's id: the memo's own kernels never meet it)
+    _C._triton_describe(kid, "k", ["x_ptr", "n", "BLOCK"], "001", "000")
+    x = torch.empty(64)
+    kw = {"BLOCK": 4}
+    assert _C._triton_register(kid, 0, (x, 16), kw, "pi-", 0x1230, 4, 0, object())
+    assert _C._triton_pack(kid, 0, (x, 16), kw)[1:] == (0x1230, 4, 0)
+    for args, kwargs, device in [((x, 17), kw, 0), ((x[1:], 16), kw, 0), ((x.half(), 16), kw, 0),
+                                 ((x, 16), {"BLOCK": 8}, 0), ((x, 16), {"BLOCK": 4, "num_warps": 8}, 0),
+                                 ((x, True), kw, 0), ((x, 16), kw, 1), ((x, 16.0), kw, 0), ((x,), kw, 0),
+                                 ((x, 16), {}, 0)]:
+        assert _C._triton_pack(kid, device, args, kwargs) is None, (args, kwargs, device)
+    assert _C._triton_launch(kid, 1, 1, 1, (x, 16), kw) is None
+    _C._triton_describe(kid, "k", [], "", "")  # (forget it)
+
+
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("native", [False, True], ids=["cache", "native"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gpu_launch_cache_gives_the_same_bits(dtype, monkeypatch):
-    """On the GPU, training steps of eca_nfnet_l0 (batch 2, 96 px) with the launch cache on give the
-    bits they give with it off (the same binaries with the same arguments): the step that fills the
-    memo, the steps after it, which launch through it alone (no JITFunction.run), one of them on
-    another stream, and an eval forward captured in a CUDA graph through it and replayed. The check
-    before the cache is turned on by default."""
+def test_gpu_launch_cache_gives_the_same_bits(dtype, native, monkeypatch):
+    """On the GPU, training steps of eca_nfnet_l0 (batch 2, 96 px) with the launch cache on (and with
+    native launches: every memoised binary launched from C++) give the bits they give with it off (the
+    same binaries with the same arguments): the step that fills the memo, the steps after it, which
+    launch through it alone (no JITFunction.run; natively, not even the memo: it is emptied, so a launch
+    the native launcher refused would take JITFunction.run and be counted), one of them on another
+    stream, and an eval forward captured in a CUDA graph through it and replayed. The check before
+    either is turned on by default."""
     from nfnet_fast import kernels
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(kernels, "_launches", {})
     monkeypatch.setattr(kernels, "_key_fns", {})
     monkeypatch.setattr(kernels, "_kept", {})
+    monkeypatch.setattr(kernels, "NATIVE_LAUNCH", native)
     model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), seed=5), backend="triton")
     model = model.cuda().train().to(memory_format=torch.channels_last)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -908,6 +964,9 @@ def test_gpu_launch_cache_gives_the_same_bits(dtype, monkeypatch):
         model.eval()(x)
     model.train()
     assert len(kernels._launches) > 50, len(kernels._launches)
+    if native:
+        assert kernels._native, "no native launcher in this build"
+        kernels._launches.clear()
     normal.clear()
     runs.append(step())
     side = torch.cuda.Stream()
