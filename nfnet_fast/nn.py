@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -512,6 +512,12 @@ def _may_recompute(y: torch.Tensor, backend: str) -> bool:
             and ops.resolve_backend(backend, y.device, "eca_residual") != "reference")
 
 
+class _VersionedSave(NamedTuple):
+    """A tensor saved through :func:`_saved_as_recompute`'s hooks, and its version when saved."""
+    tensor: torch.Tensor
+    version: int
+
+
 def _saved_as_recompute(y: torch.Tensor, args: tuple) -> torch.autograd.graph.saved_tensors_hooks:
     """Saved-tensor hooks under which autograd keeps ``y``, the result of ``_fused_conv(*args)`` (the
     exact tensors that call got), as that call, made again without gradients under the autocast state
@@ -542,13 +548,24 @@ def _saved_as_recompute(y: torch.Tensor, args: tuple) -> torch.autograd.graph.sa
     def pack(t):
         if t is target():
             return recipe
+        if outer_pack is not None:
+            return outer_pack(t)
         # (detached: a node that saves its own output would otherwise hold it in a cycle through C++
-        # that the collector never frees, leaking a forward that is dropped without its backward)
-        return t.detach() if outer_pack is None else outer_pack(t)
+        # that the collector never frees, leaking a forward that is dropped without its backward; with
+        # its version, since autograd checks none of what hooks pack, and a detached tensor shares its
+        # version counter: an in-place change of, say, ECA's weight before the backward is refused)
+        return _VersionedSave(t.detach(), t._version)
 
     def unpack(saved):
         if saved is not recipe:
-            return saved if outer_unpack is None else outer_unpack(saved)
+            if outer_unpack is not None:
+                return outer_unpack(saved)
+            if saved.tensor._version != saved.version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: a {saved.tensor.dtype} tensor of shape {tuple(saved.tensor.shape)} that the block's "
+                    f"ECA tail saved is at version {saved.tensor._version}, it was saved at version {saved.version}")
+            return saved.tensor
         if any(t._version != v for t, v in zip(tensors, versions)):
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
                                "inplace operation: conv3's input, weight, gain or bias, from which the backward "

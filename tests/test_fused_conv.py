@@ -30,6 +30,8 @@ CASES = {
     "3x3 g2 gelu gain": ((1, 16, 8, 9), (24, 8, 3, 3), 1, 1, 2, "gelu", 1.7015043497085571, False),
     "3x3 same pad s2": ((2, 6, 9, 10), (10, 6, 3, 3), 2, (0, 1, 0, 1), 1, "silu", 1.0, False),
     "5x5 stem-like": ((2, 3, 13, 11), (8, 3, 5, 5), 2, 2, 1, None, 1.0, False),
+    # one output channel, batch 1: its packed weight viewed as (1, C, kh, kw) has strides aten's CPU conv refused
+    "3x3 one output channel": ((1, 3, 8, 8), (1, 3, 3, 3), 1, 1, 1, "silu", 1.0, False),
 }
 
 
@@ -195,7 +197,7 @@ def test_pre_act_under_autocast(backend, rng):
     assert_rel_close(outs[0], outs[1], 2e-3, f"{backend} pre_act autocast")
 
 
-STD_CASES = ["1x1 silu", "1x1 pool", "3x3 g3 width5 s2", "3x3 same pad s2", "5x5 stem-like"]
+STD_CASES = ["1x1 silu", "1x1 pool", "3x3 g3 width5 s2", "3x3 same pad s2", "5x5 stem-like", "3x3 one output channel"]
 
 
 def _std_params(w, rng):
@@ -259,6 +261,26 @@ def test_channels_last_weight_is_not_copied(name, backend, rng):
     (out_c, grads_c, _), (out_cl, grads_cl, _) = results[torch.contiguous_format], results[torch.channels_last]
     for got, expect, what in zip([*out_cl, *grads_cl], [*out_c, *grads_c], ("out", "sums", "x", "w", "b", "gain")):
         assert_rel_close(got, expect, 1e-5, f"{backend} {name} channels_last weight: {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_standardised_weight_of_one_output_channel(x_grad, backend, rng):
+    """A conv with gain and one output channel, on a channels_last batch of one image: its packed weight
+    seen as (1, C, kh, kw) has strides that aten's CPU convolution backward refused for the weight
+    gradient ("grad_weight must be contiguous"), with or without x's gradient. The gradients of the weight and
+    gain (and x's, where it needs one) are the reference's."""
+    (x, w, b), kw = _case("3x3 one output channel", rng)
+    gain, scale, eps = _std_params(w, rng)
+    grads = []
+    for b_name in (backend, "reference"):
+        xi = x.clone().requires_grad_(x_grad)
+        wi, gi = w.clone().requires_grad_(), gain.clone().requires_grad_()
+        out = ops.fused_conv(xi, wi, None, gain=gi, std_scale=scale, std_eps=eps, backend=b_name, **kw)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        grads.append([wi.grad, gi.grad] + ([xi.grad] if x_grad else []))
+    for got, ref, what in zip(*grads, ("weight", "gain", "x")):
+        assert_rel_close(got, ref, 1e-5, f"{backend} {what} grad")
 
 
 @pytest.mark.parametrize("backend", COMPILED)
@@ -973,6 +995,23 @@ def test_tail_recompute_under_checkpointing_and_offloading(backend):
         blocks[1].conv3.weight.mul_(1.5)
     with pytest.raises(RuntimeError, match="recomputes the block's ECA input"):  # (before conv3's own check)
         loss.backward()
+    # every other tensor the tail saves through the hooks (ECA's weight, the shortcut) is checked as autograd
+    # checks a saved one: without the check, a changed ECA weight gave a silently wrong gradient
+    for change in ("eca weight", "shortcut"):
+        xi = x.clone().requires_grad_()
+        shortcut = []
+        hook = blocks[1].register_forward_pre_hook(lambda m, a: shortcut.append(a[0]))
+        try:
+            loss = blocks(xi).square().mean()
+        finally:
+            hook.remove()
+        with torch.no_grad():
+            (blocks[1].attn_last.conv.weight if change == "eca weight" else shortcut[0]).mul_(1.5)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+        if change == "eca weight":
+            with torch.no_grad():
+                blocks[1].attn_last.conv.weight.div_(1.5)
 
 
 @pytest.mark.parametrize("backend", COMPILED)
