@@ -5,6 +5,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -259,6 +260,13 @@ TORCH_LIBRARY_FRAGMENT(nfnet_fast, m) {
 TORCH_LIBRARY_IMPL(nfnet_fast, CPU, m) {
   m.impl("eca_residual", &eca_residual_cpu);
   m.impl("_eca_residual_backward", &eca_residual_backward_cpu);
+}
+
+// The backward op has no derivative of its own: a gradient of it (a double backward, e.g. a gradient
+// penalty) is an error when asked for (autograd's not-implemented node), never silently zero, as the
+// default fallback (a warning) made it. A first-order backward passes straight through.
+TORCH_LIBRARY_IMPL(nfnet_fast, Autograd, m) {
+  m.impl("_eca_residual_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace nfnet_fast

@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "scaled_std_weight.h"
@@ -108,6 +109,13 @@ TORCH_LIBRARY_FRAGMENT(nfnet_fast, m) {
 TORCH_LIBRARY_IMPL(nfnet_fast, CPU, m) {
   m.impl("scaled_std_weight", &scaled_std_weight_cpu);
   m.impl("_scaled_std_weight_backward", &scaled_std_weight_backward_cpu);
+}
+
+// The backward op has no derivative of its own: a gradient of it (a double backward, e.g. a gradient
+// penalty) is an error when asked for (autograd's not-implemented node), never silently zero, as the
+// default fallback (a warning) made it. A first-order backward passes straight through.
+TORCH_LIBRARY_IMPL(nfnet_fast, Autograd, m) {
+  m.impl("_scaled_std_weight_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace nfnet_fast

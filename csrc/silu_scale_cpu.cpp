@@ -4,6 +4,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "silu_scale.h"
@@ -60,6 +61,13 @@ TORCH_LIBRARY_FRAGMENT(nfnet_fast, m) {
 TORCH_LIBRARY_IMPL(nfnet_fast, CPU, m) {
   m.impl("silu_scale", &silu_scale_cpu);
   m.impl("_silu_scale_backward", &silu_scale_backward_cpu);
+}
+
+// The backward op has no derivative of its own: a gradient of it (a double backward, e.g. a gradient
+// penalty) is an error when asked for (autograd's not-implemented node), never silently zero, as the
+// default fallback (a warning) made it. A first-order backward passes straight through.
+TORCH_LIBRARY_IMPL(nfnet_fast, Autograd, m) {
+  m.impl("_silu_scale_backward", torch::autograd::autogradNotImplementedFallback());
 }
 
 }  // namespace nfnet_fast

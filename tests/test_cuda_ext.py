@@ -651,3 +651,30 @@ def test_model_cuda_against_timm(channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.backends.cudnn.flags(deterministic=True, allow_tf32=False):
         _compare_models(base, fast, x, f"cuda channels_last={channels_last}")
+
+
+@pytest.mark.parametrize("op", ["silu_scale", "eca", "eca_residual", "scaled_std_weight"])
+def test_double_backward_is_refused_not_silently_zero(op, rng):
+    """A gradient of a gradient (a gradient penalty) through the C++ ops: their backward ops have no
+    derivative, so asking for one is an error, as on the triton backend. (PyTorch's default fallback
+    for an op without an autograd kernel only warned and treated the backward as constant: the
+    penalty's second-order terms were dropped, a silently wrong gradient.) The first-order gradients,
+    with create_graph=True, are still the reference's."""
+    x = torch.randn(2, 6, 4, 5, generator=rng)
+    taps, shortcut = torch.randn(3, generator=rng), torch.randn(2, 6, 4, 5, generator=rng)
+    w, gain = torch.randn(4, 3, 3, 3, generator=rng), 1 + 0.2 * torch.randn(4, generator=rng)
+    calls = {"silu_scale": lambda t, b: ops.silu_scale(t, 1.3, backend=b),
+             "eca": lambda t, b: ops.eca(t, taps, 1.0, backend=b),
+             "eca_residual": lambda t, b: ops.eca_residual(t, taps, shortcut, 0.2, 2.0, None, backend=b),
+             "scaled_std_weight": lambda t, b: ops.scaled_std_weight(t, gain, 0.5, 1e-4, backend=b)}
+    leaf = w if op == "scaled_std_weight" else x
+    weights = torch.randn(leaf.shape, generator=rng)
+    first = []
+    for backend in ("cuda", "reference"):
+        t = leaf.clone().requires_grad_()
+        (g,) = torch.autograd.grad((calls[op](t, backend) * weights).square().sum(), t, create_graph=True)
+        first.append(g.detach())
+        if backend == "cuda":
+            with pytest.raises(RuntimeError, match="not implemented"):
+                (g.square().sum() + t.sum()).backward()
+    assert_rel_close(first[0], first[1], 1e-5, op)
