@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -52,7 +53,9 @@ struct Kernel {
   std::unordered_map<std::string, Binary> binaries;  // launch signature -> binary
 };
 
-std::unordered_map<long long, Kernel> kernels;
+// (shared: a call holds its kernel while it runs Python code, a tensor subclass's data_ptr say, during which
+// another call may describe the kernel again or clear everything)
+std::unordered_map<long long, std::shared_ptr<Kernel>> kernels;
 size_t n_binaries = 0;
 constexpr size_t kMaxBinaries = 4096;  // (as kernels.launch's memo: bounded unless shapes keep changing)
 PyObject* tensor_type = nullptr;
@@ -271,14 +274,14 @@ bool fill(const Binary& b, const std::vector<Value>& values, std::vector<unsigne
   return true;
 }
 
-Kernel* find_kernel(long long id) {
+std::shared_ptr<Kernel> find_kernel(long long id) {
   auto it = kernels.find(id);
-  return it == kernels.end() ? nullptr : &it->second;
+  return it == kernels.end() ? nullptr : it->second;
 }
 
 void clear_all() {
   for (auto& entry : kernels)
-    for (auto& b : entry.second.binaries) Py_XDECREF(b.second.compiled);
+    for (auto& b : entry.second->binaries) Py_XDECREF(b.second.compiled);
   kernels.clear();
   n_binaries = 0;
 }
@@ -287,8 +290,10 @@ void clear_all() {
 using LaunchFn = int (*)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*, void**,
                          void**);
 using ErrorNameFn = int (*)(int, const char**);
+using CurrentContextFn = int (*)(void**);
 LaunchFn cu_launch = nullptr;
 ErrorNameFn cu_error_name = nullptr;
+CurrentContextFn cu_current_context = nullptr;
 
 // cuLaunchKernel from the driver library, as Triton finds it (dlopen of libcuda.so.1): no link dependency
 bool load_driver() {
@@ -297,6 +302,8 @@ bool load_driver() {
   if (lib == nullptr) return false;
   cu_launch = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
   cu_error_name = reinterpret_cast<ErrorNameFn>(dlsym(lib, "cuGetErrorName"));
+  cu_current_context = reinterpret_cast<CurrentContextFn>(dlsym(lib, "cuCtxGetCurrent"));
+  if (cu_current_context == nullptr) cu_launch = nullptr;
   return cu_launch != nullptr;
 }
 #endif
@@ -363,10 +370,11 @@ PyObject* triton_describe_py(PyObject*, PyObject* args) {
   }
   auto it = kernels.find(id);
   if (it != kernels.end()) {
-    for (auto& b : it->second.binaries) Py_XDECREF(b.second.compiled);
-    n_binaries -= it->second.binaries.size();
+    for (auto& b : it->second->binaries) Py_XDECREF(b.second.compiled);
+    n_binaries -= it->second->binaries.size();
+    it->second->binaries.clear();  // (a call holding the old entry finds nothing in it)
   }
-  kernels[id] = std::move(k);
+  kernels[id] = std::make_shared<Kernel>(std::move(k));
   Py_RETURN_NONE;
 }
 
@@ -381,11 +389,8 @@ PyObject* triton_register_py(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "LiO!Os#KIIO", &id, &device, &PyTuple_Type, &call_args, &kwargs, &slots, &n_slots,
                         &function, &num_warps, &shared, &compiled))
     return nullptr;
-  Kernel* k = find_kernel(id);
-  if (k == nullptr) {
-    PyErr_SetString(PyExc_KeyError, "_triton_register: kernel not described (_triton_describe first)");
-    return nullptr;
-  }
+  std::shared_ptr<Kernel> k = find_kernel(id);
+  if (k == nullptr) Py_RETURN_NONE;  // (not described, or the registry was reset: the caller describes it)
   if (static_cast<size_t>(n_slots) != k->params.size()) {
     PyErr_SetString(PyExc_ValueError, "_triton_register: one slot per parameter");
     return nullptr;
@@ -402,8 +407,8 @@ PyObject* triton_register_py(PyObject*, PyObject* args) {
   if (!fill(b, values, storage, nullptr)) Py_RETURN_FALSE;  // (a value its slot cannot hold: not memoised)
   if (n_binaries >= kMaxBinaries) {
     for (auto& entry : kernels) {
-      for (auto& old : entry.second.binaries) Py_XDECREF(old.second.compiled);
-      entry.second.binaries.clear();
+      for (auto& old : entry.second->binaries) Py_XDECREF(old.second.compiled);
+      entry.second->binaries.clear();
     }
     n_binaries = 0;
   }
@@ -427,7 +432,7 @@ PyObject* triton_launch_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const long long id = PyLong_AsLongLong(args[0]);
   const long long gx = PyLong_AsLongLong(args[1]), gy = PyLong_AsLongLong(args[2]), gz = PyLong_AsLongLong(args[3]);
   if (PyErr_Occurred()) return nullptr;
-  Kernel* k = find_kernel(id);
+  std::shared_ptr<Kernel> k = find_kernel(id);
   if (k == nullptr || k->binaries.empty()) Py_RETURN_NONE;
   int device = 0;  // (a dry run's: the device its registrations name)
   void* stream = nullptr;
@@ -440,6 +445,10 @@ PyObject* triton_launch_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     } catch (const std::exception&) {
       Py_RETURN_NONE;
     }
+    // no current context on this thread (Triton's launcher makes the device's primary context current first):
+    // Triton's path this once, which leaves it current
+    void* context = nullptr;
+    if (cu_current_context(&context) != 0 || context == nullptr) Py_RETURN_NONE;
 #else
     Py_RETURN_NONE;  // (a build without CUDA launches nothing natively)
 #endif
@@ -478,7 +487,7 @@ PyObject* triton_pack_py(PyObject*, PyObject* args) {
   int device;
   PyObject *call_args, *kwargs;
   if (!PyArg_ParseTuple(args, "LiO!O", &id, &device, &PyTuple_Type, &call_args, &kwargs)) return nullptr;
-  Kernel* k = find_kernel(id);
+  std::shared_ptr<Kernel> k = find_kernel(id);
   if (k == nullptr) Py_RETURN_NONE;
   std::string key;
   std::vector<Value> values;

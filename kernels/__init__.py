@@ -100,7 +100,7 @@ LAUNCH_CACHE = (os.environ.get("NFNET_FAST_LAUNCH_CACHE", "0") == "1" or NATIVE_
 _LAUNCH_MEMO_MAX = 4096  # (a memo entry per shape: bounded by a model's layers, unless the shapes keep changing)
 _key_fns: dict = {}      # (id(kernel), positional types) -> key function, or None: no memo for these types
 _launches: dict = {}     # memo key -> (binary, launcher, CUfunction, packed metadata, keyword-parameter getter,
-#                          whether it was offered to the native launcher)
+#                          whether the native launcher refused it)
 _kept: dict = {}         # id(kernel) -> kernel, so that ids in the keys stay the kernels'
 
 
@@ -144,7 +144,6 @@ _NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, t
 # a binary's parameter type (its signature) -> how the native launcher passes it (csrc/triton_launch.cpp, Slot)
 _NATIVE_SLOTS = {"constexpr": "-", "i32": "i", "i64": "l", "u64": "u", "fp32": "f", "u1": "b", "i1": "b"}
 _native = None           # nfnet_fast._C once a binary was registered with it; False: no native launches here
-_described: set = set()  # ids of the kernels whose parameters the extension knows
 
 
 def _native_module():
@@ -175,15 +174,15 @@ def _register_native(kernel, compiled, device: int, args: tuple, kwargs: dict) -
                                       else "?") for p in kernel.params)
     if "?" in slots:
         return False
-    kid = id(kernel)
-    if kid not in _described:
+    kid, (num_warps, _, shared) = id(kernel), compiled.packed_metadata
+    entry = (kid, device, args, kwargs, slots, int(compiled.function), num_warps, shared, compiled)
+    done = native._triton_register(*entry)
+    if done is None:  # (the extension does not know the kernel yet, or its registry was reset since)
         native._triton_describe(kid, kernel.__name__, [p.name for p in kernel.params],
                                 "".join("1" if p.is_constexpr else "0" for p in kernel.params),
                                 "".join("1" if p.do_not_specialize else "0" for p in kernel.params))
-        _described.add(kid)
-    num_warps, _, shared = compiled.packed_metadata
-    return native._triton_register(kid, device, args, kwargs, slots, int(compiled.function), num_warps, shared,
-                                   compiled)
+        done = native._triton_register(*entry)
+    return bool(done)
 
 
 def launch(kernel, grid, /, *args, **kwargs):
@@ -220,14 +219,15 @@ def launch(kernel, grid, /, *args, **kwargs):
                 _launches.clear()
             get = itemgetter(*names) if len(names) > 1 else (lambda kw, names=names: [kw[n] for n in names])
             # (the binary itself kept: Triton 3.8 unloads its module when it is collected)
-            _launches[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata, get, NATIVE_LAUNCH)
-            if NATIVE_LAUNCH:
-                _register_native(kernel, compiled, device, args, kwargs)
+            refused = NATIVE_LAUNCH and not _register_native(kernel, compiled, device, args, kwargs)
+            _launches[key] = (compiled, compiled.run, compiled.function, compiled.packed_metadata, get, refused)
         return compiled
-    compiled, run, function, packed, get, tried = hit
-    if NATIVE_LAUNCH and not tried:  # (memoised before native launches were on: registered now, tried once)
-        _register_native(kernel, compiled, device, args, kwargs)
-        _launches[key] = (compiled, run, function, packed, get, True)
+    compiled, run, function, packed, get, refused = hit
+    if NATIVE_LAUNCH and not refused:
+        # (the native launcher had no binary for it: memoised before native launches were on, or its
+        # registry dropped it since (reset, bound); registered again, unless the launcher refuses it)
+        if not _register_native(kernel, compiled, device, args, kwargs):
+            _launches[key] = (compiled, run, function, packed, get, True)
     n = len(grid)
     run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, driver.get_current_stream(device), function,
         packed, None, None, None, *args, *get(kwargs))

@@ -10,7 +10,8 @@ nfnet_fast.kernels.launch with NATIVE_LAUNCH on:
   picks one (no launch of a signature with another binary's parameters);
 * after it, the native launcher's binary is the one Triton's lookup picks, with its warps and shared memory;
 * its parameter bytes are what the binary's PTX declares (count and each size), holding the launch's
-  values in order (device addresses, ints, fp32 floats), then the two null scratch pointers.
+  values in order (device addresses, ints, fp32 floats), then the two null scratch pointers;
+* the second time, after the extension's registry was reset, the memo registers each binary again.
 
 Prints "ok" and the number of variants checked; raises on the first difference.
 
@@ -184,6 +185,8 @@ for flags in (dict(has_grad=0, has_gsums=0, has_out=1, pre_beta=0.5), dict(has_g
     cases.append((F._conv1x1_kernel, (64,), base, dict(tile, **flags)))
 
 for round_ in range(2):
+    if round_:  # (the extension's registry reset: the memo's launches register their binaries again)
+        native._triton_clear()
     for kernel, grid, args, kw in cases:
         before = native._triton_pack(id(kernel), 0, args, kw)
         pick = triton_pick(kernel, args, kw)

@@ -916,6 +916,9 @@ def test_native_launch_keys_every_specialisation_and_refuses_what_it_cannot_laun
         assert _C._triton_pack(kid, device, args, kwargs) is None, (args, kwargs, device)
     assert _C._triton_launch(kid, 1, 1, 1, (x, 16), kw) is None
     _C._triton_describe(kid, "k", [], "", "")  # (forget it)
+    # a kernel the extension does not know (never described, or its registry reset): None, so the caller
+    # describes it and registers again (never an error out of a user's launch)
+    assert _C._triton_register(-8, 0, (x, 16), kw, "pi-", 0x1230, 4, 0, object()) is None
 
 
 @pytest.mark.gpu
