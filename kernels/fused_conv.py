@@ -984,8 +984,8 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
             _check_operand(std_weight, "std_weight", (kh, kw, cg, cout), x.dtype)
             packed = std_weight
         weight = packed.permute(3, 2, 0, 1)  # (cuDNN copies it into its own layout)
-        if not x.is_cuda or cout == 1:  # (aten's CPU conv refuses some such strides, e.g. one output channel's:
-            weight = weight.contiguous()  # (1, 1, 9, 3) for a 3x3 weight; a small copy, not on the GPU's path)
+        if cout == 1:  # (aten's CPU conv refused one output channel's view, strides (1, 1, 9, 3) for a 3x3
+            weight = weight.contiguous()  # weight, on a batch of one; a copy of one filter, wherever it runs)
     pt, pb, pl, pr = normalize_padding(padding)
     xin = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) if pool else x
     conv = dict(stride=stride, padding=(pt, pb, pl, pr), groups=groups)
