@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "eca_residual.h"
+#include "replay.h"
 #include "triton_launch.h"
 
 namespace {
@@ -36,6 +37,10 @@ PyMethodDef methods[] = {
      METH_FASTCALL, "Launch a registered binary natively; None where none is registered."},
     {"_triton_pack", nfnet_fast::triton_pack_py, METH_VARARGS, "A launch's parameter bytes (tests)."},
     {"_triton_clear", nfnet_fast::triton_clear_py, METH_NOARGS, "Forget every registered binary."},
+    // the native replayer of recorded op bodies (csrc/replay.h; nfnet_fast._replay)
+    {"_replay_register", nfnet_fast::replay_register_py, METH_VARARGS, "Register a recorded op body."},
+    {"_replay_hook", nfnet_fast::replay_hook_py, METH_VARARGS, "Launches call the test hook op (tests)."},
+    {"_replay_clear", nfnet_fast::replay_clear_py, METH_NOARGS, "Forget every record."},
     {nullptr, nullptr, 0, nullptr},
 };
 

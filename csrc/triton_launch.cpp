@@ -310,6 +310,33 @@ bool load_driver() {
 
 }  // namespace
 
+bool triton_dry_run() { return dry_run; }
+
+bool triton_has_context() {
+#ifdef NFNET_FAST_WITH_CUDA
+  void* context = nullptr;
+  return load_driver() && cu_current_context(&context) == 0 && context != nullptr;
+#else
+  return false;
+#endif
+}
+
+std::string triton_cu_launch(unsigned long long function, unsigned gx, unsigned gy, unsigned gz, unsigned num_warps,
+                             unsigned shared, void* stream, void** params) {
+#ifdef NFNET_FAST_WITH_CUDA
+  if (!load_driver()) return "no CUDA driver (libcuda.so.1)";
+  const int err = cu_launch(reinterpret_cast<void*>(function), gx, gy, gz, 32 * num_warps, 1, 1, shared, stream,
+                            params, nullptr);
+  if (err == 0) return std::string();
+  const char* what = nullptr;
+  if (cu_error_name == nullptr || cu_error_name(err, &what) != 0 || what == nullptr) what = "unknown error";
+  return std::string("cuLaunchKernel failed with ") + what + " (" + std::to_string(err) + ")";
+#else
+  (void)function, (void)gx, (void)gy, (void)gz, (void)num_warps, (void)shared, (void)stream, (void)params;
+  return "a build without CUDA launches nothing";
+#endif
+}
+
 PyObject* triton_init_py(PyObject*, PyObject* args) {
   PyObject *tensor, *dtype_seq;
   int dry = 0;
@@ -463,20 +490,14 @@ PyObject* triton_launch_py(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::vector<unsigned long long> storage;
   if (!fill(b, values, storage, nullptr)) Py_RETURN_NONE;
   if (gx * gy * gz > 0 && !dry_run) {  // (Triton launches nothing for an empty grid)
-#ifdef NFNET_FAST_WITH_CUDA
     std::vector<void*> params(storage.size());
     for (size_t i = 0; i < storage.size(); ++i) params[i] = &storage[i];
-    const int err = cu_launch(reinterpret_cast<void*>(b.function), static_cast<unsigned>(gx),
-                              static_cast<unsigned>(gy), static_cast<unsigned>(gz), 32 * b.num_warps, 1, 1, b.shared,
-                              stream, params.data(), nullptr);
-    if (err != 0) {
-      const char* what = nullptr;
-      if (cu_error_name == nullptr || cu_error_name(err, &what) != 0 || what == nullptr) what = "unknown error";
-      PyErr_Format(PyExc_RuntimeError, "nfnet_fast native launch of %s: cuLaunchKernel failed with %s (%d)",
-                   k->name.c_str(), what, err);
+    const std::string error = triton_cu_launch(b.function, static_cast<unsigned>(gx), static_cast<unsigned>(gy),
+                                               static_cast<unsigned>(gz), b.num_warps, b.shared, stream, params.data());
+    if (!error.empty()) {
+      PyErr_Format(PyExc_RuntimeError, "nfnet_fast native launch of %s: %s", k->name.c_str(), error.c_str());
       return nullptr;
     }
-#endif
   }
   Py_INCREF(b.compiled);
   return b.compiled;

@@ -5,6 +5,8 @@
 #pragma once
 #include <Python.h>
 
+#include <string>
+
 namespace nfnet_fast {
 
 // _triton_init(tensor_type, dtypes, dry_run=False): torch.Tensor and the dtypes a pointer argument may have
@@ -21,5 +23,14 @@ PyObject* triton_launch_py(PyObject*, PyObject* const* args, Py_ssize_t nargs);
 PyObject* triton_pack_py(PyObject*, PyObject* args);
 // _triton_clear(): forget every kernel and signature
 PyObject* triton_clear_py(PyObject*, PyObject*);
+
+// For the native replayer (csrc/replay.cpp), which launches the binaries of its records itself:
+// whether launches run dry (_triton_init's dry_run), and one cuLaunchKernel of a binary on a stream
+// (an empty message, or why it failed; nothing launches without a CUDA build or the driver).
+bool triton_dry_run();
+// whether this thread has a current CUDA context (false without the driver)
+bool triton_has_context();
+std::string triton_cu_launch(unsigned long long function, unsigned gx, unsigned gy, unsigned gz, unsigned num_warps,
+                             unsigned shared, void* stream, void** params);
 
 }  // namespace nfnet_fast

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from threading import get_ident as _get_ident
 from operator import itemgetter
 from typing import Dict, List, NamedTuple, Optional
 
@@ -102,6 +103,9 @@ _key_fns: dict = {}      # (id(kernel), positional types) -> key function, or No
 _launches: dict = {}     # memo key -> (binary, launcher, CUfunction, packed metadata, keyword-parameter getter,
 #                          whether the native launcher refused it)
 _kept: dict = {}         # id(kernel) -> kernel, so that ids in the keys stay the kernels'
+# thread id -> launch hook of the body being recorded on that thread (nfnet_fast._replay): it records the
+# launch, then makes it
+RECORDERS: dict = {}
 
 
 def _key_fn(kernel, types: tuple):
@@ -160,19 +164,30 @@ def _native_module():
     return _native
 
 
+def native_slots(kernel, compiled) -> Optional[str]:
+    """How each parameter of ``kernel`` goes into a native launch of the binary ``compiled`` (one
+    csrc/triton_launch.cpp Slot per parameter: ``-`` none, ``p`` a pointer, ``i``/``l``/``u``/``f``/``b``
+    an i32, i64, u64, fp32 or bool), or None for a binary the native launchers cannot launch (scratch,
+    clusters, PDL, cooperative, tensor descriptors, another parameter type; not a CompiledKernel)."""
+    if _triton is None or not isinstance(compiled, _CompiledKernel):
+        return None
+    md = compiled.metadata
+    if (md.num_ctas != 1 or getattr(md, "launch_pdl", False)
+            or getattr(md, "launch_cooperative_grid", False) or getattr(md, "global_scratch_size", 0)
+            or getattr(md, "profile_scratch_size", 0) or getattr(md, "tensordesc_meta", None)):
+        return None
+    signature = compiled.src.signature
+    slots = "".join(_NATIVE_SLOTS.get(signature.get(p.name, "?"), "p" if signature.get(p.name, "").startswith("*")
+                                      else "?") for p in kernel.params)
+    return None if "?" in slots else slots
+
+
 def _register_native(kernel, compiled, device: int, args: tuple, kwargs: dict) -> bool:
     """Register the binary that Triton just launched for these arguments with the native launcher; False
     where it cannot launch it (see NATIVE_LAUNCH)."""
     native = _native_module()
-    md = compiled.metadata
-    if (not native or md.num_ctas != 1 or getattr(md, "launch_pdl", False)
-            or getattr(md, "launch_cooperative_grid", False) or getattr(md, "global_scratch_size", 0)
-            or getattr(md, "profile_scratch_size", 0) or getattr(md, "tensordesc_meta", None)):
-        return False
-    signature = compiled.src.signature
-    slots = "".join(_NATIVE_SLOTS.get(signature.get(p.name, "?"), "p" if signature.get(p.name, "").startswith("*")
-                                      else "?") for p in kernel.params)
-    if "?" in slots:
+    slots = native_slots(kernel, compiled) if native else None
+    if slots is None:
         return False
     kid, (num_warps, _, shared) = id(kernel), compiled.packed_metadata
     entry = (kid, device, args, kwargs, slots, int(compiled.function), num_warps, shared, compiled)
@@ -188,6 +203,10 @@ def _register_native(kernel, compiled, device: int, args: tuple, kwargs: dict) -
 def launch(kernel, grid, /, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``; with LAUNCH_CACHE, memoised per launch signature (above), and with
     NATIVE_LAUNCH launched from C++ once memoised. Returns the CompiledKernel launched."""
+    if RECORDERS:
+        hook = RECORDERS.get(_get_ident())
+        if hook is not None:
+            return hook(kernel, grid, args, kwargs)
     if not LAUNCH_CACHE or type(kernel) is not _JITFunction or type(grid) is not tuple or kernel.pre_run_hooks \
             or not _plain_launches():
         return kernel[grid](*args, **kwargs)

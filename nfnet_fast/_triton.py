@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import _backends, _library, _reference
+from . import _backends, _library, _reference, _replay
 from .kernels import eca_residual as _eca
 from .kernels import fused_conv as _conv
 from .kernels import scaled_std_weight as _std
@@ -185,6 +185,20 @@ def _operand_ahead(weight: Tensor, gain: Tensor, scale: float, eps: float, dtype
             or entry[3] != scale or entry[4] != eps or entry[5].dtype != dtype):
         return None
     return entry[5]
+
+
+def _fused_conv_operand_ahead(args: tuple) -> tuple:
+    """The ahead operand fused_conv_op's body takes for these arguments (or None): a tensor it reads besides
+    its arguments, so a replay (nfnet_fast._replay) names it as an input and keys on it."""
+    if len(args) != 18:  # (a call that left defaults: its ahead operand, if any, is unnamed and refuses the record)
+        return (None,)
+    x, weight, gain, std_scale, std_eps, compute_dtype = args[0], args[1], args[12], args[13], args[14], args[17]
+    if gain is None or getattr(_AHEAD, "operands", None) is None or weight.dim() != 4:
+        return (None,)
+    return (_operand_ahead(weight, gain, std_scale, std_eps, x.dtype if compute_dtype is None else compute_dtype),)
+
+
+_replay.EXTRA_INPUTS["nfnet_fast::triton_fused_conv"] = _fused_conv_operand_ahead
 
 
 @_library.custom_op("nfnet_fast::triton_fused_conv")

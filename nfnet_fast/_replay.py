@@ -1,0 +1,543 @@
+"""Record an op body's work once per call signature, then replay the record (docs/native-launch.md section 9).
+
+An eager training step is paced by its host (docs/triton-training-step.md): each op body re-runs its
+Python (argument checks, layout choices, the tile's memo, the launch's keys) on every call, although for
+one call signature it always issues the same work. With ``NFNET_FAST_REPLAY=1`` (off by default: not yet
+measured on a GPU), :func:`call` runs a body as it is on the first call of a signature, records the
+second and the third call, and once those two records agree, replays the record on every later call of
+that signature: the aten ops (allocations, views, casts, cuDNN's convolution backward) called again
+through their ``OpOverload``, the Triton launches through :func:`nfnet_fast.kernels.launch`, each with
+this call's tensors in place of the recorded ones. This module is the specification (and the test
+oracle) of a native replayer: the same record, run from C++, is an op body with no Python at all.
+
+What a record is. During a recorded call a ``TorchDispatchMode`` sees every aten op the body makes and
+the launch hook sees every Triton launch. Each tensor argument of an op or a launch is named by where it
+came from: an input of the call (a tensor argument, or a tensor the op's ``extra_inputs`` names, such as
+an operand that :class:`nfnet_fast._triton.standardised_ahead` made), or the result of an earlier step.
+Every other argument (an int, a float, a dtype, a grid) is a constant of the signature.
+
+The signature (the key) is everything the body's Python can branch on: each argument's type and value,
+a tensor's dtype, device, shape, strides and 16-byte alignment, which arguments are the same tensor, the
+extra inputs' (the same), the grad mode and the autocast state. A record is refused, and the body runs
+as it is for that signature from then on, when the body:
+  - reads a tensor's values on the host (an op whose result is not a tensor: ``item()``, ``equal``);
+  - uses a tensor that is neither an input nor a recorded step's result (a cached constant);
+  - launches on a device other than its first tensor's, or under a dispatch mode of its own;
+  - is recorded during a CUDA graph capture (tuning falls back there), or the two records differ (the
+    first call's tuning or compiling still ran in the second).
+Replaying is refused (the body runs) where recording would be: under any dispatch or torch-function
+mode, functorch, tracing (``_library._direct`` already sends those calls to the op).
+
+What it assumes: the body's choices for a signature do not change later in the process, as
+:mod:`nfnet_fast.kernels`' memos already assume (the tuning's pick, the launch cache). :func:`clear`
+forgets every record (after changing ``NFNET_FAST_AUTOTUNE`` or the tuning cache, say).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+ENABLED = os.environ.get("NFNET_FAST_REPLAY", "0") == "1"
+# tests: a record the native replayer cannot run replays in Python (the specification, slower than the body)
+# instead of leaving the signature to the body
+PYTHON_REPLAY = False
+_MAX_SIGNATURES = 4096  # per body: beyond it (shapes that keep changing) calls run the body, unrecorded
+
+# qualname -> callable(args) -> tuple of tensors (or None) the body reads besides its arguments
+EXTRA_INPUTS: Dict[str, Callable] = {}
+
+
+class _Table:
+    __slots__ = ("body", "records", "seen")
+
+    def __init__(self, body):
+        self.body = body
+        self.records: dict = {}  # key -> _Record, or _REFUSED
+        self.seen: dict = {}     # key -> the first record (or a count of calls before it)
+
+
+_REFUSED = object()
+_FIRST = object()  # a signature's first call ran (unrecorded)
+_tables: Dict[str, _Table] = {}
+
+
+def clear() -> None:
+    """Forget every record: each signature is recorded again (twice) before it replays."""
+    _tables.clear()
+    _native_records.clear()
+    native = _native_module()
+    if native:
+        native._replay_clear()
+
+
+def _key_of(value, ids: list):
+    """The part of the key one argument makes; tensors' ids appended to ``ids``."""
+    t = type(value)
+    if t is Tensor or isinstance(value, Tensor):
+        ids.append(id(value))
+        return (value.dtype, value.device, value.shape, value.stride(), value.data_ptr() & 15)
+    if t is float:  # (-0.0 == 0.0, but a recorded constant keeps its sign)
+        return (float, value, math.copysign(1.0, value))
+    if t is list or t is tuple:
+        return (t, tuple(_key_of(v, ids) for v in value))
+    return (t, value)
+
+
+def _flat_tensors(value, out: list) -> None:
+    if isinstance(value, Tensor):
+        out.append(value)
+    elif type(value) is list or type(value) is tuple:
+        for v in value:
+            _flat_tensors(v, out)
+
+
+def call(qualname: str, body: Callable, args: tuple):
+    """``body(*args)``, replayed from its record where this call's signature has one (module docstring)."""
+    table = _tables.get(qualname)
+    if table is None or table.body is not body:
+        table = _tables[qualname] = _Table(body)
+    extra_fn = EXTRA_INPUTS.get(qualname)
+    extra = extra_fn(args) if extra_fn is not None else ()
+    ids: list = []
+    key = (_key_of(args, ids), _key_of(extra, ids), torch.is_grad_enabled(), _autocast_state())
+    if len(set(ids)) != len(ids):  # (which arguments are one tensor: the body may use either)
+        key = key + (tuple(ids.index(i) for i in ids),)
+    record = table.records.get(key)
+    if record is not None:
+        if record is _REFUSED:
+            return body(*args)
+        inputs: list = []
+        _flat_tensors(args, inputs)
+        _flat_tensors(extra, inputs)
+        if record.native is not None:
+            return _fill(record.native_output, _replay_op(record.native, inputs))
+        return record.replay(inputs)  # (PYTHON_REPLAY: tests)
+    first = table.seen.get(key)
+    if first is None:  # the first call compiles, tunes and fills the memos: not what later calls do
+        if len(table.seen) < _MAX_SIGNATURES:
+            table.seen[key] = _FIRST
+        return body(*args)
+    inputs = []
+    _flat_tensors(args, inputs)
+    _flat_tensors(extra, inputs)
+    record, out = _record(body, args, inputs)
+    if record is None:
+        table.records[key] = _REFUSED
+    elif first is _FIRST:
+        table.seen[key] = record
+    else:  # the third call's record must be the second's: the body had settled
+        if record == first:
+            _register_native(record)
+        keep = record == first and (record.native is not None or PYTHON_REPLAY)
+        table.records[key] = record if keep else _REFUSED
+        del table.seen[key]
+    return out
+
+
+def _autocast_state():
+    return (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
+            torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+
+
+def status(qualname: str) -> Dict[str, int]:
+    """How many signatures of ``qualname`` replay, are refused, and are still being recorded (tests)."""
+    table = _tables.get(qualname)
+    records = list(table.records.values()) if table else []
+    refused = sum(r is _REFUSED for r in records)
+    return {"replayed": len(records) - refused, "refused": refused, "recording": len(table.seen) if table else 0}
+
+
+def records(qualname: str) -> List["_Record"]:
+    """The records of ``qualname`` that replay (tests and the native replayer's checks)."""
+    table = _tables.get(qualname)
+    return [r for r in table.records.values() if r is not _REFUSED] if table else []
+
+
+# ---------------------------------------------------------------------------------------------
+# recording
+
+class _Unresolved(Exception):
+    """The body used a tensor the record cannot name, or a host value it cannot keep."""
+
+
+class _Tensor:  # a tensor argument of a step: the value in slot ``slot`` (inputs first, then results)
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: int):
+        self.slot = slot
+
+    def __eq__(self, other):
+        return type(other) is _Tensor and other.slot == self.slot
+
+    def __repr__(self):
+        return f"%{self.slot}"
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, inputs: list):
+        super().__init__()
+        self.slots = {id(t): i for i, t in enumerate(inputs)}
+        self.count = len(inputs)
+        self.kept = list(inputs)  # (every named tensor alive while recording, so that ids stay unique)
+        self.steps: list = []
+        self.why: Optional[str] = None
+        self.thread = threading.get_ident()
+
+    def name(self, value):
+        """A step's argument as the record keeps it: tensors by slot, lists elementwise, the rest as it is."""
+        if isinstance(value, Tensor):
+            slot = self.slots.get(id(value))
+            if slot is None:
+                raise _Unresolved("a tensor that is neither an input nor a recorded result")
+            return _Tensor(slot)
+        if type(value) is list or type(value) is tuple:
+            return type(value)(self.name(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self.name(v) for k, v in value.items()}
+        if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            raise _Unresolved("a symbolic value")
+        return value
+
+    def results(self, out):
+        """Slots for an op's results (a tensor, or a list or tuple of tensors and Nones)."""
+        flat = [out] if isinstance(out, Tensor) else list(out) if type(out) in (list, tuple) else None
+        if flat is None or not all(t is None or isinstance(t, Tensor) for t in flat):
+            raise _Unresolved(f"a host value ({type(out).__name__}) read from a tensor")
+        slots = []
+        for t in flat:
+            if t is None:
+                slots.append(None)
+                continue
+            self.slots[id(t)] = self.count
+            self.kept.append(t)
+            slots.append(self.count)
+            self.count += 1
+        return isinstance(out, Tensor), tuple(slots)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.why is None:
+            try:
+                step = ("op", func, self.name(args), self.name(kwargs))
+                self.steps.append(step + self.results(out))
+            except _Unresolved as e:
+                self.why = f"{func}: {e}"
+        return out
+
+    def launch(self, kernel, grid, args, kwargs):
+        """The launch hook (nfnet_fast.kernels.RECORDERS, this thread's): record the launch, then make it."""
+        from . import kernels
+
+        if self.why is None:
+            try:
+                first = next((a for a in args if isinstance(a, Tensor)), None)
+                if first is not None and first.is_cuda and first.get_device() != torch.cuda.current_device():
+                    raise _Unresolved("a launch on a device other than its first tensor's")
+                step = ["launch", kernel, tuple(grid), self.name(args), self.name(kwargs),
+                        tuple(a.data_ptr() & 15 == 0 if isinstance(a, Tensor) else None for a in args),
+                        first.get_device() if first is not None and first.is_cuda else 0, None]
+                self.steps.append(step)
+            except _Unresolved as e:
+                self.why = f"launch of {getattr(kernel, '__name__', kernel)}: {e}"
+                step = None
+        else:
+            step = None
+        del kernels.RECORDERS[self.thread]
+        try:
+            with _disable_current_modes():  # (Triton's own tensor work, the interpreter's copies: not the body's)
+                compiled = kernels.launch(kernel, grid, *args, **kwargs)
+        finally:
+            kernels.RECORDERS[self.thread] = self.launch
+        if step is not None:
+            step[-1] = compiled  # (the binary Triton launched: what a native replay launches)
+        return compiled
+
+
+def _record(body, args, inputs):
+    """``(record or None, body(*args))``: the body run once under the recorder."""
+    from . import kernels  # (nfnet_fast.kernels: the launch hook)
+
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return None, body(*args)
+    recorder = _Recorder(inputs)
+    if recorder.thread in kernels.RECORDERS:  # (a body recorded inside another's recording: not ours to name)
+        return None, body(*args)
+    kernels.RECORDERS[recorder.thread] = recorder.launch
+    try:
+        with recorder:
+            out = body(*args)
+    finally:
+        del kernels.RECORDERS[recorder.thread]
+    if recorder.why is None:
+        try:
+            output = recorder.name(out)
+        except _Unresolved as e:
+            recorder.why = f"the result: {e}"
+    if recorder.why is not None:
+        return None, out
+    steps = [tuple(step) for step in recorder.steps]
+    return _Record(len(inputs), recorder.count, steps, output), out
+
+
+# ---------------------------------------------------------------------------------------------
+# replaying
+
+def _fill(value, slots):
+    t = type(value)
+    if t is _Tensor:
+        return slots[value.slot]
+    if t is list or t is tuple:
+        return t(_fill(v, slots) for v in value)
+    if t is dict:
+        return {k: _fill(v, slots) for k, v in value.items()}
+    return value
+
+
+class _Record:
+    """One signature's steps: ``("op", OpOverload, args, kwargs, single, result slots)`` and
+    ``("launch", JITFunction, grid, args, kwargs, each argument's 16-byte alignment, device, binary)``,
+    with tensors as :class:`_Tensor` slots. ``native``: its id with the native replayer, or None."""
+
+    __slots__ = ("inputs", "size", "steps", "output", "native", "native_output")
+
+    def __init__(self, inputs: int, size: int, steps: list, output):
+        self.inputs, self.size, self.steps, self.output = inputs, size, steps, output
+        self.native = self.native_output = None
+
+    def __eq__(self, other):
+        return (type(other) is _Record and self.inputs == other.inputs and self.size == other.size
+                and self.output == other.output and len(self.steps) == len(other.steps)
+                and all(_same_step(a, b) for a, b in zip(self.steps, other.steps)))
+
+    def replay(self, inputs: list):
+        from . import kernels
+
+        slots = inputs + [None] * (self.size - self.inputs)
+        for step in self.steps:
+            if step[0] == "op":
+                _, func, args, kwargs, single, results = step
+                out = func(*_fill(args, slots), **_fill(kwargs, slots))
+                if single:
+                    slots[results[0]] = out
+                else:
+                    for slot, t in zip(results, out):
+                        if slot is not None:
+                            slots[slot] = t
+            else:
+                _, kernel, grid, args, kwargs = step[:5]
+                args = _fill(args, slots)
+                first = next((a for a in args if isinstance(a, Tensor)), None)
+                with kernels.device_guard(first) if first is not None else kernels._NO_SWITCH:
+                    kernels.launch(kernel, grid, *args, **_fill(kwargs, slots))
+        return _fill(self.output, slots)
+
+
+def _same_step(a, b) -> bool:
+    """Two recorded steps are the same work: the same op or kernel, and equal arguments (floats by bits); a
+    launch also the same binary."""
+    if len(a) != len(b) or a[0] != b[0] or a[1] is not b[1]:
+        return False
+    if a[0] == "launch" and a[-1] is not b[-1]:
+        return False
+    return all(_same(x, y) for x, y in zip(a[2:7], b[2:7]))
+
+
+def _same(x, y) -> bool:
+    if type(x) is not type(y):
+        return False
+    if type(x) is float:
+        return x == y and math.copysign(1.0, x) == math.copysign(1.0, y) or (x != x and y != y)
+    if type(x) in (list, tuple):
+        return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y))
+    if type(x) is dict:
+        return x.keys() == y.keys() and all(_same(x[k], y[k]) for k in x)
+    return x == y
+
+
+# ---------------------------------------------------------------------------------------------
+# the native replayer (csrc/replay.cpp): a record encoded once, then replayed by one op call
+
+_native_records: Dict[int, _Record] = {}  # native id -> record (tests' launch hook reads its steps)
+_kept_binaries: list = []  # the binaries native records launch, alive for the process (Triton 3.8 unloads
+#                            a binary's module when it is collected)
+_op = None
+
+# c10's enums, as an IValue holds them
+_SCALAR_TYPES = {torch.uint8: 0, torch.int8: 1, torch.int16: 2, torch.int32: 3, torch.int64: 4, torch.float16: 5,
+                 torch.float32: 6, torch.float64: 7, torch.bool: 11, torch.bfloat16: 15}
+_MEMORY_FORMATS = {torch.contiguous_format: 0, torch.preserve_format: 1, torch.channels_last: 2,
+                   torch.channels_last_3d: 3}
+_LAYOUTS = {torch.strided: 0}
+
+
+def _native_module():
+    from . import kernels
+
+    native = kernels._native_module()
+    return native if native and hasattr(native, "_replay_register") else None
+
+
+def _replay_op(native_id: int, inputs: list):
+    global _op
+    if _op is None:
+        _op = torch.ops.nfnet_fast._replay.default
+    return _op(native_id, inputs)
+
+
+def _binary(kernel, compiled, args, kwargs):
+    """``(parameter names, slots, CUfunction, warps, shared memory)`` of the binary ``compiled`` that a launch
+    of ``kernel`` with ``args`` and ``kwargs`` ran, or None where the native launchers cannot launch it
+    (tests replace it: the interpreter's launches have no binary)."""
+    from . import kernels
+
+    slots = kernels.native_slots(kernel, compiled)
+    if slots is None:
+        return None
+    num_warps, _, shared = compiled.packed_metadata
+    return [p.name for p in kernel.params], slots, int(compiled.function), int(num_warps), int(shared)
+
+
+def _encode(value, jit_type):
+    """An aten op's argument for csrc/replay.cpp: ``(tag, value)`` by the schema's type."""
+    if value is None:
+        return ("n",)
+    if type(value) is _Tensor:
+        return ("t", value.slot)
+    kind = jit_type.kind()
+    if kind == "OptionalType":
+        return _encode(value, jit_type.getElementType())
+    if kind == "TensorType":  # (a Python number where the op takes a tensor: ``t * 2.0``'s wrapped number)
+        tag = {float: "wf", int: "wi", bool: "wb"}.get(type(value))
+        if tag is None:
+            raise _Unresolved(f"a {type(value).__name__} for a tensor")
+        return (tag, value)
+    if kind == "ListType":
+        element = jit_type.getElementType()
+        inner = element.kind()
+        if type(value) not in (list, tuple):
+            raise _Unresolved(f"a {type(value).__name__} for a list")
+        if inner == "OptionalType" and element.getElementType().kind() == "TensorType":
+            if not all(v is None or type(v) is _Tensor for v in value):
+                raise _Unresolved("a tensor list of other values")
+            return ("otl", [-1 if v is None else v.slot for v in value])
+        if inner == "TensorType":
+            if not all(type(v) is _Tensor for v in value):
+                raise _Unresolved("a tensor list of other values")
+            return ("tl", [v.slot for v in value])
+        tag, types = {"IntType": ("il", (int,)), "SymIntType": ("il", (int,)), "BoolType": ("bl", (bool,)),
+                      "FloatType": ("fl", (float, int))}.get(inner, (None, ()))
+        if tag is None or not all(type(v) in types for v in value):
+            raise _Unresolved(f"a list of {inner}")
+        return (tag, [float(v) for v in value] if tag == "fl" else list(value))
+    try:
+        if isinstance(value, torch.dtype):
+            return ("i", _SCALAR_TYPES[value])
+        if isinstance(value, torch.memory_format):
+            return ("i", _MEMORY_FORMATS[value])
+        if isinstance(value, torch.layout):
+            return ("i", _LAYOUTS[value])
+    except KeyError:
+        raise _Unresolved(f"{value}, which the replayer does not encode") from None
+    if isinstance(value, torch.device):
+        return ("d", str(value))
+    t = type(value)
+    if t is bool:
+        return ("b", value)
+    if t is int:
+        return ("f", float(value)) if kind == "FloatType" else ("i", value)
+    if t is float and kind != "IntType" and kind != "SymIntType":
+        return ("f", value)
+    if t is str:
+        return ("s", value)
+    raise _Unresolved(f"an argument of type {t.__name__} for {jit_type}")
+
+
+def _encode_op(step):
+    _, func, args, kwargs, single, results = step
+    schema = func._schema
+    values = []
+    for i, argument in enumerate(schema.arguments):
+        if i < len(args):
+            value = args[i]
+        elif argument.name in kwargs:
+            value = kwargs[argument.name]
+        elif argument.has_default_value():
+            value = argument.default_value
+        else:
+            raise _Unresolved(f"{func}: argument {argument.name} missing")
+        values.append(_encode(value, argument.type))
+    returns = schema.returns
+    if len(returns) != len(results) or not all(
+            r.type.kind() == "TensorType" or (r.type.kind() == "OptionalType"
+                                              and r.type.getElementType().kind() == "TensorType") for r in returns):
+        raise _Unresolved(f"{func}: results other than tensors")
+    return ("op", schema.name, schema.overload_name, values, [-1 if r is None else r for r in results])
+
+
+def _encode_launch(step):
+    _, kernel, grid, args, kwargs, aligned, device, compiled = step
+    binary = _binary(kernel, compiled, args, kwargs)
+    if binary is None:
+        raise _Unresolved(f"a binary of {getattr(kernel, '__name__', kernel)} the native launcher cannot launch")
+    names, slots, function, num_warps, shared = binary
+    params = []
+    for i, (name, kind) in enumerate(zip(names, slots)):
+        if kind == "-":
+            continue
+        if i < len(args):
+            value = args[i]
+        elif name in kwargs:
+            value = kwargs[name]
+        else:
+            raise _Unresolved(f"parameter {name} left to its default")
+        if kind == "p":
+            if value is not None and (type(value) is not _Tensor or i >= len(args)):
+                raise _Unresolved(f"pointer parameter {name}: not a positional tensor")
+            params.append(("p", -1, False) if value is None else ("p", value.slot, bool(aligned[i])))
+        elif kind == "f":
+            if type(value) is not float:
+                raise _Unresolved(f"fp32 parameter {name}: a {type(value).__name__}")
+            params.append(("f", value))
+        else:
+            if type(value) not in (int, bool):
+                raise _Unresolved(f"integer parameter {name}: a {type(value).__name__}")
+            params.append((kind, int(value)))
+    grid3 = tuple(grid) + (1,) * (3 - len(grid))
+    return ("launch", function, num_warps, shared, grid3, device, params)
+
+
+def _index_output(value, flat: list):
+    """The result's structure with each tensor as its index in the native replay's flat list of results."""
+    if type(value) is _Tensor:
+        flat.append(value.slot)
+        return _Tensor(len(flat) - 1)
+    if type(value) in (list, tuple):
+        return type(value)(_index_output(v, flat) for v in value)
+    return value
+
+
+def _register_native(record: _Record) -> None:
+    """Hand the record to the native replayer (record.native: its id), where it can run every step."""
+    native = _native_module()
+    if native is None:
+        return
+    try:
+        steps = [_encode_op(s) if s[0] == "op" else _encode_launch(s) for s in record.steps]
+    except _Unresolved:
+        return
+    flat: list = []
+    output = _index_output(record.output, flat)
+    try:
+        record.native = native._replay_register(record.inputs, record.size, steps, flat)
+    except ValueError:  # (a step the replayer refuses: an op it does not find, say)
+        return
+    record.native_output = output
+    _native_records[record.native] = record
+    _kept_binaries.extend(s[-1] for s in record.steps if s[0] == "launch" and s[-1] is not None)
