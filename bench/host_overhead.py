@@ -18,9 +18,10 @@ its host issues it runs at this pace.
 --profile: then a cProfile of 10 steps of the fastest nfnet_fast path (native launches where the extension has
 them, else the launch cache's), by own time.
 
-Rows triton+lc and triton+native: the triton backend with the launch cache (kernels.LAUNCH_CACHE), and with
-native launches too (kernels.NATIVE_LAUNCH: each memoised binary launched from C++). Without a GPU the native
-launches run dry: everything but cuLaunchKernel, as Triton's launcher does nothing here.
+Rows triton+lc, triton+native and triton+replay: the triton backend with the launch cache (kernels.LAUNCH_CACHE),
+with native launches too (kernels.NATIVE_LAUNCH: each memoised binary launched from C++), and with its op bodies
+replayed from C++ as well (nfnet_fast._replay). Without a GPU the native launches run dry: everything but
+cuLaunchKernel, as Triton's launcher does nothing here.
 """
 import os
 import sys
@@ -190,6 +191,8 @@ if NATIVE and not GPU:  # (no driver: the native launches run dry, everything bu
 _kernels.NATIVE_LAUNCH = NATIVE
 native_us = bench(launch_reduce_cached, n=2000) if NATIVE else float("nan")
 _kernels.LAUNCH_CACHE, _kernels.NATIVE_LAUNCH = _was, _native_was
+from nfnet_fast import _replay  # noqa: E402
+REPLAY, _replay_was = NATIVE and _replay._native_module() is not None, _replay.ENABLED
 print(f"one Triton launch (16 args + 5 constexprs), Python path only: {bench(launch_reduce, n=2000):.1f} us, "
       f"with the launch cache {cached_us:.1f} us, natively {native_us:.1f} us"
       f"{'' if GPU else ' (its driver call left out)'}; eca plan(): {bench(plan_only, n=2000):.1f} us")
@@ -214,14 +217,20 @@ if "triton" in BACKENDS:
         "kernels.fused_conv (checks, tile memo, launch)": lambda: K_conv.fused_conv(
             lx, lw, lb, act="silu", packed_weight=lw.permute(2, 3, 1, 0)),
     }
-    print("one eval conv call entered at each layer, host us (triton backend; without / with the launch cache):")
+    print("one eval conv call entered at each layer, host us (triton backend; without / with the launch cache"
+          + (" / its body replayed natively, launches native" if REPLAY else "") + "):")
     for label, fn in layers.items():
         with torch.no_grad():
             plain = bench(fn, n=500)
             _kernels.LAUNCH_CACHE = True
             cached = bench(fn, n=500)
+            replayed = float("nan")
+            if REPLAY and label.split()[0] in ("ops.fused_conv", "backend", "_library._direct"):  # (above the body)
+                _kernels.NATIVE_LAUNCH, _replay.ENABLED = True, True
+                replayed = bench(fn, n=500)
+                _kernels.NATIVE_LAUNCH, _replay.ENABLED = _native_was, _replay_was
             _kernels.LAUNCH_CACHE = _was
-        print(f"  {label:50s}{plain:8.1f}{cached:8.1f}")
+        print(f"  {label:50s}{plain:8.1f}{cached:8.1f}" + (f"{replayed:8.1f}" if REPLAY else ""))
 
 
 # A whole training step, by phase (benchmark.train_step's four), of eca_nfnet_l0's layer graph at 1/8 width
@@ -261,9 +270,13 @@ if "triton" in BACKENDS:
     runs.append(("triton", "triton+lc"))
     if NATIVE:
         runs.append(("triton", "triton+native"))
+    if REPLAY:
+        runs.append(("triton", "triton+replay"))
 for be, name in runs:
-    _kernels.LAUNCH_CACHE = name in ("triton+lc", "triton+native")
-    _kernels.NATIVE_LAUNCH = name == "triton+native"
+    _kernels.LAUNCH_CACHE = name in ("triton+lc", "triton+native", "triton+replay")
+    _kernels.NATIVE_LAUNCH = name in ("triton+native", "triton+replay")
+    _replay.clear()
+    _replay.ENABLED = name == "triton+replay"
     model = random_weights_(timm_nfnet.NormFreeNet(narrow, num_classes=10))
     model = (model if be is None else nfnet_fast.convert(model, backend=be)).to(DEV).train()
     model = model.to(memory_format=torch.channels_last)
@@ -279,8 +292,9 @@ for be, name in runs:
         steps[name].append(bench(lambda: model(sx[:1]), n=5) / 1e3)
 print(f"training step of eca_nfnet_l0's layers at 1/8 width, batch 2, 32 px, fp32 ({DEV.type}, 1 thread): host ms, "
       "min of 25 (each phase's own minimum); an eval forward at batch 1; triton+lc: with the launch cache "
-      "(NFNET_FAST_LAUNCH_CACHE=1); triton+native: its binaries launched from C++ (NFNET_FAST_NATIVE_LAUNCH=1; a dry run without a GPU)")
-_kernels.LAUNCH_CACHE, _kernels.NATIVE_LAUNCH = _was, _native_was
+      "(NFNET_FAST_LAUNCH_CACHE=1); triton+native: its binaries launched from C++ (NFNET_FAST_NATIVE_LAUNCH=1; a dry run without a GPU); "
+      "triton+replay: the op bodies replayed from C++ too (NFNET_FAST_REPLAY=1)")
+_kernels.LAUNCH_CACHE, _kernels.NATIVE_LAUNCH, _replay.ENABLED = _was, _native_was, _replay_was
 print(f"{'':10s}" + "".join(f"{k:>10s}" for k in ("forward", "backward", "AGC", "optimizer", "step", "eval b1")))
 for name, row in steps.items():
     print(f"{name:10s}" + "".join(f"{v:10.2f}" for v in row))
@@ -292,10 +306,11 @@ for name, row in steps.items():
 if "--profile" in sys.argv:
     import cProfile
     import pstats
-    name = list(models)[-1]  # (the fastest nfnet_fast path: native launches where there are, else the memo's)
+    name = list(models)[-1]  # (the fastest nfnet_fast path: replays and native launches where there are, else the memo's)
     model, opt, clip = models[name]
-    _kernels.LAUNCH_CACHE = name in ("triton+lc", "triton+native")
-    _kernels.NATIVE_LAUNCH = name == "triton+native"
+    _kernels.LAUNCH_CACHE = name in ("triton+lc", "triton+native", "triton+replay")
+    _kernels.NATIVE_LAUNCH = name in ("triton+native", "triton+replay")
+    _replay.ENABLED = name == "triton+replay"
     model.train()
     for _ in range(3):
         step_phases(model, opt, clip)
@@ -304,7 +319,7 @@ if "--profile" in sys.argv:
     for _ in range(10):
         step_phases(model, opt, clip)
     prof.disable()
-    _kernels.LAUNCH_CACHE, _kernels.NATIVE_LAUNCH = _was, _native_was
+    _kernels.LAUNCH_CACHE, _kernels.NATIVE_LAUNCH, _replay.ENABLED = _was, _native_was, _replay_was
     print(f"\ncProfile of 10 training steps ({name}, {DEV.type}), the 30 functions of most own time:")
     stats = pstats.Stats(prof)
     stats.strip_dirs().sort_stats("tottime").print_stats(30)

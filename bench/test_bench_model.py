@@ -11,6 +11,7 @@ import torch
 
 import nfnet_fast
 from conftest import COMPILE, CUDA, DEVICE, INFER_CASES, MAX_AUTOTUNE, MODEL, TRAIN_CASES, cached
+from nfnet_fast import _replay, kernels
 from nfnet_fast import benchmark as B
 
 
@@ -64,12 +65,20 @@ def _train_names():
     if CUDA:  # forward and backward replayed from CUDA graphs (benchmark.graph_for_training): the host's share
         names += [f"timm cudagraph {dtypes[-1]}"] + [f"nfnet_fast {b} cudagraph {dtypes[-1]}"
                                                      for b in B.backends_for(DEVICE) if b != "reference"]
+    if CUDA and "triton" in B.backends_for(DEVICE) and _replay._native_module() is not None:
+        # eager, with the op bodies replayed from C++ and their launches native (NFNET_FAST_REPLAY=1 and
+        # NFNET_FAST_NATIVE_LAUNCH=1; nfnet_fast._replay): the untimed warm-up steps record them
+        names += [f"nfnet_fast triton replay {dtypes[-1]}"]
     return names
 
 
 @pytest.mark.parametrize("batch, size", TRAIN_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("name", _train_names())
-def test_train_step(benchmark, run_timed, batch, size, name):
+def test_train_step(benchmark, run_timed, batch, size, name, monkeypatch):
+    if " replay " in name:
+        monkeypatch.setattr(kernels, "LAUNCH_CACHE", True)
+        monkeypatch.setattr(kernels, "NATIVE_LAUNCH", True)
+        monkeypatch.setattr(_replay, "ENABLED", True)
     base = cached(("train-ref",), lambda: B.build_reference(MODEL, DEVICE))
     model = copy.deepcopy(base).train()
     dtype = name.split()[-1]

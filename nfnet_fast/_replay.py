@@ -2,13 +2,15 @@
 
 An eager training step is paced by its host (docs/triton-training-step.md): each op body re-runs its
 Python (argument checks, layout choices, the tile's memo, the launch's keys) on every call, although for
-one call signature it always issues the same work. With ``NFNET_FAST_REPLAY=1`` (off by default: not yet
-measured on a GPU), :func:`call` runs a body as it is on the first call of a signature, records the
-second and the third call, and once those two records agree, replays the record on every later call of
-that signature: the aten ops (allocations, views, casts, cuDNN's convolution backward) called again
-through their ``OpOverload``, the Triton launches through :func:`nfnet_fast.kernels.launch`, each with
-this call's tensors in place of the recorded ones. This module is the specification (and the test
-oracle) of a native replayer: the same record, run from C++, is an op body with no Python at all.
+one call signature it always issues the same work. With ``NFNET_FAST_REPLAY=1`` (off by default: not
+yet run on a GPU), :func:`call` runs a body as it is on the first call of a signature, records the calls
+after it until two records in a row agree (at most four), and from then on replays that record on every
+call of the signature from C++ (csrc/replay.cpp, through the op ``nfnet_fast::_replay``): the aten ops
+(allocations, views, casts, cuDNN's convolution backward) through the dispatcher, the Triton launches with
+cuLaunchKernel, each with this call's tensors in place of the recorded ones. A record the native replayer
+cannot run (a binary the native launcher refuses, an argument it does not encode) leaves its signature to
+the body. :meth:`_Record.replay` runs a record in Python: the specification, which tests use
+(``PYTHON_REPLAY``); it is slower than the body itself.
 
 What a record is. During a recorded call a ``TorchDispatchMode`` sees every aten op the body makes and
 the launch hook sees every Triton launch. Each tensor argument of an op or a launch is named by where it
@@ -22,9 +24,10 @@ extra inputs' (the same), the grad mode and the autocast state. A record is refu
 as it is for that signature from then on, when the body:
   - reads a tensor's values on the host (an op whose result is not a tensor: ``item()``, ``equal``);
   - uses a tensor that is neither an input nor a recorded step's result (a cached constant);
-  - launches on a device other than its first tensor's, or under a dispatch mode of its own;
-  - is recorded during a CUDA graph capture (tuning falls back there), or the two records differ (the
-    first call's tuning or compiling still ran in the second).
+  - launches on a device other than its first tensor's;
+  - still does different work after four recorded calls.
+No call is recorded during a CUDA graph capture (where tuning falls back; replaying in one is fine: the same
+ops on the same stream), nor inside another body's recording.
 Replaying is refused (the body runs) where recording would be: under any dispatch or torch-function
 mode, functorch, tracing (``_library._direct`` already sends those calls to the op).
 
@@ -48,6 +51,7 @@ ENABLED = os.environ.get("NFNET_FAST_REPLAY", "0") == "1"
 # instead of leaving the signature to the body
 PYTHON_REPLAY = False
 _MAX_SIGNATURES = 4096  # per body: beyond it (shapes that keep changing) calls run the body, unrecorded
+_MAX_RECORDINGS = 4  # a signature whose records still differ after this many recorded calls is refused
 
 # qualname -> callable(args) -> tuple of tensors (or None) the body reads besides its arguments
 EXTRA_INPUTS: Dict[str, Callable] = {}
@@ -59,7 +63,7 @@ class _Table:
     def __init__(self, body):
         self.body = body
         self.records: dict = {}  # key -> _Record, or _REFUSED
-        self.seen: dict = {}     # key -> the first record (or a count of calls before it)
+        self.seen: dict = {}     # key -> _FIRST after its first call, then (its last record, records made)
 
 
 _REFUSED = object()
@@ -77,9 +81,10 @@ def clear() -> None:
 
 
 def _key_of(value, ids: list):
-    """The part of the key one argument makes; tensors' ids appended to ``ids``."""
+    """The part of the key one argument of a type the generated keys do not spell out makes (a list, say);
+    tensors' ids appended to ``ids``."""
     t = type(value)
-    if t is Tensor or isinstance(value, Tensor):
+    if isinstance(value, Tensor):
         ids.append(id(value))
         return (value.dtype, value.device, value.shape, value.stride(), value.data_ptr() & 15)
     if t is float:  # (-0.0 == 0.0, but a recorded constant keeps its sign)
@@ -97,6 +102,34 @@ def _flat_tensors(value, out: list) -> None:
             _flat_tensors(v, out)
 
 
+_keyers: dict = {}  # (argument types, extra input types) -> generated key function
+
+
+def _keyer(arg_types: tuple, extra_types: tuple) -> Callable:
+    """``f(args, extra) -> (key, inputs)`` for arguments of exactly these types: the key's values (the types
+    are in the key too) and the call's tensors in slot order, spelled out in one generated function (a
+    generic walk over a conv's 18 arguments cost ~8 us a call on the build machine)."""
+    lines, parts = ["def keyer(a, e):", "    inputs = []", "    ids = []"], []
+    for src, types in (("a", arg_types), ("e", extra_types)):
+        for i, t in enumerate(types):
+            v = f"{src}[{i}]"
+            if issubclass(t, Tensor):
+                lines.append(f"    inputs.append({v})")
+                parts.append(f"({v}.dtype, {v}.device, {v}.shape, {v}.stride(), {v}.data_ptr() & 15)")
+            elif t is float:
+                parts.append(f"{v}, _copysign(1.0, {v})")
+            elif t in (int, bool, str, type(None)) or t is torch.dtype:
+                parts.append(v)
+            else:  # (lists and the rest: the generic walk)
+                lines.append(f"    k{src}{i} = _key_of({v}, ids)")
+                lines.append(f"    _flat_tensors({v}, inputs)")
+                parts.append(f"k{src}{i}")
+    lines.append(f"    return ({', '.join(parts)}{',' if parts else ''}), inputs")
+    namespace = {"_key_of": _key_of, "_flat_tensors": _flat_tensors, "_copysign": math.copysign}
+    exec("\n".join(lines), namespace)  # noqa: S102 (our source)
+    return namespace["keyer"]
+
+
 def call(qualname: str, body: Callable, args: tuple):
     """``body(*args)``, replayed from its record where this call's signature has one (module docstring)."""
     table = _tables.get(qualname)
@@ -104,17 +137,19 @@ def call(qualname: str, body: Callable, args: tuple):
         table = _tables[qualname] = _Table(body)
     extra_fn = EXTRA_INPUTS.get(qualname)
     extra = extra_fn(args) if extra_fn is not None else ()
-    ids: list = []
-    key = (_key_of(args, ids), _key_of(extra, ids), torch.is_grad_enabled(), _autocast_state())
-    if len(set(ids)) != len(ids):  # (which arguments are one tensor: the body may use either)
+    types = (tuple(map(type, args)), tuple(map(type, extra)))
+    keyer = _keyers.get(types)
+    if keyer is None:
+        keyer = _keyers[types] = _keyer(*types)
+    values, inputs = keyer(args, extra)
+    key = (types, values, torch.is_grad_enabled(), _any_autocast() and _autocast_state())
+    if len(inputs) > 1 and len(set(map(id, inputs))) != len(inputs):  # (the same tensor twice: the body may
+        ids = [id(t) for t in inputs]  # read either: which arguments are one tensor)
         key = key + (tuple(ids.index(i) for i in ids),)
     record = table.records.get(key)
     if record is not None:
         if record is _REFUSED:
             return body(*args)
-        inputs: list = []
-        _flat_tensors(args, inputs)
-        _flat_tensors(extra, inputs)
         if record.native is not None:
             return _fill(record.native_output, _replay_op(record.native, inputs))
         return record.replay(inputs)  # (PYTHON_REPLAY: tests)
@@ -123,21 +158,34 @@ def call(qualname: str, body: Callable, args: tuple):
         if len(table.seen) < _MAX_SIGNATURES:
             table.seen[key] = _FIRST
         return body(*args)
-    inputs = []
-    _flat_tensors(args, inputs)
-    _flat_tensors(extra, inputs)
+    if (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()) or _launch_hooked():
+        return body(*args)  # (a capture, where tuning falls back; a recording already: recorded later)
     record, out = _record(body, args, inputs)
     if record is None:
         table.records[key] = _REFUSED
+        del table.seen[key]
     elif first is _FIRST:
-        table.seen[key] = record
-    else:  # the third call's record must be the second's: the body had settled
-        if record == first:
-            _register_native(record)
-        keep = record == first and (record.native is not None or PYTHON_REPLAY)
-        table.records[key] = record if keep else _REFUSED
+        table.seen[key] = (record, 1)
+    elif record == first[0]:  # two calls in a row did the same work: the body has settled
+        _register_native(record)
+        table.records[key] = record if record.native is not None or PYTHON_REPLAY else _REFUSED
+        del table.seen[key]
+    elif first[1] < _MAX_RECORDINGS:  # (a call tuned or compiled still, a capture's fallback tile, ...)
+        table.seen[key] = (record, first[1] + 1)
+    else:
+        table.records[key] = _REFUSED
         del table.seen[key]
     return out
+
+
+def _launch_hooked() -> bool:
+    """Whether this thread's launches are hooked already (a body recording, or a test's hook)."""
+    from . import kernels
+
+    return bool(kernels.RECORDERS) and threading.get_ident() in kernels.RECORDERS
+
+
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 
 
 def _autocast_state():
@@ -264,11 +312,7 @@ def _record(body, args, inputs):
     """``(record or None, body(*args))``: the body run once under the recorder."""
     from . import kernels  # (nfnet_fast.kernels: the launch hook)
 
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return None, body(*args)
     recorder = _Recorder(inputs)
-    if recorder.thread in kernels.RECORDERS:  # (a body recorded inside another's recording: not ours to name)
-        return None, body(*args)
     kernels.RECORDERS[recorder.thread] = recorder.launch
     try:
         with recorder:

@@ -212,3 +212,223 @@ def test_training_steps_replay_natively_to_the_bodies_bits(native_replay, channe
         st = _replay.status(name)
         assert st["refused"] == 0 and st["recording"] == 0 and st["replayed"] > 0, (name, st)
     assert not any(bad for _, bad in HOOKED)  # (the packed bits of the last step's launches)
+
+
+def _calls(name, body, make_args, n=6):
+    """``n`` calls of ``body`` through the replay, each against the body itself on the same arguments."""
+    for _ in range(n):
+        args = make_args()
+        got = _replay.call(name, body, args)
+        want = body(*args)
+        assert type(got) is type(want) and torch.equal(got, want)
+
+
+def test_a_body_that_reads_values_or_outside_tensors_runs_as_it_is(native_replay):
+    """A record is refused where the body's work depends on a tensor's values (item) or reads a tensor the
+    record cannot name (a cached constant): the body runs on every call, with its own result."""
+    gen = torch.Generator().manual_seed(3)
+    constant = torch.randn(5, generator=gen)
+
+    def branching(x):
+        return x * 2 if x.sum().item() > 0 else x - 1
+
+    def outside(x):
+        return x + constant
+
+    for name, body in (("test::branching", branching), ("test::outside", outside)):
+        _calls(name, body, lambda: (torch.randn(5, generator=gen),))
+        assert _replay.status(name) == {"replayed": 0, "refused": 1, "recording": 0}, name
+
+
+def test_plain_aten_bodies_replay_natively(native_replay):
+    """A body of aten ops alone (views, a wrapped number, lists, a dtype and a memory format, two results of
+    one op, the same tensor passed twice) replays natively from its third call, to its bits."""
+    gen = torch.Generator().manual_seed(4)
+
+    def body(x, y, scale, dims):
+        z = (x * scale).to(torch.float64).permute(0, 2, 3, 1).contiguous(memory_format=torch.contiguous_format)
+        lo, hi = torch.aminmax(y.float(), dim=1)
+        s = torch.empty((2, 3), dtype=torch.bfloat16, device=x.device).fill_(1.5)
+        return z.sum(dims, keepdim=True), lo + hi, s, torch.cat([x, y], dim=1)
+
+    for same in (False, True):
+        for _ in range(5):
+            x = torch.randn(2, 3, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+            y = x if same else torch.randn(2, 3, 4, 5, generator=gen)
+            args = (x, y, -0.5, [1, 3])
+            got, want = _replay.call("test::aten", body, args), body(*args)
+            for a, b in zip(got, want):
+                assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+    assert _replay.status("test::aten") == {"replayed": 2, "refused": 0, "recording": 0}
+    assert all(r.native is not None for r in _replay.records("test::aten"))
+
+
+def test_a_body_that_settles_late_replays_and_one_that_never_does_is_refused(native_replay):
+    """Records are made until two in a row agree (a first call's tuning, say), at most four."""
+    gen = torch.Generator().manual_seed(5)
+    calls = {"late": 0, "never": 0}
+
+    def late(x):
+        calls["late"] += 1
+        return x * (calls["late"] if calls["late"] < 4 else 2)  # (calls 2 and 3 recorded, each its own work)
+
+    def never(x):
+        calls["never"] += 1
+        return x * calls["never"]
+
+    for name, body, settled in (("test::late", late, 1), ("test::never", never, 0)):
+        for i in range(9):
+            x = torch.randn(4, generator=gen)
+            n = calls[name.split("::")[1]]
+            got = _replay.call(name, body, (x,))
+            if name == "test::late":
+                assert torch.equal(got, x * (n + 1 if n + 1 < 4 else 2)), i
+            else:  # (each call a new value: the record of the last call would be wrong, the body is not)
+                assert torch.equal(got, x * (n + 1)), i
+        assert _replay.status(name) == {"replayed": settled, "refused": 1 - settled, "recording": 0}, name
+
+
+def test_each_layout_alignment_and_scalar_is_a_signature_of_its_own(native_replay):
+    """Strides, a pointer's 16-byte alignment, a float's sign and an int against a bool each key apart."""
+    gen = torch.Generator().manual_seed(6)
+    base = torch.randn(64, generator=gen)
+
+    def body(x, a):
+        return x * a if x.data_ptr() % 16 == 0 else x - a  # (a body's Python may branch on any of them)
+
+    for x, a in ((base[:32], 2.0), (base[1:33], 2.0), (base[:32].view(4, 8).t(), 2.0), (base[:32], -0.0),
+                 (base[:32], 0.0), (base[:32], True), (base[:32], 1)):
+        for _ in range(4):
+            got, want = _replay.call("test::keys", body, (x, a)), body(x, a)
+            assert got.dtype == want.dtype and torch.equal(got, want) and got.stride() == want.stride()
+            assert torch.equal(torch.sign(got), torch.sign(want))
+    assert _replay.status("test::keys")["replayed"] == 7
+
+
+def test_python_replay_is_the_native_ones_specification(native_replay, monkeypatch):
+    """A record the native replayer cannot take (here: no binary for the interpreter's launches) replays in
+    Python under PYTHON_REPLAY, to the body's bits; without it the body runs."""
+    monkeypatch.setattr(_replay, "_binary", lambda *a: None)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 16, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 16, 1, 1, generator=gen)
+    for python in (False, True):
+        _replay.clear()
+        monkeypatch.setattr(_replay, "PYTHON_REPLAY", python)
+        with torch.no_grad():
+            for _ in range(4):
+                xi = x + torch.randn(x.shape, generator=gen).contiguous(memory_format=torch.channels_last)
+                got = ops.fused_conv(xi, w, None, act="silu", backend="triton")
+                _replay.ENABLED = False
+                want = ops.fused_conv(xi, w, None, act="silu", backend="triton")
+                _replay.ENABLED = True
+                assert torch.equal(got, want)
+        st = _replay.status("nfnet_fast::triton_fused_conv")
+        assert st == {"replayed": int(python), "refused": 1 - int(python), "recording": 0}, (python, st)
+
+
+@pytest.mark.parametrize("steps,why", [
+    ([("op", "aten::no_such_op", "", [], [])], "aten::no_such_op"),
+    ([("op", "aten::neg", "", [("t", 0)], [])], "one slot per result"),
+    ([("op", "aten::neg", "", [("t", 5)], [1])], "slot out of range"),
+    ([("op", "aten::neg", "", [("q", 0)], [1])], "unknown kind"),
+    ([("launch", 0, 4, 0, (1, 1), 0, [])], "grid of three"),
+    ([("launch", 0, 4, 0, (1, 1, 1), 0, [("i", 2 ** 31)])], "i32 parameter out of range"),
+    ([("walk",)], "unknown kind")])
+def test_the_native_replayer_refuses_a_malformed_record(steps, why):
+    with pytest.raises(ValueError, match=why):
+        _C._replay_register(1, 2, steps, [1])
+
+
+def test_a_record_that_does_not_fit_raises_instead_of_running():
+    """The native replayer checks the inputs' count, that each slot it reads holds a tensor, and the alignment
+    a binary was specialised for (a wrong record, or a key that missed something, raises: no launch)."""
+    rid = _C._replay_register(1, 2, [("op", "aten::neg", "", [("t", 0)], [1])], [1])
+    x = torch.randn(3)
+    assert torch.equal(torch.ops.nfnet_fast._replay(rid, [x])[0], -x)
+    with pytest.raises(RuntimeError, match="2 inputs for a record of 1"):
+        torch.ops.nfnet_fast._replay(rid, [x, x])
+    rid = _C._replay_register(1, 3, [("op", "aten::neg", "", [("t", 2)], [1])], [1])
+    with pytest.raises(RuntimeError, match="holds no tensor"):
+        torch.ops.nfnet_fast._replay(rid, [x])
+    rid = _C._replay_register(1, 1, [("launch", 0, 4, 0, (1, 1, 1), 0, [("p", 0, True)])], [0])
+    with pytest.raises(RuntimeError, match="16-byte aligned"):
+        torch.ops.nfnet_fast._replay(rid, [torch.randn(8)[1:]])
+    _C._replay_clear()
+    with pytest.raises(RuntimeError, match="no record"):
+        torch.ops.nfnet_fast._replay(rid, [x])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_replay_gives_the_bodies_bits(dtype, monkeypatch):
+    """On the GPU, training steps of eca_nfnet_l0 (batch 2, 96 px) with the op bodies replayed natively (aten
+    ops through the dispatcher, launches with cuLaunchKernel) give the bodies' bits: the steps that record,
+    the steps that replay (whose launches none come from the bodies' Python), one of them on another stream,
+    and an eval forward captured in a CUDA graph from replays and replayed."""
+    import threading
+
+    import timm
+
+    from conftest import randomize_
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(_replay, "ENABLED", False)
+    _replay.clear()
+    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), seed=5), backend="triton")
+    model = model.cuda().train().to(memory_format=torch.channels_last)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 3, 96, 96, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (2,), device="cuda", generator=g)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return [loss.detach().clone()] + [p.grad.clone() for p in model.parameters()]
+
+    expect = step()
+    with torch.no_grad():
+        expect_eval = model.eval()(x).clone()
+    model.train()
+    monkeypatch.setattr(_replay, "ENABLED", True)
+    try:
+        runs = [step() for _ in range(3)]  # (a signature's first call, then two that record and agree)
+        with torch.no_grad():
+            for _ in range(3):
+                model.eval()(x)
+        model.train()
+        direct = []
+
+        def through_python(kernel, grid, args, kwargs):
+            direct.append(kernel.__name__)
+            return kernel[grid](*args, **kwargs)
+
+        kernels.RECORDERS[threading.get_ident()] = through_python
+        try:
+            runs.append(step())
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                runs.append(step())
+            torch.cuda.current_stream().wait_stream(side)
+        finally:
+            kernels.RECORDERS.pop(threading.get_ident(), None)
+        assert set(direct) <= {"_std_fwd_many_kernel"}, sorted(set(direct))  # (the model's, not an op body's)
+        for name in _replay._tables:
+            st = _replay.status(name)
+            assert st["refused"] == 0 and st["replayed"] > 0, (name, st)
+        graph, model = torch.cuda.CUDAGraph(), model.eval()
+        with torch.no_grad():
+            model(x)
+            with torch.cuda.graph(graph):
+                static_out = model(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, expect_eval)
+        for got in runs:
+            assert all(torch.equal(a, b) for a, b in zip(got, expect))
+    finally:
+        _replay.clear()
