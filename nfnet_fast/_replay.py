@@ -80,26 +80,18 @@ def clear() -> None:
         native._replay_clear()
 
 
-def _key_of(value, ids: list):
-    """The part of the key one argument of a type the generated keys do not spell out makes (a list, say);
-    tensors' ids appended to ``ids``."""
-    t = type(value)
+def _key_of(value, inputs: list):
+    """The key of one argument of a type the generated keys do not spell out (a list, say), in one walk that
+    also appends its tensors to ``inputs``."""
     if isinstance(value, Tensor):
-        ids.append(id(value))
+        inputs.append(value)
         return (value.dtype, value.device, value.shape, value.stride(), value.data_ptr() & 15)
+    t = type(value)
     if t is float:  # (-0.0 == 0.0, but a recorded constant keeps its sign)
         return (float, value, math.copysign(1.0, value))
     if t is list or t is tuple:
-        return (t, tuple(_key_of(v, ids) for v in value))
+        return (t, tuple([_key_of(v, inputs) for v in value]))
     return (t, value)
-
-
-def _flat_tensors(value, out: list) -> None:
-    if isinstance(value, Tensor):
-        out.append(value)
-    elif type(value) is list or type(value) is tuple:
-        for v in value:
-            _flat_tensors(v, out)
 
 
 _keyers: dict = {}  # (argument types, extra input types) -> generated key function
@@ -109,7 +101,7 @@ def _keyer(arg_types: tuple, extra_types: tuple) -> Callable:
     """``f(args, extra) -> (key, inputs)`` for arguments of exactly these types: the key's values (the types
     are in the key too) and the call's tensors in slot order, spelled out in one generated function (a
     generic walk over a conv's 18 arguments cost ~8 us a call on the build machine)."""
-    lines, parts = ["def keyer(a, e):", "    inputs = []", "    ids = []"], []
+    lines, parts = ["def keyer(a, e):", "    inputs = []"], []
     for src, types in (("a", arg_types), ("e", extra_types)):
         for i, t in enumerate(types):
             v = f"{src}[{i}]"
@@ -121,11 +113,10 @@ def _keyer(arg_types: tuple, extra_types: tuple) -> Callable:
             elif t in (int, bool, str, type(None)) or t is torch.dtype:
                 parts.append(v)
             else:  # (lists and the rest: the generic walk)
-                lines.append(f"    k{src}{i} = _key_of({v}, ids)")
-                lines.append(f"    _flat_tensors({v}, inputs)")
+                lines.append(f"    k{src}{i} = _key_of({v}, inputs)")
                 parts.append(f"k{src}{i}")
     lines.append(f"    return ({', '.join(parts)}{',' if parts else ''}), inputs")
-    namespace = {"_key_of": _key_of, "_flat_tensors": _flat_tensors, "_copysign": math.copysign}
+    namespace = {"_key_of": _key_of, "_copysign": math.copysign}
     exec("\n".join(lines), namespace)  # noqa: S102 (our source)
     return namespace["keyer"]
 
@@ -151,7 +142,11 @@ def call(qualname: str, body: Callable, args: tuple):
         if record is _REFUSED:
             return body(*args)
         if record.native is not None:
-            return _fill(record.native_output, _replay_op(record.native, inputs))
+            results = _replay_op(record.native, inputs)
+            output = record.native_output
+            # (the usual results, a tuple of the flat list in order or one tensor, without the walk)
+            return tuple(results) if output is _IN_ORDER else results[0] if output is _FIRST_RESULT else \
+                _fill(output, results)
         return record.replay(inputs)  # (PYTHON_REPLAY: tests)
     first = table.seen.get(key)
     if first is None:  # the first call compiles, tunes and fills the memos: not what later calls do
@@ -408,6 +403,7 @@ def _same(x, y) -> bool:
 # ---------------------------------------------------------------------------------------------
 # the native replayer (csrc/replay.cpp): a record encoded once, then replayed by one op call
 
+_IN_ORDER, _FIRST_RESULT = object(), object()  # native_output's usual shapes: the tuple of results, one result
 _native_records: Dict[int, _Record] = {}  # native id -> record (tests' launch hook reads its steps)
 _kept_binaries: list = []  # the binaries native records launch, alive for the process (Triton 3.8 unloads
 #                            a binary's module when it is collected)
@@ -582,6 +578,7 @@ def _register_native(record: _Record) -> None:
         record.native = native._replay_register(record.inputs, record.size, steps, flat)
     except ValueError:  # (a step the replayer refuses: an op it does not find, say)
         return
-    record.native_output = output
+    in_order = type(output) is tuple and all(type(t) is _Tensor and t.slot == i for i, t in enumerate(output))
+    record.native_output = (_IN_ORDER if in_order else _FIRST_RESULT if type(output) is _Tensor else output)
     _native_records[record.native] = record
     _kept_binaries.extend(s[-1] for s in record.steps if s[0] == "launch" and s[-1] is not None)
