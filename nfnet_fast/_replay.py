@@ -158,18 +158,18 @@ def call(qualname: str, body: Callable, args: tuple):
     record, out = _record(body, args, inputs)
     if record is None:
         table.records[key] = _REFUSED
-        del table.seen[key]
+        table.seen.pop(key, None)  # (pop: another thread may have settled it meanwhile)
     elif first is _FIRST:
         table.seen[key] = (record, 1)
     elif record == first[0]:  # two calls in a row did the same work: the body has settled
         _register_native(record)
         table.records[key] = record if record.native is not None or PYTHON_REPLAY else _REFUSED
-        del table.seen[key]
+        table.seen.pop(key, None)  # (pop: another thread may have settled it meanwhile)
     elif first[1] < _MAX_RECORDINGS:  # (a call tuned or compiled still, a capture's fallback tile, ...)
         table.seen[key] = (record, first[1] + 1)
     else:
         table.records[key] = _REFUSED
-        del table.seen[key]
+        table.seen.pop(key, None)  # (pop: another thread may have settled it meanwhile)
     return out
 
 
