@@ -18,12 +18,14 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "triton_launch.h"
@@ -60,6 +62,8 @@ struct Step {
   unsigned num_warps = 4, shared = 0, grid[3] = {1, 1, 1};
   int device = 0;
   std::vector<Param> params;
+  std::vector<int> release;  // slots no later step reads: dropped after this one (as the body's Python drops
+                             // its temporaries: the replay's peak memory is the body's)
 };
 
 struct Record {
@@ -69,8 +73,10 @@ struct Record {
 };
 
 std::mutex registry_mutex;  // (replays run without the GIL, registrations with it)
-std::vector<std::shared_ptr<const Record>> records;
-bool launch_hook = false;
+// id -> record; ids are never reused, so an id that a clear dropped finds nothing (never another record)
+std::unordered_map<int64_t, std::shared_ptr<const Record>> records;
+int64_t next_id = 0;
+std::atomic<bool> launch_hook{false};
 
 // ---- registration: Python values to C++ (limited API) ----
 
@@ -281,7 +287,7 @@ void run_op(const Step& s, std::vector<at::Tensor>& slots) {
 }
 
 void run_launch(const Step& s, size_t index, int64_t record, std::vector<at::Tensor>& slots) {
-  const bool dry = triton_dry_run();
+  const bool dry = triton_dry_run(), hook = launch_hook.load();
   std::vector<unsigned long long> storage;
   storage.reserve(s.params.size() + 2);
   std::vector<at::Tensor> hooked;  // (the hook's: the launch's tensors, in parameter order)
@@ -294,14 +300,14 @@ void run_launch(const Step& s, size_t index, int64_t record, std::vector<at::Ten
     const auto address = reinterpret_cast<unsigned long long>(t.data_ptr());
     TORCH_CHECK(!p.aligned || address % 16 == 0, "nfnet_fast replay: a launch's binary was specialised for a 16-byte "
                 "aligned pointer, and this call's tensor is not (a record that does not fit this call)");
-    TORCH_CHECK(dry || launch_hook || (t.is_cuda() && t.get_device() == s.device),
+    TORCH_CHECK(dry || hook || (t.is_cuda() && t.get_device() == s.device),
                 "nfnet_fast replay: a launch's tensor is not on the record's GPU");
     storage.push_back(address);
-    if (launch_hook) hooked.push_back(t);
+    if (hook) hooked.push_back(t);
   }
   storage.push_back(0);  // global scratch
   storage.push_back(0);  // profile scratch
-  if (launch_hook) {
+  if (hook) {
     static const auto hook = c10::Dispatcher::singleton()
                                  .findSchemaOrThrow("nfnet_fast::_replay_launch_hook", "")
                                  .typed<void(int64_t, int64_t, at::TensorList, at::IntArrayRef)>();
@@ -331,9 +337,9 @@ std::vector<at::Tensor> replay(int64_t record, at::TensorList inputs) {
   std::shared_ptr<const Record> r;
   {
     std::lock_guard<std::mutex> lock(registry_mutex);
-    TORCH_CHECK(record >= 0 && static_cast<size_t>(record) < records.size() && records[record],
-                "nfnet_fast replay: no record ", record, " (cleared?)");
-    r = records[record];
+    auto found = records.find(record);
+    TORCH_CHECK(found != records.end(), "nfnet_fast replay: no record ", record, " (cleared?)");
+    r = found->second;
   }
   TORCH_CHECK(inputs.size() == r->inputs, "nfnet_fast replay: ", inputs.size(), " inputs for a record of ",
               r->inputs);
@@ -346,6 +352,7 @@ std::vector<at::Tensor> replay(int64_t record, at::TensorList inputs) {
     } else {
       run_launch(s, i, record, slots);
     }
+    for (int slot : s.release) slots[slot].reset();
   }
   std::vector<at::Tensor> out;
   out.reserve(r->outputs.size());
@@ -380,13 +387,29 @@ PyObject* replay_register_py(PyObject*, PyObject* args) {
       if (slot < 0) fail("a result without a slot");
       r->outputs.push_back(slot);
     }
+    // each slot's last reader (a result nothing reads: the step that made it); the results are kept
+    std::vector<int> last(r->size, -1);
+    for (size_t i = 0; i < r->steps.size(); ++i) {
+      const Step& step = r->steps[i];
+      auto use = [&](int slot) {
+        if (slot >= 0) last[slot] = static_cast<int>(i);
+      };
+      for (const Arg& a : step.args)
+        for (int slot : a.slots) use(slot);
+      for (const Param& p : step.params) use(p.slot);
+      for (int slot : step.results) use(slot);
+    }
+    for (int slot : r->outputs) last[slot] = -1;
+    for (size_t slot = 0; slot < last.size(); ++slot)
+      if (last[slot] >= 0) r->steps[last[slot]].release.push_back(static_cast<int>(slot));
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;
   }
   std::lock_guard<std::mutex> lock(registry_mutex);
-  records.push_back(std::move(r));
-  return PyLong_FromSize_t(records.size() - 1);
+  const int64_t id = next_id++;
+  records[id] = std::move(r);
+  return PyLong_FromLongLong(id);
 }
 
 PyObject* replay_hook_py(PyObject*, PyObject* args) {

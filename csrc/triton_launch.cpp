@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -296,14 +297,17 @@ ErrorNameFn cu_error_name = nullptr;
 CurrentContextFn cu_current_context = nullptr;
 
 // cuLaunchKernel from the driver library, as Triton finds it (dlopen of libcuda.so.1): no link dependency
+// (once per process: the native replayer calls it without the GIL, from any thread)
 bool load_driver() {
-  if (cu_launch != nullptr) return true;
-  void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-  if (lib == nullptr) return false;
-  cu_launch = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
-  cu_error_name = reinterpret_cast<ErrorNameFn>(dlsym(lib, "cuGetErrorName"));
-  cu_current_context = reinterpret_cast<CurrentContextFn>(dlsym(lib, "cuCtxGetCurrent"));
-  if (cu_current_context == nullptr) cu_launch = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) return;
+    auto launch = reinterpret_cast<LaunchFn>(dlsym(lib, "cuLaunchKernel"));
+    cu_error_name = reinterpret_cast<ErrorNameFn>(dlsym(lib, "cuGetErrorName"));
+    cu_current_context = reinterpret_cast<CurrentContextFn>(dlsym(lib, "cuCtxGetCurrent"));
+    cu_launch = cu_current_context != nullptr ? launch : nullptr;
+  });
   return cu_launch != nullptr;
 }
 #endif

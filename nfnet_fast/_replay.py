@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -50,7 +51,7 @@ ENABLED = os.environ.get("NFNET_FAST_REPLAY", "0") == "1"
 # tests: a record the native replayer cannot run replays in Python (the specification, slower than the body)
 # instead of leaving the signature to the body
 PYTHON_REPLAY = False
-_MAX_SIGNATURES = 4096  # per body: beyond it (shapes that keep changing) calls run the body, unrecorded
+_MAX_SIGNATURES = 4096  # records per body: beyond them (shapes that keep changing) calls run the body, unrecorded
 _MAX_RECORDINGS = 4  # a signature whose records still differ after this many recorded calls is refused
 
 # qualname -> callable(args) -> tuple of tensors (or None) the body reads besides its arguments
@@ -148,28 +149,34 @@ def call(qualname: str, body: Callable, args: tuple):
             return tuple(results) if output is _IN_ORDER else results[0] if output is _FIRST_RESULT else \
                 _fill(output, results)
         return record.replay(inputs)  # (PYTHON_REPLAY: tests)
+    if (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()) or _launch_hooked():
+        # (a capture, where tuning falls back, is not a signature's first call either; a recording already)
+        return body(*args)
     first = table.seen.get(key)
     if first is None:  # the first call compiles, tunes and fills the memos: not what later calls do
-        if len(table.seen) < _MAX_SIGNATURES:
-            table.seen[key] = _FIRST
+        if len(table.records) >= _MAX_SIGNATURES:  # (shapes that keep changing: the bodies run, unrecorded)
+            return body(*args)
+        if len(table.seen) >= _MAX_SIGNATURES:  # (signatures called once or twice: forget them, start again)
+            table.seen.clear()
+        table.seen[key] = _FIRST
         return body(*args)
-    if (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()) or _launch_hooked():
-        return body(*args)  # (a capture, where tuning falls back; a recording already: recorded later)
     record, out = _record(body, args, inputs)
+    if key in table.records:  # (another thread settled it meanwhile)
+        return out
     if record is None:
         table.records[key] = _REFUSED
-        table.seen.pop(key, None)  # (pop: another thread may have settled it meanwhile)
+        table.seen.pop(key, None)  # (pop: another thread may have popped it too)
     elif first is _FIRST:
         table.seen[key] = (record, 1)
     elif record == first[0]:  # two calls in a row did the same work: the body has settled
         _register_native(record)
         table.records[key] = record if record.native is not None or PYTHON_REPLAY else _REFUSED
-        table.seen.pop(key, None)  # (pop: another thread may have settled it meanwhile)
+        table.seen.pop(key, None)
     elif first[1] < _MAX_RECORDINGS:  # (a call tuned or compiled still, a capture's fallback tile, ...)
         table.seen[key] = (record, first[1] + 1)
     else:
         table.records[key] = _REFUSED
-        table.seen.pop(key, None)  # (pop: another thread may have settled it meanwhile)
+        table.seen.pop(key, None)
     return out
 
 
@@ -225,9 +232,9 @@ class _Tensor:  # a tensor argument of a step: the value in slot ``slot`` (input
 class _Recorder(TorchDispatchMode):
     def __init__(self, inputs: list):
         super().__init__()
-        self.slots = {id(t): i for i, t in enumerate(inputs)}
+        self.slots = {id(t): i for i, t in enumerate(inputs)}  # (the inputs outlive the call)
         self.count = len(inputs)
-        self.kept = list(inputs)  # (every named tensor alive while recording, so that ids stay unique)
+        self.refs: list = []  # weak references to the results: a result the body drops is freed as it would be
         self.steps: list = []
         self.why: Optional[str] = None
         self.thread = threading.get_ident()
@@ -258,14 +265,26 @@ class _Recorder(TorchDispatchMode):
                 slots.append(None)
                 continue
             self.slots[id(t)] = self.count
-            self.kept.append(t)
+            # (when it dies its id is free for another tensor: forget it first, so no later tensor takes its slot)
+            self.refs.append(weakref.ref(t, lambda _, i=id(t), slot=self.count: self.forget(i, slot)))
             slots.append(self.count)
             self.count += 1
         return isinstance(out, Tensor), tuple(slots)
 
+    def forget(self, tensor_id: int, slot: int) -> None:
+        if self.slots.get(tensor_id) == slot:
+            del self.slots[tensor_id]
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from . import kernels
+
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        hook = kernels.RECORDERS.pop(self.thread, None)  # (an op that launches, another custom op: one step)
+        try:
+            out = func(*args, **kwargs)
+        finally:
+            if hook is not None:
+                kernels.RECORDERS[self.thread] = hook
         if self.why is None:
             try:
                 step = ("op", func, self.name(args), self.name(kwargs))
@@ -405,8 +424,8 @@ def _same(x, y) -> bool:
 
 _IN_ORDER, _FIRST_RESULT = object(), object()  # native_output's usual shapes: the tuple of results, one result
 _native_records: Dict[int, _Record] = {}  # native id -> record (tests' launch hook reads its steps)
-_kept_binaries: list = []  # the binaries native records launch, alive for the process (Triton 3.8 unloads
-#                            a binary's module when it is collected)
+_kept_binaries: dict = {}  # id -> each binary a native record launches, alive for the process (Triton 3.8
+#                            unloads a binary's module when it is collected; a replay may run during a clear)
 _op = None
 
 # c10's enums, as an IValue holds them
@@ -560,6 +579,8 @@ def _index_output(value, flat: list):
         return _Tensor(len(flat) - 1)
     if type(value) in (list, tuple):
         return type(value)(_index_output(v, flat) for v in value)
+    if type(value) is dict:
+        return {k: _index_output(v, flat) for k, v in value.items()}
     return value
 
 
@@ -581,4 +602,4 @@ def _register_native(record: _Record) -> None:
     in_order = type(output) is tuple and all(type(t) is _Tensor and t.slot == i for i, t in enumerate(output))
     record.native_output = (_IN_ORDER if in_order else _FIRST_RESULT if type(output) is _Tensor else output)
     _native_records[record.native] = record
-    _kept_binaries.extend(s[-1] for s in record.steps if s[0] == "launch" and s[-1] is not None)
+    _kept_binaries.update((id(s[-1]), s[-1]) for s in record.steps if s[0] == "launch" and s[-1] is not None)
