@@ -270,8 +270,13 @@ void run_op(const Step& s, std::vector<at::Tensor>& slots) {
       }
       case kOptionalTensorList: {
         c10::List<std::optional<at::Tensor>> list;
-        for (int slot : a.slots)
-          list.push_back(slot < 0 ? std::optional<at::Tensor>() : std::optional<at::Tensor>(tensor_in(slots, slot, "an op's list")));
+        for (int slot : a.slots) {
+          if (slot < 0) {
+            list.push_back(std::nullopt);
+          } else {
+            list.push_back(tensor_in(slots, slot, "an op's list"));
+          }
+        }
         stack.emplace_back(list);
         break;
       }

@@ -47,6 +47,53 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def gpu_training_step(dtype: torch.dtype):
+    """``(model, x, step)``: eca_nfnet_l0 on the triton backend (randomised, channels_last, train mode) on the
+    GPU, a batch of 2 at 96 px, and ``step()``, one training step (bf16 autocast when ``dtype`` is bf16)
+    that returns the loss and every gradient, cloned. The GPU tests that compare launch paths bit for bit."""
+    import timm
+
+    import nfnet_fast
+
+    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), seed=5), backend="triton")
+    model = model.cuda().train().to(memory_format=torch.channels_last)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(2, 3, 96, 96, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (2,), device="cuda", generator=g)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return [loss.detach().clone()] + [p.grad.clone() for p in model.parameters()]
+
+    return model, x, step
+
+
+def steps_here_and_on_a_side_stream(step) -> list:
+    """``[step(), step()]``: one on the current stream, one on a side stream ordered between it and what follows."""
+    runs = [step()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        runs.append(step())
+    torch.cuda.current_stream().wait_stream(side)
+    return runs
+
+
+def captured_eval(model, x) -> torch.Tensor:
+    """``model.eval()(x)`` captured in a CUDA graph (after one eager call) and replayed: the graph's output."""
+    graph, model = torch.cuda.CUDAGraph(), model.eval()
+    with torch.no_grad():
+        model(x)
+        with torch.cuda.graph(graph):
+            static_out = model(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    return static_out
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` skip cleanly, with one reason, where no CUDA device is visible."""
     if torch.cuda.is_available():

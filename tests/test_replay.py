@@ -367,25 +367,12 @@ def test_gpu_replay_gives_the_bodies_bits(dtype, monkeypatch):
     ops through the dispatcher, launches with cuLaunchKernel) give the bodies' bits: the steps that record,
     the steps that replay (whose launches none come from the bodies' Python), one of them on another stream,
     and an eval forward captured in a CUDA graph from replays and replayed."""
-    import timm
-
-    from conftest import randomize_
+    from conftest import captured_eval, gpu_training_step, steps_here_and_on_a_side_stream
 
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(_replay, "ENABLED", False)
     _replay.clear()
-    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), seed=5), backend="triton")
-    model = model.cuda().train().to(memory_format=torch.channels_last)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(2, 3, 96, 96, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (2,), device="cuda", generator=g)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return [loss.detach().clone()] + [p.grad.clone() for p in model.parameters()]
+    model, x, step = gpu_training_step(dtype)
 
     expect = step()
     with torch.no_grad():
@@ -414,25 +401,13 @@ def test_gpu_replay_gives_the_bodies_bits(dtype, monkeypatch):
 
         monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: (direct.append(self), jit_run(self, *a, **k))[1])
         monkeypatch.setattr(kernels, "_native", Counting())
-        runs.append(step())
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            runs.append(step())
-        torch.cuda.current_stream().wait_stream(side)
+        runs += steps_here_and_on_a_side_stream(step)
         names = {getattr(k, "__name__", str(k)) for k in direct}
         assert names <= {"_std_fwd_many_kernel"}, sorted(names)  # (the model's own launch, not an op body's)
         for name in _replay._tables:
             st = _replay.status(name)
             assert st == {"replayed": st["replayed"], "refused": 0, "recording": 0} and st["replayed"], (name, st)
-        graph, model = torch.cuda.CUDAGraph(), model.eval()
-        with torch.no_grad():
-            model(x)
-            with torch.cuda.graph(graph):
-                static_out = model(x)
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(static_out, expect_eval)
+        assert torch.equal(captured_eval(model, x), expect_eval)
         for got in runs:
             assert all(torch.equal(a, b) for a, b in zip(got, expect))
     finally:
@@ -529,3 +504,19 @@ def test_a_custom_op_inside_a_body_is_one_step(native_replay):
     (record,) = _replay.records("test::nested")
     assert record.native is not None
     assert [s[1].__name__ for s in record.steps] == ["triton_silu_scale.default", "mul.Tensor"]
+
+
+def test_optional_tensor_lists_replay_natively(native_replay):
+    """An index's ``Tensor?[]`` (None for a whole dimension), and an upsampling's optional float arguments."""
+    gen = torch.Generator().manual_seed(9)
+
+    def body(x, idx):
+        return x[:, idx], torch.nn.functional.interpolate(x, scale_factor=(2.0, 1.5), mode="nearest")
+
+    for _ in range(4):
+        x, idx = torch.randn(2, 5, 4, 4, generator=gen), torch.randint(0, 5, (3,), generator=gen)
+        got, want = _replay.call("test::lists", body, (x, idx)), body(x, idx)
+        assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(got, want))
+    (record,) = _replay.records("test::lists")
+    assert record.native is not None
+    assert [s[1].__name__ for s in record.steps] == ["index.Tensor", "upsample_nearest2d.default"], record.steps

@@ -11,7 +11,7 @@ import timm
 import torch
 
 import nfnet_fast
-from conftest import assert_rel_close, randomize_
+from conftest import assert_rel_close, captured_eval, gpu_training_step, randomize_, steps_here_and_on_a_side_stream
 from nfnet_fast import _backends, ops
 from nfnet_fast import _reference as ref_ops
 
@@ -939,18 +939,7 @@ def test_gpu_launch_cache_gives_the_same_bits(dtype, native, monkeypatch):
     monkeypatch.setattr(kernels, "_key_fns", {})
     monkeypatch.setattr(kernels, "_kept", {})
     monkeypatch.setattr(kernels, "NATIVE_LAUNCH", native)
-    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), seed=5), backend="triton")
-    model = model.cuda().train().to(memory_format=torch.channels_last)
-    g = torch.Generator(device="cuda").manual_seed(1)
-    x = torch.randn(2, 3, 96, 96, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (2,), device="cuda", generator=g)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return [loss.detach().clone()] + [p.grad.clone() for p in model.parameters()]
+    model, x, step = gpu_training_step(dtype)
 
     from triton.runtime.jit import JITFunction
     normal = []
@@ -971,20 +960,9 @@ def test_gpu_launch_cache_gives_the_same_bits(dtype, native, monkeypatch):
         assert kernels._native, "no native launcher in this build"
         kernels._launches.clear()
     normal.clear()
-    runs.append(step())
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        runs.append(step())
-    torch.cuda.current_stream().wait_stream(side)
+    runs += steps_here_and_on_a_side_stream(step)
     assert not normal, f"{len(normal)} launches took Triton's path"
-    graph, model = torch.cuda.CUDAGraph(), model.eval()  # a capture through the memo's launches (its stream)
-    with torch.no_grad():
-        model(x)
-        with torch.cuda.graph(graph):
-            static_out = model(x)
-    graph.replay()
-    torch.cuda.synchronize()
+    static_out = captured_eval(model, x)  # (a capture through the memo's launches, on its stream)
     assert not normal and torch.equal(static_out, expect_eval)
     for got in runs:
         assert all(torch.equal(a, b) for a, b in zip(got, expect))
