@@ -223,20 +223,13 @@ Step launch_step(PyObject* spec, const Record& r) {
     if (param.kind == 'p') {
       param.slot = slot_of(v, r);  // (-1: a null pointer, a None argument)
       param.aligned = item(p, 2) == Py_True;
-    } else if (param.kind == 'f') {  // (Triton's launcher: a Python float's double, as a C float)
-      const float x = static_cast<float>(real(v));
-      std::memcpy(&param.bits, &x, 4);
-    } else {
-      const long long x = integer(v);
-      if (param.kind == 'i') {
-        if (x < -2147483648LL || x > 2147483647LL) fail("an i32 parameter out of range");
-        const int y = static_cast<int>(x);
-        std::memcpy(&param.bits, &y, 4);
-      } else if (param.kind == 'b') {
-        param.bits = x != 0;
-      } else {
-        std::memcpy(&param.bits, &x, 8);
-      }
+    } else {  // (packed as triton_launch.cpp packs a launch's values)
+      const bool is_float = param.kind == 'f';
+      size_t size = 0;
+      if (!triton_pack_param(param.kind, is_float ? 0 : integer(v), is_float ? real(v) : 0.0, is_float, false,
+                             &param.bits, &size))
+        fail(std::string("a '") + param.kind + "' parameter whose value does not fit it (an i32 parameter out of "
+             "range, say)");
     }
     s.params.push_back(param);
   }

@@ -229,43 +229,11 @@ bool fill(const Binary& b, const std::vector<Value>& values, std::vector<unsigne
           std::string* bytes) {
   storage.clear();
   for (size_t i = 0; i < b.slots.size(); ++i) {
+    if (b.slots[i] == kSkip) continue;
     const Value& v = values[i];
     unsigned long long slot = 0;
     size_t size = 8;
-    switch (b.slots[i]) {
-      case kSkip:
-        continue;
-      case kPtr:
-        if (v.is_float) return false;
-        slot = v.is_none ? 0 : static_cast<unsigned long long>(v.i);
-        break;
-      case kI32: {
-        if (v.is_float || v.is_none || v.i < -2147483648LL || v.i > 2147483647LL) return false;
-        const int x = static_cast<int>(v.i);
-        std::memcpy(&slot, &x, 4);
-        size = 4;
-        break;
-      }
-      case kI64:
-      case kU64:
-        if (v.is_float || v.is_none) return false;
-        std::memcpy(&slot, &v.i, 8);
-        break;
-      case kF32: {  // (Triton's launcher: a Python float's double, as a C float)
-        if (!v.is_float) return false;
-        const float x = static_cast<float>(v.f);
-        std::memcpy(&slot, &x, 4);
-        size = 4;
-        break;
-      }
-      case kU1:  // (zero-extended: a 1- or 4-byte parameter reads the same value)
-        if (v.is_float || v.is_none) return false;
-        slot = v.i != 0;
-        size = 1;
-        break;
-      default:
-        return false;
-    }
+    if (!triton_pack_param(b.slots[i], v.i, v.f, v.is_float, v.is_none, &slot, &size)) return false;
     storage.push_back(slot);
     if (bytes) put(*bytes, &storage.back(), size);
   }
@@ -313,6 +281,44 @@ bool load_driver() {
 #endif
 
 }  // namespace
+
+bool triton_pack_param(char kind, long long i, double f, bool is_float, bool is_none, unsigned long long* slot,
+                       size_t* size) {
+  *slot = 0;
+  *size = 8;
+  switch (kind) {
+    case kPtr:
+      if (is_float) return false;
+      *slot = is_none ? 0 : static_cast<unsigned long long>(i);
+      return true;
+    case kI32: {
+      if (is_float || is_none || i < -2147483648LL || i > 2147483647LL) return false;
+      const int x = static_cast<int>(i);
+      std::memcpy(slot, &x, 4);
+      *size = 4;
+      return true;
+    }
+    case kI64:
+    case kU64:
+      if (is_float || is_none) return false;
+      std::memcpy(slot, &i, 8);
+      return true;
+    case kF32: {  // (Triton's launcher: a Python float's double, as a C float)
+      if (!is_float) return false;
+      const float x = static_cast<float>(f);
+      std::memcpy(slot, &x, 4);
+      *size = 4;
+      return true;
+    }
+    case kU1:  // (zero-extended: a 1- or 4-byte parameter reads the same value)
+      if (is_float || is_none) return false;
+      *slot = i != 0;
+      *size = 1;
+      return true;
+    default:
+      return false;
+  }
+}
 
 bool triton_dry_run() { return dry_run; }
 

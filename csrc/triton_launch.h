@@ -5,6 +5,7 @@
 #pragma once
 #include <Python.h>
 
+#include <cstddef>
 #include <string>
 
 namespace nfnet_fast {
@@ -28,6 +29,11 @@ PyObject* triton_clear_py(PyObject*, PyObject*);
 // whether launches run dry (_triton_init's dry_run), and one cuLaunchKernel of a binary on a stream
 // (an empty message, or why it failed; nothing launches without a CUDA build or the driver).
 bool triton_dry_run();
+// One parameter's 8-byte launch slot as Triton's launcher passes it, for a slot kind of triton_launch.cpp
+// (p, i, l, u, f, b) and a value (an int, or with is_float a double, or None); *size: the parameter's own
+// size in bytes. False where the value does not fit the kind (an i32 out of range, a float for an int).
+bool triton_pack_param(char kind, long long i, double f, bool is_float, bool is_none, unsigned long long* slot,
+                       size_t* size);
 // whether this thread has a current CUDA context (false without the driver)
 bool triton_has_context();
 std::string triton_cu_launch(unsigned long long function, unsigned gx, unsigned gy, unsigned gz, unsigned num_warps,
