@@ -272,11 +272,18 @@ if "triton" in BACKENDS:
         runs.append(("triton", "triton+native"))
     if REPLAY:
         runs.append(("triton", "triton+replay"))
-for be, name in runs:
+
+
+def use_path(name: str) -> None:
+    """The switches of a row: the launch cache, native launches, replayed bodies."""
     _kernels.LAUNCH_CACHE = name in ("triton+lc", "triton+native", "triton+replay")
     _kernels.NATIVE_LAUNCH = name in ("triton+native", "triton+replay")
-    _replay.clear()
     _replay.ENABLED = name == "triton+replay"
+
+
+for be, name in runs:
+    use_path(name)
+    _replay.clear()
     model = random_weights_(timm_nfnet.NormFreeNet(narrow, num_classes=10))
     model = (model if be is None else nfnet_fast.convert(model, backend=be)).to(DEV).train()
     model = model.to(memory_format=torch.channels_last)
@@ -308,9 +315,7 @@ if "--profile" in sys.argv:
     import pstats
     name = list(models)[-1]  # (the fastest nfnet_fast path: replays and native launches where there are, else the memo's)
     model, opt, clip = models[name]
-    _kernels.LAUNCH_CACHE = name in ("triton+lc", "triton+native", "triton+replay")
-    _kernels.NATIVE_LAUNCH = name in ("triton+native", "triton+replay")
-    _replay.ENABLED = name == "triton+replay"
+    use_path(name)
     model.train()
     for _ in range(3):
         step_phases(model, opt, clip)
