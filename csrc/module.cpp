@@ -39,6 +39,8 @@ PyMethodDef methods[] = {
     {"_triton_clear", nfnet_fast::triton_clear_py, METH_NOARGS, "Forget every registered binary."},
     // the native replayer of recorded op bodies (csrc/replay.h; nfnet_fast._replay)
     {"_replay_register", nfnet_fast::replay_register_py, METH_VARARGS, "Register a recorded op body."},
+    {"_replay_node_register", nfnet_fast::replay_node_register_py, METH_VARARGS,
+     "Register a call signature's autograd node."},
     {"_replay_hook", nfnet_fast::replay_hook_py, METH_VARARGS, "Launches call the test hook op (tests)."},
     {"_replay_clear", nfnet_fast::replay_clear_py, METH_NOARGS, "Forget every record."},
     {nullptr, nullptr, 0, nullptr},

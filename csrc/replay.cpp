@@ -14,12 +14,15 @@
 #define PY_SSIZE_T_CLEAN
 #include "replay.h"
 
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/scalar_tensor.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <atomic>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -67,6 +70,7 @@ struct Step {
 };
 
 struct Record {
+  int64_t id = -1;  // (the test hook's name for it)
   size_t inputs = 0, size = 0;
   std::vector<Step> steps;
   std::vector<int> outputs;
@@ -331,31 +335,234 @@ void run_launch(const Step& s, size_t index, int64_t record, std::vector<at::Ten
 #endif
 }
 
-std::vector<at::Tensor> replay(int64_t record, at::TensorList inputs) {
-  std::shared_ptr<const Record> r;
-  {
-    std::lock_guard<std::mutex> lock(registry_mutex);
-    auto found = records.find(record);
-    TORCH_CHECK(found != records.end(), "nfnet_fast replay: no record ", record, " (cleared?)");
-    r = found->second;
-  }
-  TORCH_CHECK(inputs.size() == r->inputs, "nfnet_fast replay: ", inputs.size(), " inputs for a record of ",
-              r->inputs);
-  std::vector<at::Tensor> slots(r->size);
+std::shared_ptr<const Record> find_record(int64_t record) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto found = records.find(record);
+  TORCH_CHECK(found != records.end(), "nfnet_fast replay: no record ", record, " (cleared?)");
+  return found->second;
+}
+
+std::vector<at::Tensor> run_record(const Record& r, at::TensorList inputs) {
+  TORCH_CHECK(inputs.size() == r.inputs, "nfnet_fast replay: ", inputs.size(), " inputs for a record of ",
+              r.inputs);
+  std::vector<at::Tensor> slots(r.size);
   for (size_t i = 0; i < inputs.size(); ++i) slots[i] = inputs[i];
-  for (size_t i = 0; i < r->steps.size(); ++i) {
-    const Step& s = r->steps[i];
+  for (size_t i = 0; i < r.steps.size(); ++i) {
+    const Step& s = r.steps[i];
     if (s.op) {
       run_op(s, slots);
     } else {
-      run_launch(s, i, record, slots);
+      run_launch(s, i, r.id, slots);
     }
     for (int slot : s.release) slots[slot].reset();
   }
   std::vector<at::Tensor> out;
-  out.reserve(r->outputs.size());
-  for (int slot : r->outputs) out.push_back(tensor_in(slots, slot, "the result"));
+  out.reserve(r.outputs.size());
+  for (int slot : r.outputs) out.push_back(tensor_in(slots, slot, "the result"));
   return out;
+}
+
+std::vector<at::Tensor> replay(int64_t record, at::TensorList inputs) {
+  return run_record(*find_record(record), inputs);
+}
+
+
+// ---- a replayed call with its autograd: one C++ node (nfnet_fast._replay.call_node) ----
+//
+// An eager training call of an op (nfnet_fast._library._with_eager_autograd) otherwise pays, above its
+// replayed body, an autograd.Function: its Python forward, setup_context and backward. A node spec says, for
+// one call signature, which record is the forward and what the backward needs: which of the inputs and
+// outputs are saved, which outputs are not differentiable. nfnet_fast::_replay_node(node, inputs) runs the
+// forward record inside a C++ autograd Function with that spec. Its backward keys the saved tensors and the
+// incoming gradients (each one's dtype, device, shape, strides, 16-byte alignment, which are one tensor) with
+// the grad mode and the autocast state, and looks up the plan made for that key: the backward body's record
+// on some of (saved ++ gradients), and where each input's gradient comes from. Without one it calls the
+// Python formula through nfnet_fast::_replay_node_backward (the op's own backward, with a ctx rebuilt from
+// the spec), which returns the gradients and, once the backward body's record has settled, the plan.
+
+struct Plan {
+  std::shared_ptr<const Record> record;  // null: no body call (the gradients are incoming ones, or none)
+  std::vector<int> record_inputs;        // the record's inputs, as indices into saved ++ gradients
+  std::vector<int> gradients;            // per input: -1 none, 2j the record's result j, 2i+1 (saved ++ grads)[i]
+};
+
+struct NodeSpec : torch::CustomClassHolder {
+  int64_t id = -1;
+  std::shared_ptr<const Record> forward;
+  size_t inputs = 0;                    // the call's tensors (the forward record's inputs)
+  std::vector<int> saved;               // per saved tensor: -1 None, 2i input i, 2j+1 output j
+  std::vector<int> non_differentiable;  // output indices
+  std::mutex mutex;                     // (plans: backward runs on autograd's device threads)
+  std::map<std::vector<int64_t>, Plan> plans;
+};
+
+std::unordered_map<int64_t, c10::intrusive_ptr<NodeSpec>> nodes;  // (under registry_mutex)
+int64_t next_node = 0;
+
+void key_of(const std::vector<at::Tensor>& tensors, std::vector<int64_t>& key) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (!t.defined()) {
+      key.push_back(-1);
+      continue;
+    }
+    int64_t same = static_cast<int64_t>(i);  // (the first of these tensors that is this one)
+    for (size_t j = 0; j < i; ++j) {
+      if (tensors[j].defined() && tensors[j].unsafeGetTensorImpl() == t.unsafeGetTensorImpl()) {
+        same = static_cast<int64_t>(j);
+        break;
+      }
+    }
+    key.push_back(same);
+    key.push_back(static_cast<int64_t>(t.scalar_type()));
+    key.push_back(static_cast<int64_t>(t.device().type()));
+    key.push_back(t.device().index());
+    key.push_back(t.dim());
+    for (int64_t d = 0; d < t.dim(); ++d) {
+      key.push_back(t.size(d));
+      key.push_back(t.stride(d));
+    }
+    key.push_back(static_cast<int64_t>(reinterpret_cast<uintptr_t>(t.data_ptr()) & 15));
+  }
+}
+
+c10::intrusive_ptr<NodeSpec> find_node(int64_t node) {
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  auto found = nodes.find(node);
+  TORCH_CHECK(found != nodes.end(), "nfnet_fast replay: no node ", node, " (cleared?)");
+  return found->second;
+}
+
+c10::List<std::optional<at::Tensor>> optional_list(const std::vector<at::Tensor>& tensors, size_t from, size_t to) {
+  c10::List<std::optional<at::Tensor>> list;
+  for (size_t i = from; i < to; ++i) {
+    if (tensors[i].defined()) {
+      list.push_back(tensors[i]);
+    } else {
+      list.push_back(std::nullopt);
+    }
+  }
+  return list;
+}
+
+struct ReplayNode : torch::autograd::Function<ReplayNode> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, int64_t node,
+                                                at::TensorList inputs) {
+    c10::intrusive_ptr<NodeSpec> spec = find_node(node);
+    TORCH_CHECK(inputs.size() == spec->inputs, "nfnet_fast replay: ", inputs.size(), " inputs for a node of ",
+                spec->inputs);
+    std::vector<at::Tensor> outputs = run_record(*spec->forward, inputs);
+    std::vector<at::Tensor> saved;
+    saved.reserve(spec->saved.size());
+    for (int code : spec->saved) {
+      saved.push_back(code < 0 ? at::Tensor() : code % 2 == 0 ? inputs[code / 2] : outputs[code / 2]);
+    }
+    ctx->save_for_backward(std::move(saved));
+    std::vector<at::Tensor> fixed;
+    for (int j : spec->non_differentiable) fixed.push_back(outputs[j]);
+    ctx->mark_non_differentiable(fixed);
+    ctx->set_materialize_grads(false);  // (as the ops' formulas: no zeros made for a gradient that never came)
+    ctx->saved_data["spec"] = c10::IValue::make_capsule(spec);  // (the spec outlives a clear while this node lives)
+    return outputs;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto spec = c10::static_intrusive_pointer_cast<NodeSpec>(ctx->saved_data["spec"].toCapsule());
+    std::vector<at::Tensor> both = ctx->get_saved_variables();
+    const size_t n_saved = both.size();
+    both.insert(both.end(), grads.begin(), grads.end());
+    const bool create_graph = at::GradMode::is_enabled();
+    std::vector<int64_t> key{create_graph, at::autocast::is_autocast_enabled(at::kCUDA),
+                             static_cast<int64_t>(at::autocast::get_autocast_dtype(at::kCUDA)),
+                             at::autocast::is_autocast_enabled(at::kCPU),
+                             static_cast<int64_t>(at::autocast::get_autocast_dtype(at::kCPU))};
+    key_of(both, key);
+    Plan plan;
+    bool found = false;
+    if (!create_graph) {
+      std::lock_guard<std::mutex> lock(spec->mutex);
+      auto it = spec->plans.find(key);
+      if (it != spec->plans.end()) {
+        plan = it->second;
+        found = true;
+      }
+    }
+    torch::autograd::variable_list result(1 + spec->inputs);  // (the node's id first: not a tensor)
+    if (found) {
+      std::vector<at::Tensor> results;
+      if (plan.record) {
+        std::vector<at::Tensor> record_inputs;
+        record_inputs.reserve(plan.record_inputs.size());
+        for (int i : plan.record_inputs) record_inputs.push_back(both[i]);
+        results = run_record(*plan.record, record_inputs);
+      }
+      for (size_t k = 0; k < spec->inputs; ++k) {
+        const int code = plan.gradients[k];
+        if (code >= 0) result[1 + k] = code % 2 == 0 ? results[code / 2] : both[code / 2];
+      }
+      return result;
+    }
+    static const auto formula =
+        c10::Dispatcher::singleton().findSchemaOrThrow("nfnet_fast::_replay_node_backward", "");
+    torch::jit::Stack stack;
+    stack.emplace_back(spec->id);
+    stack.emplace_back(optional_list(both, 0, n_saved));
+    stack.emplace_back(optional_list(both, n_saved, both.size()));
+    formula.callBoxed(stack);
+    TORCH_CHECK(stack.size() == 2, "nfnet_fast replay: _replay_node_backward returned ", stack.size(), " values");
+    const auto gradients = stack[0].toListRef();
+    TORCH_CHECK(gradients.size() == spec->inputs, "nfnet_fast replay: ", gradients.size(),
+                " gradients for a node of ", spec->inputs, " inputs");
+    for (size_t k = 0; k < spec->inputs; ++k) {
+      if (!gradients[k].isNone()) result[1 + k] = gradients[k].toTensor();
+    }
+    // the plan, once there is one: [record (-1: none), n, n indices into saved ++ grads, one code per input]
+    const std::vector<int64_t> code = stack[1].toIntVector();
+    if (create_graph || code.empty()) return result;
+    const int64_t n = code.size() >= 2 ? code[1] : -1;
+    TORCH_CHECK(n >= 0 && code.size() == 2 + static_cast<size_t>(n) + spec->inputs,
+                "nfnet_fast replay: a malformed backward plan");
+    Plan made;
+    if (code[0] >= 0) made.record = find_record(code[0]);
+    const int64_t limit = static_cast<int64_t>(both.size());
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(code[2 + i] >= 0 && code[2 + i] < limit, "nfnet_fast replay: a plan's input out of range");
+      made.record_inputs.push_back(static_cast<int>(code[2 + i]));
+    }
+    TORCH_CHECK(!made.record || made.record_inputs.size() == made.record->inputs,
+                "nfnet_fast replay: a plan's inputs do not fit its record");
+    const int64_t results = made.record ? static_cast<int64_t>(made.record->outputs.size()) : 0;
+    for (size_t k = 0; k < spec->inputs; ++k) {
+      const int64_t c = code[2 + n + k];
+      TORCH_CHECK(c >= -1 && (c < 0 || (c % 2 == 0 ? c / 2 < results : c / 2 < limit)),
+                  "nfnet_fast replay: a plan's gradient out of range");
+      made.gradients.push_back(static_cast<int>(c));
+    }
+    std::lock_guard<std::mutex> lock(spec->mutex);
+    spec->plans.emplace(std::move(key), std::move(made));
+    return result;
+  }
+};
+
+std::vector<at::Tensor> replay_node(int64_t node, at::TensorList inputs) { return ReplayNode::apply(node, inputs); }
+
+// (node id, saved tensors) of the ReplayNode that made ``output``, or (-1, []) where another node (or none)
+// made it, or its saved tensors were freed by a backward: what nfnet_fast._library.fused_conv_std_weight
+// reads of a Python autograd.Function's node
+std::tuple<int64_t, std::vector<std::optional<at::Tensor>>> replay_node_saved(const at::Tensor& output) {
+  std::vector<std::optional<at::Tensor>> saved;
+  auto* node = dynamic_cast<torch::autograd::CppNode<ReplayNode>*>(output.grad_fn().get());
+  if (node == nullptr || node->ctx_.saved_data.count("spec") == 0) return {-1, saved};
+  std::vector<at::Tensor> tensors;
+  try {
+    tensors = node->ctx_.get_saved_variables();
+  } catch (const c10::Error&) {  // (freed)
+    return {-1, saved};
+  }
+  for (const at::Tensor& t : tensors) saved.push_back(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
+  auto spec = c10::static_intrusive_pointer_cast<NodeSpec>(node->ctx_.saved_data["spec"].toCapsule());
+  return {spec->id, saved};
 }
 
 }  // namespace
@@ -406,6 +613,7 @@ PyObject* replay_register_py(PyObject*, PyObject* args) {
   }
   std::lock_guard<std::mutex> lock(registry_mutex);
   const int64_t id = next_id++;
+  r->id = id;
   records[id] = std::move(r);
   return PyLong_FromLongLong(id);
 }
@@ -417,9 +625,46 @@ PyObject* replay_hook_py(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+PyObject* replay_node_register_py(PyObject*, PyObject* args) {
+  long long forward, inputs;
+  PyObject *saved, *non_differentiable;
+  if (!PyArg_ParseTuple(args, "LLOO", &forward, &inputs, &saved, &non_differentiable)) return nullptr;
+  auto spec = c10::make_intrusive<NodeSpec>();
+  try {
+    {
+      std::lock_guard<std::mutex> lock(registry_mutex);
+      auto found = records.find(forward);
+      if (found == records.end()) fail("no forward record " + std::to_string(forward));
+      spec->forward = found->second;
+    }
+    if (inputs != static_cast<long long>(spec->forward->inputs)) fail("a node's inputs are its forward record's");
+    spec->inputs = static_cast<size_t>(inputs);
+    const long long outputs = static_cast<long long>(spec->forward->outputs.size());
+    for (Py_ssize_t i = 0; i < length(saved); ++i) {
+      const long long code = integer(item(saved, i));
+      if (code < -1 || (code >= 0 && (code % 2 == 0 ? code / 2 >= inputs : code / 2 >= outputs)))
+        fail("a saved tensor out of range");
+      spec->saved.push_back(static_cast<int>(code));
+    }
+    for (Py_ssize_t i = 0; i < length(non_differentiable); ++i) {
+      const long long j = integer(item(non_differentiable, i));
+      if (j < 0 || j >= outputs) fail("a non-differentiable output out of range");
+      spec->non_differentiable.push_back(static_cast<int>(j));
+    }
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  std::lock_guard<std::mutex> lock(registry_mutex);
+  spec->id = next_node++;
+  nodes[spec->id] = spec;
+  return PyLong_FromLongLong(spec->id);
+}
+
 PyObject* replay_clear_py(PyObject*, PyObject*) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   records.clear();  // (a replay running now holds its record: it finishes)
+  nodes.clear();    // (a node in a graph holds its spec, and its plans their records: its backward still runs)
   Py_RETURN_NONE;
 }
 
@@ -429,6 +674,16 @@ TORCH_LIBRARY_FRAGMENT(nfnet_fast, m) {
   m.def("_replay(int record, Tensor[] inputs) -> Tensor[]");
   // (tests without a GPU implement it in Python: tests/test_replay.py)
   m.def("_replay_launch_hook(int record, int step, Tensor[] tensors, int[] params) -> ()");
+  m.def("_replay_node(int node, Tensor[] inputs) -> Tensor[]");
+  // (implemented in Python, nfnet_fast._replay: a node's backward without a plan for its key)
+  m.def("_replay_node_backward(int node, Tensor?[] saved, Tensor?[] grads) -> (Tensor?[], int[])");
+  m.def("_replay_node_saved(Tensor output) -> (int, Tensor?[])");
 }
 
 TORCH_LIBRARY_IMPL(nfnet_fast, CompositeExplicitAutograd, m) { m.impl("_replay", &nfnet_fast::replay); }
+
+// (the node is its own autograd: above the autograd key, as a composite op)
+TORCH_LIBRARY_IMPL(nfnet_fast, CompositeImplicitAutograd, m) {
+  m.impl("_replay_node", &nfnet_fast::replay_node);
+  m.impl("_replay_node_saved", &nfnet_fast::replay_node_saved);
+}

@@ -18,7 +18,11 @@ PyObject* replay_register_py(PyObject*, PyObject* args);
 // _replay_hook(on): tests without a GPU: each launch calls the op nfnet_fast::_replay_launch_hook (which a
 // test implements in Python) with the launch's tensors and parameter values, instead of the driver
 PyObject* replay_hook_py(PyObject*, PyObject* args);
-// _replay_clear(): forget every record
+// _replay_node_register(forward record, inputs, saved, non_differentiable) -> node id: a call signature's
+// forward record run inside a C++ autograd node by the op nfnet_fast::_replay_node. saved: per tensor the
+// backward reads, -1 (None), 2i (input i) or 2j+1 (output j); non_differentiable: output indices.
+PyObject* replay_node_register_py(PyObject*, PyObject* args);
+// _replay_clear(): forget every record and node
 PyObject* replay_clear_py(PyObject*, PyObject*);
 
 }  // namespace nfnet_fast

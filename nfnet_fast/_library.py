@@ -94,19 +94,28 @@ def _direct(qualname: str) -> Callable:
 
     def call(*args):
         body = _BODIES.get(qualname)  # (looked up per call: tests wrap bodies to see which path ran)
-        if (body is None or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
-                or torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
-                or torch._C._get_tracing_state() is not None):
+        if body is None or not _plain_call(args, track=torch.is_grad_enabled()):
             return op(*args)
-        grad = torch.is_grad_enabled()
-        for a in args:
-            if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta or (grad and a.requires_grad)):
-                return op(*args)
         if torch.autograd._profiler_enabled():
             with torch.profiler.record_function(qualname):
                 return _replay.call(qualname, body, args) if _replay.ENABLED else body(*args)
         return _replay.call(qualname, body, args) if _replay.ENABLED else body(*args)
     return call
+
+
+def _plain_call(args: tuple, track: bool) -> bool:
+    """Whether nothing but an op's Python body (and its autograd) could run for a call with ``args``: every
+    tensor argument a plain tensor (no FakeTensor or other subclass, no meta), no Python dispatch or
+    torch-function mode active, no functorch transform, forward-AD level or torch.jit.trace; and with
+    ``track`` (a body called in grad mode, :func:`_direct`) no argument that requires grad."""
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._functorch.peek_interpreter_stack() is not None or forward_ad._current_level >= 0
+            or torch._C._get_tracing_state() is not None):
+        return False
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) not in _PLAIN or a.is_meta or (track and a.requires_grad)):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -507,16 +516,22 @@ _EAGER_NODES: Dict[str, set] = {}
 def fused_conv_std_weight(out: Tensor) -> Optional[Tensor]:
     """The standardised weight (the packed GEMM operand, in the conv's compute dtype) that the eager
     fused_conv call which returned ``out`` made and saved for its backward, or None: a conv without
-    gain, a call autograd did not record through :func:`_with_eager_autograd`'s Function, or saved
-    tensors already freed. Read in the forward, while no saved-tensor hooks are set (it unpacks the
+    gain, a call autograd did not record through :func:`_with_eager_autograd`'s Function (or its replayed
+    node), or saved tensors already freed. Read in the forward, while no saved-tensor hooks are set (it unpacks the
     node's saved tensors, which such hooks would have to unpack too)."""
     node = out.grad_fn
-    if node is None or type(node) not in _EAGER_NODES.get("fused_conv", ()):
+    if node is None:
         return None
-    try:
-        _, weight, _, gain, std = node.saved_tensors  # (_fused_conv_setup's save order)
-    except RuntimeError:  # (freed by a backward already)
-        return None
+    if type(node) in _EAGER_NODES.get("fused_conv", ()):
+        try:
+            saved = node.saved_tensors
+        except RuntimeError:  # (freed by a backward already)
+            return None
+    else:  # (the call's C++ node, where its replay made it: nfnet_fast._replay.call_node)
+        saved = _replay.node_saved(out, "fused_conv")
+        if saved is None:
+            return None
+    _, weight, _, gain, std = saved  # (_fused_conv_setup's save order)
     if gain is None or std is None or std.shape != (*weight.shape[2:], weight.shape[1], weight.shape[0]):
         return None
     return std
@@ -544,11 +559,17 @@ def _with_eager_autograd(prefix: str, op: str) -> Callable:
                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
     _EAGER_NODES.setdefault(op, set()).add(function._backward_cls)
     traced_op = _op(forward_name)
+    # with replay on, the same calls as one C++ autograd node each (nfnet_fast._replay.call_node)
+    node_op = _replay.NodeOp(forward_name, function, setup_context,
+                             make_backward(_replay.Capture(backward_name, _direct(backward_name))))
 
     def call(*inputs):
         if torch.compiler.is_compiling():
             return traced_op(*inputs)
         if torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in inputs):
+            if (_replay.ENABLED and forward_name in _BODIES and _plain_call(inputs, track=False)
+                    and not torch.autograd._profiler_enabled() and not torch.is_anomaly_enabled()):
+                return _replay.call_node(node_op, inputs)
             return function.apply(*inputs)
         return forward_op(*inputs)
     return call

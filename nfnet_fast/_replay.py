@@ -70,11 +70,14 @@ class _Table:
 _REFUSED = object()
 _FIRST = object()  # a signature's first call ran (unrecorded)
 _tables: Dict[str, _Table] = {}
+_node_ops: list = []  # every NodeOp (call_node's tables)
 
 
 def clear() -> None:
-    """Forget every record: each signature is recorded again (twice) before it replays."""
+    """Forget every record and node: each signature is recorded again (twice) before it replays."""
     _tables.clear()
+    for op in _node_ops:
+        op.nodes.clear()
     _native_records.clear()
     native = _native_module()
     if native:
@@ -122,11 +125,9 @@ def _keyer(arg_types: tuple, extra_types: tuple) -> Callable:
     return namespace["keyer"]
 
 
-def call(qualname: str, body: Callable, args: tuple):
-    """``body(*args)``, replayed from its record where this call's signature has one (module docstring)."""
-    table = _tables.get(qualname)
-    if table is None or table.body is not body:
-        table = _tables[qualname] = _Table(body)
+def _signature(qualname: str, args: tuple, grad: bool):
+    """``(key, inputs)`` of a call of ``qualname`` with ``args`` in grad mode ``grad``: the signature (module
+    docstring) and the call's tensors in slot order (its arguments', then its extra inputs')."""
     extra_fn = EXTRA_INPUTS.get(qualname)
     extra = extra_fn(args) if extra_fn is not None else ()
     types = (tuple(map(type, args)), tuple(map(type, extra)))
@@ -134,10 +135,19 @@ def call(qualname: str, body: Callable, args: tuple):
     if keyer is None:
         keyer = _keyers[types] = _keyer(*types)
     values, inputs = keyer(args, extra)
-    key = (types, values, torch.is_grad_enabled(), _any_autocast() and _autocast_state())
+    key = (types, values, grad, _any_autocast() and _autocast_state())
     if len(inputs) > 1 and len(set(map(id, inputs))) != len(inputs):  # (the same tensor twice: the body may
         ids = [id(t) for t in inputs]  # read either: which arguments are one tensor)
         key = key + (tuple(ids.index(i) for i in ids),)
+    return key, inputs
+
+
+def call(qualname: str, body: Callable, args: tuple):
+    """``body(*args)``, replayed from its record where this call's signature has one (module docstring)."""
+    table = _tables.get(qualname)
+    if table is None or table.body is not body:
+        table = _tables[qualname] = _Table(body)
+    key, inputs = _signature(qualname, args, torch.is_grad_enabled())
     record = table.records.get(key)
     if record is not None:
         if record is _REFUSED:
@@ -603,3 +613,237 @@ def _register_native(record: _Record) -> None:
     record.native_output = (_IN_ORDER if in_order else _FIRST_RESULT if type(output) is _Tensor else output)
     _native_records[record.native] = record
     _kept_binaries.update((id(s[-1]), s[-1]) for s in record.steps if s[0] == "launch" and s[-1] is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# a replayed call with its autograd: one C++ node (csrc/replay.cpp, ReplayNode)
+#
+# An eager training call (``_library._with_eager_autograd``) runs an autograd.Function around its body: its
+# Python forward, setup_context and backward cost more host time than the replayed body itself. Once the
+# body's record for a call signature (without grad, as the Function's forward runs it) replays natively,
+# :func:`call_node` hands C++ a node spec for the signature, read off the op's setup_context run on a probe
+# ctx: which inputs and outputs it saves, which outputs are not differentiable. Later calls of the signature
+# (the key: the body's, with grad, and each tensor's requires_grad) are one op call, nfnet_fast::_replay_node,
+# which replays the forward record inside a C++ autograd node. That node's backward keys what it gets (the
+# saved tensors and incoming gradients) and replays a plan for the key: the backward body's record on some of
+# them. Without a plan it calls :func:`_node_backward` (through nfnet_fast::_replay_node_backward), which
+# runs the op's Python formula on a ctx rebuilt from the spec and, once the backward body's record for that
+# call has settled, returns the plan: which of the tensors the body got, and where each gradient came from.
+#
+# What the plan assumes: the formula's work is at most one call of the backward op on tensors it was given,
+# and each gradient it returns is None, a result of that call, or a tensor it was given (the formulas of
+# _library do just this: they choose, they compute nothing themselves). A formula that makes more calls, or
+# returns anything else, gets no plan: its node calls the formula every time.
+
+class Capture:
+    """The backward op as a node's formula calls it: ``direct(*args)``, also noted for :func:`_node_backward`
+    (the formula's calls on this thread)."""
+
+    def __init__(self, qualname: str, direct: Callable):
+        self.qualname, self.direct = qualname, direct
+
+    def __call__(self, *args):
+        out = self.direct(*args)
+        calls = getattr(_capturing, "calls", None)
+        if calls is not None:
+            calls.append((self, args, out))
+        return out
+
+
+_capturing = threading.local()
+
+
+class NodeOp:
+    """An op's eager autograd calls, as :func:`call_node` runs them: ``forward`` (qualname) runs inside
+    ``function`` (its autograd.Function), whose ``setup_context`` and backward ``formula`` are the op's
+    (the formula calling its backward op through a :class:`Capture`)."""
+
+    __slots__ = ("forward", "function", "setup_context", "formula", "nodes")
+
+    def __init__(self, forward: str, function, setup_context: Callable, formula: Callable):
+        self.forward, self.function, self.setup_context, self.formula = forward, function, setup_context, formula
+        self.nodes: dict = {}  # key -> _Node, or _REFUSED
+        _node_ops.append(self)
+
+
+class _Node:
+    """The Python half of a registered node: what its formula's ctx holds, and each node input's argument."""
+
+    __slots__ = ("id", "op", "attrs", "needs_input_grad", "positions", "in_order")
+
+
+class _Probe:
+    """A ctx for setup_context that notes what it is told (saved tensors, non-differentiable outputs)."""
+
+    def __init__(self):
+        self.__dict__["_noted"] = {"saved": (), "fixed": (), "materialize": True}
+
+    def save_for_backward(self, *tensors):
+        self._noted["saved"] = tensors
+
+    def mark_non_differentiable(self, *tensors):
+        self._noted["fixed"] += tensors
+
+    def set_materialize_grads(self, value: bool):
+        self._noted["materialize"] = value
+
+
+class _Ctx:
+    """A node's formula's ctx: the spec's attributes, and this call's saved tensors."""
+
+
+_nodes: Dict[int, _Node] = {}  # native id -> node (kept by clear(): a graph made before it still runs backward)
+_node_op = None
+
+
+def call_node(op: NodeOp, inputs: tuple):
+    """``op.function.apply(*inputs)``, run as one C++ autograd node where this call's signature has one
+    (see above). The caller has checked that nothing but the body and its autograd could run (_library)."""
+    global _node_op
+    key, tensors = _signature(op.forward, inputs, True)
+    key = key + (tuple([t.requires_grad for t in tensors]),)
+    node = op.nodes.get(key)
+    if node is not None:
+        if node is _REFUSED:
+            return op.function.apply(*inputs)
+        if _node_op is None:
+            _node_op = torch.ops.nfnet_fast._replay_node.default
+        results = _node_op(node.id, tensors)
+        return tuple(results) if node.in_order else results[0]
+    out = op.function.apply(*inputs)
+    if len(op.nodes) < _MAX_SIGNATURES:
+        node = _make_node(op, inputs, tensors, out)
+        if node is not None:
+            op.nodes[key] = node
+    return out
+
+
+def _settled(qualname: str, args: tuple, grad: bool):
+    """The record that a call of ``qualname`` with ``args`` replays: a ``_Record``, ``_REFUSED``, or None (not
+    settled yet)."""
+    table = _tables.get(qualname)
+    return table.records.get(_signature(qualname, args, grad)[0]) if table is not None else None
+
+
+def _make_node(op: NodeOp, inputs: tuple, tensors: list, out):
+    """A node for this call's signature (registered with C++), ``_REFUSED``, or None (its body has not settled)."""
+    native = _native_module()
+    if native is None:
+        return _REFUSED
+    record = _settled(op.forward, inputs, False)  # (the body's record as the Function's forward ran it)
+    if record is None:
+        return None
+    if record is _REFUSED or record.native is None or record.native_output not in (_IN_ORDER, _FIRST_RESULT):
+        return _REFUSED
+    outputs = list(out) if record.native_output is _IN_ORDER else [out]
+    positions = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
+    if len(positions) > len(tensors) or any(tensors[k] is not inputs[p] for k, p in enumerate(positions)):
+        return _REFUSED  # (tensors inside a list argument: no argument of their own)
+    probe = _Probe()
+    op.setup_context(probe, inputs, out)
+    noted = probe._noted
+    if noted["materialize"]:  # (the node gives None for a gradient that never came, as the formulas expect)
+        return _REFUSED
+
+    def index(t, among):
+        return next((i for i, u in enumerate(among) if u is t), None)
+
+    saved = []
+    for t in noted["saved"]:
+        i, j = (None, None) if t is None else (index(t, tensors), index(t, outputs))
+        if t is not None and i is None and j is None:
+            return _REFUSED  # (a tensor setup_context made: not one the node has)
+        saved.append(-1 if t is None else 2 * i if i is not None else 2 * j + 1)
+    fixed = [index(t, outputs) for t in noted["fixed"]]
+    if None in fixed:
+        return _REFUSED
+    _backward_impl()
+    try:
+        node_id = native._replay_node_register(record.native, len(tensors), saved, fixed)
+    except ValueError:
+        return _REFUSED
+    node = _Node()
+    node.id, node.op = node_id, op
+    node.attrs = {k: v for k, v in probe.__dict__.items() if k != "_noted"}
+    node.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in inputs)
+    node.positions = positions + [None] * (len(tensors) - len(positions))  # (extra inputs: no gradient)
+    node.in_order = record.native_output is _IN_ORDER
+    _nodes[node_id] = node
+    return node
+
+
+_saved_op = None
+
+
+def node_saved(output: Tensor, op: str) -> Optional[tuple]:
+    """The saved tensors of the node (of an op named ``..._<op>``) that made ``output``, as its
+    setup_context saved them; None where no such node made it, or its saved tensors were freed."""
+    global _saved_op
+    if not _nodes:
+        return None
+    if _saved_op is None:
+        _saved_op = torch.ops.nfnet_fast._replay_node_saved.default
+    node_id, saved = _saved_op(output)
+    node = _nodes.get(node_id)
+    return tuple(saved) if node is not None and node.op.forward.endswith("_" + op) else None
+
+
+_backward_lib = None
+
+
+def _backward_impl() -> None:
+    """Implement nfnet_fast::_replay_node_backward (defined by csrc/replay.cpp) with :func:`_node_backward`."""
+    global _backward_lib
+    if _backward_lib is None:
+        lib = torch.library.Library("nfnet_fast", "IMPL")
+        # (the module's _node_backward at each call: tests wrap it to count the calls)
+        lib.impl("_replay_node_backward", lambda *args: _node_backward(*args), "CompositeImplicitAutograd")
+        _backward_lib = lib
+
+
+def _node_backward(node_id: int, saved: list, grads: list):
+    """A node's backward without a plan for its key: the op's formula, and the plan once there is one
+    (``[record or -1, n, n indices into saved + grads, one code per node input]``, or ``[]``)."""
+    node = _nodes[node_id]
+    ctx = _Ctx()
+    ctx.__dict__.update(node.attrs)
+    ctx.saved_tensors, ctx.needs_input_grad = tuple(saved), node.needs_input_grad
+    outer = getattr(_capturing, "calls", None)
+    _capturing.calls = calls = []
+    try:
+        out = node.op.formula(ctx, *grads)
+    finally:
+        _capturing.calls = outer
+    gradients = [None if p is None else out[p] for p in node.positions]
+    if torch.is_grad_enabled():  # (a double backward's formula: its work differs, it gets no plan)
+        return gradients, []
+    return gradients, _plan(saved + grads, calls, gradients)
+
+
+def _plan(given: list, calls: list, gradients: list) -> list:
+    """The plan of one formula call (see :func:`_node_backward`), or ``[]`` where there is none (yet)."""
+    def index(t, among):
+        return next((i for i, u in enumerate(among) if u is t), None)
+
+    record_id, record_inputs, results = -1, [], []
+    if len(calls) > 1:
+        return []
+    if calls:
+        capture, args, out = calls[0]
+        record = _settled(capture.qualname, args, False)
+        if record is None or record is _REFUSED or record.native is None:
+            return []
+        if record.native_output not in (_IN_ORDER, _FIRST_RESULT):
+            return []
+        record_inputs = [index(t, given) for t in _signature(capture.qualname, args, False)[1]]
+        if None in record_inputs:
+            return []  # (a tensor the formula made, or an extra input: not one the node has)
+        record_id, results = record.native, list(out) if record.native_output is _IN_ORDER else [out]
+    codes = []
+    for g in gradients:
+        j = None if g is None else index(g, results)
+        i = None if g is None or j is not None else index(g, given)
+        if g is not None and j is None and i is None:
+            return []
+        codes.append(-1 if g is None else 2 * j if j is not None else 2 * i + 1)
+    return [record_id, len(record_inputs), *record_inputs, *codes]

@@ -520,3 +520,238 @@ def test_optional_tensor_lists_replay_natively(native_replay):
     (record,) = _replay.records("test::lists")
     assert record.native is not None
     assert [s[1].__name__ for s in record.steps] == ["index.Tensor", "upsample_nearest2d.default"], record.steps
+
+
+# ---------------------------------------------------------------------------------------------
+# replayed calls as C++ autograd nodes (_replay.call_node, csrc/replay.cpp ReplayNode)
+
+@pytest.fixture
+def node_counts(native_replay, monkeypatch):
+    """Counts of the node forwards replayed and of the node backwards that ran the Python formula."""
+    counts = {"forward": 0, "formula": 0}
+    node_op, formula = torch.ops.nfnet_fast._replay_node.default, _replay._node_backward
+
+    def forward(*args):
+        counts["forward"] += 1
+        return node_op(*args)
+
+    def backward(*args):
+        counts["formula"] += 1
+        return formula(*args)
+
+    monkeypatch.setattr(_replay, "_node_op", forward)
+    monkeypatch.setattr(_replay, "_node_backward", backward)
+    return counts
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_training_steps_run_as_nodes_with_native_backward_plans(node_counts, channels_last):
+    """From the fifth step of a narrow NF model on, every op call of the training step is one C++ node and
+    every node's backward replays its plan (no Python formula, no launch from Python but the model's own
+    standardised-ahead one); the loss and every gradient stay the bodies' bits."""
+    import threading
+
+    model = _narrow_model("triton", channels_last)
+    gen = torch.Generator().manual_seed(4)
+    applied = []
+
+    def step(x, y):
+        model.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return [loss] + [p.grad for p in model.parameters()]
+
+    def through_python(kernel, grid, args, kwargs):
+        direct.append(kernel.__name__)
+        return kernel[grid](*args, **kwargs)
+
+    original_apply = {}
+    for op in _replay._node_ops:  # (the Python autograd.Function's calls: none once every signature is a node)
+        original_apply[op] = op.function.apply
+    for call in range(6):
+        x, y = torch.randn(2, 3, 32, 32, generator=gen), torch.randint(0, 5, (2,), generator=gen)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        node_counts.update(forward=0, formula=0)
+        direct = []
+        applied.clear()
+        if call == 5:
+            kernels.RECORDERS[threading.get_ident()] = through_python
+            for op in original_apply:
+                op.function.apply = lambda *a, _f=original_apply[op]: applied.append(1) or _f(*a)
+        try:
+            replayed = step(x, y)
+        finally:
+            kernels.RECORDERS.pop(threading.get_ident(), None)
+            for op, f in original_apply.items():
+                op.function.apply = f
+        if call == 5:
+            assert set(direct) == {"_std_fwd_many_kernel"}, direct
+            assert not applied and node_counts["formula"] == 0, (len(applied), node_counts)
+            assert node_counts["forward"] >= 3 * 6, node_counts  # (each block: its convs, ECA tail, SiLU)
+        _replay.ENABLED = False
+        expected = step(x, y)
+        _replay.ENABLED = True
+        assert all(torch.equal(a, b) for a, b in zip(replayed, expected)), call
+    assert not any(bad for _, bad in HOOKED)
+
+
+def _settled_conv(gen, channels_last=True, calls=4, **requires):
+    """A 3x3 conv with gain called ``calls`` times (grads taken each time), so that its signature is a node."""
+    def make():
+        x, w, b, g = _conv_inputs(gen, 8, 16, 3, channels_last, torch.float32, True)
+        for t, name in ((x, "x"), (w, "w"), (b, "b"), (g, "g")):
+            t.requires_grad_(requires.get(name, True))
+        return x, w, b, g
+
+    for _ in range(calls):
+        _loss(*_conv(*make())).backward()
+    return make
+
+
+def _conv(x, w, b, g):
+    return ops.fused_conv(x, w, b, stride=1, padding=1, act="silu", act_gain=1.3, want_sums=True, gain=g,
+                          std_scale=0.7, std_eps=1e-4, backend="triton")
+
+
+def _loss(out, sums):
+    """(the same loss each time: its gradients' strides are part of a backward's key)"""
+    return (out * torch.linspace(-1, 1, out.shape[1])[:, None, None]).sum() + sums.square().sum()
+
+
+def test_a_node_keeps_autograd_semantics(node_counts):
+    """A node frees its saved tensors after a backward (a second one raises, as autograd's), retains them
+    with retain_graph, refuses a saved input modified in place, passes them through saved-tensor hooks, and
+    gives no gradient to an input that needs none; each result is the Python Function's."""
+    gen = torch.Generator().manual_seed(11)
+    make = _settled_conv(gen)
+    x, w, b, g = make()
+    out, sums = _conv(x, w, b, g)
+    assert "ReplayNode" in out.grad_fn.name()
+    loss = _loss(out, sums)
+    loss.backward(retain_graph=True)
+    once = [t.grad.clone() for t in (x, w, b, g)]
+    loss.backward()
+    assert all(torch.equal(t.grad, 2 * o) for t, o in zip((x, w, b, g), once))
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+
+    x, w, b, g = make()
+    out, sums = _conv(x, w, b, g)
+    with torch.no_grad():
+        w.mul_(2)
+    with pytest.raises(RuntimeError, match="inplace"):
+        _loss(out, sums).backward()
+
+    packed = []
+    for enabled in (True, False):
+        _replay.ENABLED = enabled
+        torch.manual_seed(0)
+        x, w, b, g = make()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(enabled) or t, lambda t: t):
+            out, sums = _conv(x, w, b, g)
+        _loss(out, sums).backward()
+    _replay.ENABLED = True
+    assert packed.count(True) == packed.count(False) > 0
+
+    make = _settled_conv(gen, x=False, b=False)
+    x, w, b, g = make()
+    out, sums = _conv(x, w, b, g)
+    assert "ReplayNode" in out.grad_fn.name()
+    _loss(out, sums).backward()
+    x2, w2, b2, g2 = (t.detach().requires_grad_(t.requires_grad) for t in (x, w, b, g))
+    _replay.ENABLED = False
+    out2, sums2 = _conv(x2, w2, b2, g2)
+    _loss(out2, sums2).backward()
+    _replay.ENABLED = True
+    assert x.grad is None and b.grad is None
+    assert torch.equal(w.grad, w2.grad) and torch.equal(g.grad, g2.grad)
+
+
+def test_a_node_runs_its_backward_after_a_clear_and_gives_its_standardised_weight(node_counts, monkeypatch):
+    """A node's spec and plans outlive a clear (a graph made before it still runs its backward), and
+    fused_conv_std_weight reads a node's saved standardised weight as it reads the Function's."""
+    from nfnet_fast import _library
+
+    gen = torch.Generator().manual_seed(12)
+    make = _settled_conv(gen, calls=5)
+    x, w, b, g = make()
+    out, sums = _conv(x, w, b, g)
+    std = _library.fused_conv_std_weight(out)
+    x2, w2, b2, g2 = (t.detach().requires_grad_() for t in (x, w, b, g))
+    _replay.ENABLED = False
+    out2, sums2 = _conv(x2, w2, b2, g2)
+    assert torch.equal(std, _library.fused_conv_std_weight(out2))
+    _replay.ENABLED = True
+    kept = dict(_replay._native_records)
+    _replay.clear()
+    monkeypatch.setattr(_replay, "_native_records", kept)  # (what the test's launch hook reads, not the replayer)
+    node_counts.update(formula=0)
+    _loss(out, sums).backward()
+    _loss(out2, sums2).backward()
+    assert node_counts["formula"] == 0  # (its plan, made before the clear)
+    assert all(torch.equal(a.grad, c.grad) for a, c in zip((x, w, b, g), (x2, w2, b2, g2)))
+    assert _library.fused_conv_std_weight(out) is None  # (freed by the backward)
+
+
+def test_a_backward_plan_without_a_body_call(node_counts):
+    """ECA-residual with only its shortcut needing a gradient: the formula passes x_next's gradient through,
+    so the plan has no record, and the gradient arrives as the formula's."""
+    gen = torch.Generator().manual_seed(13)
+    for call in range(6):
+        y = torch.randn(2, 8, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+        shortcut = torch.randn(2, 8, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+        shortcut.requires_grad_()
+        weight = torch.randn(3, generator=gen)
+        grad = torch.randn(2, 8, 5, 5, generator=gen).contiguous(memory_format=torch.channels_last)
+        node_counts.update(formula=0)
+        out = ops.eca_residual(y, weight, shortcut, 0.3, 1.7, backend="triton")
+        out.backward(grad)
+        assert torch.equal(shortcut.grad, grad)
+    assert "ReplayNode" in out.grad_fn.name() and node_counts["formula"] == 0
+
+
+def test_the_native_replayer_refuses_a_malformed_node():
+    forward = _C._replay_register(1, 2, [("op", "aten::neg", "", [("t", 0)], [1])], [1])
+    with pytest.raises(ValueError, match="no forward record"):
+        _C._replay_node_register(forward + 1000, 1, [], [])
+    with pytest.raises(ValueError, match="inputs"):
+        _C._replay_node_register(forward, 2, [], [])
+    with pytest.raises(ValueError, match="saved tensor out of range"):
+        _C._replay_node_register(forward, 1, [3], [])  # (output 1 of a record of one)
+    with pytest.raises(ValueError, match="non-differentiable"):
+        _C._replay_node_register(forward, 1, [0], [1])
+    node = _C._replay_node_register(forward, 1, [0], [])
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inputs for a node"):
+        torch.ops.nfnet_fast._replay_node(node, [x, x])
+    (y,) = torch.ops.nfnet_fast._replay_node(node, [x])
+    assert torch.equal(y, -x) and y.requires_grad
+    _C._replay_clear()
+
+
+def test_each_incoming_gradients_layout_is_a_backward_key_of_its_own(node_counts):
+    """A node's backward plan is keyed by its incoming gradients' strides (and which are given): a gradient
+    in another layout, or none for the sums, runs the formula (then has a plan of its own), with the
+    Function's result each time."""
+    gen = torch.Generator().manual_seed(14)
+    make = _settled_conv(gen, calls=6)
+    for i, (layout, with_sums) in enumerate(((torch.contiguous_format, True), (torch.channels_last, True),
+                                             (torch.channels_last, False)) * 3):
+        x, w, b, g = make()
+        node_counts.update(formula=0)
+        grad = torch.randn(2, 16, 9, 7, generator=gen).contiguous(memory_format=layout)
+        results = []
+        for enabled in (True, False):
+            _replay.ENABLED = enabled
+            leaves = [t.detach().requires_grad_() for t in (x, w, b, g)]
+            out, sums = _conv(*leaves)
+            if with_sums:
+                torch.autograd.backward([out, sums], [grad, torch.ones_like(sums)])
+            else:
+                out.backward(grad)
+            results.append([t.grad for t in leaves])
+        _replay.ENABLED = True
+        assert all(torch.equal(a, c) for a, c in zip(*results)), (layout, with_sums)
+        if i < 3:  # (the settled calls' gradients are contiguous with sums: that key alone has a plan yet)
+            assert node_counts["formula"] == (0 if i == 0 else 1), (i, node_counts)
