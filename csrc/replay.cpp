@@ -445,6 +445,9 @@ c10::List<std::optional<at::Tensor>> optional_list(const std::vector<at::Tensor>
   return list;
 }
 
+}  // namespace
+
+// (outside the anonymous namespace: autograd names a node by its type, grad_fn.name())
 struct ReplayNode : torch::autograd::Function<ReplayNode> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, int64_t node,
                                                 at::TensorList inputs) {
@@ -544,6 +547,8 @@ struct ReplayNode : torch::autograd::Function<ReplayNode> {
     return result;
   }
 };
+
+namespace {
 
 std::vector<at::Tensor> replay_node(int64_t node, at::TensorList inputs) { return ReplayNode::apply(node, inputs); }
 

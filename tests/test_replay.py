@@ -380,7 +380,9 @@ def test_gpu_replay_gives_the_bodies_bits(dtype, monkeypatch):
     model.train()
     monkeypatch.setattr(_replay, "ENABLED", True)
     try:
-        runs = [step() for _ in range(3)]  # (a signature's first call, then two that record and agree)
+        # (a signature's first call, then two that record and agree; the fourth makes each call's node, whose
+        # backward runs the Python formula once and makes its plan)
+        runs = [step() for _ in range(4)]
         with torch.no_grad():
             for _ in range(3):
                 model.eval()(x)
@@ -401,9 +403,14 @@ def test_gpu_replay_gives_the_bodies_bits(dtype, monkeypatch):
 
         monkeypatch.setattr(JITFunction, "run", lambda self, *a, **k: (direct.append(self), jit_run(self, *a, **k))[1])
         monkeypatch.setattr(kernels, "_native", Counting())
+        formula, nodes = [], []  # (node backwards that ran the Python formula; node forwards)
+        monkeypatch.setattr(_replay, "_node_backward", lambda *a, _f=_replay._node_backward: formula.append(1) or _f(*a))
+        monkeypatch.setattr(_replay, "_node_op", lambda *a, _f=torch.ops.nfnet_fast._replay_node.default:
+                            nodes.append(1) or _f(*a))
         runs += steps_here_and_on_a_side_stream(step)
         names = {getattr(k, "__name__", str(k)) for k in direct}
         assert names <= {"_std_fwd_many_kernel"}, sorted(names)  # (the model's own launch, not an op body's)
+        assert nodes and not formula, (len(nodes), len(formula))  # (every training call a node, with its plan)
         for name in _replay._tables:
             st = _replay.status(name)
             assert st == {"replayed": st["replayed"], "refused": 0, "recording": 0} and st["replayed"], (name, st)
@@ -755,3 +762,29 @@ def test_each_incoming_gradients_layout_is_a_backward_key_of_its_own(node_counts
         assert all(torch.equal(a, c) for a, c in zip(*results)), (layout, with_sums)
         if i < 3:  # (the settled calls' gradients are contiguous with sums: that key alone has a plan yet)
             assert node_counts["formula"] == (0 if i == 0 else 1), (i, node_counts)
+
+
+def test_a_node_of_plain_aten_bodies(node_counts, monkeypatch):
+    """An op whose bodies are plain aten (no Triton: what runs under any Triton's interpreter) becomes a node
+    on its fourth call, whose backward runs the formula once and its plan after; values and gradients are the
+    bodies' each time."""
+    from nfnet_fast import _library
+
+    monkeypatch.setitem(_library._BODIES, "nfnet_fast::triton_silu_scale",
+                        lambda x, beta: torch.nn.functional.silu(x) * beta)
+
+    def backward(grad, x, beta):
+        s = torch.sigmoid(x)
+        return grad * (s * (1 + x * (1 - s))) * beta
+
+    monkeypatch.setitem(_library._BODIES, "nfnet_fast::_triton_silu_scale_backward", backward)
+    gen = torch.Generator().manual_seed(15)
+    for call in range(6):
+        x, grad = torch.randn(3, 7, generator=gen).requires_grad_(), torch.randn(3, 7, generator=gen)
+        node_counts.update(forward=0, formula=0)
+        y = ops.silu_scale(x, 0.7, backend="triton")
+        y.backward(grad)
+        assert torch.equal(y, torch.nn.functional.silu(x) * 0.7)
+        assert torch.equal(x.grad, backward(grad, x.detach(), 0.7))
+        assert ("ReplayNode" in y.grad_fn.name()) == (call >= 3), call
+        assert (node_counts["forward"], node_counts["formula"]) == ((0, 0) if call < 3 else (1, call == 3)), call
