@@ -14,12 +14,16 @@
 #define PY_SSIZE_T_CLEAN
 #include "replay.h"
 
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/profiler/orchestration/observer.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <map>
@@ -386,8 +390,9 @@ struct Plan {
   std::vector<int> gradients;            // per input: -1 none, 2j the record's result j, 2i+1 (saved ++ grads)[i]
 };
 
-struct NodeSpec : torch::CustomClassHolder {
+struct NodeSpec {
   int64_t id = -1;
+  bool retired = false;  // (by a clear: no new node takes it; nodes in graphs still run their backward)
   std::shared_ptr<const Record> forward;
   size_t inputs = 0;                    // the call's tensors (the forward record's inputs)
   std::vector<int> saved;               // per saved tensor: -1 None, 2i input i, 2j+1 output j
@@ -396,7 +401,9 @@ struct NodeSpec : torch::CustomClassHolder {
   std::map<std::vector<int64_t>, Plan> plans;
 };
 
-std::unordered_map<int64_t, c10::intrusive_ptr<NodeSpec>> nodes;  // (under registry_mutex)
+// (under registry_mutex) id -> spec, kept after a clear: a node holds its spec's id (an int in its ctx, which
+// compiled autograd can hash), and a graph made before the clear may run its backward after it
+std::unordered_map<int64_t, std::shared_ptr<NodeSpec>> nodes;
 int64_t next_node = 0;
 
 void key_of(const std::vector<at::Tensor>& tensors, std::vector<int64_t>& key) {
@@ -426,11 +433,20 @@ void key_of(const std::vector<at::Tensor>& tensors, std::vector<int64_t>& key) {
   }
 }
 
-c10::intrusive_ptr<NodeSpec> find_node(int64_t node) {
+std::shared_ptr<NodeSpec> find_node(int64_t node, bool live) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   auto found = nodes.find(node);
-  TORCH_CHECK(found != nodes.end(), "nfnet_fast replay: no node ", node, " (cleared?)");
+  TORCH_CHECK(found != nodes.end() && !(live && found->second->retired), "nfnet_fast replay: no node ", node,
+              " (cleared?)");
   return found->second;
+}
+
+// Whether a tensor is one whose data a replay may read as it is: no subclass or fake tensor (the Python key),
+// a storage, no lazy conjugate or negation. Else the node's backward runs the Python formula, as the op's own
+// path would (nfnet_fast._library._plain_call).
+bool plain(const at::Tensor& t) {
+  return !t.defined() || (t.has_storage() && !t.key_set().has(c10::DispatchKey::Python) && !t.is_conj() &&
+                          !t.is_neg());
 }
 
 c10::List<std::optional<at::Tensor>> optional_list(const std::vector<at::Tensor>& tensors, size_t from, size_t to) {
@@ -451,7 +467,7 @@ c10::List<std::optional<at::Tensor>> optional_list(const std::vector<at::Tensor>
 struct ReplayNode : torch::autograd::Function<ReplayNode> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, int64_t node,
                                                 at::TensorList inputs) {
-    c10::intrusive_ptr<NodeSpec> spec = find_node(node);
+    std::shared_ptr<NodeSpec> spec = find_node(node, true);
     TORCH_CHECK(inputs.size() == spec->inputs, "nfnet_fast replay: ", inputs.size(), " inputs for a node of ",
                 spec->inputs);
     std::vector<at::Tensor> outputs = run_record(*spec->forward, inputs);
@@ -465,25 +481,33 @@ struct ReplayNode : torch::autograd::Function<ReplayNode> {
     for (int j : spec->non_differentiable) fixed.push_back(outputs[j]);
     ctx->mark_non_differentiable(fixed);
     ctx->set_materialize_grads(false);  // (as the ops' formulas: no zeros made for a gradient that never came)
-    ctx->saved_data["spec"] = c10::IValue::make_capsule(spec);  // (the spec outlives a clear while this node lives)
+    ctx->saved_data["node"] = node;
     return outputs;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    auto spec = c10::static_intrusive_pointer_cast<NodeSpec>(ctx->saved_data["spec"].toCapsule());
+    auto spec = find_node(ctx->saved_data["node"].toInt(), false);
+    torch::autograd::variable_list result(1 + spec->inputs);  // (the node's id first: not a tensor)
+    // no gradient came: none goes (every formula returns so), and no saved tensor is unpacked (hooks that
+    // recompute or reload it would do that work for nothing)
+    if (std::all_of(grads.begin(), grads.end(), [](const at::Tensor& g) { return !g.defined(); })) return result;
     std::vector<at::Tensor> both = ctx->get_saved_variables();
     const size_t n_saved = both.size();
     both.insert(both.end(), grads.begin(), grads.end());
-    const bool create_graph = at::GradMode::is_enabled();
-    std::vector<int64_t> key{create_graph, at::autocast::is_autocast_enabled(at::kCUDA),
+    // the formula, never a plan, in a double backward, for a subclass or fake tensor, or under what would see
+    // the op's own calls (dispatch and torch-function modes, the profiler)
+    const bool formula_only = at::GradMode::is_enabled() || !std::all_of(both.begin(), both.end(), plain) ||
+                              c10::impl::TorchDispatchModeTLS::any_modes_set() ||
+                              at::impl::torch_function_mode_enabled() || torch::profiler::impl::profilerEnabled();
+    std::vector<int64_t> key{at::autocast::is_autocast_enabled(at::kCUDA),
                              static_cast<int64_t>(at::autocast::get_autocast_dtype(at::kCUDA)),
                              at::autocast::is_autocast_enabled(at::kCPU),
                              static_cast<int64_t>(at::autocast::get_autocast_dtype(at::kCPU))};
-    key_of(both, key);
+    if (!formula_only) key_of(both, key);
     Plan plan;
     bool found = false;
-    if (!create_graph) {
+    if (!formula_only) {
       std::lock_guard<std::mutex> lock(spec->mutex);
       auto it = spec->plans.find(key);
       if (it != spec->plans.end()) {
@@ -491,7 +515,6 @@ struct ReplayNode : torch::autograd::Function<ReplayNode> {
         found = true;
       }
     }
-    torch::autograd::variable_list result(1 + spec->inputs);  // (the node's id first: not a tensor)
     if (found) {
       std::vector<at::Tensor> results;
       if (plan.record) {
@@ -522,24 +545,28 @@ struct ReplayNode : torch::autograd::Function<ReplayNode> {
     }
     // the plan, once there is one: [record (-1: none), n, n indices into saved ++ grads, one code per input]
     const std::vector<int64_t> code = stack[1].toIntVector();
-    if (create_graph || code.empty()) return result;
+    if (formula_only || code.empty()) return result;
+    // (a plan that does not fit, or whose record a clear dropped meanwhile, is not kept: these gradients are
+    // the formula's, right either way)
     const int64_t n = code.size() >= 2 ? code[1] : -1;
-    TORCH_CHECK(n >= 0 && code.size() == 2 + static_cast<size_t>(n) + spec->inputs,
-                "nfnet_fast replay: a malformed backward plan");
+    if (n < 0 || code.size() != 2 + static_cast<size_t>(n) + spec->inputs) return result;
     Plan made;
-    if (code[0] >= 0) made.record = find_record(code[0]);
+    if (code[0] >= 0) {
+      std::lock_guard<std::mutex> lock(registry_mutex);
+      auto it = records.find(code[0]);
+      if (it == records.end()) return result;
+      made.record = it->second;
+    }
     const int64_t limit = static_cast<int64_t>(both.size());
     for (int64_t i = 0; i < n; ++i) {
-      TORCH_CHECK(code[2 + i] >= 0 && code[2 + i] < limit, "nfnet_fast replay: a plan's input out of range");
+      if (code[2 + i] < 0 || code[2 + i] >= limit) return result;
       made.record_inputs.push_back(static_cast<int>(code[2 + i]));
     }
-    TORCH_CHECK(!made.record || made.record_inputs.size() == made.record->inputs,
-                "nfnet_fast replay: a plan's inputs do not fit its record");
+    if (made.record ? made.record_inputs.size() != made.record->inputs : n != 0) return result;
     const int64_t results = made.record ? static_cast<int64_t>(made.record->outputs.size()) : 0;
     for (size_t k = 0; k < spec->inputs; ++k) {
       const int64_t c = code[2 + n + k];
-      TORCH_CHECK(c >= -1 && (c < 0 || (c % 2 == 0 ? c / 2 < results : c / 2 < limit)),
-                  "nfnet_fast replay: a plan's gradient out of range");
+      if (c < -1 || (c >= 0 && (c % 2 == 0 ? c / 2 >= results : c / 2 >= limit))) return result;
       made.gradients.push_back(static_cast<int>(c));
     }
     std::lock_guard<std::mutex> lock(spec->mutex);
@@ -558,7 +585,7 @@ std::vector<at::Tensor> replay_node(int64_t node, at::TensorList inputs) { retur
 std::tuple<int64_t, std::vector<std::optional<at::Tensor>>> replay_node_saved(const at::Tensor& output) {
   std::vector<std::optional<at::Tensor>> saved;
   auto* node = dynamic_cast<torch::autograd::CppNode<ReplayNode>*>(output.grad_fn().get());
-  if (node == nullptr || node->ctx_.saved_data.count("spec") == 0) return {-1, saved};
+  if (node == nullptr || node->ctx_.saved_data.count("node") == 0) return {-1, saved};
   std::vector<at::Tensor> tensors;
   try {
     tensors = node->ctx_.get_saved_variables();
@@ -566,8 +593,7 @@ std::tuple<int64_t, std::vector<std::optional<at::Tensor>>> replay_node_saved(co
     return {-1, saved};
   }
   for (const at::Tensor& t : tensors) saved.push_back(t.defined() ? std::optional<at::Tensor>(t) : std::nullopt);
-  auto spec = c10::static_intrusive_pointer_cast<NodeSpec>(node->ctx_.saved_data["spec"].toCapsule());
-  return {spec->id, saved};
+  return {node->ctx_.saved_data["node"].toInt(), saved};
 }
 
 }  // namespace
@@ -634,7 +660,7 @@ PyObject* replay_node_register_py(PyObject*, PyObject* args) {
   long long forward, inputs;
   PyObject *saved, *non_differentiable;
   if (!PyArg_ParseTuple(args, "LLOO", &forward, &inputs, &saved, &non_differentiable)) return nullptr;
-  auto spec = c10::make_intrusive<NodeSpec>();
+  auto spec = std::make_shared<NodeSpec>();
   try {
     {
       std::lock_guard<std::mutex> lock(registry_mutex);
@@ -669,7 +695,7 @@ PyObject* replay_node_register_py(PyObject*, PyObject* args) {
 PyObject* replay_clear_py(PyObject*, PyObject*) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   records.clear();  // (a replay running now holds its record: it finishes)
-  nodes.clear();    // (a node in a graph holds its spec, and its plans their records: its backward still runs)
+  for (auto& entry : nodes) entry.second->retired = true;  // (kept: see nodes)
   Py_RETURN_NONE;
 }
 

@@ -250,9 +250,9 @@ def _silu_backward(backward_op):
 def _eca_setup(ctx, inputs, output):
     # (sums, when given, are y's: their gradient is taken through y, see ops.eca_residual)
     y, weight, shortcut, ctx.coef, ctx.beta_next, _sums = inputs
-    ctx.mark_non_differentiable(output[2])  # the statistics: saved for the backward only
-    if ctx.beta_next is None:
-        ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
+    # the statistics (saved for the backward only), and without beta_next the (0,) placeholder (one call:
+    # a ctx keeps the last call's tensors only)
+    ctx.mark_non_differentiable(*([output[2]] if ctx.beta_next is not None else [output[2], output[1]]))
     ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None: no zeros to read
     # the shortcut matters to the backward only through a_next (which recomputes x_next from it)
     ctx.save_for_backward(y, weight, shortcut if ctx.beta_next is not None else None, output[2])
@@ -426,11 +426,9 @@ def _fused_conv_setup(ctx, inputs, output):
     (x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums, pre_x,
      ctx.pre_beta, gain, ctx.std_scale, ctx.std_eps, *flags) = inputs  # (pre_act, want_out, compute_dtype)
     pre_act, want_out, ctx.compute_dtype = (flags + [False, True, None][len(flags):])[:3]
-    if not want_sums:
-        ctx.mark_non_differentiable(output[1])  # the (0,) placeholder
-    if not want_out:
-        ctx.mark_non_differentiable(output[0])  # likewise
-    ctx.mark_non_differentiable(output[2])  # the standardised weight: the backward's, not the caller's
+    # the standardised weight (the backward's, not the caller's) and the (0,) placeholders of the results not
+    # asked for (one call: a ctx keeps the last call's tensors only)
+    ctx.mark_non_differentiable(output[2], *([] if want_sums else [output[1]]), *([] if want_out else [output[0]]))
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.pre_x = pre_x is not None  # (x's gradient then goes to pre_x, argument 10)
@@ -561,7 +559,8 @@ def _with_eager_autograd(prefix: str, op: str) -> Callable:
     traced_op = _op(forward_name)
     # with replay on, the same calls as one C++ autograd node each (nfnet_fast._replay.call_node)
     node_op = _replay.NodeOp(forward_name, function, setup_context,
-                             make_backward(_replay.Capture(backward_name, _direct(backward_name))))
+                             make_backward(_replay.Capture(backward_name, _direct(backward_name))),
+                             lambda: (_BODIES.get(forward_name), _BODIES.get(backward_name)))
 
     def call(*inputs):
         if torch.compiler.is_compiling():

@@ -658,10 +658,11 @@ class NodeOp:
     ``function`` (its autograd.Function), whose ``setup_context`` and backward ``formula`` are the op's
     (the formula calling its backward op through a :class:`Capture`)."""
 
-    __slots__ = ("forward", "function", "setup_context", "formula", "nodes")
+    __slots__ = ("forward", "function", "setup_context", "formula", "bodies", "nodes")
 
-    def __init__(self, forward: str, function, setup_context: Callable, formula: Callable):
+    def __init__(self, forward: str, function, setup_context: Callable, formula: Callable, bodies: Callable):
         self.forward, self.function, self.setup_context, self.formula = forward, function, setup_context, formula
+        self.bodies = bodies  # () -> the op's (forward, backward) bodies now: a node made for others is dropped
         self.nodes: dict = {}  # key -> _Node, or _REFUSED
         _node_ops.append(self)
 
@@ -669,7 +670,7 @@ class NodeOp:
 class _Node:
     """The Python half of a registered node: what its formula's ctx holds, and each node input's argument."""
 
-    __slots__ = ("id", "op", "attrs", "needs_input_grad", "positions", "in_order")
+    __slots__ = ("id", "op", "attrs", "needs_input_grad", "positions", "in_order", "bodies")
 
 
 class _Probe:
@@ -682,7 +683,7 @@ class _Probe:
         self._noted["saved"] = tensors
 
     def mark_non_differentiable(self, *tensors):
-        self._noted["fixed"] += tensors
+        self._noted["fixed"] = tensors  # (as FunctionCtx: the last call's tensors)
 
     def set_materialize_grads(self, value: bool):
         self._noted["materialize"] = value
@@ -703,6 +704,9 @@ def call_node(op: NodeOp, inputs: tuple):
     key, tensors = _signature(op.forward, inputs, True)
     key = key + (tuple([t.requires_grad for t in tensors]),)
     node = op.nodes.get(key)
+    if node is not None and node is not _REFUSED and node.bodies != op.bodies():  # (a body replaced since)
+        op.nodes.clear()
+        node = None
     if node is not None:
         if node is _REFUSED:
             return op.function.apply(*inputs)
@@ -740,7 +744,10 @@ def _make_node(op: NodeOp, inputs: tuple, tensors: list, out):
     if len(positions) > len(tensors) or any(tensors[k] is not inputs[p] for k, p in enumerate(positions)):
         return _REFUSED  # (tensors inside a list argument: no argument of their own)
     probe = _Probe()
-    op.setup_context(probe, inputs, out)
+    try:
+        op.setup_context(probe, inputs, out)
+    except Exception:  # noqa: BLE001 (a ctx method the probe lacks: the Function serves this signature)
+        return _REFUSED
     noted = probe._noted
     if noted["materialize"]:  # (the node gives None for a gradient that never came, as the formulas expect)
         return _REFUSED
@@ -768,6 +775,7 @@ def _make_node(op: NodeOp, inputs: tuple, tensors: list, out):
     node.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in inputs)
     node.positions = positions + [None] * (len(tensors) - len(positions))  # (extra inputs: no gradient)
     node.in_order = record.native_output is _IN_ORDER
+    node.bodies = op.bodies()
     _nodes[node_id] = node
     return node
 

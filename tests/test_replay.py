@@ -764,10 +764,9 @@ def test_each_incoming_gradients_layout_is_a_backward_key_of_its_own(node_counts
             assert node_counts["formula"] == (0 if i == 0 else 1), (i, node_counts)
 
 
-def test_a_node_of_plain_aten_bodies(node_counts, monkeypatch):
-    """An op whose bodies are plain aten (no Triton: what runs under any Triton's interpreter) becomes a node
-    on its fourth call, whose backward runs the formula once and its plan after; values and gradients are the
-    bodies' each time."""
+def _aten_silu_bodies(monkeypatch):
+    """silu_scale's triton bodies replaced by plain aten ones (no Triton: what runs under any Triton's
+    interpreter); returns the backward body."""
     from nfnet_fast import _library
 
     monkeypatch.setitem(_library._BODIES, "nfnet_fast::triton_silu_scale",
@@ -778,6 +777,13 @@ def test_a_node_of_plain_aten_bodies(node_counts, monkeypatch):
         return grad * (s * (1 + x * (1 - s))) * beta
 
     monkeypatch.setitem(_library._BODIES, "nfnet_fast::_triton_silu_scale_backward", backward)
+    return backward
+
+
+def test_a_node_of_plain_aten_bodies(node_counts, monkeypatch):
+    """An op whose bodies are plain aten becomes a node on its fourth call, whose backward runs the formula
+    once and its plan after; values and gradients are the bodies' each time."""
+    backward = _aten_silu_bodies(monkeypatch)
     gen = torch.Generator().manual_seed(15)
     for call in range(6):
         x, grad = torch.randn(3, 7, generator=gen).requires_grad_(), torch.randn(3, 7, generator=gen)
@@ -788,3 +794,66 @@ def test_a_node_of_plain_aten_bodies(node_counts, monkeypatch):
         assert torch.equal(x.grad, backward(grad, x.detach(), 0.7))
         assert ("ReplayNode" in y.grad_fn.name()) == (call >= 3), call
         assert (node_counts["forward"], node_counts["formula"]) == ((0, 0) if call < 3 else (1, call == 3)), call
+
+
+def test_a_node_backward_runs_the_formula_where_the_ops_own_path_would(node_counts, monkeypatch):
+    """A settled node's backward leaves its plan for the formula where the op's own path would not run the
+    body as recorded: a subclass gradient, a dispatch mode around the backward; it unpacks no saved tensor
+    when no gradient comes (as the formula); and a node made for a body that has since been replaced is
+    dropped."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from nfnet_fast import _library
+
+    _aten_silu_bodies(monkeypatch)
+    gen = torch.Generator().manual_seed(16)
+
+    def call():
+        x = torch.randn(3, 7, generator=gen).requires_grad_()
+        return x, ops.silu_scale(x, 0.7, backend="triton")
+
+    for _ in range(5):
+        x, y = call()
+        y.backward(torch.randn(3, 7, generator=gen))
+    x, y = call()
+    assert "ReplayNode" in y.grad_fn.name()
+    grad = torch.randn(3, 7, generator=gen)
+    node_counts.update(formula=0)
+    y.backward(TwoTensor(grad, grad))
+    assert type(x.grad) is TwoTensor and node_counts["formula"] == 1
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, y = call()
+    with Seen() as seen:
+        y.backward(grad)
+    assert "nfnet_fast._triton_silu_scale_backward.default" in seen.ops, seen.ops
+
+    class NoGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    unpacked = []
+    x, y = call()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: unpacked.append(1) or t):
+        y = ops.silu_scale(x, 0.7, backend="triton")
+    assert "ReplayNode" in y.grad_fn.name()
+    NoGradient.apply(y).sum().backward()
+    assert not unpacked and x.grad is None
+
+    monkeypatch.setitem(_library._BODIES, "nfnet_fast::triton_silu_scale", lambda x, beta: x * beta)
+    x, y = call()
+    assert torch.equal(y, x * 0.7) and "ReplayNode" not in y.grad_fn.name()
