@@ -339,11 +339,17 @@ void run_launch(const Step& s, size_t index, int64_t record, std::vector<at::Ten
 #endif
 }
 
-std::shared_ptr<const Record> find_record(int64_t record) {
+// the record with this id, or null (never registered, or cleared)
+std::shared_ptr<const Record> lookup_record(int64_t record) {
   std::lock_guard<std::mutex> lock(registry_mutex);
   auto found = records.find(record);
-  TORCH_CHECK(found != records.end(), "nfnet_fast replay: no record ", record, " (cleared?)");
-  return found->second;
+  return found != records.end() ? found->second : nullptr;
+}
+
+std::shared_ptr<const Record> find_record(int64_t record) {
+  std::shared_ptr<const Record> r = lookup_record(record);
+  TORCH_CHECK(r, "nfnet_fast replay: no record ", record, " (cleared?)");
+  return r;
 }
 
 std::vector<at::Tensor> run_record(const Record& r, at::TensorList inputs) {
@@ -500,14 +506,15 @@ struct ReplayNode : torch::autograd::Function<ReplayNode> {
     const bool formula_only = at::GradMode::is_enabled() || !std::all_of(both.begin(), both.end(), plain) ||
                               c10::impl::TorchDispatchModeTLS::any_modes_set() ||
                               at::impl::torch_function_mode_enabled() || torch::profiler::impl::profilerEnabled();
-    std::vector<int64_t> key{at::autocast::is_autocast_enabled(at::kCUDA),
-                             static_cast<int64_t>(at::autocast::get_autocast_dtype(at::kCUDA)),
-                             at::autocast::is_autocast_enabled(at::kCPU),
-                             static_cast<int64_t>(at::autocast::get_autocast_dtype(at::kCPU))};
-    if (!formula_only) key_of(both, key);
+    std::vector<int64_t> key;
     Plan plan;
     bool found = false;
     if (!formula_only) {
+      key = {at::autocast::is_autocast_enabled(at::kCUDA),
+             static_cast<int64_t>(at::autocast::get_autocast_dtype(at::kCUDA)),
+             at::autocast::is_autocast_enabled(at::kCPU),
+             static_cast<int64_t>(at::autocast::get_autocast_dtype(at::kCPU))};
+      key_of(both, key);
       std::lock_guard<std::mutex> lock(spec->mutex);
       auto it = spec->plans.find(key);
       if (it != spec->plans.end()) {
@@ -551,12 +558,7 @@ struct ReplayNode : torch::autograd::Function<ReplayNode> {
     const int64_t n = code.size() >= 2 ? code[1] : -1;
     if (n < 0 || code.size() != 2 + static_cast<size_t>(n) + spec->inputs) return result;
     Plan made;
-    if (code[0] >= 0) {
-      std::lock_guard<std::mutex> lock(registry_mutex);
-      auto it = records.find(code[0]);
-      if (it == records.end()) return result;
-      made.record = it->second;
-    }
+    if (code[0] >= 0 && !(made.record = lookup_record(code[0]))) return result;
     const int64_t limit = static_cast<int64_t>(both.size());
     for (int64_t i = 0; i < n; ++i) {
       if (code[2 + i] < 0 || code[2 + i] >= limit) return result;
@@ -662,12 +664,8 @@ PyObject* replay_node_register_py(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "LLOO", &forward, &inputs, &saved, &non_differentiable)) return nullptr;
   auto spec = std::make_shared<NodeSpec>();
   try {
-    {
-      std::lock_guard<std::mutex> lock(registry_mutex);
-      auto found = records.find(forward);
-      if (found == records.end()) fail("no forward record " + std::to_string(forward));
-      spec->forward = found->second;
-    }
+    spec->forward = lookup_record(forward);
+    if (!spec->forward) fail("no forward record " + std::to_string(forward));
     if (inputs != static_cast<long long>(spec->forward->inputs)) fail("a node's inputs are its forward record's");
     spec->inputs = static_cast<size_t>(inputs);
     const long long outputs = static_cast<long long>(spec->forward->outputs.size());

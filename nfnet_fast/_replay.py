@@ -723,10 +723,26 @@ def call_node(op: NodeOp, inputs: tuple):
 
 
 def _settled(qualname: str, args: tuple, grad: bool):
-    """The record that a call of ``qualname`` with ``args`` replays: a ``_Record``, ``_REFUSED``, or None (not
-    settled yet)."""
+    """``(record, inputs)``: the record that a call of ``qualname`` with ``args`` replays natively with results in
+    one of the usual shapes (a tuple in order, one tensor), ``_REFUSED`` where there is none, or None (not settled
+    yet); and the call's tensors in slot order."""
+    key, inputs = _signature(qualname, args, grad)
     table = _tables.get(qualname)
-    return table.records.get(_signature(qualname, args, grad)[0]) if table is not None else None
+    record = table.records.get(key) if table is not None else None
+    if record is not None and (record is _REFUSED or record.native is None
+                               or record.native_output not in (_IN_ORDER, _FIRST_RESULT)):
+        record = _REFUSED
+    return record, inputs
+
+
+def _results(record: "_Record", out) -> list:
+    """The flat results of a call that ``record`` replays (``_settled``), from what the call returned."""
+    return list(out) if record.native_output is _IN_ORDER else [out]
+
+
+def _position(t: Tensor, among: list) -> Optional[int]:
+    """Where ``t`` itself (not an equal tensor) is in ``among``, or None."""
+    return next((i for i, u in enumerate(among) if u is t), None)
 
 
 def _make_node(op: NodeOp, inputs: tuple, tensors: list, out):
@@ -734,12 +750,10 @@ def _make_node(op: NodeOp, inputs: tuple, tensors: list, out):
     native = _native_module()
     if native is None:
         return _REFUSED
-    record = _settled(op.forward, inputs, False)  # (the body's record as the Function's forward ran it)
-    if record is None:
-        return None
-    if record is _REFUSED or record.native is None or record.native_output not in (_IN_ORDER, _FIRST_RESULT):
-        return _REFUSED
-    outputs = list(out) if record.native_output is _IN_ORDER else [out]
+    record = _settled(op.forward, inputs, False)[0]  # (the body's record as the Function's forward ran it)
+    if record is None or record is _REFUSED:
+        return record
+    outputs = _results(record, out)
     positions = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
     if len(positions) > len(tensors) or any(tensors[k] is not inputs[p] for k, p in enumerate(positions)):
         return _REFUSED  # (tensors inside a list argument: no argument of their own)
@@ -751,17 +765,13 @@ def _make_node(op: NodeOp, inputs: tuple, tensors: list, out):
     noted = probe._noted
     if noted["materialize"]:  # (the node gives None for a gradient that never came, as the formulas expect)
         return _REFUSED
-
-    def index(t, among):
-        return next((i for i, u in enumerate(among) if u is t), None)
-
     saved = []
     for t in noted["saved"]:
-        i, j = (None, None) if t is None else (index(t, tensors), index(t, outputs))
+        i, j = (None, None) if t is None else (_position(t, tensors), _position(t, outputs))
         if t is not None and i is None and j is None:
             return _REFUSED  # (a tensor setup_context made: not one the node has)
         saved.append(-1 if t is None else 2 * i if i is not None else 2 * j + 1)
-    fixed = [index(t, outputs) for t in noted["fixed"]]
+    fixed = [_position(t, outputs) for t in noted["fixed"]]
     if None in fixed:
         return _REFUSED
     _backward_impl()
@@ -830,27 +840,22 @@ def _node_backward(node_id: int, saved: list, grads: list):
 
 def _plan(given: list, calls: list, gradients: list) -> list:
     """The plan of one formula call (see :func:`_node_backward`), or ``[]`` where there is none (yet)."""
-    def index(t, among):
-        return next((i for i, u in enumerate(among) if u is t), None)
-
     record_id, record_inputs, results = -1, [], []
     if len(calls) > 1:
         return []
     if calls:
         capture, args, out = calls[0]
-        record = _settled(capture.qualname, args, False)
-        if record is None or record is _REFUSED or record.native is None:
+        record, inputs = _settled(capture.qualname, args, False)
+        if record is None or record is _REFUSED:
             return []
-        if record.native_output not in (_IN_ORDER, _FIRST_RESULT):
-            return []
-        record_inputs = [index(t, given) for t in _signature(capture.qualname, args, False)[1]]
+        record_inputs = [_position(t, given) for t in inputs]
         if None in record_inputs:
             return []  # (a tensor the formula made, or an extra input: not one the node has)
-        record_id, results = record.native, list(out) if record.native_output is _IN_ORDER else [out]
+        record_id, results = record.native, _results(record, out)
     codes = []
     for g in gradients:
-        j = None if g is None else index(g, results)
-        i = None if g is None or j is not None else index(g, given)
+        j = None if g is None else _position(g, results)
+        i = None if g is None or j is not None else _position(g, given)
         if g is not None and j is None and i is None:
             return []
         codes.append(-1 if g is None else 2 * j if j is not None else 2 * i + 1)
