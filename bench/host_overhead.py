@@ -205,7 +205,7 @@ if "triton" in BACKENDS:
     from nfnet_fast.kernels import fused_conv as K_conv
     _name = "nfnet_fast::triton_fused_conv"
     lx, lb, lw = cx.detach(), cb.detach(), cw_packed
-    op_args = (lx, lw, lb, 1, [0, 0, 0, 0], 1, 1, 1.0, False, False, None, 1.0, None, 1.0, 0.0, False, True, None)
+    op_args = (lx, lw, lb, 1, [0, 0, 0, 0], 1, 1, 1.0, False, False, None, 1.0, None, 1.0, 0.0, False, True, None, False)
     body, direct, backend_fn = _library._BODIES[_name], _library._direct(_name), _backends.op_function("triton", "fused_conv")
     layers = {
         "ops.fused_conv (public checks, backend choice)": lambda: _ops.fused_conv(

@@ -168,6 +168,8 @@ CONV_K32_N64 = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=4
 # no alignment to exploit; 32-wide column tiles (L0's stem has 16 and 32 outputs).
 CONV_FLAT = dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32, GROUP_M=8, NUM_STAGES=3, FLAT_K=True, ALIGNED=False,
                  FP32_K=16, num_warps=4)
+# ... and with z_out (HAS_Z): 64-row tiles, as z's pointer tile spilled 48 bytes at 128 rows (fp32, sm_90)
+CONV_FLAT_Z = dict(CONV_FLAT, BLOCK_M=64)
 # Unaligned channel counts (not in L0; odd widths of other models), a 64-bit address per element:
 # 64x64x32 tiles at 2 stages stay clear of spills (64x64x16 with the pool's four A tiles).
 GEMM_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2, ALIGNED=False, FP32_K=16, num_warps=4)
@@ -183,6 +185,16 @@ CONV_GENERIC = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, NUM_STAGES=2,
 def bwd_tile(tile: dict) -> dict:
     """The tile a backward launch runs in place of the forward's ``tile`` (see above)."""
     return dict(tile, BLOCK_N=min(64, tile["BLOCK_N"]), num_warps=8)
+
+
+def z_tile(tile: dict) -> dict:
+    """The tile a forward launch with z_out (HAS_Z) runs in place of ``tile`` (see CONV_FLAT_Z)."""
+    return dict(CONV_FLAT_Z) if tile == CONV_FLAT else tile
+
+
+# The kept pre-activation's gradient pass (_z_grad_kernel, elementwise): 64 x 64 tiles at 8 warps (at 4, fp32 spilled
+# 8 bytes on sm_80; 128 x 64 at 4 warps spilled up to 928)
+Z_GRAD_TILE = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8)
 
 
 # Under the interpreter (CPU tensors) every program and every loop step costs milliseconds of
@@ -352,7 +364,8 @@ VENDOR = "aten"
 
 
 def _vendor_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding4,
-                 groups: int, act: int, act_gain: float, pool: bool, want_sums: bool, want_out: bool = True):
+                 groups: int, act: int, act_gain: float, pool: bool, want_sums: bool, want_out: bool = True,
+                 z_out: Optional[torch.Tensor] = None):
     dt = x.dtype
     if pool:
         x = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False)
@@ -364,6 +377,8 @@ def _vendor_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
         y = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (pl, pr, pt, pb)), weight.to(dt), b, stride, 0, 1,
                                        groups)
     y = y.contiguous(memory_format=torch.channels_last)
+    if z_out is not None:  # (the activation below works in place)
+        z_out.copy_(y)
     if ACTS[act] == "silu":
         y = torch.nn.functional.silu(y, inplace=True)
     elif ACTS[act] == "relu":
@@ -490,15 +505,22 @@ def _pre_act(v, pre_beta, PRE_ACT: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, Cout, HW, S, act, act_gain,
-              bias_ptr, part_ptr, gsums_ptr, has_grad, has_gsums, has_out, SUMS: tl.constexpr, BWD: tl.constexpr,
-              BLOCK_M: tl.constexpr):
-    """+ bias, activation times act_gain, one store of the (BLOCK_M, BLOCK_N) output tile at
-    ``out_ptrs`` (if has_out); with SUMS one fp32 partial channel sum per image the tile touches (see the module
-    docstring). With BWD (see "backward") the tile stored and summed is instead the gradient of the
-    pre-activation z = acc + bias: (grad_out + grad_sums[n]) * act_gain * act'(z), grad_out's tile
-    at ``grad_ptrs`` (if has_grad), grad_sums (N, Cout) fp32 at ``gsums_ptr`` (if has_gsums)."""
-    z = acc + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+def _bias(acc, bias_ptr, cols, cmask):
+    """The pre-activation z = acc + bias (fp32) of a GEMM tile."""
+    return acc + tl.load(bias_ptr + cols, mask=cmask, other=0.0)[None, :]
+
+
+@triton.jit
+def _epilogue(z, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, z_ptrs, out_mask, M, Cout, HW, S, act, act_gain,
+              part_ptr, gsums_ptr, has_grad, has_gsums, has_out, HAS_Z: tl.constexpr, SUMS: tl.constexpr,
+              BWD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """From the fp32 pre-activation tile ``z`` (the accumulator plus the bias): the activation times act_gain,
+    one store of the (BLOCK_M, BLOCK_N) output tile at ``out_ptrs`` (if has_out), and z itself at ``z_ptrs``
+    in the output's dtype (HAS_Z: what a training conv keeps for its backward, see "backward"); with
+    SUMS one fp32 partial channel sum per image the tile touches (see the module docstring). With BWD (see
+    "backward") the tile stored and summed is instead the gradient of z: (grad_out + grad_sums[n]) *
+    act_gain * act'(z), grad_out's tile at ``grad_ptrs`` (if has_grad), grad_sums (N, Cout) fp32 at
+    ``gsums_ptr`` (if has_gsums)."""
     if BWD:
         g = z * 0.0
         if has_grad:
@@ -507,6 +529,8 @@ def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, C
             g += tl.load(gsums_ptr + (rows // HW)[:, None] * Cout + cols[None, :], mask=out_mask, other=0.0)
         y = g * act_gain * _act_grad(z, act)
     else:
+        if HAS_Z:
+            tl.store(z_ptrs, z.to(z_ptrs.dtype.element_ty), mask=out_mask)
         y = _act(z, act) * act_gain
     if SUMS:
         # No mask needed: columns past Cout hold act(0 + 0) = 0 (BWD: a zero gradient), and rows
@@ -532,9 +556,9 @@ def _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, C
 
 
 @triton.jit
-def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr, M, K, Cout, H, W, Wo, HW, S,
-                    act, act_gain, has_grad, has_gsums, has_out, pre_beta, POOL: tl.constexpr, SUMS: tl.constexpr,
-                    BWD: tl.constexpr, PRE_ACT: tl.constexpr, BLOCK_M: tl.constexpr,
+def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, z_ptr, part_ptr, grad_ptr, gsums_ptr, M, K, Cout, H, W, Wo, HW,
+                    S, act, act_gain, has_grad, has_gsums, has_out, pre_beta, POOL: tl.constexpr, SUMS: tl.constexpr,
+                    BWD: tl.constexpr, PRE_ACT: tl.constexpr, HAS_Z: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
                     NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr, FP32_K: tl.constexpr):
     """out[M, Cout] = act(A[M, K] @ w[K, Cout] + bias): A = x's NHWC rows (K = Cin), or with POOL
@@ -611,19 +635,21 @@ def _conv1x1_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_p
     out_offs = rows.to(tl.int64)[:, None] * Cout + cols[None, :]
     out_ptrs = out_ptr + out_offs
     grad_ptrs = grad_ptr + out_offs
+    z_ptrs = z_ptr + out_offs
     out_mask = rmask[:, None] & cmask[None, :]
     if ALIGNED:
         out_ptrs = tl.max_contiguous(tl.multiple_of(out_ptrs, [1, 16]), [1, BLOCK_N])
         grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptrs, [1, 16]), [1, BLOCK_N])
+        z_ptrs = tl.max_contiguous(tl.multiple_of(z_ptrs, [1, 16]), [1, BLOCK_N])
         out_mask = tl.max_constancy(out_mask, [1, 16])
-    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr,
-              part_ptr, gsums_ptr, has_grad, has_gsums, has_out, SUMS, BWD, BLOCK_M)
+    _epilogue(_bias(acc, bias_ptr, cols, cmask), pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, z_ptrs, out_mask, M,
+              Cout, HW, S, act, act_gain, part_ptr, gsums_ptr, has_grad, has_gsums, has_out, HAS_Z, SUMS, BWD, BLOCK_M)
 
 
 @triton.jit
-def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr, M, H, W, Cin, Wo, HW, Cout, Cg,
-                 Cog, stride, pad_h, pad_w, S, act, act_gain, has_grad, has_gsums, has_out, KH: tl.constexpr,
-                 KW: tl.constexpr, SUMS: tl.constexpr, BWD: tl.constexpr,
+def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, z_ptr, part_ptr, grad_ptr, gsums_ptr, M, H, W, Cin, Wo, HW, Cout,
+                 Cg, Cog, stride, pad_h, pad_w, S, act, act_gain, has_grad, has_gsums, has_out, KH: tl.constexpr,
+                 KW: tl.constexpr, SUMS: tl.constexpr, BWD: tl.constexpr, HAS_Z: tl.constexpr,
                  FLAT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr, ALIGNED: tl.constexpr, FP32_K: tl.constexpr):
     """Grouped KH x KW convolution as an implicit GEMM: row m = output pixel (n, oh, ow) of the
@@ -693,13 +719,40 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr,
     out_offs = rows.to(tl.int64)[:, None] * Cout + cols[None, :]
     out_ptrs = out_ptr + out_offs
     grad_ptrs = grad_ptr + out_offs
+    z_ptrs = z_ptr + out_offs
     out_mask = rmask[:, None] & cmask[None, :]
     if ALIGNED:
         out_ptrs = tl.max_contiguous(tl.multiple_of(out_ptrs, [1, 16]), [1, BLOCK_N])
         grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptrs, [1, 16]), [1, BLOCK_N])
+        z_ptrs = tl.max_contiguous(tl.multiple_of(z_ptrs, [1, 16]), [1, BLOCK_N])
         out_mask = tl.max_constancy(out_mask, [1, 16])
-    _epilogue(acc, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, out_mask, M, Cout, HW, S, act, act_gain, bias_ptr,
-              part_ptr, gsums_ptr, has_grad, has_gsums, has_out, SUMS, BWD, BLOCK_M)
+    _epilogue(_bias(acc, bias_ptr, cols, cmask), pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, z_ptrs, out_mask, M,
+              Cout, HW, S, act, act_gain, part_ptr, gsums_ptr, has_grad, has_gsums, has_out, HAS_Z, SUMS, BWD, BLOCK_M)
+
+
+@triton.jit
+def _z_grad_kernel(z_ptr, out_ptr, part_ptr, grad_ptr, gsums_ptr, M, Cout, HW, S, act, act_gain, has_grad, has_gsums,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr):
+    """The backward's epilogue (BWD) on a kept pre-activation: z's (M, Cout) rows as the forward stored them
+    (HAS_Z) stand in for the GEMM that recomputes them, so a kept z costs its gradient one elementwise pass
+    (z and grad_out in, z's gradient out, the same partial sums) instead of a convolution."""
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < Cout
+    offs = rows.to(tl.int64)[:, None] * Cout + cols[None, :]
+    z_ptrs = z_ptr + offs
+    out_ptrs = out_ptr + offs
+    grad_ptrs = grad_ptr + offs
+    mask = (rows < M)[:, None] & cmask[None, :]
+    if ALIGNED:
+        z_ptrs = tl.max_contiguous(tl.multiple_of(z_ptrs, [1, 16]), [1, BLOCK_N])
+        out_ptrs = tl.max_contiguous(tl.multiple_of(out_ptrs, [1, 16]), [1, BLOCK_N])
+        grad_ptrs = tl.max_contiguous(tl.multiple_of(grad_ptrs, [1, 16]), [1, BLOCK_N])
+        mask = tl.max_constancy(mask, [1, 16])
+    z = tl.load(z_ptrs, mask=mask, other=0.0).to(tl.float32)
+    _epilogue(z, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, z_ptrs, mask, M, Cout, HW, S, act, act_gain, part_ptr,
+              gsums_ptr, has_grad, has_gsums, 1, False, True, True, BLOCK_M)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -748,7 +801,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                std_scale: float = 1.0, std_eps: float = 0.0, backward: bool = False,
                grad_out: Optional[torch.Tensor] = None, grad_sums: Optional[torch.Tensor] = None,
                pre_act: bool = False, pre_beta: float = 1.0, want_out: bool = True,
-               std_out: Optional[torch.Tensor] = None, sum_images: bool = False, std_ready: bool = False):
+               std_out: Optional[torch.Tensor] = None, sum_images: bool = False, std_ready: bool = False,
+               z_out: Optional[torch.Tensor] = None):
     """``act(conv2d(pool(x), weight, stride, padding, groups) + bias) * act_gain`` in one launch,
     channels_last. The specification is ``nfnet_fast._reference.fused_conv``.
 
@@ -800,6 +854,10 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         sum_images: with ``want_sums``, the sums are summed over the images too: fp32 (Cout,),
             the bias gradient of a ``backward`` launch (one reduction of the partial rows over
             images and slots, not per-image sums summed again).
+        z_out: None, or a channels_last (N, Cout, Ho, Wo) tensor in ``x``'s dtype (not with
+            ``backward``) that the epilogue also stores the pre-activation ``z = conv + bias`` into,
+            rounded as the output is: a training conv keeps it so that its backward (``backward(z=)``)
+            needs no GEMM to recompute it.
 
     Returns:
         ``out`` (N, Cout, Ho, Wo) channels_last in ``x``'s dtype, ``(out, sums)`` with
@@ -847,6 +905,10 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     # it never stores through: has_out 0)
     out = (torch.empty((nb, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=torch.channels_last)
            if want_out else x.new_empty((1,)))
+    if z_out is not None and (backward or z_out.shape != (nb, cout, ho, wo) or z_out.dtype != x.dtype
+                              or not z_out.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"z_out must be a channels_last {(nb, cout, ho, wo)} {x.dtype} tensor of a forward launch, got "
+                         f"{tuple(z_out.shape)} {z_out.dtype}{' with backward' if backward else ''}")
     if std_out is not None and gain is None:
         raise ValueError("std_out is where the weight is standardised to: it needs gain")
     if std_ready and std_out is None:
@@ -877,8 +939,10 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     # absent gradients: any tensor of the right types stands in (has_grad / has_gsums say 0)
     grad_t = grad_out if grad_out is not None else out
     gsums_t = grad_sums if grad_sums is not None else b
-    aligned = _is_aligned((cin, cout, cg, cog), (x, wt, out, grad_t, gsums_t))
-    flags = dict(has_grad=int(grad_out is not None), has_gsums=int(grad_sums is not None), has_out=int(want_out))
+    z_t = out if z_out is None else z_out  # (without HAS_Z out stands in)
+    aligned = _is_aligned((cin, cout, cg, cog), (x, wt, out, z_t, grad_t, gsums_t))
+    flags = dict(has_grad=int(grad_out is not None), has_gsums=int(grad_sums is not None), has_out=int(want_out),
+                 HAS_Z=z_out is not None)
 
     def run_tile(cfg: dict):
         """Run the conv with tile ``cfg`` into ``out``; the sums' partial rows (N, slots, Cout)."""
@@ -886,18 +950,20 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             cfg.pop("FLAT_K", None)
         else:
             cfg.setdefault("FLAT_K", cg < cfg["BLOCK_K"])
+        if z_out is not None:
+            cfg = z_tile(cfg)
         slots = _sum_slots(hw, cfg["BLOCK_M"])
         part = b if not want_sums else torch.zeros((nb, slots, cout), device=x.device, dtype=torch.float32)
         if m:
             with device_guard(x):
                 if one_by_one:
                     grid = (cdiv(m, cfg["BLOCK_M"]) * cdiv(cout, cfg["BLOCK_N"]),)
-                    launch(_conv1x1_kernel, grid, x, wt, b, out, part, grad_t, gsums_t, m, cin, cout, x.shape[2],
+                    launch(_conv1x1_kernel, grid, x, wt, b, out, z_t, part, grad_t, gsums_t, m, cin, cout, x.shape[2],
                            x.shape[3], wo, hw, slots, a, float(act_gain), **flags, pre_beta=float(pre_beta),
                            POOL=bool(pool), SUMS=bool(want_sums), BWD=bool(backward), PRE_ACT=bool(pre_act), **cfg)
                 else:
                     grid = (cdiv(m, cfg["BLOCK_M"]) * groups * cdiv(cog, cfg["BLOCK_N"]),)
-                    launch(_conv_kernel, grid, x, wt, b, out, part, grad_t, gsums_t, m, h, w, cin, wo, hw, cout, cg,
+                    launch(_conv_kernel, grid, x, wt, b, out, z_t, part, grad_t, gsums_t, m, h, w, cin, wo, hw, cout, cg,
                            cog, stride, pt, pl, slots, a, float(act_gain), **flags, KH=kh, KW=kw, SUMS=bool(want_sums),
                            BWD=bool(backward), **cfg)
         return part
@@ -908,7 +974,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                                          float(act_gain), want_sums, grad_out, grad_sums)
         xin = _silu.forward(x, pre_beta) if pre_act else x  # (the unfused way: a pass that writes it)
         return _vendor_conv(xin, wt.permute(3, 2, 0, 1), bias, stride, (pt, pb, pl, pr), groups, a, float(act_gain),
-                            pool, want_sums, want_out)
+                            pool, want_sums, want_out, z_out)
 
     if autotune is None:
         autotune = x.is_cuda
@@ -948,7 +1014,7 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
              groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
              pre_beta: Optional[float] = None, gain: Optional[torch.Tensor] = None, std_scale: float = 1.0,
              std_eps: float = 0.0, needs: Sequence[bool] = (True, True, True, True), gpu_config: bool = False,
-             std_weight: Optional[torch.Tensor] = None):
+             std_weight: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None):
     """Gradients ``(grad_x, grad_weight, grad_bias, grad_gain)`` of :func:`fused_conv` for the
     output's gradient ``grad_out`` and the sums' ``grad_sums`` (either may be None); each None where
     ``needs`` (x, weight, bias, gain) says so, or where there is no such argument. See "backward".
@@ -958,8 +1024,10 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     standardisation's backward turns the conv's weight gradient into the raw weight's and the
     gain's: one launch). With ``pre_beta``, ``x`` is the tensor the convolved input
     was made from as ``silu(x) * pre_beta`` (recomputed here: one launch), and grad_x is x's
-    gradient through it (one launch). Everything a conv's backward needs is this one call, so a
-    training step pays one op's host overhead per conv.
+    gradient through it (one launch). With ``z``, the pre-activation the forward kept
+    (``fused_conv(z_out=)``), the activation's gradient reads it (:func:`z_grad`) instead of recomputing
+    it by a GEMM. Everything a conv's backward needs is this one call, so a training step pays one op's
+    host overhead per conv.
 
     grad_x comes back in x's memory format (NCHW or channels_last), grad_weight in weight's
     (channels_last where weight is channels_last-contiguous and not contiguous, else contiguous) and
@@ -990,7 +1058,11 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     xin = torch.nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False) if pool else x
     conv = dict(stride=stride, padding=(pt, pb, pl, pr), groups=groups)
     grad_b = None
-    if act is not None:  # z recomputed in the GEMM, its gradient made in the epilogue (with its sums)
+    if act is not None and z is not None:  # the kept z: its gradient in one elementwise pass (with its sums)
+        grad_z, sums = z_grad(z, grad_out, grad_sums, act=act, act_gain=act_gain, gpu_config=gpu_config)
+        if need_b:
+            grad_b = sums
+    elif act is not None:  # z recomputed in the GEMM, its gradient made in the epilogue (with its sums)
         grad_z, sums = fused_conv(xin, weight, bias, act=act, act_gain=act_gain, want_sums=True, backward=True,
                                   grad_out=grad_out, grad_sums=grad_sums, gpu_config=gpu_config, packed_weight=packed,
                                   sum_images=True, **conv)
@@ -1038,6 +1110,42 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     if grad_w is not None:
         grad_w = grad_w.contiguous(memory_format=grad_w_format) if need_w else None
     return grad_x, grad_w, grad_b, grad_gain
+
+
+def z_grad(z: torch.Tensor, grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor], *, act: str,
+           act_gain: float = 1.0, gpu_config: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_z, grad_bias)`` for a kept pre-activation ``z`` (N, Cout, Ho, Wo) channels_last: ``grad_z =
+    (grad_out + grad_sums[:, :, None, None]) * act_gain * act'(z)`` in z's dtype, channels_last, and its fp32
+    (Cout,) sums over images and pixels (the bias gradient), in one launch: the BWD epilogue of
+    :func:`fused_conv` with z loaded instead of recomputed (either gradient may be None)."""
+    if z.dim() != 4 or not z.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"z must be a channels_last 4-d tensor, got {tuple(z.shape)} with strides {z.stride()}")
+    nb, cout, ho, wo = z.shape
+    if grad_out is not None:
+        if grad_out.shape != z.shape:
+            raise ValueError(f"grad_out must have z's shape {tuple(z.shape)}, got {tuple(grad_out.shape)}")
+        grad_out = grad_out.to(z.dtype).contiguous(memory_format=torch.channels_last)
+    if grad_sums is not None:
+        if grad_sums.shape != (nb, cout):
+            raise ValueError(f"grad_sums must be ({nb}, {cout}), got {tuple(grad_sums.shape)}")
+        grad_sums = grad_sums.to(torch.float32).contiguous()
+    m, hw = nb * ho * wo, ho * wo
+    # Z_GRAD_TILE; on CPU tensors (the interpreter) a tile as large as the problem, as config()
+    gpu = z.is_cuda or gpu_config
+    block_m = Z_GRAD_TILE["BLOCK_M"] if gpu else _pow2(m, 16, CPU_MAX["BLOCK_M"])
+    block_n = Z_GRAD_TILE["BLOCK_N"] if gpu else _pow2(cout, 16, CPU_MAX["BLOCK_N"])
+    slots = _sum_slots(hw, block_m)
+    grad_z = torch.empty_like(z, memory_format=torch.channels_last)
+    part = torch.zeros((nb, slots, cout), device=z.device, dtype=torch.float32)
+    grad_t = grad_out if grad_out is not None else z
+    gsums_t = grad_sums if grad_sums is not None else part
+    if m:
+        with device_guard(z):
+            launch(_z_grad_kernel, (cdiv(m, block_m), cdiv(cout, block_n)), z, grad_z, part, grad_t, gsums_t, m, cout,
+                   hw, slots, _act_index(act), float(act_gain), int(grad_out is not None), int(grad_sums is not None),
+                   BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=_is_aligned((cout,), (z, grad_z, grad_t)),
+                   num_warps=Z_GRAD_TILE["num_warps"])
+    return grad_z, part.sum((0, 1))
 
 
 def _std_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -1146,6 +1254,7 @@ def cost(n: int, cin: int, h: int, w: int, cout: int, k: int, *, stride: int = 1
 _F32 = "*fp32"
 _SUMS = (False, True)
 _PRE_SUMS = ((False, False), (True, False), (False, True))  # (SUMS, PRE_ACT): the prologue never with sums
+_HAS_Z = (False, True)  # a forward launch with z_out (a training conv keeping its pre-activation) or without
 GEMM_TILES = [GEMM_WIDE, GEMM_NARROW, GEMM_GENERIC]
 GEMM_POOL_TILES = [GEMM_POOL_WIDE, GEMM_POOL_NARROW, GEMM_POOL_GENERIC]
 CONV_TILES = [CONV_K64_N64, CONV_K64_N128, CONV_K32_N64, CONV_FLAT, CONV_GENERIC]
@@ -1157,13 +1266,19 @@ CONV_KERNEL_SIZES = [(3, 3)]
 _FLOATS = dict(act_gain="fp32", pre_beta="fp32")
 AOT = [
     AotSpec(_conv1x1_kernel, dict(bias_ptr=_F32, part_ptr=_F32, gsums_ptr=_F32, **_FLOATS),
-            [dict(POOL=False, SUMS=s, BWD=False, PRE_ACT=p, **t) for t in GEMM_TILES for s, p in _PRE_SUMS]
-            + [dict(POOL=True, SUMS=s, BWD=False, PRE_ACT=p, **t) for t in GEMM_POOL_TILES for s, p in _PRE_SUMS]
-            + [dict(POOL=False, SUMS=s, BWD=True, PRE_ACT=False, **bwd_tile(t)) for t in GEMM_TILES for s in _SUMS],
-            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "K", "Cout")),
+            [dict(POOL=False, SUMS=s, BWD=False, PRE_ACT=p, HAS_Z=z, **t) for t in GEMM_TILES for s, p in _PRE_SUMS
+             for z in _HAS_Z]
+            + [dict(POOL=True, SUMS=s, BWD=False, PRE_ACT=p, HAS_Z=z, **t) for t in GEMM_POOL_TILES for s, p in _PRE_SUMS
+               for z in _HAS_Z]
+            + [dict(POOL=False, SUMS=s, BWD=True, PRE_ACT=False, HAS_Z=False, **bwd_tile(t)) for t in GEMM_TILES
+               for s in _SUMS],
+            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "z_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "K", "Cout")),
     AotSpec(_conv_kernel, dict(bias_ptr=_F32, part_ptr=_F32, gsums_ptr=_F32, act_gain="fp32"),
-            [dict(KH=kh, KW=kw, SUMS=s, BWD=bwd, **(bwd_tile(t) if bwd else t)) for t in CONV_TILES
-             for (kh, kw) in CONV_KERNEL_SIZES for s in _SUMS for bwd in (False, True)],
-            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "Cin", "Cout", "Cg",
-                     "Cog")),
+            [dict(KH=kh, KW=kw, SUMS=s, BWD=bwd, HAS_Z=z, **(bwd_tile(t) if bwd else z_tile(t) if z else t)) for t in CONV_TILES
+             for (kh, kw) in CONV_KERNEL_SIZES for s in _SUMS for bwd, z in ((False, False), (False, True), (True, False))],
+            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "z_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "Cin", "Cout",
+                     "Cg", "Cog")),
+    AotSpec(_z_grad_kernel, dict(part_ptr=_F32, gsums_ptr=_F32, act_gain="fp32"),
+            [dict(Z_GRAD_TILE, ALIGNED=al) for al in (False, True)],
+            aligned=("z_ptr", "out_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "Cout")),
 ]

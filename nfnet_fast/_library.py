@@ -334,9 +334,10 @@ def public_functions(prefix: str, float64=None) -> dict:
 # backend routes to it), with this fake kernel and this autograd:
 #
 #   <prefix>fused_conv(x, weight, bias?, stride, padding[4], groups, act, act_gain, pool, want_sums,
-#                      pre_x?, pre_beta, gain?, std_scale, std_eps, pre_act, want_out, compute_dtype?)
-#       -> (out, sums, std_weight)   act: index into ops.ACTIVATIONS; sums (N, C_out) fp32, or (0,);
-#                                    std_weight: with gain, the standardised weight, else (0,)
+#                      pre_x?, pre_beta, gain?, std_scale, std_eps, pre_act, want_out, compute_dtype?, want_z)
+#       -> (out, sums, std_weight, z)   act: index into ops.ACTIVATIONS; sums (N, C_out) fp32, or (0,);
+#                                       std_weight: with gain, the standardised weight, else (0,);
+#                                       z: with want_z and an activation, the pre-activation, else (0,)
 #
 # With compute_dtype (autocast's, given by fused_conv_function for an input of another dtype that
 # needs no gradient: the batch of images at the stem) the op casts x itself, so the autograd saves
@@ -364,7 +365,7 @@ def public_functions(prefix: str, float64=None) -> dict:
 #
 #   _<prefix>fused_conv_backward(grad_out?, grad_sums?, x, weight, bias?, stride, padding[4], groups, act,
 #                                act_gain, pool, pre_beta?, gain?, std_scale, std_eps, need_x, need_weight,
-#                                need_bias, need_gain, compute_dtype?, std_weight?)
+#                                need_bias, need_gain, compute_dtype?, std_weight?, z?)
 #       -> (grad_x, grad_weight, grad_bias, grad_gain)     (0,) where not needed
 #
 # (x, weight: the saved pre_x and raw weight where the forward had them; std_weight: the forward's;
@@ -376,6 +377,12 @@ def public_functions(prefix: str, float64=None) -> dict:
 # epilogue turns the incoming gradients into z's, (grad_out + grad_sums) * act_gain * act'(z), and
 # sums it per channel (the bias gradient): one launch where aten needed a conv and about ten fp32
 # passes (kernels/fused_conv.py, "backward"); cuDNN/cuBLAS do the data and weight gradients.
+#
+# With want_z (ops.fused_conv's keep_z, asked for in training only) the forward's epilogue also stores
+# z, rounded to the output's dtype as timm's conv output is (the fp32 contract: the same bits), the
+# autograd saves it, and the backward reads it in one elementwise launch instead of that GEMM: one
+# activation more held, one convolution less run. Worth it where the conv is costly per element of z
+# (nn._FusedConv.keep_z's rule: a fan-in of 1024 or more).
 
 ACTIVATIONS = (None, "silu", "relu", "gelu")  # ops.ACTIVATIONS (the op takes the index)
 
@@ -384,9 +391,19 @@ def conv_out_size(size: int, before: int, after: int, k: int, stride: int) -> in
     return (size + before + after - k) // stride + 1
 
 
+def empty_z(x: Tensor, weight: Tensor, stride: int, padding, pool: bool) -> Tensor:
+    """An empty channels_last tensor of fused_conv's output shape in ``x``'s dtype: where its pre-activation z goes."""
+    n, _, h, w = x.shape
+    if pool:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    ho = conv_out_size(h, padding[0], padding[1], weight.shape[2], stride)
+    wo = conv_out_size(w, padding[2], padding[3], weight.shape[3], stride)
+    return torch.empty((n, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+
+
 def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x=None,
                      pre_beta=1.0, gain=None, std_scale=1.0, std_eps=0.0, pre_act=False, want_out=True,
-                     compute_dtype=None):
+                     compute_dtype=None, want_z=False):
     _check_float(x, "x")
     torch._check(x.dim() == 4 and weight.dim() == 4, lambda: "x and weight must be 4-D")
     if compute_dtype is not None:  # (x is cast to it first: the rest is checked against the cast x)
@@ -409,37 +426,34 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
     if bias is not None:
         torch._check(bias.numel() == weight.shape[0], lambda: "bias must have one value per output channel")
         _check_same(bias, "bias", x, "x", dtype=False)
-    n, _, h, w = x.shape
-    if pool:
-        h, w = (h + 1) // 2, (w + 1) // 2
-    ho = conv_out_size(h, padding[0], padding[1], weight.shape[2], stride)
-    wo = conv_out_size(w, padding[2], padding[3], weight.shape[3], stride)
-    out = (torch.empty((n, weight.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
-           if want_out else x.new_empty((0,)))
-    sums = x.new_empty((n, weight.shape[0]) if want_sums else (0,), dtype=torch.float32)
+    out = empty_z(x, weight, stride, padding, pool) if want_out else x.new_empty((0,))
+    sums = x.new_empty((x.shape[0], weight.shape[0]) if want_sums else (0,), dtype=torch.float32)
     std_weight = (x.new_empty((weight.shape[2], weight.shape[3], weight.shape[1], weight.shape[0]))
                   if gain is not None else x.new_empty((0,)))
-    return out, sums, std_weight
+    z = empty_z(x, weight, stride, padding, pool) if want_z and act else x.new_empty((0,))
+    return out, sums, std_weight, z
 
 
 def _fused_conv_setup(ctx, inputs, output):
     (x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain, ctx.pool, want_sums, pre_x,
-     ctx.pre_beta, gain, ctx.std_scale, ctx.std_eps, *flags) = inputs  # (pre_act, want_out, compute_dtype)
+     ctx.pre_beta, gain, ctx.std_scale, ctx.std_eps, *flags) = inputs  # (pre_act, want_out, compute_dtype, want_z)
     pre_act, want_out, ctx.compute_dtype = (flags + [False, True, None][len(flags):])[:3]
-    # the standardised weight (the backward's, not the caller's) and the (0,) placeholders of the results not
-    # asked for (one call: a ctx keeps the last call's tensors only)
-    ctx.mark_non_differentiable(output[2], *([] if want_sums else [output[1]]), *([] if want_out else [output[0]]))
+    # the standardised weight (the backward's, not the caller's), the kept z, and the (0,) placeholders of the
+    # results not asked for (one call: a ctx keeps the last call's tensors only)
+    ctx.mark_non_differentiable(output[2], output[3], *([] if want_sums else [output[1]]),
+                                *([] if want_out else [output[0]]))
     ctx.set_materialize_grads(False)
     ctx.has_bias = bias is not None
     ctx.pre_x = pre_x is not None  # (x's gradient then goes to pre_x, argument 10)
     ctx.pre = ctx.pre_x or bool(pre_act)  # the saved tensor is a pre-activation
     ctx.x_dtype = x.dtype
-    ctx.save_for_backward(pre_x if ctx.pre_x else x, weight, bias, gain, output[2] if gain is not None else None)
+    ctx.save_for_backward(pre_x if ctx.pre_x else x, weight, bias, gain, output[2] if gain is not None else None,
+                          output[3] if output[3].dim() == 4 else None)
 
 
 def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padding, groups, act, act_gain, pool,
                               pre_beta, gain, std_scale, std_eps, need_x, need_weight, need_bias, need_gain,
-                              compute_dtype=None, std_weight=None):
+                              compute_dtype=None, std_weight=None, z=None):
     if std_weight is not None:  # the forward's third output, which the backward reads as its GEMM operand
         wshape = (weight.shape[2], weight.shape[3], weight.shape[1], weight.shape[0])
         torch._check(gain is not None and std_weight.shape == wshape,
@@ -447,6 +461,10 @@ def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padd
                              "conv with gain")
         torch._check(std_weight.dtype == (x.dtype if compute_dtype is None else compute_dtype),
                      lambda: f"std_weight dtype {std_weight.dtype} must be the conv's compute dtype")
+    if z is not None:  # the forward's fourth output: the pre-activation, the output's shape
+        torch._check(act != 0 and z.dim() == 4 and z.shape[:2] == (x.shape[0], weight.shape[0])
+                     and z.dtype == (x.dtype if compute_dtype is None else compute_dtype),
+                     lambda: f"z {tuple(z.shape)} {z.dtype} must be the pre-activation the forward kept")
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device,
                          memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -468,8 +486,8 @@ def _fused_conv_backward(backward_op):
     """The autograd formula: one call of the backend's backward op, which recomputes what the
     forward did not keep (the pre-activation x from pre_x), takes the standardised weight the
     forward returned, and returns every gradient, so a conv's backward pays one op's host overhead."""
-    def backward(ctx, grad_out, grad_sums, _grad_std_weight):
-        x, weight, bias, gain, std_weight = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_sums, _grad_std_weight, _grad_z):
+        x, weight, bias, gain, std_weight, z = ctx.saved_tensors
         # (under AOT dispatch needs_input_grad covers only the arguments the caller passed)
         needs = ctx.needs_input_grad
         need_x = needs[10] if ctx.pre_x else needs[0]  # with pre_x, x's gradient goes to pre_x
@@ -480,15 +498,15 @@ def _fused_conv_backward(backward_op):
         if grad_out is not None and grad_out.dim() != 4:  # the (0,) placeholder of an op without an output
             grad_out = None
         if (grad_out is None and grad_sums is None) or not (need_x or need_w or need_b or need_gain):
-            return (None,) * 18
+            return (None,) * 19
         grad_x, grad_w, grad_b, grad_gain = backward_op(
             grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain,
             ctx.pool, ctx.pre_beta if ctx.pre else None, gain, ctx.std_scale, ctx.std_eps, need_x, need_w, need_b,
-            need_gain, ctx.compute_dtype, std_weight)
+            need_gain, ctx.compute_dtype, std_weight, z)
         grad_x, grad_w = (grad_x if need_x else None), (grad_w if need_w else None)
         grad_b, grad_gain = (grad_b if need_b else None), (grad_gain if need_gain else None)
         return ((None if ctx.pre_x else grad_x, grad_w, grad_b) + (None,) * 7
-                + (grad_x if ctx.pre_x else None, None, grad_gain, None, None, None, None, None))
+                + (grad_x if ctx.pre_x else None, None, grad_gain, None, None, None, None, None, None))
     return backward
 
 
@@ -529,7 +547,7 @@ def fused_conv_std_weight(out: Tensor) -> Optional[Tensor]:
         saved = _replay.node_saved(out, "fused_conv")
         if saved is None:
             return None
-    _, weight, _, gain, std = saved  # (_fused_conv_setup's save order)
+    _, weight, _, gain, std, _ = saved  # (_fused_conv_setup's save order)
     if gain is None or std is None or std.shape != (*weight.shape[2:], weight.shape[1], weight.shape[0]):
         return None
     return std
@@ -602,7 +620,7 @@ def fused_conv_function(prefix: str, float64=None):
     def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding, groups: int,
                    act: Optional[str], act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                    pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
-                   std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True):
+                   std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True, keep_z: bool = False):
         if float64 is not None and x.dtype == torch.float64:
             return float64.fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums,
                                       gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act,
@@ -619,8 +637,12 @@ def fused_conv_function(prefix: str, float64=None):
                 compute_dtype = dtype  # the caller's data: the op casts it, so its autograd keeps x (no copy)
             else:
                 x = x.to(dtype)
-        out, sums, _ = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
-                          want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out, compute_dtype)
+        # z only where autograd will keep it: a conv with an activation, tracked
+        want_z = bool(keep_z and act is not None and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, gain, pre_x)))
+        out, sums, _, _ = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
+                             want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out, compute_dtype,
+                             want_z)
         if not want_out:
             return sums
         return (out, sums) if want_sums else out

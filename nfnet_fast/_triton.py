@@ -190,7 +190,7 @@ def _operand_ahead(weight: Tensor, gain: Tensor, scale: float, eps: float, dtype
 def _fused_conv_operand_ahead(args: tuple) -> tuple:
     """The ahead operand fused_conv_op's body takes for these arguments (or None): a tensor it reads besides
     its arguments, so a replay (nfnet_fast._replay) names it as an input and keys on it."""
-    if len(args) != 18:  # (a call that left defaults: its ahead operand, if any, is unnamed and refuses the record)
+    if len(args) != 19:  # (a call that left defaults: its ahead operand, if any, is unnamed and refuses the record)
         return (None,)
     x, weight, gain, std_scale, std_eps, compute_dtype = args[0], args[1], args[12], args[13], args[14], args[17]
     if gain is None or getattr(_AHEAD, "operands", None) is None or weight.dim() != 4:
@@ -206,7 +206,7 @@ def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
                   act: int, act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                   pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
                   std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True,
-                  compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                  compute_dtype: Optional[torch.dtype] = None, want_z: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     # (pre_x: for the autograd only, which saves pre_x instead of x; see _library)
     if compute_dtype is not None:
         x = x.to(compute_dtype)
@@ -218,15 +218,18 @@ def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
         if not ready:
             cout, cg, kh, kw = weight.shape
             std_weight = torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype)
+    # with want_z (and an activation) the pre-activation too, which the autograd keeps for the backward
+    z = _library.empty_z(x, weight, stride, padding, pool) if want_z and act else None
     res = _conv.fused_conv(x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, want_sums=want_sums,
                            gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, pre_beta=pre_beta,
-                           want_out=want_out, std_out=std_weight, std_ready=ready)
+                           want_out=want_out, std_out=std_weight, std_ready=ready, z_out=z)
     std_weight = x.new_empty((0,)) if std_weight is None else std_weight
+    z = x.new_empty((0,)) if z is None else z
     if not want_out:  # the sums alone, and a (0,) placeholder for the output never written
-        return x.new_empty((0,)), res, std_weight
+        return x.new_empty((0,)), res, std_weight, z
     out, sums = res if want_sums else (res, None)
-    return out, x.new_empty((0,), dtype=torch.float32) if sums is None else sums, std_weight
+    return out, x.new_empty((0,), dtype=torch.float32) if sums is None else sums, std_weight, z
 
 
 @_library.custom_op("nfnet_fast::_triton_fused_conv_backward")
@@ -235,14 +238,15 @@ def _fused_conv_backward_op(grad_out: Optional[Tensor], grad_sums: Optional[Tens
                             act_gain: float, pool: bool, pre_beta: Optional[float], gain: Optional[Tensor],
                             std_scale: float, std_eps: float, need_x: bool, need_weight: bool, need_bias: bool,
                             need_gain: bool, compute_dtype: Optional[torch.dtype] = None,
-                            std_weight: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                            std_weight: Optional[Tensor] = None, z: Optional[Tensor] = None
+                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     x_dtype = x.dtype
     if compute_dtype is not None:  # (the forward's cast, again: the autograd kept the caller's x)
         x = x.to(compute_dtype)
     grads = _conv.backward(grad_out, grad_sums, x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, pre_beta=pre_beta, gain=gain,
                            std_scale=std_scale, std_eps=std_eps, needs=(need_x, need_weight, need_bias, need_gain),
-                           std_weight=std_weight)
+                           std_weight=std_weight, z=z)
     grad_x, grad_weight, grad_bias, grad_gain = grads
     if grad_x is not None and grad_x.dtype != x_dtype:
         grad_x = grad_x.to(x_dtype)  # (a cast's backward)

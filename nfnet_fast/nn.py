@@ -59,10 +59,12 @@ def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next
 
 def _fused_conv(x, weight, bias, stride: int, padding, groups: int, act: Optional[str], act_gain: float, pool: bool,
                 backend: str, want_sums: bool = False, pre_x=None, pre_beta: float = 1.0, gain=None,
-                std_scale: float = 1.0, std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True):
+                std_scale: float = 1.0, std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True,
+                keep_z: bool = False):
     return ops.fused_conv(x, weight, bias, stride=stride, padding=padding, groups=groups, act=act, act_gain=act_gain,
                           pool=pool, want_sums=want_sums, pre_x=pre_x, pre_beta=pre_beta, gain=gain,
-                          std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, want_out=want_out, backend=backend)
+                          std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, want_out=want_out, keep_z=keep_z,
+                          backend=backend)
 
 
 for _name in ("_std_weight", "_silu_scale", "_eca", "_eca_residual", "_fused_conv"):
@@ -197,9 +199,28 @@ class _StdWeightCache(_FastModule):
         return self._cached_weight(key)
 
 
+# A training conv with an activation keeps its pre-activation z for the backward (ops.fused_conv's keep_z)
+# where its fan-in, the multiply-adds per element of z that recomputing z costs, is at least this: then one
+# element held saves >= 1024 MACs of the backward's GEMM (eca_nfnet_l0: the 1536-wide 1x1 convs of stages 3-4
+# and the final conv, 0.92 of the 2.83 G MACs an image at 224 px that the backward would recompute, for
+# 1.2 MiB a sample; the grouped 3x3s, 576, and the narrower 1x1s stay recomputed: docs/design.md section 5).
+KEEP_Z_FAN_IN = 1024
+
+
 class _FusedConv(_StdWeightCache):
     """A standardised conv that runs as ``ops.fused_conv``: its bias in the epilogue, and, when the
-    caller fuses them (:meth:`fused`), the activation after it or the 2x2 pool before it."""
+    caller fuses them (:meth:`fused`), the activation after it or the 2x2 pool before it.
+
+    ``keep_z``: in training, whether a fused activation's pre-activation is kept for the backward
+    instead of recomputed there (``ops.fused_conv``'s ``keep_z``); None (the default) decides by the
+    fan-in (``KEEP_Z_FAN_IN``). A class attribute: set it on an instance to override."""
+
+    keep_z: Optional[bool] = None
+
+    def _keeps_z(self) -> bool:
+        if self.keep_z is not None:
+            return bool(self.keep_z)
+        return self.weight.shape[1:].numel() >= KEEP_Z_FAN_IN
 
     def _padding4(self, x: torch.Tensor):
         """(top, bottom, left, right), or None where the fused op does not apply (string padding
@@ -237,7 +258,7 @@ class _FusedConv(_StdWeightCache):
         if key is None:  # training (or tracing): the op standardises the raw weight as it packs it
             args = (x, self.weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
                     self.backend, want_sums, pre_x, pre_beta, self.gain, self.scale, self.eps,
-                    pre_act is not None, want_out)
+                    pre_act is not None, want_out, act is not None and self._keeps_z())
         else:
             weight = self._cached_weight(key, _library.autocast_dtype(x.device.type))
             args = (x, weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,

@@ -329,7 +329,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                padding=0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
                want_sums: bool = False, pre_x: Optional[torch.Tensor] = None, pre_beta: float = 1.0,
                gain: Optional[torch.Tensor] = None, std_scale: float = 1.0, std_eps: float = 0.0,
-               pre_act: bool = False, want_out: bool = True, backend: str = "auto"):
+               pre_act: bool = False, want_out: bool = True, keep_z: bool = False, backend: str = "auto"):
     """A convolution with its neighbours fused: ``act(conv2d(pool(x), weight) + bias) * act_gain``.
 
     What an NF block does around each convolution, in one pass on the compiled backends: the 2x2
@@ -377,6 +377,14 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             and ``gain``.
         std_scale: the standardisation's scale, ``gamma * fan_in ** -0.5``.
         std_eps: added to the variance.
+        keep_z: a memory-for-time choice of the compiled backends' training (with ``act``, where
+            autograd records the call): the forward also stores the pre-activation
+            ``z = conv2d(pool(x), weight) + bias`` (one activation in ``x``'s dtype, held until the
+            backward), whose backward then reads it in one elementwise pass instead of recomputing
+            it by a second convolution. The same values (in fp32 the same bits; in 16 bits the
+            rounded z that timm's own SiLU backward reads). Worth it where the conv costs much per
+            output element: ``nfnet_fast.nn`` asks for it where the fan-in is 1024 or more. The
+            reference backend ignores it.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -430,7 +438,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             raise ValueError(f"pre_x shape {tuple(pre_x.shape)} must equal x shape {tuple(x.shape)}")
     return _implementation("fused_conv", backend, x, weight, bias, pre_x, gain)(
         x, weight, bias, stride, padding, groups, act, float(act_gain), bool(pool), bool(want_sums), pre_x,
-        float(pre_beta), gain, float(std_scale), float(std_eps), bool(pre_act), bool(want_out))
+        float(pre_beta), gain, float(std_scale), float(std_eps), bool(pre_act), bool(want_out), bool(keep_z))
 
 
 _NOTHING_AHEAD = contextlib.nullcontext()

@@ -177,9 +177,9 @@ cases.append((S._silu_scale_bwd_kernel, (4,), (x, x, x[4:], 4096, 0.25), silu))
 pool = dict(BLOCK_P=32, BLOCK_C=16)  # (S and per: do_not_specialize, so their range keys, not their value)
 for c, s, per in ((16, 1, 1), (17, 2, 16), (1, 17, 2 ** 31), (16, 5, -5), (16, 2 ** 31, 1)):
     cases.append((E._pool_nhwc_kernel, (4, 2, 3), (x, x[1:], c, 64, s, per), pool))
-tile = dict(POOL=False, SUMS=True, BWD=False, PRE_ACT=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=8,
-            NUM_STAGES=2, ALIGNED=True, FP32_K=32, num_warps=4)
-base = (x,) * 7 + (4096, 64, 64, 8, 8, 8, 64, 4, 1, 1.0)
+tile = dict(POOL=False, SUMS=True, BWD=False, PRE_ACT=False, HAS_Z=False, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32,
+            GROUP_M=8, NUM_STAGES=2, ALIGNED=True, FP32_K=32, num_warps=4)
+base = (x,) * 8 + (4096, 64, 64, 8, 8, 8, 64, 4, 1, 1.0)
 for flags in (dict(has_grad=0, has_gsums=0, has_out=1, pre_beta=0.5), dict(has_grad=1, has_gsums=0, has_out=1,
                                                                            pre_beta=0.5)):
     cases.append((F._conv1x1_kernel, (64,), base, dict(tile, **flags)))

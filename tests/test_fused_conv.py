@@ -832,10 +832,11 @@ def test_gpu_training_step_standardised_ahead_gives_the_same_bits(dtype, monkeyp
 def test_training_forward_saves_under_0_45x_of_timms_activations(backend):
     """What one training forward of eca_nfnet_l0 holds for its backward, per-sample tensors only
     (timm's standardised weights and their autocast copies, which nfnet_fast does not keep, left
-    out): at most 0.45x of timm's (0.41x measured; the training issue's memory target is 0.6x of
-    the step's peak). Of the per-sample tensors each fused conv saves its input only (its
-    pre-activation is recomputed; it also keeps the standardised weight it made, which is not
-    per-sample), the convs reading silu(x) * beta save x, eca_residual keeps no shortcut
+    out): at most 0.45x of timm's (0.44x measured, 0.41x before the 1536-wide convs kept their
+    pre-activations; the training issue's memory target is 0.6x of the step's peak). Of the per-sample
+    tensors each fused conv saves its input (and the standardised weight it made, which is not
+    per-sample), those of a fan-in of 1024 or more with an activation also their pre-activation z
+    (nn.KEEP_Z_FAN_IN: the others recompute it), the convs reading silu(x) * beta save x, eca_residual keeps no shortcut
     for an a_next gradient that never comes (the stage's first block's downsample output), and the
     ECA input y is recomputed from conv3's input (0.58x while it was kept)."""
     ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 12).train()
@@ -856,6 +857,35 @@ def test_training_forward_saves_under_0_45x_of_timms_activations(backend):
             model(x)
         held[name] = sum(saved.values())
     assert held["fast"] <= 0.45 * held["timm"], (held, held["fast"] / held["timm"])
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_wide_training_convs_keep_their_pre_activation(backend, monkeypatch):
+    """A training forward of eca_nfnet_l0 asks the fused op for the pre-activation z (want_z) of exactly the
+    convs with an activation and a fan-in of 1536 (nn.KEEP_Z_FAN_IN is 1024): conv1 of the stage-3 blocks
+    after the first (5) and of every stage-4 block (3; 1536 -> 384) and the final conv (1536 -> 2304); the
+    grouped 3x3s (576) and narrower 1x1s recompute theirs, conv3 and the downsamples have no activation. No
+    call asks without gradients to track (no_grad, inference); keep_z on a conv overrides the rule."""
+    ref = randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 5).train()
+    fast = nfnet_fast.convert(ref, backend=backend).train()
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+
+    def kept():
+        with _AtenCounter() as counter:
+            fast(x)
+        calls = [args for f, args in counter.calls if f.overloadpacket.__name__ == "triton_fused_conv"]
+        assert len(calls) == 57, len(calls)
+        return sorted(tuple(args[1].shape) for args in calls if len(args) > 18 and args[18])
+    assert kept() == [(384, 1536, 1, 1)] * 8 + [(2304, 1536, 1, 1)]
+    with torch.no_grad():
+        assert kept() == []
+    fast.eval()
+    with torch.inference_mode():
+        assert kept() == []
+    fast.train()
+    monkeypatch.setattr(fast.stages[2][3].conv1, "keep_z", False)  # (an instance's choice over the rule)
+    monkeypatch.setattr(fast.stages[0][0].conv2, "keep_z", True)
+    assert kept() == sorted([(384, 1536, 1, 1)] * 7 + [(2304, 1536, 1, 1), (64, 64, 3, 3)])
 
 
 def _tail_recompute_case(backend, seed):

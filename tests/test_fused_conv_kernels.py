@@ -333,18 +333,21 @@ L0_CONVS = [
     *c[:5], "-pool" if c[5] else "", "-sums" if c[6] else ""))
 def test_l0_launches_are_in_the_aot_matrix(conv):
     """Every launch eca_nfnet_l0 makes on a GPU is a configuration the AOT matrix compiles: the
-    forward's (the 1x1s without sums also with the SiLU prologue), and (convs without the pool) the
-    backward's recompute, which always sums."""
+    forward's (the 1x1s without sums also with the SiLU prologue; each also storing its pre-activation,
+    HAS_Z, in z_tile's tile), and (convs without the pool) the backward's recompute, which always sums."""
     cin, cout, k, stride, groups, pool, sums = conv
     x = torch.empty(1, cin, 8, 8)
     w = torch.empty(cout, cin // groups, k, k)
     cfg = fc.config_for(x, w, groups, stride, k // 2, pool, gpu_config=True)
     spec = fc.AOT[0] if k == 1 else fc.AOT[1]
     for pre_act in ((False, True) if k == 1 and not sums else (False,) if k == 1 else (None,)):
-        want = dict(cfg, SUMS=sums, BWD=False, **(dict(POOL=pool, PRE_ACT=pre_act) if k == 1 else dict(KH=k, KW=k)))
-        assert any(c == want for c in spec.configs), want
+        for has_z in (False, True):  # (with z_out: a training conv keeping its pre-activation)
+            want = dict(fc.z_tile(cfg) if has_z else cfg, SUMS=sums, BWD=False, HAS_Z=has_z,
+                        **(dict(POOL=pool, PRE_ACT=pre_act) if k == 1 else dict(KH=k, KW=k)))
+            assert any(c == want for c in spec.configs), want
     if not pool:
-        want = dict(fc.bwd_tile(want), SUMS=True, BWD=True, **(dict(PRE_ACT=False) if k == 1 else {}))
+        want = dict(fc.bwd_tile(cfg), SUMS=True, BWD=True, HAS_Z=False,
+                    **(dict(POOL=False, PRE_ACT=False) if k == 1 else dict(KH=k, KW=k)))
         assert any(c == want for c in spec.configs), want
 
 
@@ -412,10 +415,10 @@ def test_aot_compiles_without_spills_within_shared_memory(aot_rows):
 
 def test_aot_tensor_cores(aot_rows):
     """16-bit GEMMs run on wgmma (sm_90) / mma.sync (sm_80), pipelined with cp.async; fp32 runs IEEE
-    FMAs: no tensor-core instruction at all (so no TF32)."""
+    FMAs: no tensor-core instruction at all (so no TF32), nor does the kept z's elementwise gradient pass."""
     for r in aot_rows:
         what = f"{r['kernel']} [{r['config']}] {r['dtype']} sm_{r['arch']}"
-        if r["dtype"] == "fp32":
+        if r["dtype"] == "fp32" or r["kernel"] == "_z_grad_kernel":  # (fp32, or an elementwise pass)
             assert not (r["wgmma"] or r["mma_sync"]), what
         elif r["arch"] == 90:
             assert r["wgmma"] and r["cp_async"], what
@@ -497,11 +500,14 @@ def test_autotune_candidates_are_in_the_aot_matrix(args):
     assert len(set(names)) == len(names)
     spec = fc.AOT[0] if kind == "1x1" else fc.AOT[1]
     for name in names:
-        want = dict(fc.TILES[name], SUMS=True, BWD=False, **(dict(POOL=pool, PRE_ACT=False) if kind == "1x1"
-                                                             else dict(KH=3, KW=3)))
+        want = dict(fc.TILES[name], SUMS=True, BWD=False, HAS_Z=False,
+                    **(dict(POOL=pool, PRE_ACT=False) if kind == "1x1" else dict(KH=3, KW=3)))
         assert any(c == want for c in spec.configs), (name, want)
         if kind == "1x1":  # the SiLU prologue (compiled without the sums)
             assert any(c == dict(want, SUMS=False, PRE_ACT=True) for c in spec.configs), (name, want)
+        # a forward keeping its pre-activation (z_out) runs the tile's z_tile
+        with_z = dict(want, **fc.z_tile(fc.TILES[name]), HAS_Z=True)
+        assert any(c == with_z for c in spec.configs), (name, with_z)
         if not pool:  # the backward's recompute tunes among the same tiles, narrowed
             assert any(c == dict(fc.bwd_tile(want), BWD=True) for c in spec.configs), (name, want)
 
@@ -643,7 +649,7 @@ def test_autotune_never_on_cpu_by_default(monkeypatch, rng):
 # weight gradients from it, against autograd through the fp32 specification
 
 
-def _backward_check(x, w, b, what, grads=("out", "sums"), gpu_config=False, **kw):
+def _backward_check(x, w, b, what, grads=("out", "sums"), gpu_config=False, z=None, **kw):
     act, act_gain = kw.get("act"), kw.get("act_gain", 1.0)
     leaves = [x.detach().float().requires_grad_(), w.detach().to(x.dtype).float().requires_grad_(),
               b.detach().float().requires_grad_()]
@@ -661,7 +667,7 @@ def _backward_check(x, w, b, what, grads=("out", "sums"), gpu_config=False, **kw
                             [g.float() for g in (grad_out, grad_sums) if g is not None])
     conv = {k: kw[k] for k in ("stride", "padding", "groups", "pool") if k in kw}
     got = fc.backward(grad_out, grad_sums, x, w.to(x.dtype), b, act=act, act_gain=act_gain, gpu_config=gpu_config,
-                      **conv)
+                      z=z, **conv)
     assert got[3] is None  # (no gain)
     for g, leaf, name in zip(got, leaves, ("x", "weight", "bias")):
         assert g.shape == leaf.shape, (what, name)
@@ -692,6 +698,82 @@ def test_backward_gpu_config_on_cpu(name, rng):
     x, w, b = _case(rng, x_shape, w_shape, torch.float32)
     _backward_check(x, w, b, f"{name} {tile}", gpu_config=True, stride=stride, padding=padding, groups=groups,
                     act=act or "silu")
+
+
+# (a case of CASES or GPU_CASES, gpu_config): every activation, 1x1 and kxk, pooled, strided, grouped, and the
+# GPU tiles' rows across images
+KEEP_Z_CASES = [("1x1 silu sums", False), ("1x1 pool gelu sums", False), ("3x3 g2 s2 relu sums", False),
+                ("3x3 same pad s2", False), ("1x1 narrow, 143-pixel images", True), ("3x3 g2 width 64", True)]
+
+
+def _conv_case(name, rng, dtype):
+    x_shape, w_shape, stride, padding, groups, act, pool, *_ = CASES.get(name) or GPU_CASES[name]
+    x, w, b = _case(rng, x_shape, w_shape, dtype)
+    return x, w, b, dict(stride=stride, padding=padding, groups=groups, pool=pool)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name, gpu_config", KEEP_Z_CASES)
+def test_kept_pre_activation(name, gpu_config, dtype, rng):
+    """z_out: the forward's epilogue also stores z = conv + bias (rounded as the output is) and the output is
+    the same bits; a backward given that z (one _z_grad_kernel launch, no GEMM) matches autograd through
+    the specification and, in fp32, where the stored z is the GEMM's own z, is the recomputing backward's
+    bits (the bias gradient's too where both sum in the same row tiles: the CPU's); both gradients, either
+    alone."""
+    x, w, b, conv = _conv_case(name, rng, dtype)
+    act = ("silu", "relu", "gelu")[int(torch.randint(3, (), generator=rng))]
+    act_gain = float(torch.empty(()).uniform_(0.5, 2.0, generator=rng))
+    kw = dict(conv, act=act, act_gain=act_gain, gpu_config=gpu_config, want_sums=True)
+    if not gpu_config:
+        kw["config"] = fc.SMALL_TILE
+    expect = fc.fused_conv(x, w, b, **kw)
+    z = torch.full_like(expect[0], float("nan"))
+    got = fc.fused_conv(x, w, b, z_out=z, **kw)
+    assert torch.equal(got[0], expect[0]) and torch.equal(got[1], expect[1]), name
+    pre = _spec(x, w, b, **dict(conv, act=None))
+    assert_rel_close(z, pre, TOL[dtype], f"{name} z")
+    if conv["pool"]:  # (the backward convolves the pooled input it makes itself)
+        x, conv = F.avg_pool2d(x, 2, 2, ceil_mode=True, count_include_pad=False), dict(conv, pool=False)
+    for grads in (("out", "sums"), ("out",), ("sums",)):
+        what = f"{name} {act} {'+'.join(grads)}"
+        with counted_work(fc) as work:
+            _backward_check(x, w, b, what, grads, gpu_config=gpu_config, z=z, act=act, act_gain=act_gain, **conv)
+        assert work["launches"] == {"_z_grad_kernel": 1}, (what, work["launches"])
+    # the bits: z stored by the forward's own tile (the one the backward's GEMM would recompute it with)
+    z = torch.full_like(z, float("nan"))
+    fc.fused_conv(x, w, b, z_out=z, act=act, act_gain=act_gain, gpu_config=gpu_config, **conv)
+    gen = torch.Generator().manual_seed(3)
+    grad_out, grad_sums = torch.randn(z.shape, generator=gen).to(dtype), torch.randn(z.shape[:2], generator=gen)
+    kept = fc.backward(grad_out, grad_sums, x, w.to(dtype), b, act=act, act_gain=act_gain, gpu_config=gpu_config,
+                       z=z, **conv)
+    again = fc.backward(grad_out, grad_sums, x, w.to(dtype), b, act=act, act_gain=act_gain, gpu_config=gpu_config,
+                        **conv)
+    for k, a, what in zip(kept, again, ("x", "weight", "bias")):
+        if dtype == torch.float32 and (what != "bias" or not gpu_config):
+            assert torch.equal(k, a), f"{name} {what}"
+        elif dtype == torch.float32:  # (the same z's gradient summed in the pass's own row tiles: 64 rows, not 128)
+            assert_rel_close(k, a, 1e-6, f"{name} {what}")
+        else:  # (z rounded to fp16, as timm's own conv output is, against the GEMM's fp32 z)
+            assert_rel_close(k, a, TOL[dtype], f"{name} {what}")
+
+
+def test_kept_pre_activation_checks_and_vendor(rng):
+    """z_out of another shape, dtype or layout, or with a backward, is refused, as is a z for z_grad that is not
+    channels_last; the vendor candidate stores the same z (cuDNN's conv with its bias, before the activation)."""
+    x, w, b, conv = _conv_case("1x1 silu sums", rng, torch.float32)
+    out = fc.fused_conv(x, w, b, act="silu")
+    for bad in (out[:, 1:].contiguous(memory_format=torch.channels_last), out.half(), out.contiguous()):
+        with pytest.raises(ValueError, match="z_out must be"):
+            fc.fused_conv(x, w, b, act="silu", z_out=torch.empty_like(bad))
+    with pytest.raises(ValueError, match="z_out must be"):
+        fc.fused_conv(x, w, b, act="silu", backward=True, grad_out=out, z_out=torch.empty_like(out))
+    with pytest.raises(ValueError, match="z must be a channels_last"):
+        fc.z_grad(out.contiguous(), out, None, act="silu")
+    z = torch.empty_like(out)
+    y = fc._vendor_conv(x, w, b, 1, (0, 0, 0, 0), 1, 1, 1.5, False, False, True, z)
+    pre = F.conv2d(x, w, b)
+    assert torch.equal(z, pre.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(y, F.silu(pre) * 1.5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])

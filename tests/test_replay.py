@@ -551,13 +551,15 @@ def node_counts(native_replay, monkeypatch):
     return counts
 
 
-@pytest.mark.parametrize("channels_last", [True, False])
-def test_training_steps_run_as_nodes_with_native_backward_plans(node_counts, channels_last):
+@pytest.mark.parametrize("channels_last, keep_z", [(True, False), (False, False), (True, True)])
+def test_training_steps_run_as_nodes_with_native_backward_plans(node_counts, channels_last, keep_z, monkeypatch):
     """From the fifth step of a narrow NF model on, every op call of the training step is one C++ node and
     every node's backward replays its plan (no Python formula, no launch from Python but the model's own
-    standardised-ahead one); the loss and every gradient stay the bodies' bits."""
+    standardised-ahead one); the loss and every gradient stay the bodies' bits. With every conv keeping its
+    pre-activation (nn._FusedConv.keep_z), the nodes save it and their plans launch its gradient pass."""
     import threading
 
+    monkeypatch.setattr(nfnet_fast.nn._FusedConv, "keep_z", keep_z)
     model = _narrow_model("triton", channels_last)
     gen = torch.Generator().manual_seed(4)
     applied = []
@@ -596,9 +598,15 @@ def test_training_steps_run_as_nodes_with_native_backward_plans(node_counts, cha
             assert set(direct) == {"_std_fwd_many_kernel"}, direct
             assert not applied and node_counts["formula"] == 0, (len(applied), node_counts)
             assert node_counts["forward"] >= 3 * 6, node_counts  # (each block: its convs, ECA tail, SiLU)
+            kernels.RECORDERS[threading.get_ident()] = through_python  # (the bodies' launches, counted)
         _replay.ENABLED = False
-        expected = step(x, y)
+        try:
+            expected = step(x, y)
+        finally:
+            kernels.RECORDERS.pop(threading.get_ident(), None)
         _replay.ENABLED = True
+        if call == 5:  # (the stem's 3 and each block's 3 activated convs, and the final conv)
+            assert direct.count("_z_grad_kernel") == (3 + 3 * 5 + 1 if keep_z else 0), direct
         assert all(torch.equal(a, b) for a, b in zip(replayed, expected)), call
     assert not any(bad for _, bad in HOOKED)
 

@@ -796,12 +796,13 @@ def test_launch_cache_takes_tritons_binary_with_tritons_arguments(fake_gpu_launc
     assert '@triton.jit(do_not_specialize=["S", "per"])\ndef _pool_nhwc_kernel(' in inspect.getsource(eca_kernels)
     x = torch.empty(4096)
     xb = torch.empty(4096, dtype=torch.bfloat16)
-    base = [x] * 7 + [4096, 64, 64, 8, 8, 8, 64, 4, 1, 1.0, 0, 0, 1, 0.5]
-    tile = dict(POOL=False, SUMS=True, BWD=False, PRE_ACT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, GROUP_M=8,
-                NUM_STAGES=3, ALIGNED=True, FP32_K=32, num_warps=4)
-    variants = [({}, {}), ({0: x[1:]}, {}), ({3: xb}, {}), ({7: 1}, {}), ({7: 17}, {}), ({7: 2 ** 31}, {}),
-                ({15: True}, {}), ({15: 16}, {}), ({16: 2.0}, {}), ({17: 1}, {}), ({}, {"num_warps": 8}),
-                ({}, {"BLOCK_M": 128}), ({5: x[4:]}, {}), ({5: x[4:], 6: x[2:]}, {}), ({16: 1}, {})]
+    base = [x] * 8 + [4096, 64, 64, 8, 8, 8, 64, 4, 1, 1.0, 0, 0, 1, 0.5]
+    tile = dict(POOL=False, SUMS=True, BWD=False, PRE_ACT=False, HAS_Z=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32,
+                GROUP_M=8, NUM_STAGES=3, ALIGNED=True, FP32_K=32, num_warps=4)
+    variants = [({}, {}), ({0: x[1:]}, {}), ({3: xb}, {}), ({8: 1}, {}), ({8: 17}, {}), ({8: 2 ** 31}, {}),
+                ({16: True}, {}), ({16: 16}, {}), ({17: 2.0}, {}), ({18: 1}, {}), ({}, {"num_warps": 8}),
+                ({}, {"BLOCK_M": 128}), ({6: x[4:]}, {}), ({6: x[4:], 7: x[2:]}, {}), ({17: 1}, {}),
+                ({4: xb}, {"HAS_Z": True})]
     cases = []
     for pos, changed in variants:
         args = list(base)
@@ -811,7 +812,7 @@ def test_launch_cache_takes_tritons_binary_with_tritons_arguments(fake_gpu_launc
     # the runtime flags as keywords, as fused_conv passes them: True, 1 and 1.0 are keys apart
     flags = dict(has_grad=0, has_gsums=0, has_out=1, pre_beta=0.5)
     for changed in ({}, {"has_grad": 1}, {"has_grad": True}, {"pre_beta": 1.0}, {"pre_beta": 1}, {"has_out": 16}):
-        cases.append((conv, (64,), base[:17], dict(tile, **dict(flags, **changed))))
+        cases.append((conv, (64,), base[:18], dict(tile, **dict(flags, **changed))))
     for c, s, per in ((16, 1, 1), (17, 2, 16), (1, 17, 2 ** 31), (16, 5, -5), (32, 2 ** 31, 1), (16, 2 ** 31, 1),
                       (16, 2 ** 63, 1)):
         cases.append((pool, (4, 2, 3), [x, x[1:], c, 64, s, per], dict(BLOCK_P=32, BLOCK_C=16)))
