@@ -65,6 +65,8 @@ def _train_names():
     if CUDA:  # forward and backward replayed from CUDA graphs (benchmark.graph_for_training): the host's share
         names += [f"timm cudagraph {dtypes[-1]}"] + [f"nfnet_fast {b} cudagraph {dtypes[-1]}"
                                                      for b in B.backends_for(DEVICE) if b != "reference"]
+        if "triton" in B.backends_for(DEVICE):  # (the same kernels with every pre-activation recomputed, as
+            names += [f"nfnet_fast triton cudagraph recompute-z {dtypes[-1]}"]  # before nn.KEEP_Z_FAN_IN)
     if CUDA and "triton" in B.backends_for(DEVICE) and _replay._native_module() is not None:
         # eager, with the op bodies replayed from C++ and their launches native (NFNET_FAST_REPLAY=1 and
         # NFNET_FAST_NATIVE_LAUNCH=1; nfnet_fast._replay): the untimed warm-up steps record them
@@ -75,6 +77,8 @@ def _train_names():
 @pytest.mark.parametrize("batch, size", TRAIN_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("name", _train_names())
 def test_train_step(benchmark, run_timed, batch, size, name, monkeypatch):
+    if " recompute-z " in name:  # (no conv keeps its pre-activation z: the backward recomputes every one)
+        monkeypatch.setattr(nfnet_fast.nn._FusedConv, "keep_z", False)
     if " replay " in name:
         monkeypatch.setattr(kernels, "LAUNCH_CACHE", True)
         monkeypatch.setattr(kernels, "NATIVE_LAUNCH", True)
