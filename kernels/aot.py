@@ -28,7 +28,7 @@ import time
 from typing import Callable, Iterable, List, Optional, Sequence
 
 OPS = ("silu_scale", "scaled_std_weight", "eca_residual")  # compiled whole by tests/test_triton.py (~600 compiles)
-# fused_conv's matrix (~530 compiles of GEMM kernels, tens of minutes on 2 cores) is compiled whole by
+# fused_conv's matrix (~890 compiles of GEMM kernels, tens of minutes on 2 cores) is compiled whole by
 # bench/triton_resources.py and in a 3-way subset by tests/test_fused_conv_kernels.py
 ALL_OPS = OPS + ("fused_conv",)
 DTYPES = ("fp32", "fp16", "bf16")

@@ -530,7 +530,10 @@ def _epilogue(z, pid_m, rows, cols, cmask, out_ptrs, grad_ptrs, z_ptrs, out_mask
         y = g * act_gain * _act_grad(z, act)
     else:
         if HAS_Z:
-            tl.store(z_ptrs, z.to(z_ptrs.dtype.element_ty), mask=out_mask)
+            zs = z
+            if z_ptrs.dtype.element_ty == tl.float16:  # (finite: act'(inf) is 0 * inf; at 65504 it is the limit)
+                zs = tl.minimum(tl.maximum(z, -65504.0), 65504.0)
+            tl.store(z_ptrs, zs.to(z_ptrs.dtype.element_ty), mask=out_mask)
         y = _act(z, act) * act_gain
     if SUMS:
         # No mask needed: columns past Cout hold act(0 + 0) = 0 (BWD: a zero gradient), and rows
@@ -1059,6 +1062,9 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     conv = dict(stride=stride, padding=(pt, pb, pl, pr), groups=groups)
     grad_b = None
     if act is not None and z is not None:  # the kept z: its gradient in one elementwise pass (with its sums)
+        # (channels_last as the forward stored it, unless a saved-tensor hook gave it back in another layout:
+        # save_on_cpu(pin_memory=True) returns a contiguous copy)
+        z = z.contiguous(memory_format=torch.channels_last)
         grad_z, sums = z_grad(z, grad_out, grad_sums, act=act, act_gain=act_gain, gpu_config=gpu_config)
         if need_b:
             grad_b = sums

@@ -759,7 +759,9 @@ def test_kept_pre_activation(name, gpu_config, dtype, rng):
 
 def test_kept_pre_activation_checks_and_vendor(rng):
     """z_out of another shape, dtype or layout, or with a backward, is refused, as is a z for z_grad that is not
-    channels_last; the vendor candidate stores the same z (cuDNN's conv with its bias, before the activation)."""
+    channels_last; a backward given z in another layout (what a saved-tensor hook may return) lays it out itself;
+    an fp16 z past fp16's range is stored at its largest finite value (its gradient then the recompute's: 0, not
+    NaN); the vendor candidate stores the same z (cuDNN's conv with its bias, before the activation)."""
     x, w, b, conv = _conv_case("1x1 silu sums", rng, torch.float32)
     out = fc.fused_conv(x, w, b, act="silu")
     for bad in (out[:, 1:].contiguous(memory_format=torch.channels_last), out.half(), out.contiguous()):
@@ -769,6 +771,23 @@ def test_kept_pre_activation_checks_and_vendor(rng):
         fc.fused_conv(x, w, b, act="silu", backward=True, grad_out=out, z_out=torch.empty_like(out))
     with pytest.raises(ValueError, match="z must be a channels_last"):
         fc.z_grad(out.contiguous(), out, None, act="silu")
+    # a z that a saved-tensor hook handed back contiguous (save_on_cpu(pin_memory=True) does): the same gradients
+    z = torch.empty_like(out)
+    fc.fused_conv(x, w, b, act="silu", z_out=z)
+    grad = torch.randn(out.shape, generator=rng).contiguous(memory_format=torch.channels_last)
+    expect = fc.backward(grad, None, x, w, b, act="silu", z=z)
+    got = fc.backward(grad, None, x, w, b, act="silu", z=torch.empty(z.shape).copy_(z))
+    assert all(torch.equal(g, e) for g, e in zip(got[:3], expect[:3]))
+    # an fp16 pre-activation past fp16's range is kept at its largest finite value: act'(-inf) would be 0 * inf
+    xh, wh = x.half(), w.half()
+    far = torch.full_like(b, -7e4)
+    zh = torch.empty(out.shape, dtype=torch.float16).contiguous(memory_format=torch.channels_last)
+    fc.fused_conv(xh, wh, far, act="silu", z_out=zh)
+    assert zh.isfinite().all() and (zh == -65504).all()
+    kept = fc.backward(grad.half(), None, xh, wh, far, act="silu", z=zh)
+    again = fc.backward(grad.half(), None, xh, wh, far, act="silu")
+    for k, a in zip(kept[:3], again[:3]):
+        assert k.isfinite().all() and torch.equal(k, a)
     z = torch.empty_like(out)
     y = fc._vendor_conv(x, w, b, 1, (0, 0, 0, 0), 1, 1, 1.5, False, False, True, z)
     pre = F.conv2d(x, w, b)
