@@ -931,14 +931,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     hw = ho * wo
     cog = cout // groups
     if backward:
-        if grad_out is not None:
-            if grad_out.shape != out.shape:
-                raise ValueError(f"grad_out must have the output's shape {tuple(out.shape)}, got {tuple(grad_out.shape)}")
-            grad_out = grad_out.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        if grad_sums is not None:
-            if grad_sums.shape != (nb, cout):
-                raise ValueError(f"grad_sums must be ({nb}, {cout}), got {tuple(grad_sums.shape)}")
-            grad_sums = grad_sums.to(torch.float32).contiguous()
+        grad_out, grad_sums = _incoming_grads(grad_out, grad_sums, out.shape, x.dtype)
     # absent gradients: any tensor of the right types stands in (has_grad / has_gsums say 0)
     grad_t = grad_out if grad_out is not None else out
     gsums_t = grad_sums if grad_sums is not None else b
@@ -1118,6 +1111,20 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     return grad_x, grad_w, grad_b, grad_gain
 
 
+def _incoming_grads(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor], shape, dtype: torch.dtype):
+    """A backward launch's incoming gradients checked against the output's ``shape`` and laid out for the
+    kernels: ``grad_out`` channels_last in ``dtype``, ``grad_sums`` (N, Cout) fp32 contiguous (either may be None)."""
+    if grad_out is not None:
+        if grad_out.shape != shape:
+            raise ValueError(f"grad_out must have the output's shape {tuple(shape)}, got {tuple(grad_out.shape)}")
+        grad_out = grad_out.to(dtype).contiguous(memory_format=torch.channels_last)
+    if grad_sums is not None:
+        if grad_sums.shape != tuple(shape[:2]):
+            raise ValueError(f"grad_sums must be {tuple(shape[:2])}, got {tuple(grad_sums.shape)}")
+        grad_sums = grad_sums.to(torch.float32).contiguous()
+    return grad_out, grad_sums
+
+
 def z_grad(z: torch.Tensor, grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor], *, act: str,
            act_gain: float = 1.0, gpu_config: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(grad_z, grad_bias)`` for a kept pre-activation ``z`` (N, Cout, Ho, Wo) channels_last: ``grad_z =
@@ -1127,14 +1134,7 @@ def z_grad(z: torch.Tensor, grad_out: Optional[torch.Tensor], grad_sums: Optiona
     if z.dim() != 4 or not z.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(f"z must be a channels_last 4-d tensor, got {tuple(z.shape)} with strides {z.stride()}")
     nb, cout, ho, wo = z.shape
-    if grad_out is not None:
-        if grad_out.shape != z.shape:
-            raise ValueError(f"grad_out must have z's shape {tuple(z.shape)}, got {tuple(grad_out.shape)}")
-        grad_out = grad_out.to(z.dtype).contiguous(memory_format=torch.channels_last)
-    if grad_sums is not None:
-        if grad_sums.shape != (nb, cout):
-            raise ValueError(f"grad_sums must be ({nb}, {cout}), got {tuple(grad_sums.shape)}")
-        grad_sums = grad_sums.to(torch.float32).contiguous()
+    grad_out, grad_sums = _incoming_grads(grad_out, grad_sums, z.shape, z.dtype)
     m, hw = nb * ho * wo, ho * wo
     # Z_GRAD_TILE; on CPU tensors (the interpreter) a tile as large as the problem, as config()
     gpu = z.is_cuda or gpu_config
