@@ -910,8 +910,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
            if want_out else x.new_empty((1,)))
     if z_out is not None and (backward or z_out.shape != (nb, cout, ho, wo) or z_out.dtype != x.dtype
                               or not z_out.is_contiguous(memory_format=torch.channels_last)):
-        raise ValueError(f"z_out must be a channels_last {(nb, cout, ho, wo)} {x.dtype} tensor of a forward launch, got "
-                         f"{tuple(z_out.shape)} {z_out.dtype}{' with backward' if backward else ''}")
+        raise ValueError(f"z_out must be a channels_last {(nb, cout, ho, wo)} {x.dtype} tensor of a forward launch, "
+                         f"got {tuple(z_out.shape)} {z_out.dtype}{' with backward' if backward else ''}")
     if std_out is not None and gain is None:
         raise ValueError("std_out is where the weight is standardised to: it needs gain")
     if std_ready and std_out is None:
@@ -959,8 +959,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                            POOL=bool(pool), SUMS=bool(want_sums), BWD=bool(backward), PRE_ACT=bool(pre_act), **cfg)
                 else:
                     grid = (cdiv(m, cfg["BLOCK_M"]) * groups * cdiv(cog, cfg["BLOCK_N"]),)
-                    launch(_conv_kernel, grid, x, wt, b, out, z_t, part, grad_t, gsums_t, m, h, w, cin, wo, hw, cout, cg,
-                           cog, stride, pt, pl, slots, a, float(act_gain), **flags, KH=kh, KW=kw, SUMS=bool(want_sums),
+                    launch(_conv_kernel, grid, x, wt, b, out, z_t, part, grad_t, gsums_t, m, h, w, cin, wo, hw, cout,
+                           cg, cog, stride, pt, pl, slots, a, float(act_gain), **flags, KH=kh, KW=kw, SUMS=bool(want_sums),
                            BWD=bool(backward), **cfg)
         return part
 
@@ -1274,16 +1274,18 @@ AOT = [
     AotSpec(_conv1x1_kernel, dict(bias_ptr=_F32, part_ptr=_F32, gsums_ptr=_F32, **_FLOATS),
             [dict(POOL=False, SUMS=s, BWD=False, PRE_ACT=p, HAS_Z=z, **t) for t in GEMM_TILES for s, p in _PRE_SUMS
              for z in _HAS_Z]
-            + [dict(POOL=True, SUMS=s, BWD=False, PRE_ACT=p, HAS_Z=z, **t) for t in GEMM_POOL_TILES for s, p in _PRE_SUMS
-               for z in _HAS_Z]
+            + [dict(POOL=True, SUMS=s, BWD=False, PRE_ACT=p, HAS_Z=z, **t) for t in GEMM_POOL_TILES
+               for s, p in _PRE_SUMS for z in _HAS_Z]
             + [dict(POOL=False, SUMS=s, BWD=True, PRE_ACT=False, HAS_Z=False, **bwd_tile(t)) for t in GEMM_TILES
                for s in _SUMS],
-            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "z_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "K", "Cout")),
+            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "z_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "K",
+                     "Cout")),
     AotSpec(_conv_kernel, dict(bias_ptr=_F32, part_ptr=_F32, gsums_ptr=_F32, act_gain="fp32"),
-            [dict(KH=kh, KW=kw, SUMS=s, BWD=bwd, HAS_Z=z, **(bwd_tile(t) if bwd else z_tile(t) if z else t)) for t in CONV_TILES
-             for (kh, kw) in CONV_KERNEL_SIZES for s in _SUMS for bwd, z in ((False, False), (False, True), (True, False))],
-            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "z_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "Cin", "Cout",
-                     "Cg", "Cog")),
+            [dict(KH=kh, KW=kw, SUMS=s, BWD=bwd, HAS_Z=z, **(bwd_tile(t) if bwd else z_tile(t) if z else t))
+             for t in CONV_TILES for (kh, kw) in CONV_KERNEL_SIZES for s in _SUMS
+             for bwd, z in ((False, False), (False, True), (True, False))],
+            aligned=("x_ptr", "w_ptr", "bias_ptr", "out_ptr", "z_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "Cin",
+                     "Cout", "Cg", "Cog")),
     AotSpec(_z_grad_kernel, dict(part_ptr=_F32, gsums_ptr=_F32, act_gain="fp32"),
             [dict(Z_GRAD_TILE, ALIGNED=al) for al in (False, True)],
             aligned=("z_ptr", "out_ptr", "part_ptr", "grad_ptr", "gsums_ptr", "Cout")),

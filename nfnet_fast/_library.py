@@ -391,8 +391,9 @@ def conv_out_size(size: int, before: int, after: int, k: int, stride: int) -> in
     return (size + before + after - k) // stride + 1
 
 
-def empty_z(x: Tensor, weight: Tensor, stride: int, padding, pool: bool) -> Tensor:
-    """An empty channels_last tensor of fused_conv's output shape in ``x``'s dtype: where its pre-activation z goes."""
+def empty_out(x: Tensor, weight: Tensor, stride: int, padding, pool: bool) -> Tensor:
+    """An empty channels_last tensor of fused_conv's output shape in ``x``'s dtype: for the output, or its
+    pre-activation z."""
     n, _, h, w = x.shape
     if pool:
         h, w = (h + 1) // 2, (w + 1) // 2
@@ -426,11 +427,11 @@ def _fake_fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, po
     if bias is not None:
         torch._check(bias.numel() == weight.shape[0], lambda: "bias must have one value per output channel")
         _check_same(bias, "bias", x, "x", dtype=False)
-    out = empty_z(x, weight, stride, padding, pool) if want_out else x.new_empty((0,))
+    out = empty_out(x, weight, stride, padding, pool) if want_out else x.new_empty((0,))
     sums = x.new_empty((x.shape[0], weight.shape[0]) if want_sums else (0,), dtype=torch.float32)
     std_weight = (x.new_empty((weight.shape[2], weight.shape[3], weight.shape[1], weight.shape[0]))
                   if gain is not None else x.new_empty((0,)))
-    z = empty_z(x, weight, stride, padding, pool) if want_z and act else x.new_empty((0,))
+    z = empty_out(x, weight, stride, padding, pool) if want_z and act else x.new_empty((0,))
     return out, sums, std_weight, z
 
 

@@ -76,7 +76,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     also the fp32 (N, C) sums of the output over its pixels; with ``gain`` the weight standardised
     first (ScaledStdConv2d's own batch_norm, :func:`scaled_std_weight`). (``pre_x``: what ``x`` was
     made from, a memory shortcut of the compiled backends' autograd; the specification
-    differentiates x. ``keep_z``: their memory-for-time choice, which autograd here makes itself.) With ``pre_act``, ``x`` is an NF block's pre-activation: the conv's input
+    differentiates x. ``keep_z``: their memory-for-time choice, which autograd here makes itself.)
+    With ``pre_act``, ``x`` is an NF block's pre-activation: the conv's input
     is ``silu_scale(x, pre_beta)``, as the block computes it. With ``want_out=False`` only the sums
     are returned (the output is a temporary here)."""
     if pre_act:

@@ -206,7 +206,8 @@ def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
                   act: int, act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                   pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
                   std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True,
-                  compute_dtype: Optional[torch.dtype] = None, want_z: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  compute_dtype: Optional[torch.dtype] = None,
+                  want_z: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     # (pre_x: for the autograd only, which saves pre_x instead of x; see _library)
     if compute_dtype is not None:
         x = x.to(compute_dtype)
@@ -219,7 +220,7 @@ def fused_conv_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int
             cout, cg, kh, kw = weight.shape
             std_weight = torch.empty((kh, kw, cg, cout), device=x.device, dtype=x.dtype)
     # with want_z (and an activation) the pre-activation too, which the autograd keeps for the backward
-    z = _library.empty_z(x, weight, stride, padding, pool) if want_z and act else None
+    z = _library.empty_out(x, weight, stride, padding, pool) if want_z and act else None
     res = _conv.fused_conv(x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, want_sums=want_sums,
                            gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, pre_beta=pre_beta,
