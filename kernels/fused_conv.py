@@ -419,24 +419,28 @@ def _vendor_conv_backward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[
 
 
 def tuned_choice(x: torch.Tensor, weight_shape, stride: int = 1, padding: Padding = 0, groups: int = 1,
-                 pool: bool = False, want_sums: bool = False, pre_act: bool = False) -> Optional[str]:
+                 pool: bool = False, want_sums: bool = False, pre_act: bool = False,
+                 has_z: bool = False) -> Optional[str]:
     """What the tuning picked for this launch in this process or the cache file (a name of TILES,
-    or VENDOR), or None if it has not tuned it (reports say which path ran)."""
+    or VENDOR), or None if it has not tuned it (reports say which path ran). ``has_z``: a forward
+    launch that also stores its pre-activation (``z_out``)."""
     table = _TABLES.get(cache_path(x.device), {})
     return table.get(_tune_key(x, weight_shape, stride, normalize_padding(padding), groups, pool, want_sums,
-                               pre_act=pre_act))
+                               pre_act=pre_act, has_z=has_z))
 
 
 def _tune_key(x: torch.Tensor, weight_shape, stride: int, padding, groups: int, pool: bool, want_sums: bool,
-              backward: bool = False, pre_act: bool = False, vendor: bool = True) -> str:
+              backward: bool = False, pre_act: bool = False, vendor: bool = True, has_z: bool = False) -> str:
     """The tuning table's key of a launch. ``vendor=False`` on a 16-bit launch (tuned among the Triton
     tiles alone) has a key of its own: it must neither take nor overwrite the pick of a tuning that
-    timed cuDNN too."""
+    timed cuDNN too. So has a launch storing z (``has_z``): its epilogue's extra store takes registers
+    (the 128x128 bf16 1x1 tile went from 128 to 243 on sm_90), so its fastest tile may not be the plain
+    launch's, and each is timed as it runs."""
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight_shape
     return (f"{str(x.dtype).replace('torch.', '')} n{n} x{cin}x{h}x{w} w{cout}x{kh}x{kw} s{stride} "
             f"p{','.join(map(str, padding))} g{groups}{' pool' if pool else ''}{' sums' if want_sums else ''}"
-            f"{' backward' if backward else ''}{' pre_act' if pre_act else ''}"
+            f"{' backward' if backward else ''}{' pre_act' if pre_act else ''}{' z' if has_z else ''}"
             f"{' novendor' if not vendor and x.dtype != torch.float32 else ''}")
 
 
@@ -983,12 +987,12 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         # the choice below (tile lists, the tuning table's key and lookup) costs tens of us of host
         # time a call, so it is made once per launch signature and process
         memo = (x.device, x.dtype, x.shape, weight.shape, stride, (pt, pb, pl, pr), groups, bool(pool),
-                bool(want_sums), bool(backward), bool(pre_act), aligned, bool(autotune) and autotune_enabled(),
-                bool(vendor), bool(gpu_config))
+                bool(want_sums), bool(backward), bool(pre_act), z_out is not None, aligned,
+                bool(autotune) and autotune_enabled(), bool(vendor), bool(gpu_config))
         pick = _PICKS.get(memo)
         if pick is None:
             pick, final = _choose(x, weight, (pt, pb, pl, pr), stride, groups, pool, want_sums, backward, pre_act,
-                                  aligned, autotune and m, vendor, gpu_config, one_by_one, cg, cog,
+                                  z_out is not None, aligned, autotune and m, vendor, gpu_config, one_by_one, cg, cog,
                                   lambda cfg: run_tile(dict(cfg)), vendor_launch)
             if final:
                 _PICKS[memo] = pick
@@ -1192,7 +1196,7 @@ def _memory_format(t: torch.Tensor) -> torch.memory_format:
 _PICKS: Dict[tuple, Union[str, dict]] = {}  # launch signature -> tile (or VENDOR), see fused_conv
 
 
-def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, pre_act, aligned, autotune, vendor,
+def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, pre_act, has_z, aligned, autotune, vendor,
             gpu_config, one_by_one, cg, cog, run_tile, vendor_launch):
     """``(tile or VENDOR, final)`` for a launch: tuned (from the cache file, or timed now with
     ``run_tile(tile)`` / ``vendor_launch()``) where autotuning applies, else the heuristic's;
@@ -1201,7 +1205,8 @@ def _choose(x, weight, padding4, stride, groups, pool, want_sums, backward, pre_
     if autotune and (x.is_cuda or gpu_config):
         names = candidates("1x1" if one_by_one else "conv", cg, cog, pool, aligned) + [VENDOR] * bool(vendor)
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-        key = _tune_key(x, weight.shape, stride, padding4, groups, pool, want_sums, backward, pre_act, bool(vendor))
+        key = _tune_key(x, weight.shape, stride, padding4, groups, pool, want_sums, backward, pre_act, bool(vendor),
+                        has_z)
         pick = tuned(key, names, x.device,
                      lambda name: vendor_launch() if name == VENDOR else run_tile(tile(TILES[name])))
         return (pick if pick == VENDOR else tile(TILES[pick])), not capturing

@@ -906,6 +906,40 @@ def test_launch_choice_is_made_once_per_signature(tile_cache, monkeypatch, rng):
     monkeypatch.setenv(fc.AUTOTUNE_ENV, "0")
     _check(x, w, b, "autotune turned off", act="silu", gpu_config=True, autotune=True)
     assert len(chosen) == 4
+    monkeypatch.delenv(fc.AUTOTUNE_ENV)
+    z = torch.empty((2, 128, 5, 7)).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        fc.fused_conv(x, w, b, act="silu", gpu_config=True, autotune=True, z_out=z)
+    assert len(chosen) == 5  # (a launch storing z: one choice of its own)
+
+
+def test_launch_storing_z_tunes_on_its_own(tile_cache, monkeypatch, rng):
+    """A forward launch that also stores its pre-activation (z_out) runs a heavier epilogue, so it is timed
+    as it runs, under a key of its own: it neither takes the plain launch's pick nor overwrites it. Its
+    pick computes the plain launch's output bits and stores z."""
+    path, calls = tile_cache
+    xs, ws, groups = TUNE_CASES["1x1"]
+    x, w, b = _case(rng, xs, ws, torch.float32)
+    names = fc.candidates("1x1", ws[1], ws[0], False, True)
+    kw = dict(act="gelu", gpu_config=True, autotune=True, vendor=False)
+    monkeypatch.setattr(fc, "_bench", _fake_bench(calls, 0))  # plain: the heuristic's tile fastest
+    plain = fc.fused_conv(x, w, b, **kw)
+    assert len(calls) == len(names)
+    calls.clear()
+    timed_with_z = []
+    real_launch = fc.launch
+    monkeypatch.setattr(fc, "launch", lambda kernel, grid, *a, **k: timed_with_z.append(k["HAS_Z"])
+                        or real_launch(kernel, grid, *a, **k))
+    monkeypatch.setattr(fc, "_bench", _fake_bench(calls, len(names) - 1))  # with z: the last tile fastest
+    z = torch.full(plain.shape, float("nan")).contiguous(memory_format=torch.channels_last)
+    got = fc.fused_conv(x, w, b, z_out=z, **kw)
+    assert len(calls) == len(names) and all(timed_with_z), timed_with_z
+    assert torch.equal(got, plain)
+    assert_rel_close(z, _spec(x, w, b), TOL[torch.float32], "z")
+    assert fc.tuned_choice(x, ws) == names[0] and fc.tuned_choice(x, ws, has_z=True) == names[-1]
+    import json
+    (table,) = [json.loads(f.read_text()) for f in path.glob("fused_conv-*.json")]
+    assert sorted(table.values()) == sorted([names[0], names[-1]]), table
 
 
 @pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
