@@ -38,6 +38,7 @@ import sys
 
 import torch
 
+import nfnet_fast
 from nfnet_fast import benchmark as B
 from nfnet_fast._backends import triton_interpreted
 
@@ -144,6 +145,17 @@ def keep_y(model, stages) -> None:
             block.recompute_tail_input = False
 
 
+def keep_z(model, fan_in) -> None:
+    """Let the convs of ``model`` with a fused activation and a fan-in of at least ``fan_in`` keep their
+    pre-activation z for the backward, and the others recompute it (``_FusedConv.keep_z`` set on each, in place
+    of the rule of nn.KEEP_Z_FAN_IN; docs/triton-training-step.md section 14). None leaves the rule."""
+    if fan_in is None:
+        return
+    for m in model.modules():
+        if isinstance(m, nfnet_fast.nn._FusedConv):
+            m.keep_z = m.weight.shape[1:].numel() >= fan_in
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="eca_nfnet_l0")
@@ -159,10 +171,12 @@ def main(argv=None) -> int:
                     help="stages (0-based) whose blocks keep their ECA input y for the backward instead of "
                          "recomputing it (NormFreeBlock.recompute_tail_input = False; docs/triton-training-step.md "
                          "section 9)")
+    ap.add_argument("--keep-z-fan-in", type=int, default=None, metavar="FAN_IN",
+                    help="convs with an activation keep their pre-activation for the backward from this fan-in "
+                         f"(default nn.KEEP_Z_FAN_IN, {nfnet_fast.nn.KEEP_Z_FAN_IN}; 576 adds eca_nfnet_l0's grouped "
+                         "3x3s; docs/triton-training-step.md section 14)")
     args = ap.parse_args(argv)
     import timm
-
-    import nfnet_fast
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
@@ -172,7 +186,9 @@ def main(argv=None) -> int:
     ref = timm.create_model(args.model, num_classes=10).to(device).train()
     fast = nfnet_fast.convert(copy.deepcopy(ref), backend=args.backend, silu_prologue=args.silu_prologue).train()
     keep_y(fast, args.keep_y_stages)
+    keep_z(fast, args.keep_z_fan_in)
     kept = f", y kept in stages {args.keep_y_stages}" if args.keep_y_stages else ""
+    kept += f", z kept from fan-in {args.keep_z_fan_in}" if args.keep_z_fan_in is not None else ""
     print(f"{args.model}, {args.dtype}, training step (SGD momentum + AGC), {device.type}, size {size}, "
           f"nfnet_fast backend {args.backend}{' with the SiLU prologue' if args.silu_prologue else ''}{kept}")
     mib = 2**-20

@@ -5,12 +5,14 @@ input), peak_mem_mb (CUDA), batch and size, and for eager training steps saved_m
 forward saves for the backward (on any device: the activation memory a step holds at its peak
 besides parameters, gradients and optimizer state); bench/report.py turns the JSON into ratios."""
 import copy
+import math
 
 import pytest
 import torch
 
 import nfnet_fast
 from conftest import COMPILE, CUDA, DEVICE, INFER_CASES, MAX_AUTOTUNE, MODEL, TRAIN_CASES, cached
+import peak_memory
 from nfnet_fast import _replay, kernels
 from nfnet_fast import benchmark as B
 
@@ -56,6 +58,19 @@ def test_inference(benchmark, run_timed, batch, size, name):
                                 peak_mem_mb=torch.cuda.max_memory_allocated() / 2**20 if CUDA else None)
 
 
+# What a training step keeps for its backward, other than the default: each policy runs as the default's
+# graphed row (the same kernels; only what is kept and what recomputed differs), so that one GPU report
+# measures each one's time and peak beside the default's (docs/triton-training-step.md sections 9 and 14)
+POLICIES = {
+    # no conv keeps its pre-activation z: the backward recomputes every one (as before nn.KEEP_Z_FAN_IN)
+    "recompute-z": lambda model: peak_memory.keep_z(model, math.inf),
+    # eca_nfnet_l0's grouped 3x3s (fan-in 576) keep z too: 1.05 G MACs an image less, 3.47 MiB a sample more
+    "keep-z-576": lambda model: peak_memory.keep_z(model, 576),
+    # the blocks of stages 3-4 (0-based 2-3) keep their ECA input y: 0.78 G MACs less, 3.88 MiB a sample more
+    "keep-y-stages-2-3": lambda model: peak_memory.keep_y(model, [2, 3]),
+}
+
+
 def _train_names():
     dtypes = ["fp32", "bf16"] if CUDA else ["fp32"]
     names = [f"timm eager {d}" for d in dtypes]
@@ -65,8 +80,8 @@ def _train_names():
     if CUDA:  # forward and backward replayed from CUDA graphs (benchmark.graph_for_training): the host's share
         names += [f"timm cudagraph {dtypes[-1]}"] + [f"nfnet_fast {b} cudagraph {dtypes[-1]}"
                                                      for b in B.backends_for(DEVICE) if b != "reference"]
-        if "triton" in B.backends_for(DEVICE):  # (the same kernels with every pre-activation recomputed, as
-            names += [f"nfnet_fast triton cudagraph recompute-z {dtypes[-1]}"]  # before nn.KEEP_Z_FAN_IN)
+        if "triton" in B.backends_for(DEVICE):
+            names += [f"nfnet_fast triton cudagraph {policy} {dtypes[-1]}" for policy in POLICIES]
     if CUDA and "triton" in B.backends_for(DEVICE) and _replay._native_module() is not None:
         # eager, with the op bodies replayed from C++ and their launches native (NFNET_FAST_REPLAY=1 and
         # NFNET_FAST_NATIVE_LAUNCH=1; nfnet_fast._replay): the untimed warm-up steps record them
@@ -77,8 +92,6 @@ def _train_names():
 @pytest.mark.parametrize("batch, size", TRAIN_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("name", _train_names())
 def test_train_step(benchmark, run_timed, batch, size, name, monkeypatch):
-    if " recompute-z " in name:  # (no conv keeps its pre-activation z: the backward recomputes every one)
-        monkeypatch.setattr(nfnet_fast.nn._FusedConv, "keep_z", False)
     if " replay " in name:
         monkeypatch.setattr(kernels, "LAUNCH_CACHE", True)
         monkeypatch.setattr(kernels, "NATIVE_LAUNCH", True)
@@ -88,6 +101,8 @@ def test_train_step(benchmark, run_timed, batch, size, name, monkeypatch):
     dtype = name.split()[-1]
     if name.startswith("nfnet_fast"):
         nfnet_fast.convert(model, backend=name.split()[1])
+        for policy in set(name.split()) & set(POLICIES):
+            POLICIES[policy](model)
     fwd = torch.compile(model) if " compile " in name else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     g = torch.Generator(device=DEVICE).manual_seed(0)

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from timm.models import nfnet
 
 import nfnet_fast
@@ -68,3 +69,35 @@ def test_keep_y_stages_keeps_each_blocks_y(capsys):
     peak_memory.main(["--model", "test_nfnet", "--batches", "1", "2", "--size", "32", "--target-batch", "4",
                       "--target-size", "32", "--dtype", "bf16", "--keep-y-stages", "2", "3"])
     assert "y kept in stages [2, 3]" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(CUDA, reason="the CPU method (CUDA reads max_memory_allocated)")
+@pytest.mark.skipif(not triton_interpreted(), reason="z is kept on the compiled backends only")
+def test_keep_z_fan_in_keeps_each_convs_pre_activation(capsys, monkeypatch):
+    """--keep-z-fan-in: the convs with a fused activation and at least that fan-in keep their pre-activation z
+    for the backward (one tensor of the conv output's shape each, in the autocast dtype); the others, and
+    every conv at a fan-in above all of them, recompute it."""
+    model = nfnet_fast.convert(_small_nfnet(), backend="triton")
+    fan_ins = sorted({m.weight.shape[1:].numel() for m in model.modules() if isinstance(m, nfnet_fast.nn._FusedConv)})
+    threshold = fan_ins[len(fan_ins) // 2]  # (some convs above it, some below)
+    kept_shapes = []
+    fused = nfnet_fast.nn._FusedConv.fused
+
+    def spy(self, x, act=None, *args, pool=False, **kwargs):  # the z shape of each conv the rule picks
+        if act is not None and self.weight.shape[1:].numel() >= threshold:
+            xin = F.avg_pool2d(x, 2, 2, ceil_mode=True) if pool else x
+            kept_shapes.append(F.conv2d(xin, self.weight, None, self.stride, self.padding, 1, self.groups).shape)
+        return fused(self, x, act, *args, pool=pool, **kwargs)
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(nfnet_fast.nn._FusedConv, "fused", spy)
+        model(torch.randn(2, 3, 32, 32))
+    assert kept_shapes and len(kept_shapes) < sum(isinstance(m, nfnet_fast.nn._FusedConv) for m in model.modules())
+    saved = {}
+    for fan_in in (max(fan_ins) + 1, threshold):
+        model = nfnet_fast.convert(_small_nfnet(), backend="triton")
+        peak_memory.keep_z(model, fan_in)  # (what peak_memory.main does with --keep-z-fan-in)
+        saved[fan_in] = peak_memory.step_peak(model, 2, 32, "bf16", CPU)["saved"]
+    assert saved[threshold] - saved[max(fan_ins) + 1] == sum(s.numel() for s in kept_shapes) * 2, (saved, kept_shapes)
+    peak_memory.main(["--model", "test_nfnet", "--batches", "1", "2", "--size", "32", "--target-batch", "4",
+                      "--target-size", "32", "--dtype", "bf16", "--keep-z-fan-in", "576"])
+    assert "z kept from fan-in 576" in capsys.readouterr().out
