@@ -202,7 +202,7 @@ class _StdWeightCache(_FastModule):
 # A training conv with an activation keeps its pre-activation z for the backward (ops.fused_conv's keep_z)
 # where its fan-in, the multiply-adds per element of z that recomputing z costs, is at least this: then one
 # element held saves >= 1024 MACs of the backward's GEMM (eca_nfnet_l0: the 1536-wide 1x1 convs of stages 3-4
-# and the final conv, 0.92 of the 2.83 G MACs an image at 224 px that the backward would recompute, for
+# and the final conv, 0.92 of the 2.60 G MACs an image at 224 px that the backward would recompute, for
 # 1.2 MiB a sample; the grouped 3x3s, 576, and the narrower 1x1s stay recomputed: docs/design.md section 5).
 KEEP_Z_FAN_IN = 1024
 
