@@ -81,6 +81,33 @@ def model_tables(benches, kind: str) -> list:
     return out
 
 
+def policy_table(benches) -> list:
+    """The graphed training rows that change one saving policy (bench/test_bench_model.py's POLICIES:
+    what the step keeps for its backward) against the same backend's default graphed row: step time and
+    peak, and what each policy changes of them (docs/triton-training-step.md section 15)."""
+    rows = {}  # (batch, size, backend, policy, dtype) -> (median s, peak MiB)
+    for b in benches:
+        info = b["extra_info"]
+        words = info.get("contender", "").split()
+        if (info.get("kind") == "train" and "img_per_s" in info and len(words) >= 4 and words[0] == "nfnet_fast"
+                and words[2] == "cudagraph"):
+            rows[info["batch"], info["size"], words[1], " ".join(words[3:-1]), words[-1]] = (
+                b["stats"]["median"], info.get("peak_mem_mb"))
+    lines = []
+    for (batch, size, backend, policy, dtype), (median, peak) in sorted(rows.items()):
+        base = rows.get((batch, size, backend, "", dtype))
+        if not policy or base is None:
+            continue
+        peaks = "- | -" if peak is None or base[1] is None else f"{peak:.0f} | {peak - base[1]:+.0f}"
+        lines.append(f"| {backend} {dtype}, batch {batch} @ {size} | {policy} | {median * 1e3:.2f} | "
+                     f"{(median - base[0]) * 1e3:+.2f} | {peaks} |")
+    if not lines:
+        return []
+    return ["## saving policies (graphed training step, against the default's)", "",
+            "| step | policy | ms | vs default, ms | peak MiB | vs default, MiB |", "|---|---|---|---|---|---|",
+            *lines, ""]
+
+
 def agc_table(benches) -> list:
     """Adaptive gradient clipping over the model's parameters: each implementation's time, the aten
     ops it dispatches, and its difference from timm's result."""
@@ -239,6 +266,7 @@ def main(argv=None) -> int:
         md += ["## tests", "", "```", open(args.tests).read().strip(), "```", ""]
     md += ["## throughput", ""] + (model_tables(benches, "inference") + model_tables(benches, "train")
                                    or ["No benchmark finished: see the notes above.", ""])
+    md += policy_table(benches)
     md += ops_table(benches)
     md += conv_table(benches)
     md += prologue_table(benches)

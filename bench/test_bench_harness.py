@@ -64,3 +64,32 @@ def test_saved_storage_bytes_counts_without_keeping_the_graph():
     saved_storage_bytes(forward)
     gc.collect()
     assert [r() for r in outs] == [None, None]
+
+
+def test_policy_table_compares_each_policy_with_its_default():
+    """report.py's saving-policy table: each graphed training row with a policy against the same backend's,
+    dtype's and case's default graphed row (time and peak differences); rows without a default, eager rows
+    and other cases' rows stay out."""
+    import random
+
+    import report
+
+    rnd = random.Random(int.from_bytes(os.urandom(4), "little"))
+
+    def row(contender, median, peak, batch=128, size=224):
+        info = dict(kind="train", contender=contender, img_per_s=batch / median, batch=batch, size=size,
+                    dtype=contender.split()[-1], peak_mem_mb=peak)
+        return dict(stats=dict(median=median), extra_info=info)
+    base_s, base_mb = rnd.uniform(0.03, 0.05), rnd.uniform(3000, 5000)
+    policy_s, policy_mb = rnd.uniform(0.03, 0.05), rnd.uniform(3000, 5000)
+    benches = [row("nfnet_fast triton cudagraph bf16", base_s, base_mb),
+               row("nfnet_fast triton cudagraph keep-z-576 bf16", policy_s, policy_mb),
+               row("nfnet_fast triton bf16", 0.09, 9000),  # eager: not a policy row, not a default
+               row("timm cudagraph bf16", 0.04, 5000),
+               row("nfnet_fast cuda cudagraph recompute-z bf16", 0.04, 5000),  # no cuda default row
+               row("nfnet_fast triton cudagraph recompute-z bf16", 0.04, 4000, batch=64)]  # no default at batch 64
+    lines = report.policy_table(benches)
+    rows = [line for line in lines if line.startswith("| triton") or line.startswith("| cuda")]
+    assert rows == [f"| triton bf16, batch 128 @ 224 | keep-z-576 | {policy_s * 1e3:.2f} | "
+                    f"{(policy_s - base_s) * 1e3:+.2f} | {policy_mb:.0f} | {policy_mb - base_mb:+.0f} |"], lines
+    assert report.policy_table(benches[:1] + benches[2:4]) == []
