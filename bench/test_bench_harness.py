@@ -74,7 +74,8 @@ def test_policy_table_compares_each_policy_with_its_default():
 
     import report
 
-    rnd = random.Random(int.from_bytes(os.urandom(4), "little"))
+    seed = int.from_bytes(os.urandom(4), "little")
+    rnd = random.Random(seed)
 
     def row(contender, median, peak, batch=128, size=224):
         info = dict(kind="train", contender=contender, img_per_s=batch / median, batch=batch, size=size,
@@ -91,5 +92,5 @@ def test_policy_table_compares_each_policy_with_its_default():
     lines = report.policy_table(benches)
     rows = [line for line in lines if line.startswith("| triton") or line.startswith("| cuda")]
     assert rows == [f"| triton bf16, batch 128 @ 224 | keep-z-576 | {policy_s * 1e3:.2f} | "
-                    f"{(policy_s - base_s) * 1e3:+.2f} | {policy_mb:.0f} | {policy_mb - base_mb:+.0f} |"], lines
+                    f"{(policy_s - base_s) * 1e3:+.2f} | {policy_mb:.0f} | {policy_mb - base_mb:+.0f} |"], (seed, lines)
     assert report.policy_table(benches[:1] + benches[2:4]) == []

@@ -434,8 +434,8 @@ def _tune_key(x: torch.Tensor, weight_shape, stride: int, padding, groups: int, 
     """The tuning table's key of a launch. ``vendor=False`` on a 16-bit launch (tuned among the Triton
     tiles alone) has a key of its own: it must neither take nor overwrite the pick of a tuning that
     timed cuDNN too. So has a launch storing z (``has_z``): its epilogue's extra store takes registers
-    (the 128x128 bf16 1x1 tile went from 128 to 243 on sm_90), so its fastest tile may not be the plain
-    launch's, and each is timed as it runs."""
+    (the 128x128 bf16 1x1 tile with sums, the final conv's, went from 128 to 243 on sm_90; without sums
+    from 171 to 175), so its fastest tile may not be the plain launch's, and each is timed as it runs."""
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight_shape
     return (f"{str(x.dtype).replace('torch.', '')} n{n} x{cin}x{h}x{w} w{cout}x{kh}x{kw} s{stride} "
