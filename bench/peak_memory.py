@@ -153,7 +153,7 @@ def keep_z(model, fan_in) -> None:
         return
     for m in model.modules():
         if isinstance(m, nfnet_fast.nn._FusedConv):
-            m.keep_z = m.weight.shape[1:].numel() >= fan_in
+            m.keep_z = m.fan_in >= fan_in
 
 
 def main(argv=None) -> int:

@@ -78,13 +78,13 @@ def test_keep_z_fan_in_keeps_each_convs_pre_activation(capsys, monkeypatch):
     for the backward (one tensor of the conv output's shape each, in the autocast dtype); the others, and
     every conv at a fan-in above all of them, recompute it."""
     model = nfnet_fast.convert(_small_nfnet(), backend="triton")
-    fan_ins = sorted({m.weight.shape[1:].numel() for m in model.modules() if isinstance(m, nfnet_fast.nn._FusedConv)})
+    fan_ins = sorted({m.fan_in for m in model.modules() if isinstance(m, nfnet_fast.nn._FusedConv)})
     threshold = fan_ins[len(fan_ins) // 2]  # (some convs above it, some below)
     kept_shapes = []
     fused = nfnet_fast.nn._FusedConv.fused
 
     def spy(self, x, act=None, *args, pool=False, **kwargs):  # the z shape of each conv the rule picks
-        if act is not None and self.weight.shape[1:].numel() >= threshold:
+        if act is not None and self.fan_in >= threshold:
             xin = F.avg_pool2d(x, 2, 2, ceil_mode=True) if pool else x
             kept_shapes.append(F.conv2d(xin, self.weight, None, self.stride, self.padding, 1, self.groups).shape)
         return fused(self, x, act, *args, pool=pool, **kwargs)

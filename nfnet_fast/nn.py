@@ -217,10 +217,16 @@ class _FusedConv(_StdWeightCache):
 
     keep_z: Optional[bool] = None
 
+    @property
+    def fan_in(self) -> int:
+        """Multiply-adds per output element (``C_in / groups * kh * kw``): what recomputing one element of
+        the pre-activation costs the backward (``KEEP_Z_FAN_IN``)."""
+        return self.weight.shape[1:].numel()
+
     def _keeps_z(self) -> bool:
         if self.keep_z is not None:
             return bool(self.keep_z)
-        return self.weight.shape[1:].numel() >= KEEP_Z_FAN_IN
+        return self.fan_in >= KEEP_Z_FAN_IN
 
     def _padding4(self, x: torch.Tensor):
         """(top, bottom, left, right), or None where the fused op does not apply (string padding
