@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (see README); times measured on a fresh clone, 2 CPU cores:
 #   make bench   set up .venv, build nfnet_fast, run the parity-and-throughput report on this machine (~8 min)
-#   make test    set up .venv, build nfnet_fast, run the tests (~40 min: ~35 of them the tests)
+#   make test    set up .venv, build nfnet_fast, run the tests (~35 min: ~29 of them the tests, in 2 pytest-xdist
+#                workers; TEST_WORKERS=1 runs them in one process, ~38 min)
 # Of either, about 4 minutes is compiling the nfnet_fast._C extension (mostly nvcc, when it is found).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -8,8 +9,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.nfnet_fast-installed
 # torch 2.14.1 is the CUDA 13.0 build (found on local disk on the project's machines); triton comes with it.
 # onnx, onnxscript, onnxruntime: the export tests (both ONNX exporters, run in onnxruntime).
-DEPS   := "torch==2.14.1" "timm>=1.0" tqdm pytest pytest-benchmark ninja "setuptools>=64" wheel \
+# pytest-xdist: the tests in TEST_WORKERS processes (interpreted Triton kernels are single-threaded Python).
+DEPS   := "torch==2.14.1" "timm>=1.0" tqdm pytest pytest-benchmark pytest-xdist ninja "setuptools>=64" wheel \
           onnx onnxscript onnxruntime
+# one worker a core, at most 4 (each holds its own torch and models: ~2-3 GB at the suite's peak)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: setup test bench clean
 
@@ -27,7 +31,7 @@ $(STAMP): pyproject.toml setup.py Makefile $(wildcard csrc/*)
 	@touch $@
 
 test: setup
-	$(BIN)/python -m pytest tests -q -ra $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests -q -ra -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/nfnet-fast bench $(BENCH_ARGS)
