@@ -1,7 +1,7 @@
 # Two commands for a fresh machine (see README); times measured on a fresh clone, 2 CPU cores:
 #   make bench   set up .venv, build nfnet_fast, run the parity-and-throughput report on this machine (~8 min)
 #   make test    set up .venv, build nfnet_fast, run the tests (~35 min: ~29 of them the tests, in 2 pytest-xdist
-#                workers; TEST_WORKERS=1 runs them in one process, ~38 min)
+#                workers; TEST_WORKERS=1 runs them in one process, ~38 min of tests)
 # Of either, about 4 minutes is compiling the nfnet_fast._C extension (mostly nvcc, when it is found).
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,8 +12,11 @@ STAMP  := $(VENV)/.nfnet_fast-installed
 # pytest-xdist: the tests in TEST_WORKERS processes (interpreted Triton kernels are single-threaded Python).
 DEPS   := "torch==2.14.1" "timm>=1.0" tqdm pytest pytest-benchmark pytest-xdist ninja "setuptools>=64" wheel \
           onnx onnxscript onnxruntime
-# one worker a core, at most 4 (each holds its own torch and models: ~2-3 GB at the suite's peak)
-TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+# one worker a core, at most 4, and one per 6 GiB of memory: each holds its own torch and models (5.2 and
+# 4.2 GB resident 23 minutes into the suite's 29, the two workers of a 2-core CI run)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); m=$$(awk '/MemTotal/ {print int($$2 / 6291456)}' \
+                  /proc/meminfo 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; [ $$n -gt $$m ] && n=$$m; \
+                  [ $$n -lt 1 ] && n=1; echo $$n)
 
 .PHONY: setup test bench clean
 

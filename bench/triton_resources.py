@@ -4,7 +4,7 @@ Compiles each kernel of ``nfnet_fast.kernels`` with every constexpr set its laun
 fp32/fp16/bf16, for sm_90 and sm_80, with and without Triton's 16-divisibility specialisation (no
 GPU needed), and writes the table to ``bench/triton_resources.md``::
 
-    python bench/triton_resources.py [--out bench/triton_resources.md] [--jobs N]
+    python bench/triton_resources.py [--out bench/triton_resources.md] [--jobs N] [--arch 90 ...]
 """
 from __future__ import annotations
 
@@ -90,13 +90,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(HERE, "triton_resources.md"))
     ap.add_argument("--jobs", type=int, default=None)
     ap.add_argument("--op", nargs="+", default=None, help="these ops' kernels only (default: every op's)")
+    ap.add_argument("--arch", nargs="+", type=int, default=None,
+                    help="these SM versions only, e.g. 90 (default: kernels.aot.ARCHS, sm_90 and sm_80)")
     ap.add_argument("--allow-spills", action="store_true",
                     help="exit 1 on compile errors and shared memory over the limit, not on spills "
                          "(bench/gpu_stack_check.sh: another Triton's compile)")
     args = ap.parse_args(argv)
     from nfnet_fast.kernels import aot
 
-    rows = aot.compile_all(workers=args.jobs, ops=args.op or aot.ALL_OPS)
+    rows = aot.compile_all(archs=args.arch or aot.ARCHS, workers=args.jobs, ops=args.op or aot.ALL_OPS)
     with open(args.out, "w") as f:
         f.write(render(rows))
     bad = aot.problems(rows, spills=not args.allow_spills)
