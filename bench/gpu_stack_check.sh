@@ -12,21 +12,45 @@
 #      Python scalars"), so the triton backend stays out;
 #   3. the launch cache's tests (kernels.launch): its memo picks Triton 3.6's own binary and passes the
 #      launcher Triton 3.6's own arguments.
-# The environment is .venv-gpu-stack (~1 minute to install, 4.6 GB), reinstalled when the pins change.
+# The environment is .venv-gpu-stack, reinstalled when the pins change: ~1.6 GB and about a minute.
+# It shares .venv's CUDA runtime libraries (site-packages/nvidia, 3.2 GB, which torch only loads here)
+# through a symlink instead of installing torch 2.11's own: a CI machine once ran out of disk installing
+# them a second time. Same major versions (cu13, cuDNN 9, NCCL 2); torch 2.11 imports against them, and
+# `pip check` below fails on any other requirement left out. Needs .venv (make setup) first.
 #
 #   bash bench/gpu_stack_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V=${GPU_STACK_VENV:-.venv-gpu-stack}
+BASE=${VENV:-.venv}
 PINS='torch==2.11.0 triton==3.6.0 timm==1.0.29 torchvision==0.26.0'
-PY=python3  # the GPU machine's Python 3.12 where it runs here; another 3.x takes the same wheels
-python3.12 -c '' 2>/dev/null && PY=python3.12
-if [ "$(cat "$V/.installed" 2>/dev/null)" != "$PINS" ]; then
-  echo "==> installing the GPU machine's $PINS into $V (quiet)"
-  test -x "$V/bin/python" || "$PY" -m venv "$V"
-  # shellcheck disable=SC2086  # (the pins are words)
-  "$V/bin/python" -m pip install -q $PINS numpy tqdm pytest "setuptools>=64" wheel
-  echo "$PINS" >"$V/.installed"
+# what those four need besides the CUDA libraries (torch: the first six; timm: the next three;
+# torchvision: numpy, pillow), and what this script runs
+REQS='filelock typing-extensions>=4.10.0 sympy>=1.13.3 networkx>=2.5.1 jinja2 fsspec>=0.8.5
+      pyyaml huggingface_hub safetensors numpy pillow tqdm pytest setuptools>=64 wheel'
+purelib() { "$1/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
+test -x "$BASE/bin/python" || { echo "gpu_stack_check: no $BASE/bin/python: run make setup first" >&2; exit 1; }
+nvidia_libs="$(purelib "$BASE")/nvidia"
+test -d "$nvidia_libs" || { echo "gpu_stack_check: $nvidia_libs missing: $BASE's torch is not a CUDA build" >&2; exit 1; }
+marker="$PINS; CUDA libraries of $nvidia_libs"
+if [ "$(cat "$V/.installed" 2>/dev/null)" != "$marker" ] || ! test -d "$V/nvidia-libs"; then
+  echo "==> installing the GPU machine's $PINS into $V (quiet), with $BASE's CUDA libraries"
+  rm -rf "$V"
+  # .venv's Python (the GPU machine has 3.12; the same wheels exist for 3.11), so the shared libraries'
+  # Python modules match too
+  "$BASE/bin/python" -m venv "$V"
+  ln -s "$(cd "$nvidia_libs" && pwd)" "$V/nvidia-libs"  # (test -d above: the link still leads somewhere)
+  ln -s "$(cd "$V" && pwd)/nvidia-libs" "$(purelib "$V")/nvidia"
+  # (the requirements first: pip's conflict report after an install would name the CUDA packages)
+  # shellcheck disable=SC2086  # (the pins and requirements are words)
+  PIP_NO_CACHE_DIR=1 "$V/bin/python" -m pip install -q $REQS
+  # shellcheck disable=SC2086
+  PIP_NO_CACHE_DIR=1 "$V/bin/python" -m pip install -q --no-deps $PINS
+  # everything the four require is there, but the CUDA packages the symlink stands for
+  if "$V/bin/python" -m pip check | grep -vE '^(torch|torchvision) [^ ]+ requires (nvidia-|cuda-)' | grep .; then
+    echo "gpu_stack_check: $V lacks the requirements above (add them to REQS)" >&2; exit 1
+  fi
+  echo "$marker" >"$V/.installed"
 fi
 # nfnet_fast from this checkout (every run: the venv may have served another checkout), without its C++
 # extension, which the reference backend does not need (CI's NFNET_FAST_REQUIRE_CUDA would refuse that)
