@@ -14,9 +14,11 @@ import pytest  # noqa: E402
 
 # Under pytest-xdist (`-n N`) each worker takes its share of the cores for torch's intra-op threads, so
 # N workers do not each start one thread per core and fight over them (the interpreted Triton kernels
-# are mostly single-threaded Python; the workers are what runs them side by side).
+# are mostly single-threaded Python; the workers are what runs them side by side). The cores this process
+# may run on, as the Makefile's nproc counts them (a container's CPU affinity), not the machine's.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    usable_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, usable_cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 # docs/design.md section 3: fp32 against timm fp32, max|out - ref| <= 1e-4 * max|ref|.
 REL_TOL = 1e-4
