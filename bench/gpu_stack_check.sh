@@ -12,7 +12,7 @@
 #      Python scalars"), so the triton backend stays out;
 #   3. the launch cache's tests (kernels.launch): its memo picks Triton 3.6's own binary and passes the
 #      launcher Triton 3.6's own arguments.
-# The environment is .venv-gpu-stack, reinstalled when the pins change: ~1.6 GB and about a minute.
+# The environment is .venv-gpu-stack, reinstalled when the pins change: 2.1 GB and about a minute.
 # It shares .venv's CUDA runtime libraries (site-packages/nvidia, 3.2 GB, which torch only loads here)
 # through a symlink instead of installing torch 2.11's own: a CI machine once ran out of disk installing
 # them a second time. Same major versions (cu13, cuDNN 9, NCCL 2); torch 2.11 imports against them, and
@@ -33,19 +33,20 @@ test -x "$BASE/bin/python" || { echo "gpu_stack_check: no $BASE/bin/python: run 
 nvidia_libs="$(purelib "$BASE")/nvidia"
 test -d "$nvidia_libs" || { echo "gpu_stack_check: $nvidia_libs missing: $BASE's torch is not a CUDA build" >&2; exit 1; }
 marker="$PINS; CUDA libraries of $nvidia_libs"
-if [ "$(cat "$V/.installed" 2>/dev/null)" != "$marker" ] || ! test -d "$V/nvidia-libs"; then
+# (and when the link no longer leads to a folder: no venv gives "/nvidia", which is none)
+if [ "$(cat "$V/.installed" 2>/dev/null)" != "$marker" ] || ! test -d "$(purelib "$V" 2>/dev/null)/nvidia"; then
   echo "==> installing the GPU machine's $PINS into $V (quiet), with $BASE's CUDA libraries"
   rm -rf "$V"
   # .venv's Python (the GPU machine has 3.12; the same wheels exist for 3.11), so the shared libraries'
   # Python modules match too
   "$BASE/bin/python" -m venv "$V"
-  ln -s "$(cd "$nvidia_libs" && pwd)" "$V/nvidia-libs"  # (test -d above: the link still leads somewhere)
-  ln -s "$(cd "$V" && pwd)/nvidia-libs" "$(purelib "$V")/nvidia"
+  ln -s "$(cd "$nvidia_libs" && pwd)" "$(purelib "$V")/nvidia"
+  export PIP_NO_CACHE_DIR=1  # (its cache would hold a second copy of these GBs of wheels)
   # (the requirements first: pip's conflict report after an install would name the CUDA packages)
   # shellcheck disable=SC2086  # (the pins and requirements are words)
-  PIP_NO_CACHE_DIR=1 "$V/bin/python" -m pip install -q $REQS
+  "$V/bin/python" -m pip install -q $REQS
   # shellcheck disable=SC2086
-  PIP_NO_CACHE_DIR=1 "$V/bin/python" -m pip install -q --no-deps $PINS
+  "$V/bin/python" -m pip install -q --no-deps $PINS
   # everything the four require is there, but the CUDA packages the symlink stands for
   if "$V/bin/python" -m pip check | grep -vE '^(torch|torchvision) [^ ]+ requires (nvidia-|cuda-)' | grep .; then
     echo "gpu_stack_check: $V lacks the requirements above (add them to REQS)" >&2; exit 1
