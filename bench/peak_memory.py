@@ -156,6 +156,14 @@ def keep_z(model, fan_in) -> None:
             m.keep_z = m.fan_in >= fan_in
 
 
+def inputs_from_z(model) -> None:
+    """Let every block of ``model`` hold the z its conv1, conv2 or conv2b kept in place of the next conv's input
+    (NormFreeBlock.inputs_from_z; docs/triton-training-step.md section 16)."""
+    for m in model.modules():
+        if isinstance(m, nfnet_fast.nn.NormFreeBlock):
+            m.inputs_from_z = True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="eca_nfnet_l0")
@@ -175,6 +183,9 @@ def main(argv=None) -> int:
                     help="convs with an activation keep their pre-activation for the backward from this fan-in "
                          f"(default nn.KEEP_Z_FAN_IN, {nfnet_fast.nn.KEEP_Z_FAN_IN}; 576 adds eca_nfnet_l0's grouped "
                          "3x3s; docs/triton-training-step.md section 14)")
+    ap.add_argument("--inputs-from-z", action="store_true",
+                    help="the conv after one that keeps z holds z in place of its input (NormFreeBlock.inputs_from_z; "
+                         "docs/triton-training-step.md section 16)")
     args = ap.parse_args(argv)
     import timm
 
@@ -187,8 +198,11 @@ def main(argv=None) -> int:
     fast = nfnet_fast.convert(copy.deepcopy(ref), backend=args.backend, silu_prologue=args.silu_prologue).train()
     keep_y(fast, args.keep_y_stages)
     keep_z(fast, args.keep_z_fan_in)
+    if args.inputs_from_z:
+        inputs_from_z(fast)
     kept = f", y kept in stages {args.keep_y_stages}" if args.keep_y_stages else ""
     kept += f", z kept from fan-in {args.keep_z_fan_in}" if args.keep_z_fan_in is not None else ""
+    kept += ", inputs held as the z before them" if args.inputs_from_z else ""
     print(f"{args.model}, {args.dtype}, training step (SGD momentum + AGC), {device.type}, size {size}, "
           f"nfnet_fast backend {args.backend}{' with the SiLU prologue' if args.silu_prologue else ''}{kept}")
     mib = 2**-20

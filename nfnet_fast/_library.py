@@ -621,11 +621,12 @@ def fused_conv_function(prefix: str, float64=None):
     def fused_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, padding, groups: int,
                    act: Optional[str], act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                    pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
-                   std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True, keep_z: bool = False):
+                   std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True, keep_z: bool = False,
+                   return_z: bool = False):
         if float64 is not None and x.dtype == torch.float64:
             return float64.fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums,
                                       gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act,
-                                      pre_beta=pre_beta, want_out=want_out)
+                                      pre_beta=pre_beta, want_out=want_out, return_z=return_z)
         dtype, compute_dtype = autocast_dtype(x.device.type), None
         if dtype is not None:
             if x.dtype != dtype:  # (the cast x is no longer silu(pre_x) * pre_beta as computed: keep x)
@@ -641,11 +642,10 @@ def fused_conv_function(prefix: str, float64=None):
         # z only where autograd will keep it: a conv with an activation, tracked
         want_z = bool(keep_z and act is not None and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, gain, pre_x)))
-        out, sums, _, _ = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
+        out, sums, _, z = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
                              want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out, compute_dtype,
                              want_z)
-        if not want_out:
-            return sums
-        return (out, sums) if want_sums else out
+        res = sums if not want_out else (out, sums) if want_sums else out
+        return (res, z if want_z else None) if return_z else res
 
     return fused_conv

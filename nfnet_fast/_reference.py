@@ -69,14 +69,15 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                padding: Tuple[int, int, int, int], groups: int, act: Optional[str], act_gain: float, pool: bool,
                want_sums: bool, pre_x: Optional[torch.Tensor] = None, pre_beta: float = 1.0,
                gain: Optional[torch.Tensor] = None, std_scale: float = 1.0, std_eps: float = 0.0,
-               pre_act: bool = False, want_out: bool = True, keep_z: bool = False):
+               pre_act: bool = False, want_out: bool = True, keep_z: bool = False, return_z: bool = False):
     """``act(conv2d(pool(x), weight) + bias) * act_gain`` as timm's layers compute it, call for call
     (avg_pool2d, the conv with its bias, the activation, GammaAct's multiply), so fp32 results and
     autocast behaviour equal timm's; ``padding`` is (top, bottom, left, right); with ``want_sums``
     also the fp32 (N, C) sums of the output over its pixels; with ``gain`` the weight standardised
     first (ScaledStdConv2d's own batch_norm, :func:`scaled_std_weight`). (``pre_x``: what ``x`` was
     made from, a memory shortcut of the compiled backends' autograd; the specification
-    differentiates x. ``keep_z``: their memory-for-time choice, which autograd here makes itself.)
+    differentiates x. ``keep_z``: their memory-for-time choice, which autograd here makes itself, so
+    ``return_z`` gives ``(result, None)``.)
     With ``pre_act``, ``x`` is an NF block's pre-activation: the conv's input
     is ``silu_scale(x, pre_beta)``, as the block computes it. With ``want_out=False`` only the sums
     are returned (the output is a temporary here)."""
@@ -96,8 +97,10 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     if act_gain != 1.0:
         out = out * act_gain
     if not want_out:
-        return out.float().sum((2, 3))
-    return (out, out.float().sum((2, 3))) if want_sums else out
+        res = out.float().sum((2, 3))
+    else:
+        res = (out, out.float().sum((2, 3))) if want_sums else out
+    return (res, None) if return_z else res
 
 
 _backends.register_ops("reference", {op: globals()[op] for op in _backends.OPS})

@@ -60,11 +60,11 @@ def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next
 def _fused_conv(x, weight, bias, stride: int, padding, groups: int, act: Optional[str], act_gain: float, pool: bool,
                 backend: str, want_sums: bool = False, pre_x=None, pre_beta: float = 1.0, gain=None,
                 std_scale: float = 1.0, std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True,
-                keep_z: bool = False):
+                keep_z: bool = False, return_z: bool = False):
     return ops.fused_conv(x, weight, bias, stride=stride, padding=padding, groups=groups, act=act, act_gain=act_gain,
                           pool=pool, want_sums=want_sums, pre_x=pre_x, pre_beta=pre_beta, gain=gain,
                           std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, want_out=want_out, keep_z=keep_z,
-                          backend=backend)
+                          return_z=return_z, backend=backend)
 
 
 for _name in ("_std_weight", "_silu_scale", "_eca", "_eca_residual", "_fused_conv"):
@@ -238,7 +238,8 @@ class _FusedConv(_StdWeightCache):
 
     def fused(self, x: torch.Tensor, act: Optional[str] = None, act_gain: float = 1.0,
               pool: bool = False, want_sums: bool = False, pre: Optional[Tuple[torch.Tensor, float]] = None,
-              pre_act: Optional[float] = None, want_out: bool = True, recipe: bool = False):
+              pre_act: Optional[float] = None, want_out: bool = True, recipe: bool = False,
+              links: Optional[_InputsFromZ] = None):
         """``act(self(pool(x))) * act_gain`` in one op where it applies, else as timm computes it.
         With ``want_sums``, ``(out, sums)``: the fp32 (N, C) sums of ``out`` over its pixels from
         the op's epilogue, or None where the op does not apply (the caller then pools); with
@@ -246,7 +247,9 @@ class _FusedConv(_StdWeightCache):
         ``pre``: ``(pre_x, beta)`` when ``x`` is ``silu(pre_x) * beta``; ``pre_act``: ``beta`` when
         the conv's input is ``silu(x) * beta``, applied as the op loads ``x`` (see ``ops.fused_conv``).
         ``recipe``: ``(result, args)``, ``args`` the arguments of the op's call (the exact tensors it
-        got: ``_fused_conv(*args)`` recomputes the op's result), or None where the op does not apply."""
+        got: ``_fused_conv(*args)`` recomputes the op's result), or None where the op does not apply.
+        ``links``: where the op keeps the SiLU's pre-activation z, ``links.add`` is told that the output
+        is ``silu(z) * act_gain`` (NormFreeBlock.inputs_from_z)."""
         padding = self._padding4(x)
         if padding is None:
             if pre_act is not None:
@@ -269,7 +272,11 @@ class _FusedConv(_StdWeightCache):
             weight = self._cached_weight(key, _library.autocast_dtype(x.device.type))
             args = (x, weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
                     self.backend, want_sums, pre_x, pre_beta, None, 1.0, 0.0, pre_act is not None, want_out)
-        res = _fused_conv(*args)
+        if links is not None and key is None and act == "silu" and args[-1]:  # (args[-1]: keep_z)
+            res, z = _fused_conv(*args, return_z=True)
+            links.add(res, z, act_gain)
+        else:
+            res = _fused_conv(*args)
         result = res if want_out else (None, res)
         return (result, args) if recipe else result  # (args: the same call again recomputes res)
 
@@ -348,14 +355,14 @@ def _conv_act_fuses(conv: nn.Module, act: nn.Module) -> bool:
     return _act_spec(act) is not None and isinstance(conv, _FusedConv) and not _hooked(conv) and not _hooked(act)
 
 
-def _conv_act(conv: nn.Module, x: torch.Tensor, act: nn.Module, pre=None, pre_act=None) -> torch.Tensor:
+def _conv_act(conv: nn.Module, x: torch.Tensor, act: nn.Module, pre=None, pre_act=None, links=None) -> torch.Tensor:
     """``act(conv(x))``, as one fused op when the conv is ours, the activation one it computes, and
-    neither carries hooks (those must see their module called). ``pre``, ``pre_act``: see
+    neither carries hooks (those must see their module called). ``pre``, ``pre_act``, ``links``: see
     _FusedConv.fused (``pre_act`` only where it fuses)."""
     if not _conv_act_fuses(conv, act):
         return act(conv(x))
     spec = _act_spec(act)
-    return conv.fused(x, act=spec[0], act_gain=spec[1], pre=pre, pre_act=pre_act)
+    return conv.fused(x, act=spec[0], act_gain=spec[1], pre=pre, pre_act=pre_act, links=links)
 
 
 def _downsample_pool(ds: nn.Module) -> Optional[bool]:
@@ -429,6 +436,12 @@ class NormFreeBlock(_FastModule, _TimmBlock):
     # a step less held, for one more conv3 forward per block in the backward (22% of the forward's
     # conv MACs: 0.93 of 4.24 G an image at 224 px). False keeps y.
     recompute_tail_input = True
+    # A policy for a GPU measurement to choose (docs/triton-training-step.md section 16), off by default:
+    # in eager training, where conv1, conv2 or conv2b keeps its pre-activation z (keep_z), the conv after
+    # it holds that z for its backward in place of its own input silu(z) * gain, and its backward makes
+    # the input again (one silu_scale pass) where it needs it: the link costs no memory, so the grouped
+    # 3x3s can keep z (no recompute GEMM in their backward) at about today's peak (_InputsFromZ).
+    inputs_from_z = False
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -478,16 +491,22 @@ class NormFreeBlock(_FastModule, _TimmBlock):
             # downsample's input) for their backward instead of a, and recompute a there
             pre = (x, self.beta) if self.silu_preact and not _fx_traced(x) else None
         shortcut = _downsample(self.downsample, a, pre, pre_act) if self.downsample is not None else x
+        links = _InputsFromZ.for_block(self, x)
         # timm: conv2(act2(conv1(a))), then conv2b(act2b(.)), attn, conv3(act3(.)); each activation
         # runs in the epilogue of the conv before it
-        out = _conv_act(self.conv1, a, self.act2, pre, pre_act)
+        out = _conv_act(self.conv1, a, self.act2, pre, pre_act, links)
+        with links.hooks() if links is not None else contextlib.nullcontext():
+            return self._forward_after_conv1(out, shortcut, beta_next, links)
+
+    def _forward_after_conv1(self, out, shortcut, beta_next, links):
+        """forward_fused from conv1's output ``out`` on (see there)."""
         if self.conv2b is not None:
-            out = _conv_act(self.conv2, out, self.act2b)
+            out = _conv_act(self.conv2, out, self.act2b, links=links)
         last = self.conv2b if self.conv2b is not None else self.conv2
         if self.attn is not None:
             out = self.act3(self.attn_gain * self.attn(last(out)))
         else:
-            out = _conv_act(last, out, self.act3)
+            out = _conv_act(last, out, self.act3, links=links)
         sums, saving = None, contextlib.nullcontext()
         if (self._fused_tail() and isinstance(self.conv3, _FusedConv) and not _hooked(self.conv3)
                 and not _fx_traced(out)):
@@ -540,9 +559,102 @@ def _may_recompute(y: torch.Tensor, backend: str) -> bool:
 
 
 class _VersionedSave(NamedTuple):
-    """A tensor saved through :func:`_saved_as_recompute`'s hooks, and its version when saved."""
+    """A tensor saved through :func:`_saved_as_recompute`'s or :class:`_InputsFromZ`'s hooks, and its
+    version when saved."""
     tensor: torch.Tensor
     version: int
+
+
+def _unpack_versioned(saved: _VersionedSave, who: str) -> torch.Tensor:
+    """``saved.tensor``, refused as autograd refuses a saved tensor changed in place since."""
+    if saved.tensor._version != saved.version:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            f"operation: a {saved.tensor.dtype} tensor of shape {tuple(saved.tensor.shape)} that {who} saved is "
+            f"at version {saved.tensor._version}, it was saved at version {saved.version}")
+    return saved.tensor
+
+
+class _FromZ:
+    """What autograd holds, under :class:`_InputsFromZ`'s hooks, in place of a conv's input
+    ``h = silu(z) * gain``: the pre-activation z, which the conv that made h keeps for its own backward
+    anyway, and how to make h again."""
+
+    __slots__ = ("z", "version", "gain", "backend", "packs", "unpacks", "h")
+
+    def __init__(self, z: torch.Tensor, gain: float, backend: str):
+        self.z, self.version, self.gain, self.backend = z, z._version, gain, backend
+        self.packs, self.unpacks, self.h = 0, 0, None
+
+    def unpack(self) -> torch.Tensor:
+        if self.z._version != self.version:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               "inplace operation: the pre-activation z from which the backward recomputes the "
+                               f"next conv's input (at version {self.z._version}, kept at version {self.version})")
+        h = self.h
+        if h is None:  # (the forward's autocast state is irrelevant: silu_scale keeps z's dtype)
+            with torch.no_grad():
+                h = _silu_scale(self.z, self.gain, self.backend)
+        # Each tensor that saved h unpacks it once a backward (conv3's input: conv3's backward, and the ECA
+        # tail's recompute of y just before it): h is made once and held until the last of them.
+        self.unpacks += 1
+        if self.unpacks >= self.packs:
+            self.h, self.unpacks = None, 0
+        else:
+            self.h = h
+        return h
+
+
+def _unpack_from_z(saved) -> torch.Tensor:
+    return saved.unpack() if isinstance(saved, _FromZ) else _unpack_versioned(saved, "a block's conv")
+
+
+class _InputsFromZ:
+    """NormFreeBlock.inputs_from_z for one eager training call of a block: ``add(h, z, gain)`` tells that
+    a conv's output ``h`` is ``silu(z) * gain`` with ``z`` the pre-activation that conv kept (keep_z);
+    under :meth:`hooks`, autograd then saves a :class:`_FromZ` wherever it would save ``h`` (the next
+    conv's input, and the ECA tail's recipe of conv3's output), so that nothing holds ``h`` after the
+    forward. In fp32 the remade ``h`` equals the forward's to rounding (the fused conv's epilogue and
+    silu_scale compute the same formula); in 16 bits it is made from the rounded z and may differ from
+    the forward's rounded ``h`` in the last bit: the next conv's weight gradient reads it."""
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.links = {}  # h.data_ptr() -> (weakref to h, its _FromZ)
+
+    @staticmethod
+    def for_block(block: "NormFreeBlock", x) -> Optional["_InputsFromZ"]:
+        """The links of one call of ``block`` on ``x``, or None where they do not apply: the block's
+        ``inputs_from_z`` is off, or the call is not eager autograd on a compiled backend (a trace,
+        export, torch.func, no gradients), or other saved-tensor hooks are set (checkpointing,
+        save_on_cpu: z, saved through them, may no longer be the tensor that the conv keeps)."""
+        if (not block.inputs_from_z or _fx_traced(x) or not torch.is_grad_enabled()
+                or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+                or torch._C._functorch.peek_interpreter_stack() is not None
+                or not torch._C._autograd._saved_tensors_hooks_is_enabled()
+                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+                or ops.resolve_backend(block.backend, x.device, "fused_conv") == "reference"):
+            return None
+        return _InputsFromZ(block.backend)
+
+    def add(self, h: torch.Tensor, z: Optional[torch.Tensor], gain: float) -> None:
+        if z is not None and h.requires_grad and h.numel():
+            self.links[h.data_ptr()] = (weakref.ref(h), _FromZ(z, gain, self.backend))
+
+    def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
+        links = self.links
+
+        def pack(t):
+            link = links.get(t.data_ptr()) if t.numel() else None
+            if link is not None:
+                h = link[0]()
+                if (h is not None and t.shape == h.shape and t.stride() == h.stride() and t.dtype == h.dtype
+                        and t.device == h.device):
+                    link[1].packs += 1
+                    return link[1]
+            # (detached, with its version: as _saved_as_recompute's pack, for the same reasons)
+            return _VersionedSave(t.detach(), t._version)
+        return torch.autograd.graph.saved_tensors_hooks(pack, _unpack_from_z)
 
 
 def _saved_as_recompute(y: torch.Tensor, args: tuple) -> torch.autograd.graph.saved_tensors_hooks:
@@ -587,12 +699,7 @@ def _saved_as_recompute(y: torch.Tensor, args: tuple) -> torch.autograd.graph.sa
         if saved is not recipe:
             if outer_unpack is not None:
                 return outer_unpack(saved)
-            if saved.tensor._version != saved.version:
-                raise RuntimeError(
-                    "one of the variables needed for gradient computation has been modified by an inplace "
-                    f"operation: a {saved.tensor.dtype} tensor of shape {tuple(saved.tensor.shape)} that the block's "
-                    f"ECA tail saved is at version {saved.tensor._version}, it was saved at version {saved.version}")
-            return saved.tensor
+            return _unpack_versioned(saved, "the block's ECA tail")
         if any(t._version != v for t, v in zip(tensors, versions)):
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
                                "inplace operation: conv3's input, weight, gain or bias, from which the backward "

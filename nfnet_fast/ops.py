@@ -329,7 +329,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                padding=0, groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
                want_sums: bool = False, pre_x: Optional[torch.Tensor] = None, pre_beta: float = 1.0,
                gain: Optional[torch.Tensor] = None, std_scale: float = 1.0, std_eps: float = 0.0,
-               pre_act: bool = False, want_out: bool = True, keep_z: bool = False, backend: str = "auto"):
+               pre_act: bool = False, want_out: bool = True, keep_z: bool = False, return_z: bool = False,
+               backend: str = "auto"):
     """A convolution with its neighbours fused: ``act(conv2d(pool(x), weight) + bias) * act_gain``.
 
     What an NF block does around each convolution, in one pass on the compiled backends: the 2x2
@@ -385,11 +386,15 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             rounded z that timm's own SiLU backward reads). Worth it where the conv costs much per
             output element: ``nfnet_fast.nn`` asks for it where the fan-in is 1024 or more. The
             reference backend ignores it.
+        return_z: also return the z that ``keep_z`` kept, as ``(result, z)``: z (not differentiable, the
+            tensor the backward reads) where the call kept one, else None (the reference backend, no
+            activation, nothing tracked). For a caller that hands z on (``nfnet_fast.nn``'s
+            ``NormFreeBlock.inputs_from_z``: the next conv's backward recomputes its input from it).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``out`` (N, C_out, H_out, W_out), ``(out, sums)`` with ``want_sums``, or ``sums`` alone
-        with ``want_out=False``.
+        with ``want_out=False``; with ``return_z``, ``(that, z)``.
     """
     _check_activation(x, "x")
     _check_tensor(weight, "weight", ndim=4)
@@ -438,7 +443,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             raise ValueError(f"pre_x shape {tuple(pre_x.shape)} must equal x shape {tuple(x.shape)}")
     return _implementation("fused_conv", backend, x, weight, bias, pre_x, gain)(
         x, weight, bias, stride, padding, groups, act, float(act_gain), bool(pool), bool(want_sums), pre_x,
-        float(pre_beta), gain, float(std_scale), float(std_eps), bool(pre_act), bool(want_out), bool(keep_z))
+        float(pre_beta), gain, float(std_scale), float(std_eps), bool(pre_act), bool(want_out), bool(keep_z),
+        bool(return_z))
 
 
 _NOTHING_AHEAD = contextlib.nullcontext()

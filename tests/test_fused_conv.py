@@ -834,6 +834,39 @@ def test_gpu_training_step_standardised_ahead_gives_the_same_bits(dtype, monkeyp
         assert torch.equal(a, b), i
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_training_step_with_inputs_from_z(monkeypatch):
+    """On the GPU, eca_nfnet_l0's fp32 training step (batch 2, 64 px, channels_last, no TF32) with every
+    activated conv keeping z gives, with NormFreeBlock.inputs_from_z (36 links: conv1, conv2, conv2b of each
+    of the 12 blocks), the same output bits and every gradient to fp32 rounding: the input that silu_scale
+    remakes from z against the one the conv's epilogue wrote."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (matmul's is off by default)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(2, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (2,), device="cuda", generator=g)
+    links, real_add = [], nfnet_fast.nn._InputsFromZ.add
+    monkeypatch.setattr(nfnet_fast.nn._InputsFromZ, "add",
+                        lambda self, h, z, gain: (links.append(z is not None), real_add(self, h, z, gain)))
+    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 10), backend="triton")
+    model = model.cuda().train().to(memory_format=torch.channels_last)
+    _all_keep_z(model, monkeypatch)
+    results = []
+    for from_z in (False, True):
+        monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "inputs_from_z", from_z)
+        for _ in range(2):  # (the first step tunes the tiles; the second is compared)
+            links.clear()
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            torch.nn.functional.cross_entropy(out, y).backward()
+        assert links == [True] * 36 * from_z, links
+        results.append([out] + [p.grad for p in model.parameters()])
+    assert torch.equal(results[0][0], results[1][0])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert_rel_close(b, a, 1e-6, f"tensor {i}")
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_training_forward_saves_under_0_45x_of_timms_activations(backend):
     """What one training forward of eca_nfnet_l0 holds for its backward, per-sample tensors only
@@ -1129,3 +1162,110 @@ def test_compiled_training_step(backend, silu_prologue, rng):
         for got in tensors[1:]:
             if got is not None:
                 assert_rel_close(got, tensors[0], 1e-5, f"{backend} compiled training step, tensor {i}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_return_z_is_the_kept_pre_activation(backend, rng):
+    """``return_z``: ``(result, z)`` with z the pre-activation ``conv2d(x, w) + bias`` that a tracked call with an
+    activation and ``keep_z`` kept (the compiled backends), else None: untracked, no activation, no keep_z, and
+    on the reference backend, which keeps none. The result is the call's without ``return_z``."""
+    args, kw = _case("3x3 g3 width5 s2", rng)
+    x, w, b = _leaves(args)
+    expect_z = F.conv2d(x, w, b, kw["stride"], kw["padding"], 1, kw["groups"]).detach()
+    plain = ops.fused_conv(x, w, b, backend=backend, keep_z=True, **kw)
+    out, z = ops.fused_conv(x, w, b, backend=backend, keep_z=True, return_z=True, **kw)
+    assert torch.equal(out, plain)
+    if backend == "reference":
+        assert z is None
+    else:
+        assert_rel_close(z, expect_z, 1e-6, f"{backend} z")
+        assert not z.requires_grad and z.shape == out.shape
+    (out_sums, sums), z_sums = ops.fused_conv(x, w, b, backend=backend, keep_z=True, return_z=True, want_sums=True, **kw)
+    assert torch.equal(out_sums, plain) and (z_sums is None) == (backend == "reference")
+    with torch.no_grad():
+        assert ops.fused_conv(x, w, b, backend=backend, keep_z=True, return_z=True, **kw)[1] is None
+    assert ops.fused_conv(x, w, b, backend=backend, return_z=True, **kw)[1] is None
+    assert ops.fused_conv(x, w, b, backend=backend, keep_z=True, return_z=True, **dict(kw, act=None))[1] is None
+
+
+def _all_keep_z(blocks, monkeypatch):
+    """Every activated conv of ``blocks`` keeps its pre-activation z (eca_nfnet_l0's first stages keep none by
+    the fan-in rule)."""
+    for m in blocks.modules():
+        if isinstance(m, nfnet_fast.nn._FusedConv):
+            monkeypatch.setattr(m, "keep_z", True)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_inputs_from_kept_z(backend, monkeypatch):
+    """NormFreeBlock.inputs_from_z: where conv1, conv2 and conv2b keep z, the conv after each holds z in place of
+    its input silu(z) * gain: no conv output of the block is alive after the forward (each is held by the next
+    conv's backward without the policy), the loss is the same bits, and every gradient is the same to fp32
+    rounding (the input remade by silu_scale; in fp32 the same formula as the conv's epilogue). Where no conv
+    keeps z (the fan-in rule, in these stages) the policy changes nothing: the same bits, the outputs held."""
+    import weakref
+    blocks, x = _tail_recompute_case(backend, 53)
+    outputs, real_conv_act = [], nfnet_fast.nn._conv_act
+
+    def conv_act(*args, **kwargs):
+        out = real_conv_act(*args, **kwargs)
+        outputs.append(weakref.ref(out.untyped_storage()))
+        return out
+    monkeypatch.setattr(nfnet_fast.nn, "_conv_act", conv_act)
+
+    def step():
+        blocks.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        outputs.clear()
+        loss = blocks(xi).square().mean()
+        gc.collect()  # (the Triton interpreter holds each launch's arguments in a cycle until then)
+        alive = [r() is not None for r in outputs]
+        loss.backward()
+        return alive, [loss, xi.grad] + [p.grad for p in blocks.parameters()]
+
+    for keep in (False, True):
+        if keep:
+            _all_keep_z(blocks, monkeypatch)
+        results = {}
+        for from_z in (False, True):
+            monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "inputs_from_z", from_z)
+            results[from_z] = step()
+        assert results[False][0] == [True] * 3 * len(blocks), (keep, results[False][0])
+        assert results[True][0] == [not keep] * 3 * len(blocks), (keep, results[True][0])
+        plain, linked = results[False][1], results[True][1]
+        assert torch.equal(plain[0], linked[0]), (keep, plain[0], linked[0])
+        for i, (a, b) in enumerate(zip(plain, linked)):
+            if keep:
+                assert_rel_close(b, a, 1e-6, f"{backend} tensor {i}")
+            else:
+                assert torch.equal(a, b), f"{backend} tensor {i}"
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_inputs_from_z_refuses_a_changed_z_and_steps_aside_under_hooks(backend, monkeypatch):
+    """A kept z changed in place between forward and backward is refused, as autograd refuses a saved tensor
+    changed so, before any gradient uses it. Under other saved-tensor hooks (checkpointing, save_on_cpu) and
+    without gradients the policy makes no link, and the step gives the same bits as without it."""
+    blocks, x = _tail_recompute_case(backend, 59)
+    _all_keep_z(blocks, monkeypatch)
+    plain = _grads(blocks, x)
+    monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "inputs_from_z", True)
+    kept, real_add = [], nfnet_fast.nn._InputsFromZ.add
+    monkeypatch.setattr(nfnet_fast.nn._InputsFromZ, "add", lambda self, h, z, g: (kept.append(z), real_add(self, h, z, g)))
+    loss = blocks(x.clone().requires_grad_()).square().mean()
+    assert len(kept) == 3 * len(blocks) and all(z is not None for z in kept)
+    with torch.no_grad():
+        kept[-1].mul_(1.5)  # (the last block's conv2b: conv3's input)
+    with pytest.raises(RuntimeError, match="recomputes the next conv's input"):
+        loss.backward()
+    kept.clear()
+    runs = {"checkpoint": lambda xi: torch.utils.checkpoint.checkpoint(blocks, xi, use_reentrant=False),
+            "save_on_cpu": None}
+    for name, run in runs.items():
+        with torch.autograd.graph.save_on_cpu() if run is None else contextlib.nullcontext():
+            grads = _grads(blocks, x, run)
+        for i, (a, b) in enumerate(zip(plain, grads)):
+            assert torch.equal(a, b), f"{backend} {name}: tensor {i}"
+    with torch.no_grad():
+        blocks(x)
+    assert kept == []
