@@ -547,15 +547,20 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         return self.forward_fused(x)[0]
 
 
-def _may_recompute(y: torch.Tensor, backend: str) -> bool:
-    """Whether a training forward may save ``y`` as its recipe (_saved_as_recompute): eager autograd on a
-    compiled backend, saved-tensor hooks enabled, and no functorch transform, export or trace, which
-    see plain autograd only."""
-    return (torch.is_grad_enabled() and y.requires_grad and not torch.compiler.is_compiling()
+def _eager_saving_hooks_apply(device: torch.device, backend: str, op: str) -> bool:
+    """Whether the block's own saved-tensor hooks may act in a call on ``device``: eager autograd with
+    gradients, saved-tensor hooks enabled, no functorch transform, export or trace (which see plain
+    autograd only), and ``op`` on a compiled backend."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and not torch.compiler.is_exporting() and not torch.jit.is_tracing()
             and torch._C._functorch.peek_interpreter_stack() is None
             and torch._C._autograd._saved_tensors_hooks_is_enabled()
-            and ops.resolve_backend(backend, y.device, "eca_residual") != "reference")
+            and ops.resolve_backend(backend, device, op) != "reference")
+
+
+def _may_recompute(y: torch.Tensor, backend: str) -> bool:
+    """Whether a training forward may save ``y`` as its recipe (_saved_as_recompute)."""
+    return y.requires_grad and _eager_saving_hooks_apply(y.device, backend, "eca_residual")
 
 
 class _VersionedSave(NamedTuple):
@@ -628,14 +633,11 @@ class _InputsFromZ:
         ``inputs_from_z`` is off, or the call is not eager autograd on a compiled backend (a trace,
         export, torch.func, no gradients), or other saved-tensor hooks are set (checkpointing,
         save_on_cpu: z, saved through them, may no longer be the tensor that the conv keeps)."""
-        if (not block.inputs_from_z or _fx_traced(x) or not torch.is_grad_enabled()
-                or torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
-                or torch._C._functorch.peek_interpreter_stack() is not None
-                or not torch._C._autograd._saved_tensors_hooks_is_enabled()
-                or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-                or ops.resolve_backend(block.backend, x.device, "fused_conv") == "reference"):
-            return None
-        return _InputsFromZ(block.backend)
+        if (block.inputs_from_z and not _fx_traced(x)
+                and _eager_saving_hooks_apply(x.device, block.backend, "fused_conv")
+                and torch._C._autograd._top_saved_tensors_default_hooks(False) is None):
+            return _InputsFromZ(block.backend)
+        return None
 
     def add(self, h: torch.Tensor, z: Optional[torch.Tensor], gain: float) -> None:
         if z is not None and h.requires_grad and h.numel():
