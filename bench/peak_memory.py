@@ -164,6 +164,14 @@ def inputs_from_z(model) -> None:
             m.inputs_from_z = True
 
 
+def input_grads_in_conv(model) -> None:
+    """Let every block of ``model`` sum its input's two gradients in a conv's backward instead of by autograd's
+    engine (NormFreeBlock.input_grads_in_conv; docs/triton-training-step.md section 17): no memory changes."""
+    for m in model.modules():
+        if isinstance(m, nfnet_fast.nn.NormFreeBlock):
+            m.input_grads_in_conv = True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="eca_nfnet_l0")

@@ -62,6 +62,10 @@ def test_inference(benchmark, run_timed, batch, size, name):
 # graphed row (the same kernels; only what is kept and what recomputed differs), so that one GPU report
 # measures each one's time and peak beside the default's (docs/triton-training-step.md sections 9 and 14)
 POLICIES = {
+    # each block input's two gradients summed in a conv's SiLU backward pass, not by autograd's engine
+    # (NormFreeBlock.input_grads_in_conv): 12 adds, ~2.0 GB of traffic less at batch 128, 224 px (section 17);
+    # first: no memory to trade, so the likeliest to become the default
+    "input-grads-in-conv": peak_memory.input_grads_in_conv,
     # no conv keeps its pre-activation z: the backward recomputes every one (as before nn.KEEP_Z_FAN_IN)
     "recompute-z": lambda model: peak_memory.keep_z(model, math.inf),
     # eca_nfnet_l0's grouped 3x3s (fan-in 576) keep z too: 1.05 G MACs an image less, 3.47 MiB a sample more

@@ -1014,7 +1014,8 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
              groups: int = 1, act: Optional[str] = None, act_gain: float = 1.0, pool: bool = False,
              pre_beta: Optional[float] = None, gain: Optional[torch.Tensor] = None, std_scale: float = 1.0,
              std_eps: float = 0.0, needs: Sequence[bool] = (True, True, True, True), gpu_config: bool = False,
-             std_weight: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None):
+             std_weight: Optional[torch.Tensor] = None, z: Optional[torch.Tensor] = None,
+             grad_x_add: Optional[torch.Tensor] = None):
     """Gradients ``(grad_x, grad_weight, grad_bias, grad_gain)`` of :func:`fused_conv` for the
     output's gradient ``grad_out`` and the sums' ``grad_sums`` (either may be None); each None where
     ``needs`` (x, weight, bias, gain) says so, or where there is no such argument. See "backward".
@@ -1026,7 +1027,9 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     was made from as ``silu(x) * pre_beta`` (recomputed here: one launch), and grad_x is x's
     gradient through it (one launch). With ``z``, the pre-activation the forward kept
     (``fused_conv(z_out=)``), the activation's gradient reads it (:func:`z_grad`) instead of recomputing
-    it by a GEMM. Everything a conv's backward needs is this one call, so a training step pays one op's
+    it by a GEMM. With ``grad_x_add``, x's gradient from its other uses (x's shape), grad_x is the sum of
+    the two: with ``pre_beta`` added in the SiLU backward's pass (one more read, no pass of its own), else
+    by an add. Everything a conv's backward needs is this one call, so a training step pays one op's
     host overhead per conv.
 
     grad_x comes back in x's memory format (NCHW or channels_last), grad_weight in weight's
@@ -1034,6 +1037,8 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
     dtype, grad_bias fp32, grad_gain like gain.
     """
     need_x, need_w, need_b, need_gain = needs
+    if grad_x_add is not None and grad_x_add.shape != x.shape:
+        raise ValueError(f"grad_x_add must have x's shape {tuple(x.shape)}, got {tuple(grad_x_add.shape)}")
     need_gain = need_gain and gain is not None
     need_b = need_b and bias is not None
     pre_x = None
@@ -1098,7 +1103,9 @@ def backward(grad_out: Optional[torch.Tensor], grad_sums: Optional[torch.Tensor]
             grad_x = torch.ops.aten.avg_pool2d_backward(grad_x, x, [2, 2], [2, 2], [0, 0], True, False, None)
         if pre_x is not None:  # d(silu(p) * beta)/dp = beta * silu'(p), elementwise in pre_x's layout
             grad_x = _silu.backward(grad_x if grad_x.stride() == pre_x.stride() else
-                                    torch.empty_like(pre_x).copy_(grad_x), pre_x, pre_beta)
+                                    torch.empty_like(pre_x).copy_(grad_x), pre_x, pre_beta, add=grad_x_add)
+        elif grad_x_add is not None:
+            grad_x = grad_x + grad_x_add
         grad_x = grad_x.contiguous(memory_format=_memory_format(x if pre_x is None else pre_x))
     # grad_w in the weight's own layout (_memory_format): a channels_last model's kxk weights get
     # channels_last gradients, as cuDNN makes them for channels_last activations, with no copy here;

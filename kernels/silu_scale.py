@@ -7,6 +7,8 @@ storage is the input's dtype.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +33,7 @@ def _silu_scale_fwd_kernel(x_ptr, out_ptr, numel, beta, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _silu_scale_bwd_kernel(grad_ptr, x_ptr, dx_ptr, numel, beta, BLOCK: tl.constexpr):
+def _silu_scale_bwd_kernel(grad_ptr, x_ptr, dx_ptr, add_ptr, numel, beta, has_add, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -39,6 +41,8 @@ def _silu_scale_bwd_kernel(grad_ptr, x_ptr, dx_ptr, numel, beta, BLOCK: tl.const
     s = tl.sigmoid(x)
     # d/dx [x * sigmoid(x)] = s * (1 + x * (1 - s))
     dx = g * beta * s * (1.0 + x * (1.0 - s))
+    if has_add:  # x's gradient from its other uses, summed here in fp32 (one read) instead of by a pass of its own
+        dx += tl.load(add_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -46,7 +50,7 @@ AOT = [
     AotSpec(_silu_scale_fwd_kernel, dict(beta="fp32"), [dict(BLOCK=BLOCK, num_warps=NUM_WARPS)],
             aligned=("x_ptr", "out_ptr", "numel")),
     AotSpec(_silu_scale_bwd_kernel, dict(beta="fp32"), [dict(BLOCK=BLOCK, num_warps=NUM_WARPS)],
-            aligned=("grad_ptr", "x_ptr", "dx_ptr", "numel")),
+            aligned=("grad_ptr", "x_ptr", "dx_ptr", "add_ptr", "numel")),
 ]
 
 
@@ -59,11 +63,18 @@ def forward(x: torch.Tensor, beta: float) -> torch.Tensor:
     return out
 
 
-def backward(grad: torch.Tensor, x: torch.Tensor, beta: float) -> torch.Tensor:
-    """Gradient of ``silu(x) * beta`` wrt ``x``; ``grad`` and ``x`` dense with the same strides."""
+def backward(grad: torch.Tensor, x: torch.Tensor, beta: float, add: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Gradient of ``silu(x) * beta`` wrt ``x``; ``grad`` and ``x`` dense with the same strides. With
+    ``add`` (x's gradient from its other uses, x's shape), the sum of the two: ``add`` is read in the same
+    pass (in x's dtype and strides; another layout or dtype is copied into them first)."""
     dx = torch.empty_like(x)
     n = x.numel()
+    if add is not None:
+        if add.shape != x.shape:
+            raise ValueError(f"add must have x's shape {tuple(x.shape)}, got {tuple(add.shape)}")
+        if add.dtype != x.dtype or add.stride() != x.stride():
+            add = torch.empty_like(x).copy_(add)
     with device_guard(x):
-        launch(_silu_scale_bwd_kernel, (cdiv(n, BLOCK),), grad, x, dx, n, float(beta), BLOCK=BLOCK,
-               num_warps=NUM_WARPS)
+        launch(_silu_scale_bwd_kernel, (cdiv(n, BLOCK),), grad, x, dx, x if add is None else add, n, float(beta),
+               int(add is not None), BLOCK=BLOCK, num_warps=NUM_WARPS)
     return dx

@@ -21,7 +21,8 @@ def _stats_like(y: torch.Tensor, sums=None) -> torch.Tensor:
 
 
 def fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x=None, pre_beta=1.0,
-               gain=None, std_scale=1.0, std_eps=0.0, pre_act=False, want_out=True, keep_z=False, return_z=False):
+               gain=None, std_scale=1.0, std_eps=0.0, pre_act=False, want_out=True, keep_z=False, return_z=False,
+               return_input=False):
     """No vendor fused convolution is adopted yet (cuDNN's graph API or CUTLASS would be, where a GPU
     measurement shows it faster than the Triton kernel on a shape): the cuda backend runs the Triton
     kernel where triton runs on the tensor's device, else the reference."""
@@ -29,7 +30,7 @@ def fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, wa
     if fn is None or not _backends.backends()["triton"].runs_on(x.device.type):
         fn = _backends.op_function("reference", "fused_conv")
     return fn(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums, pre_x, pre_beta, gain,
-              std_scale, std_eps, pre_act, want_out, keep_z, return_z)
+              std_scale, std_eps, pre_act, want_out, keep_z, return_z, return_input)
 
 
 _library.register("", eca_stats_like=_stats_like)

@@ -454,7 +454,10 @@ def _fused_conv_setup(ctx, inputs, output):
 
 def _fake_fused_conv_backward(grad_out, grad_sums, x, weight, bias, stride, padding, groups, act, act_gain, pool,
                               pre_beta, gain, std_scale, std_eps, need_x, need_weight, need_bias, need_gain,
-                              compute_dtype=None, std_weight=None, z=None):
+                              compute_dtype=None, std_weight=None, z=None, grad_x_add=None):
+    if grad_x_add is not None:  # x's gradient from its other uses (fused_conv's return_input), which grad_x sums
+        torch._check(grad_x_add.shape == x.shape,
+                     lambda: f"grad_x_add {tuple(grad_x_add.shape)} must have x's shape {tuple(x.shape)}")
     if std_weight is not None:  # the forward's third output, which the backward reads as its GEMM operand
         wshape = (weight.shape[2], weight.shape[3], weight.shape[1], weight.shape[0])
         torch._check(gain is not None and std_weight.shape == wshape,
@@ -486,8 +489,10 @@ def weight_grad_format(weight: Tensor) -> torch.memory_format:
 def _fused_conv_backward(backward_op):
     """The autograd formula: one call of the backend's backward op, which recomputes what the
     forward did not keep (the pre-activation x from pre_x), takes the standardised weight the
-    forward returned, and returns every gradient, so a conv's backward pays one op's host overhead."""
-    def backward(ctx, grad_out, grad_sums, _grad_std_weight, _grad_z):
+    forward returned, and returns every gradient, so a conv's backward pays one op's host overhead.
+    ``grad_x_add``: the gradient of the input that an eager call with ``return_input`` returned
+    (:func:`_with_eager_autograd`), summed into x's (pre_x's) gradient by the backward op."""
+    def backward(ctx, grad_out, grad_sums, _grad_std_weight, _grad_z, grad_x_add=None):
         x, weight, bias, gain, std_weight, z = ctx.saved_tensors
         # (under AOT dispatch needs_input_grad covers only the arguments the caller passed)
         needs = ctx.needs_input_grad
@@ -498,12 +503,16 @@ def _fused_conv_backward(backward_op):
             grad_sums = None
         if grad_out is not None and grad_out.dim() != 4:  # the (0,) placeholder of an op without an output
             grad_out = None
+        if grad_x_add is not None and not need_x:
+            grad_x_add = None
         if (grad_out is None and grad_sums is None) or not (need_x or need_w or need_b or need_gain):
-            return (None,) * 19
+            grad_x = grad_x_add  # (the input's other uses' gradient alone, or nothing)
+            return ((None if ctx.pre_x else grad_x,) + (None,) * 9 + (grad_x if ctx.pre_x else None,)
+                    + (None,) * 8)
         grad_x, grad_w, grad_b, grad_gain = backward_op(
             grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain,
             ctx.pool, ctx.pre_beta if ctx.pre else None, gain, ctx.std_scale, ctx.std_eps, need_x, need_w, need_b,
-            need_gain, ctx.compute_dtype, std_weight, z)
+            need_gain, ctx.compute_dtype, std_weight, z, *(() if grad_x_add is None else (grad_x_add,)))
         grad_x, grad_w = (grad_x if need_x else None), (grad_w if need_w else None)
         grad_b, grad_gain = (grad_b if need_b else None), (grad_gain if need_gain else None)
         return ((None if ctx.pre_x else grad_x, grad_w, grad_b) + (None,) * 7
@@ -590,7 +599,26 @@ def _with_eager_autograd(prefix: str, op: str) -> Callable:
                 return _replay.call_node(node_op, inputs)
             return function.apply(*inputs)
         return forward_op(*inputs)
+    if op == "fused_conv":
+        call.returning_input = _returning_input(function, forward_op, setup_context, backward)
     return call
+
+
+def _returning_input(function, forward_op: Callable, setup_context: Callable, backward: Callable):
+    """An eager fused_conv call with autograd that also returns its differentiable input (pre_x where given,
+    else x) as a fifth output: the same values (a view autograd makes of it), whose gradient, from wherever the
+    caller uses it, comes back to this call's node and so to the backward op (``grad_x_add``), which sums it
+    into the input's gradient in the SiLU backward's pass: autograd's engine no longer adds the input's two
+    gradients in a pass of its own (a read of each and a write). Not replayed (nfnet_fast._replay's node
+    returns the body's outputs only): under NFNET_FAST_REPLAY these calls run this Function."""
+    def forward(ctx, *inputs):
+        output = forward_op(*inputs)
+        setup_context(ctx, inputs, output)
+        return (*output, inputs[10] if inputs[10] is not None else inputs[0])
+    returning = type(f"{function.__name__}_returning_input", (torch.autograd.Function,),
+                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    _EAGER_NODES["fused_conv"].add(returning._backward_cls)
+    return returning.apply
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -622,11 +650,13 @@ def fused_conv_function(prefix: str, float64=None):
                    act: Optional[str], act_gain: float, pool: bool, want_sums: bool, pre_x: Optional[Tensor] = None,
                    pre_beta: float = 1.0, gain: Optional[Tensor] = None, std_scale: float = 1.0,
                    std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True, keep_z: bool = False,
-                   return_z: bool = False):
+                   return_z: bool = False, return_input: bool = False):
         if float64 is not None and x.dtype == torch.float64:
             return float64.fused_conv(x, weight, bias, stride, padding, groups, act, act_gain, pool, want_sums,
                                       gain=gain, std_scale=std_scale, std_eps=std_eps, pre_act=pre_act,
-                                      pre_beta=pre_beta, want_out=want_out, return_z=return_z)
+                                      pre_beta=pre_beta, want_out=want_out, return_z=return_z,
+                                      return_input=return_input)
+        given = pre_x if pre_x is not None else x  # (what return_input returns: the input the caller gave)
         dtype, compute_dtype = autocast_dtype(x.device.type), None
         if dtype is not None:
             if x.dtype != dtype:  # (the cast x is no longer silu(pre_x) * pre_beta as computed: keep x)
@@ -642,10 +672,17 @@ def fused_conv_function(prefix: str, float64=None):
         # z only where autograd will keep it: a conv with an activation, tracked
         want_z = bool(keep_z and act is not None and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, gain, pre_x)))
-        out, sums, _, z = op(x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool,
-                             want_sums, pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out, compute_dtype,
-                             want_z)
+        args = (x, weight, bias, stride, list(padding), groups, ACTIVATIONS.index(act), act_gain, pool, want_sums,
+                pre_x, pre_beta, gain, std_scale, std_eps, pre_act, want_out, compute_dtype, want_z)
+        # the input returned through the call's node where the backward sums its gradients in the SiLU backward's
+        # pass (the input is pre_x, or x with pre_act): eager autograd with plain tensors, the input tracked
+        if (return_input and given.requires_grad and (pre_x is not None or pre_act) and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and _plain_call(args, track=False)):
+            out, sums, _, z, given = op.returning_input(*args)
+        else:
+            out, sums, _, z = op(*args)
         res = sums if not want_out else (out, sums) if want_sums else out
-        return (res, z if want_z else None) if return_z else res
+        res = (res,) + ((z if want_z else None,) if return_z else ()) + ((given,) if return_input else ())
+        return res if len(res) > 1 else res[0]
 
     return fused_conv

@@ -69,7 +69,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                padding: Tuple[int, int, int, int], groups: int, act: Optional[str], act_gain: float, pool: bool,
                want_sums: bool, pre_x: Optional[torch.Tensor] = None, pre_beta: float = 1.0,
                gain: Optional[torch.Tensor] = None, std_scale: float = 1.0, std_eps: float = 0.0,
-               pre_act: bool = False, want_out: bool = True, keep_z: bool = False, return_z: bool = False):
+               pre_act: bool = False, want_out: bool = True, keep_z: bool = False, return_z: bool = False,
+               return_input: bool = False):
     """``act(conv2d(pool(x), weight) + bias) * act_gain`` as timm's layers compute it, call for call
     (avg_pool2d, the conv with its bias, the activation, GammaAct's multiply), so fp32 results and
     autocast behaviour equal timm's; ``padding`` is (top, bottom, left, right); with ``want_sums``
@@ -77,10 +78,12 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     first (ScaledStdConv2d's own batch_norm, :func:`scaled_std_weight`). (``pre_x``: what ``x`` was
     made from, a memory shortcut of the compiled backends' autograd; the specification
     differentiates x. ``keep_z``: their memory-for-time choice, which autograd here makes itself, so
-    ``return_z`` gives ``(result, None)``.)
+    ``return_z`` gives ``(result, None)``; ``return_input`` ``(result, pre_x or x)``, the given tensor itself,
+    whose gradients autograd adds.)
     With ``pre_act``, ``x`` is an NF block's pre-activation: the conv's input
     is ``silu_scale(x, pre_beta)``, as the block computes it. With ``want_out=False`` only the sums
     are returned (the output is a temporary here)."""
+    given = x
     if pre_act:
         x = silu_scale(x, pre_beta)
     if gain is not None:
@@ -100,7 +103,8 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         res = out.float().sum((2, 3))
     else:
         res = (out, out.float().sum((2, 3))) if want_sums else out
-    return (res, None) if return_z else res
+    res = (res,) + ((None,) if return_z else ()) + ((pre_x if pre_x is not None else given,) if return_input else ())
+    return res if len(res) > 1 else res[0]
 
 
 _backends.register_ops("reference", {op: globals()[op] for op in _backends.OPS})

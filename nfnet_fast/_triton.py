@@ -239,15 +239,15 @@ def _fused_conv_backward_op(grad_out: Optional[Tensor], grad_sums: Optional[Tens
                             act_gain: float, pool: bool, pre_beta: Optional[float], gain: Optional[Tensor],
                             std_scale: float, std_eps: float, need_x: bool, need_weight: bool, need_bias: bool,
                             need_gain: bool, compute_dtype: Optional[torch.dtype] = None,
-                            std_weight: Optional[Tensor] = None, z: Optional[Tensor] = None
-                            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                            std_weight: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                            grad_x_add: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     x_dtype = x.dtype
     if compute_dtype is not None:  # (the forward's cast, again: the autograd kept the caller's x)
         x = x.to(compute_dtype)
     grads = _conv.backward(grad_out, grad_sums, x, weight, bias, stride=stride, padding=tuple(padding), groups=groups,
                            act=_library.ACTIVATIONS[act], act_gain=act_gain, pool=pool, pre_beta=pre_beta, gain=gain,
                            std_scale=std_scale, std_eps=std_eps, needs=(need_x, need_weight, need_bias, need_gain),
-                           std_weight=std_weight, z=z)
+                           std_weight=std_weight, z=z, grad_x_add=grad_x_add)
     grad_x, grad_weight, grad_bias, grad_gain = grads
     if grad_x is not None and grad_x.dtype != x_dtype:
         grad_x = grad_x.to(x_dtype)  # (a cast's backward)

@@ -60,11 +60,11 @@ def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next
 def _fused_conv(x, weight, bias, stride: int, padding, groups: int, act: Optional[str], act_gain: float, pool: bool,
                 backend: str, want_sums: bool = False, pre_x=None, pre_beta: float = 1.0, gain=None,
                 std_scale: float = 1.0, std_eps: float = 0.0, pre_act: bool = False, want_out: bool = True,
-                keep_z: bool = False, return_z: bool = False):
+                keep_z: bool = False, return_z: bool = False, return_input: bool = False):
     return ops.fused_conv(x, weight, bias, stride=stride, padding=padding, groups=groups, act=act, act_gain=act_gain,
                           pool=pool, want_sums=want_sums, pre_x=pre_x, pre_beta=pre_beta, gain=gain,
                           std_scale=std_scale, std_eps=std_eps, pre_act=pre_act, want_out=want_out, keep_z=keep_z,
-                          return_z=return_z, backend=backend)
+                          return_z=return_z, return_input=return_input, backend=backend)
 
 
 for _name in ("_std_weight", "_silu_scale", "_eca", "_eca_residual", "_fused_conv"):
@@ -239,7 +239,7 @@ class _FusedConv(_StdWeightCache):
     def fused(self, x: torch.Tensor, act: Optional[str] = None, act_gain: float = 1.0,
               pool: bool = False, want_sums: bool = False, pre: Optional[Tuple[torch.Tensor, float]] = None,
               pre_act: Optional[float] = None, want_out: bool = True, recipe: bool = False,
-              links: Optional[_InputsFromZ] = None):
+              links: Optional[_InputsFromZ] = None, return_input: bool = False):
         """``act(self(pool(x))) * act_gain`` in one op where it applies, else as timm computes it.
         With ``want_sums``, ``(out, sums)``: the fp32 (N, C) sums of ``out`` over its pixels from
         the op's epilogue, or None where the op does not apply (the caller then pools); with
@@ -249,8 +249,12 @@ class _FusedConv(_StdWeightCache):
         ``recipe``: ``(result, args)``, ``args`` the arguments of the op's call (the exact tensors it
         got: ``_fused_conv(*args)`` recomputes the op's result), or None where the op does not apply.
         ``links``: where the op keeps the SiLU's pre-activation z, ``links.add`` is told that the output
-        is ``silu(z) * act_gain`` (NormFreeBlock.inputs_from_z)."""
+        is ``silu(z) * act_gain`` (NormFreeBlock.inputs_from_z). ``return_input`` (not with ``recipe``):
+        ``(result, input)``, the input whose gradient the conv makes (``pre_x``, else ``x``) as
+        ``ops.fused_conv``'s ``return_input`` returns it, for the caller's other uses of it
+        (NormFreeBlock.input_grads_in_conv)."""
         padding = self._padding4(x)
+        given = pre[0] if pre is not None else x
         if padding is None:
             if pre_act is not None:
                 x = _silu_scale(x, pre_act, self.backend)
@@ -261,7 +265,7 @@ class _FusedConv(_StdWeightCache):
                 out = ops_act(act)(out)
             out = out * act_gain if act_gain != 1.0 else out
             result = (out, None) if want_sums else out
-            return (result, None) if recipe else result
+            return (result, None) if recipe else (result, given) if return_input else result
         pre_x, pre_beta = pre if pre is not None else (None, 1.0 if pre_act is None else pre_act)
         key = self._cache_key()
         if key is None:  # training (or tracing): the op standardises the raw weight as it packs it
@@ -273,11 +277,16 @@ class _FusedConv(_StdWeightCache):
             args = (x, weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
                     self.backend, want_sums, pre_x, pre_beta, None, 1.0, 0.0, pre_act is not None, want_out)
         if links is not None and key is None and act == "silu" and args[-1]:  # (args[-1]: keep_z)
-            res, z = _fused_conv(*args, return_z=True)
+            res, z, *returned = _fused_conv(*args, return_z=True, return_input=return_input)
+            given = returned[0] if return_input else given
             links.add(res, z, act_gain)
+        elif return_input:
+            res, given = _fused_conv(*args, return_input=True)
         else:
             res = _fused_conv(*args)
         result = res if want_out else (None, res)
+        if return_input:
+            return result, given
         return (result, args) if recipe else result  # (args: the same call again recomputes res)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -355,14 +364,18 @@ def _conv_act_fuses(conv: nn.Module, act: nn.Module) -> bool:
     return _act_spec(act) is not None and isinstance(conv, _FusedConv) and not _hooked(conv) and not _hooked(act)
 
 
-def _conv_act(conv: nn.Module, x: torch.Tensor, act: nn.Module, pre=None, pre_act=None, links=None) -> torch.Tensor:
+def _conv_act(conv: nn.Module, x: torch.Tensor, act: nn.Module, pre=None, pre_act=None, links=None,
+              return_input: bool = False):
     """``act(conv(x))``, as one fused op when the conv is ours, the activation one it computes, and
-    neither carries hooks (those must see their module called). ``pre``, ``pre_act``, ``links``: see
-    _FusedConv.fused (``pre_act`` only where it fuses)."""
+    neither carries hooks (those must see their module called). ``pre``, ``pre_act``, ``links``,
+    ``return_input``: see _FusedConv.fused (``pre_act`` only where it fuses; unfused, ``return_input``
+    returns the given input itself)."""
     if not _conv_act_fuses(conv, act):
-        return act(conv(x))
+        out = act(conv(x))
+        return (out, pre[0] if pre is not None else x) if return_input else out
     spec = _act_spec(act)
-    return conv.fused(x, act=spec[0], act_gain=spec[1], pre=pre, pre_act=pre_act, links=links)
+    return conv.fused(x, act=spec[0], act_gain=spec[1], pre=pre, pre_act=pre_act, links=links,
+                      return_input=return_input)
 
 
 def _downsample_pool(ds: nn.Module) -> Optional[bool]:
@@ -376,11 +389,13 @@ def _downsample_pool(ds: nn.Module) -> Optional[bool]:
     return pooled if fusable else None
 
 
-def _downsample(ds: nn.Module, x: torch.Tensor, pre=None, pre_act=None) -> torch.Tensor:
+def _downsample(ds: nn.Module, x: torch.Tensor, pre=None, pre_act=None, return_input: bool = False) -> torch.Tensor:
     """timm's DownsampleAvg (2x2 ceil-mode average pool, then a 1x1 conv) as one fused op
-    (``pre_act`` only where it fuses)."""
+    (``pre_act`` only where it fuses; ``return_input``: see _FusedConv.fused)."""
     pooled = _downsample_pool(ds)
-    return ds.conv.fused(x, pool=pooled, pre=pre, pre_act=pre_act) if pooled is not None else ds(x)
+    if pooled is not None:
+        return ds.conv.fused(x, pool=pooled, pre=pre, pre_act=pre_act, return_input=return_input)
+    return (ds(x), pre[0] if pre is not None else x) if return_input else ds(x)
 
 
 def _is_sigmoid(m: Optional[nn.Module]) -> bool:
@@ -442,6 +457,13 @@ class NormFreeBlock(_FastModule, _TimmBlock):
     # the input again (one silu_scale pass) where it needs it: the link costs no memory, so the grouped
     # 3x3s can keep z (no recompute GEMM in their backward) at about today's peak (_InputsFromZ).
     inputs_from_z = False
+    # A policy for a GPU measurement to choose (docs/triton-training-step.md section 17), off by default: the
+    # block input x's two gradients (from conv1 and from the shortcut; at a stage's first block from conv1 and
+    # the downsample conv) are summed in a conv's backward, in the SiLU backward's pass that makes x's gradient
+    # (one more read), instead of by autograd's engine (a pass of its own: a read of each and a write).
+    # eca_nfnet_l0 at batch 128, 224 px, bf16: 12 adds, ~2.0 GB of traffic a step less. In eager autograd only
+    # (fused_conv's return_input); the same gradients (in fp32 the same bits).
+    input_grads_in_conv = False
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -490,11 +512,23 @@ class NormFreeBlock(_FastModule, _TimmBlock):
             # a = silu(x) * beta: the convs reading a save x (kept anyway as the shortcut or the
             # downsample's input) for their backward instead of a, and recompute a there
             pre = (x, self.beta) if self.silu_preact and not _fx_traced(x) else None
-        shortcut = _downsample(self.downsample, a, pre, pre_act) if self.downsample is not None else x
+        # input_grads_in_conv: the conv that reads x (as pre_x, or with pre_act) first returns it through its
+        # node (ops.fused_conv's return_input), and the block's other use of x takes that tensor: the downsample
+        # conv's backward sums conv1's gradient of x into its own, or conv1's the shortcut's
+        handing = self.input_grads_in_conv and (pre is not None or pre_act is not None) and not _fx_traced(x)
+        shortcut = x
+        if self.downsample is not None:
+            shortcut = _downsample(self.downsample, a, pre, pre_act, return_input=handing)
+            if handing:
+                shortcut, given = shortcut
+                a, pre = (given, None) if pre is None else (a, (given, pre[1]))
         links = _InputsFromZ.for_block(self, x)
         # timm: conv2(act2(conv1(a))), then conv2b(act2b(.)), attn, conv3(act3(.)); each activation
         # runs in the epilogue of the conv before it
-        out = _conv_act(self.conv1, a, self.act2, pre, pre_act, links)
+        out = _conv_act(self.conv1, a, self.act2, pre, pre_act, links,
+                        return_input=handing and self.downsample is None)
+        if handing and self.downsample is None:
+            out, shortcut = out
         with links.hooks() if links is not None else contextlib.nullcontext():
             return self._forward_after_conv1(out, shortcut, beta_next, links)
 

@@ -330,7 +330,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
                want_sums: bool = False, pre_x: Optional[torch.Tensor] = None, pre_beta: float = 1.0,
                gain: Optional[torch.Tensor] = None, std_scale: float = 1.0, std_eps: float = 0.0,
                pre_act: bool = False, want_out: bool = True, keep_z: bool = False, return_z: bool = False,
-               backend: str = "auto"):
+               return_input: bool = False, backend: str = "auto"):
     """A convolution with its neighbours fused: ``act(conv2d(pool(x), weight) + bias) * act_gain``.
 
     What an NF block does around each convolution, in one pass on the compiled backends: the 2x2
@@ -390,11 +390,22 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
             tensor the backward reads) where the call kept one, else None (the reference backend, no
             activation, nothing tracked). For a caller that hands z on (``nfnet_fast.nn``'s
             ``NormFreeBlock.inputs_from_z``: the next conv's backward recomputes its input from it).
+        return_input: also return the input whose gradient the conv makes (``pre_x`` where given, else
+            ``x``), last: ``(result, input)``, or ``(result, z, input)`` with ``return_z``. The same
+            values; for a caller that uses the input again (an NF block's shortcut, the next conv's
+            ``pre_x``) and uses this tensor there instead. In an eager training call of the compiled
+            backends where the input is ``pre_x`` or ``x`` with ``pre_act``, it comes back as a view
+            whose gradient, from wherever it is used, returns to this call, whose backward adds it to
+            the input's gradient in the SiLU backward's pass: autograd's engine then adds no two
+            gradients of the input in a pass of its own (a read of each and a write). Elsewhere it is the
+            given tensor itself, and autograd adds its gradients as usual: the same gradients either way
+            (in fp32 the same bits; in 16 bits the sum is rounded once instead of twice).
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
         ``out`` (N, C_out, H_out, W_out), ``(out, sums)`` with ``want_sums``, or ``sums`` alone
-        with ``want_out=False``; with ``return_z``, ``(that, z)``.
+        with ``want_out=False``; with ``return_z``, ``(that, z)``; with ``return_input``, the input
+        after them.
     """
     _check_activation(x, "x")
     _check_tensor(weight, "weight", ndim=4)
@@ -444,7 +455,7 @@ def fused_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return _implementation("fused_conv", backend, x, weight, bias, pre_x, gain)(
         x, weight, bias, stride, padding, groups, act, float(act_gain), bool(pool), bool(want_sums), pre_x,
         float(pre_beta), gain, float(std_scale), float(std_eps), bool(pre_act), bool(want_out), bool(keep_z),
-        bool(return_z))
+        bool(return_z), bool(return_input))
 
 
 _NOTHING_AHEAD = contextlib.nullcontext()

@@ -173,7 +173,8 @@ for args, kw in (((x, x, 4096, 1.5), silu), ((x[1:], x, 4096, 1.5), silu), ((xh,
                  ((x, x, 1, 1.5), silu), ((x, x, 17, 1.5), silu), ((x, x, 2 ** 31, 1.5), silu),
                  ((x, x, 4096, 1.5), dict(silu, num_warps=8)), ((x, x, 4096, 1.5), dict(silu, BLOCK=2048))):
     cases.append((S._silu_scale_fwd_kernel, (4,), args, kw))
-cases.append((S._silu_scale_bwd_kernel, (4,), (x, x, x[4:], 4096, 0.25), silu))
+for has_add in (0, 1):
+    cases.append((S._silu_scale_bwd_kernel, (4,), (x, x, x[4:], x[2:], 4096, 0.25, has_add), silu))
 pool = dict(BLOCK_P=32, BLOCK_C=16)  # (S and per: do_not_specialize, so their range keys, not their value)
 for c, s, per in ((16, 1, 1), (17, 2, 16), (1, 17, 2 ** 31), (16, 5, -5), (16, 2 ** 31, 1)):
     cases.append((E._pool_nhwc_kernel, (4, 2, 3), (x, x[1:], c, 64, s, per), pool))

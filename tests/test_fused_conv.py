@@ -867,6 +867,46 @@ def test_gpu_training_step_with_inputs_from_z(monkeypatch):
         assert_rel_close(b, a, 1e-6, f"tensor {i}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_training_step_with_input_grads_in_conv(monkeypatch):
+    """On the GPU, eca_nfnet_l0's training step (batch 2, 64 px, channels_last) with
+    NormFreeBlock.input_grads_in_conv: 12 adds fewer in the engine (one a block); in fp32 (no TF32) the same
+    output bits and every gradient the same to fp32 rounding (the kernel may fuse the sum into a multiply-add);
+    under bf16 autocast no gradient further from the fp32 step's than without the policy (the sum is rounded
+    once instead of twice)."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (matmul's is off by default)
+    g = torch.Generator(device="cuda").manual_seed(6)
+    x = torch.randn(2, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (2,), device="cuda", generator=g)
+    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 11), backend="triton")
+    model = model.cuda().train().to(memory_format=torch.channels_last)
+    results, uses = {}, {}
+    for bf16 in (False, True):
+        for handing in (False, True):
+            monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "input_grads_in_conv", handing)
+            for _ in range(2):  # (the first step tunes the tiles; the second is compared)
+                model.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                    out = model(x)
+                    loss = torch.nn.functional.cross_entropy(out, y)
+                uses[bf16, handing] = _input_uses(loss)
+                loss.backward()
+            results[bf16, handing] = [out] + [p.grad for p in model.parameters()]
+    for bf16 in (False, True):
+        assert uses[bf16, True] == uses[bf16, False] - 12, uses
+    assert torch.equal(results[False, False][0], results[False, True][0])
+    for i, (a, b) in enumerate(zip(results[False, False], results[False, True])):
+        assert_rel_close(b, a, 1e-6, f"fp32 tensor {i}")
+
+    def worst(got):  # the largest relative distance of any gradient from the fp32 step's
+        return max(((u.double() - r.double()).abs().max() / r.double().abs().max()).item()
+                   for u, r in zip(got[1:], results[False, False][1:]))
+    assert worst(results[True, True]) <= 1.25 * worst(results[True, False]), (worst(results[True, True]),
+                                                                               worst(results[True, False]))
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_training_forward_saves_under_0_45x_of_timms_activations(backend):
     """What one training forward of eca_nfnet_l0 holds for its backward, per-sample tensors only
@@ -1269,3 +1309,141 @@ def test_inputs_from_z_refuses_a_changed_z_and_steps_aside_under_hooks(backend, 
     with torch.no_grad():
         blocks(x)
     assert kept == []
+
+
+def _input_uses(loss):
+    """How many gradients autograd's engine sums, in the backward graph of ``loss``: for each input of each node
+    (an (node, input_nr) buffer), one add for each edge into it past the first."""
+    edges, seen, todo = {}, set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, nr in node.next_functions:
+            if nxt is not None:
+                edges[(nxt, nr)] = edges.get((nxt, nr), 0) + 1
+                todo.append(nxt)
+    return sum(n - 1 for n in edges.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("form", ["pre_x", "pre_act", "pool pre_x"])
+def test_return_input_sums_the_inputs_gradients_in_the_conv(backend, form, rng, monkeypatch):
+    """``return_input``: ``(result, input)``, the input whose gradient the conv makes (pre_x, or x with pre_act).
+    On the compiled backends in eager training it is a view of that input whose gradient comes back to the conv's
+    node: the engine adds nothing, the SiLU backward's pass adds it (one call with ``add``), and every gradient is
+    the same bits as when the caller uses the input itself (fp32 on the CPU: the same two fp32 roundings).
+    Elsewhere (the reference backend, no gradients, an input that is neither) it is the given tensor itself."""
+    from nfnet_fast.kernels import silu_scale as silu_kernels
+    name = "1x1 pool" if form.startswith("pool") else "3x3 g3 width5 s2"
+    (p, w, b), kw = _case(name, rng)
+    kw["act"] = "silu"
+    beta = 0.37 + torch.rand((), generator=rng).item()
+    out_weight = torch.randn(ops.fused_conv(ops.silu_scale(p, beta), w, b, **kw).shape, generator=rng)
+    shortcut_weight = torch.randn(p.shape, generator=rng)
+    adds, real_backward = [], silu_kernels.backward
+    monkeypatch.setattr(silu_kernels, "backward",
+                        lambda g, x, beta, add=None: (adds.append(add is not None), real_backward(g, x, beta, add))[1])
+
+    def run(returning, use_out=True, use_input=True):
+        pl, wl, bl = _leaves((p, w, b))
+        if form == "pre_act":
+            res = ops.fused_conv(pl, wl, bl, pre_act=True, pre_beta=beta, return_input=returning, backend=backend, **kw)
+        else:
+            a = ops.silu_scale(pl, beta, backend=backend)
+            res = ops.fused_conv(a, wl, bl, pre_x=pl, pre_beta=beta, return_input=returning, backend=backend, **kw)
+        out, given = res if returning else (res, pl)
+        if returning and backend != "reference":
+            assert given is not pl and given.data_ptr() == pl.data_ptr() and given.grad_fn is out.grad_fn
+        else:
+            assert given is pl
+        loss = sum(([(out * out_weight).sum()] if use_out else []) + ([(given * shortcut_weight).sum()] if use_input
+                                                                      else []))
+        uses = _input_uses(loss)
+        adds.clear()
+        loss.backward()
+        return uses, list(adds), [pl.grad, wl.grad, bl.grad]
+
+    for use_out, use_input in ((True, True), (True, False), (False, True)):
+        uses, adds_plain, plain = run(False, use_out, use_input)
+        uses_r, adds_r, returned = run(True, use_out, use_input)
+        for i, (a, r) in enumerate(zip(plain, returned)):
+            assert (a is None and r is None) if a is None else torch.equal(a, r), (form, use_out, use_input, i)
+        if backend != "reference" and use_out and use_input:
+            assert uses_r == uses - 1, (uses, uses_r)
+            assert adds_r == [True] and adds_plain == [False], (adds_plain, adds_r)
+    pl = p.clone().requires_grad_()
+    with torch.no_grad():
+        assert ops.fused_conv(ops.silu_scale(pl, beta), w, b, pre_x=pl, pre_beta=beta, return_input=True,
+                              backend=backend, **kw)[1] is pl
+    xl = p.clone().requires_grad_()  # (no pre-activation: its gradient comes from the GEMM alone)
+    assert ops.fused_conv(xl, w, b, return_input=True, backend=backend, **kw)[1] is xl
+    (out, sums), z, given = ops.fused_conv(ops.silu_scale(pl, beta), w, b, pre_x=pl, pre_beta=beta, want_sums=True,
+                                           keep_z=True, return_z=True, return_input=True, backend=backend, **kw)
+    assert given.data_ptr() == pl.data_ptr() and sums.shape == out.shape[:2]
+    assert (z is None) == (backend == "reference")
+
+
+def test_backward_fake_checks_the_added_input_gradient():
+    """Traced (meta tensors, the fake kernel), the backward op refuses a ``grad_x_add`` of another shape than x,
+    and the kernel's launcher refuses it too."""
+    op = torch.ops.nfnet_fast._triton_fused_conv_backward
+    x, w = torch.empty(2, 6, 5, 5, device="meta"), torch.empty(4, 3, 3, 3, device="meta")
+
+    def call(add):
+        return op(torch.empty(2, 4, 5, 5, device="meta"), None, x, w, None, 1, [1, 1, 1, 1], 2, 1, 1.0, False, 0.5,
+                  None, 1.0, 0.0, True, True, False, False, None, None, None, add)
+
+    assert call(torch.empty(2, 6, 5, 5, device="meta"))[0].shape == x.shape
+    with pytest.raises(RuntimeError, match="grad_x_add"):
+        call(torch.empty(2, 6, 5, 4, device="meta"))
+    from nfnet_fast.kernels import fused_conv as fc
+    xs, ws = torch.randn(2, 6, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="grad_x_add"):
+        fc.backward(torch.randn(2, 4, 5, 5), None, xs, ws, None, padding=1, groups=2, pre_beta=0.5,
+                    grad_x_add=torch.randn(2, 6, 5, 4))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_input_grads_summed_in_conv(backend, monkeypatch):
+    """NormFreeBlock.input_grads_in_conv: each block's input x has one gradient edge (its downsample conv's at a
+    stage's first block, conv1's else), whose backward sums x's other gradient in its SiLU pass: the engine makes
+    one add fewer a block, and the loss and every gradient are the same bits as without the policy (fp32). The
+    same under checkpointing and save_on_cpu; with the SiLU prologue; and without gradients nothing changes.
+    (The output's gradient is channels_last, as the model's next conv sends it: the engine's add of two gradients
+    in different layouts makes a contiguous sum, whose bias sums round in another order.)"""
+    blocks, x = _tail_recompute_case(backend, 61)
+    with torch.no_grad():
+        out_grad = torch.randn(blocks(x).shape, generator=torch.Generator().manual_seed(62))
+    out_grad = out_grad.contiguous(memory_format=torch.channels_last)
+
+    def step(run=blocks):
+        blocks.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        loss = (run(xi) * out_grad).sum()
+        uses = _input_uses(loss)
+        loss.backward()
+        return uses, [loss, xi.grad] + [p.grad for p in blocks.parameters()]
+
+    for prologue in (False, True):
+        monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "silu_prologue", prologue)
+        results, uses = {}, {}
+        for handing in (False, True):
+            monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "input_grads_in_conv", handing)
+            uses[handing], results[handing] = step()
+        assert uses[True] == uses[False] - len(blocks), uses
+        for i, (a, b) in enumerate(zip(results[False], results[True])):
+            assert torch.equal(a, b), f"{backend} prologue={prologue} tensor {i}"
+        runs = {"checkpoint": lambda xi: torch.utils.checkpoint.checkpoint(blocks, xi, use_reentrant=False),
+                "save_on_cpu": blocks}
+        for name, run in runs.items():
+            with torch.autograd.graph.save_on_cpu() if name == "save_on_cpu" else contextlib.nullcontext():
+                grads = step(run)[1]
+            for i, (a, b) in enumerate(zip(results[False], grads)):
+                assert torch.equal(a, b), f"{backend} prologue={prologue} {name}: tensor {i}"
+        with torch.no_grad():
+            monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "input_grads_in_conv", False)
+            plain = blocks(x)
+            monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "input_grads_in_conv", True)
+            assert torch.equal(plain, blocks(x))

@@ -100,3 +100,35 @@ def test_bad_input(args, err, match):
 def test_bad_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         ops.silu_scale(torch.ones(2), 1.0, backend="cudnn")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="the triton backend does not run here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("add_form", ["same", "other layout", "other dtype"])
+def test_triton_backward_adds_the_other_gradient(dtype, add_form, rng):
+    """The SiLU backward's ``add`` (x's gradient from its other uses, which a fused conv's backward hands it):
+    ``grad * beta * silu'(x) + add`` in one launch, summed in fp32 and rounded once; an ``add`` in another
+    layout or dtype is copied into x's first; one of another shape is refused."""
+    from nfnet_fast.kernels import silu_scale as silu_kernels
+
+    shape = tuple(int(torch.randint(lo, hi, (), generator=rng)) for lo, hi in ((1, 4), (2, 40), (2, 9), (2, 9)))
+    beta = float(torch.rand((), generator=rng)) + 0.3
+    x = (3 * torch.randn(shape, generator=rng)).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape, generator=rng).to(dtype).contiguous(memory_format=torch.channels_last)
+    add = torch.randn(shape, generator=rng).to(dtype).contiguous(memory_format=torch.channels_last)
+    if add_form == "other layout":
+        add = add.contiguous()
+    elif add_form == "other dtype":
+        add = add.double()
+    with counted_work(silu_kernels) as work:
+        got = silu_kernels.backward(grad, x, beta, add=add)
+    assert work["launches"] == {"_silu_scale_bwd_kernel": 1}
+    assert work["copies"] == ([] if add_form == "same" else [x.numel()])
+    assert got.dtype == dtype and got.stride() == x.stride()
+    xd, s = x.double(), torch.sigmoid(x.double())
+    ref = grad.double() * beta * s * (1 + xd * (1 - s)) + add.to(dtype).double()
+    assert_rel_close(got, ref, dtype_tol(dtype), f"{dtype} {add_form}")
+    if dtype == torch.float32:  # (one fp32 sum of the two fp32 gradients: what autograd's add of them gives)
+        assert torch.equal(got, silu_kernels.backward(grad, x, beta) + add.float())
+    with pytest.raises(ValueError, match="add must have"):
+        silu_kernels.backward(grad, x, beta, add=add[:, :, 1:])
