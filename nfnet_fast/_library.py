@@ -365,13 +365,14 @@ def public_functions(prefix: str, float64=None) -> dict:
 #
 #   _<prefix>fused_conv_backward(grad_out?, grad_sums?, x, weight, bias?, stride, padding[4], groups, act,
 #                                act_gain, pool, pre_beta?, gain?, std_scale, std_eps, need_x, need_weight,
-#                                need_bias, need_gain, compute_dtype?, std_weight?, z?)
+#                                need_bias, need_gain, compute_dtype?, std_weight?, z?, grad_x_add?)
 #       -> (grad_x, grad_weight, grad_bias, grad_gain)     (0,) where not needed
 #
 # (x, weight: the saved pre_x and raw weight where the forward had them; std_weight: the forward's;
 # the backward op recomputes silu(pre_x) * pre_beta (and the standardised weight, where no
 # std_weight is given) itself and returns pre_x's, the raw weight's and the gain's gradients: one op
-# call per conv)
+# call per conv. grad_x_add: x's (pre_x's) gradient from its other uses, which an eager call with
+# return_input hands its backward (_returning_input): grad_x is the sum, made in the SiLU backward's pass)
 #
 # The backward op recomputes the pre-activation z = conv(x) + bias in the forward kernel, whose
 # epilogue turns the incoming gradients into z's, (grad_out + grad_sums) * act_gain * act'(z), and
