@@ -874,7 +874,8 @@ def test_gpu_training_step_with_input_grads_in_conv(monkeypatch):
     NormFreeBlock.input_grads_in_conv: 12 adds fewer in the engine (one a block); in fp32 (no TF32) the same
     output bits and every gradient the same to fp32 rounding (the kernel may fuse the sum into a multiply-add);
     under bf16 autocast no gradient further from the fp32 step's than without the policy (the sum is rounded
-    once instead of twice)."""
+    once instead of twice); and the fp32 step replayed from CUDA graphs (train.graph_training_forward, as the
+    report's cudagraph rows run it) the same to fp32 rounding."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (matmul's is off by default)
     g = torch.Generator(device="cuda").manual_seed(6)
@@ -905,6 +906,18 @@ def test_gpu_training_step_with_input_grads_in_conv(monkeypatch):
                    for u, r in zip(got[1:], results[False, False][1:]))
     assert worst(results[True, True]) <= 1.25 * worst(results[True, False]), (worst(results[True, True]),
                                                                                worst(results[True, False]))
+    # and replayed from CUDA graphs (the report's cudagraph rows): the fp32 step's gradients
+    from nfnet_fast import train
+    train.graph_training_forward(model, x, amp=False)
+    try:
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            torch.nn.functional.cross_entropy(out, y).backward()
+    finally:
+        del model.forward
+    for i, (a, b) in enumerate(zip(results[False, True], [out] + [p.grad for p in model.parameters()])):
+        assert_rel_close(b, a, 1e-6, f"graphed fp32 tensor {i}")
 
 
 @pytest.mark.parametrize("backend", COMPILED)
