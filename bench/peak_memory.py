@@ -194,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--inputs-from-z", action="store_true",
                     help="the conv after one that keeps z holds z in place of its input (NormFreeBlock.inputs_from_z; "
                          "docs/triton-training-step.md section 16)")
+    ap.add_argument("--input-grads-in-conv", action="store_true",
+                    help="each block input's two gradients summed in a conv's backward (NormFreeBlock.input_grads_in_conv; "
+                         "docs/triton-training-step.md section 17)")
     args = ap.parse_args(argv)
     import timm
 
@@ -208,9 +211,12 @@ def main(argv=None) -> int:
     keep_z(fast, args.keep_z_fan_in)
     if args.inputs_from_z:
         inputs_from_z(fast)
+    if args.input_grads_in_conv:
+        input_grads_in_conv(fast)
     kept = f", y kept in stages {args.keep_y_stages}" if args.keep_y_stages else ""
     kept += f", z kept from fan-in {args.keep_z_fan_in}" if args.keep_z_fan_in is not None else ""
     kept += ", inputs held as the z before them" if args.inputs_from_z else ""
+    kept += ", input gradients summed in the convs" if args.input_grads_in_conv else ""
     print(f"{args.model}, {args.dtype}, training step (SGD momentum + AGC), {device.type}, size {size}, "
           f"nfnet_fast backend {args.backend}{' with the SiLU prologue' if args.silu_prologue else ''}{kept}")
     mib = 2**-20
