@@ -156,20 +156,15 @@ def keep_z(model, fan_in) -> None:
             m.keep_z = m.fan_in >= fan_in
 
 
-def inputs_from_z(model) -> None:
-    """Let every block of ``model`` hold the z its conv1, conv2 or conv2b kept in place of the next conv's input
-    (NormFreeBlock.inputs_from_z; docs/triton-training-step.md section 16)."""
+def block_policy(model, name: str) -> None:
+    """Turn on the NormFreeBlock policy ``name`` on every block of ``model``: ``inputs_from_z`` (each conv after
+    one that keeps z holds that z in place of its input; docs/triton-training-step.md section 16) or
+    ``input_grads_in_conv`` (each block input's two gradients summed in a conv's backward; section 17)."""
+    if not isinstance(getattr(nfnet_fast.nn.NormFreeBlock, name, None), bool):
+        raise ValueError(f"NormFreeBlock has no policy {name!r}")
     for m in model.modules():
         if isinstance(m, nfnet_fast.nn.NormFreeBlock):
-            m.inputs_from_z = True
-
-
-def input_grads_in_conv(model) -> None:
-    """Let every block of ``model`` sum its input's two gradients in a conv's backward instead of by autograd's
-    engine (NormFreeBlock.input_grads_in_conv; docs/triton-training-step.md section 17): no memory changes."""
-    for m in model.modules():
-        if isinstance(m, nfnet_fast.nn.NormFreeBlock):
-            m.input_grads_in_conv = True
+            setattr(m, name, True)
 
 
 def main(argv=None) -> int:
@@ -209,10 +204,9 @@ def main(argv=None) -> int:
     fast = nfnet_fast.convert(copy.deepcopy(ref), backend=args.backend, silu_prologue=args.silu_prologue).train()
     keep_y(fast, args.keep_y_stages)
     keep_z(fast, args.keep_z_fan_in)
-    if args.inputs_from_z:
-        inputs_from_z(fast)
-    if args.input_grads_in_conv:
-        input_grads_in_conv(fast)
+    for name in ("inputs_from_z", "input_grads_in_conv"):
+        if getattr(args, name):
+            block_policy(fast, name)
     kept = f", y kept in stages {args.keep_y_stages}" if args.keep_y_stages else ""
     kept += f", z kept from fan-in {args.keep_z_fan_in}" if args.keep_z_fan_in is not None else ""
     kept += ", inputs held as the z before them" if args.inputs_from_z else ""

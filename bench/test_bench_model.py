@@ -65,7 +65,7 @@ POLICIES = {
     # each block input's two gradients summed in a conv's SiLU backward pass, not by autograd's engine
     # (NormFreeBlock.input_grads_in_conv): 12 adds, ~2.0 GB of traffic less at batch 128, 224 px (section 17);
     # first: no memory to trade, so the likeliest to become the default
-    "input-grads-in-conv": peak_memory.input_grads_in_conv,
+    "input-grads-in-conv": lambda model: peak_memory.block_policy(model, "input_grads_in_conv"),
     # no conv keeps its pre-activation z: the backward recomputes every one (as before nn.KEEP_Z_FAN_IN)
     "recompute-z": lambda model: peak_memory.keep_z(model, math.inf),
     # eca_nfnet_l0's grouped 3x3s (fan-in 576) keep z too: 1.05 G MACs an image less, 3.47 MiB a sample more
@@ -73,7 +73,8 @@ POLICIES = {
     # keep-z-576 with each conv after one that keeps z holding that z in place of its input, remade in the
     # backward by one silu_scale pass (NormFreeBlock.inputs_from_z): the grouped 3x3s' saving at about the
     # default's memory (CPU books 0.465x, the default 0.475x: docs/triton-training-step.md section 16)
-    "keep-z-576-inputs-from-z": lambda model: (peak_memory.keep_z(model, 576), peak_memory.inputs_from_z(model)),
+    "keep-z-576-inputs-from-z": lambda model: (peak_memory.keep_z(model, 576),
+                                               peak_memory.block_policy(model, "inputs_from_z")),
     # the blocks of stages 3-4 (0-based 2-3) keep their ECA input y: 0.78 G MACs less, 3.88 MiB a sample more
     "keep-y-stages-2-3": lambda model: peak_memory.keep_y(model, [2, 3]),
 }

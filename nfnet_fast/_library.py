@@ -507,15 +507,15 @@ def _fused_conv_backward(backward_op):
         if grad_x_add is not None and not need_x:
             grad_x_add = None
         if (grad_out is None and grad_sums is None) or not (need_x or need_w or need_b or need_gain):
-            grad_x = grad_x_add  # (the input's other uses' gradient alone, or nothing)
-            return ((None if ctx.pre_x else grad_x,) + (None,) * 9 + (grad_x if ctx.pre_x else None,)
-                    + (None,) * 8)
-        grad_x, grad_w, grad_b, grad_gain = backward_op(
-            grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain,
-            ctx.pool, ctx.pre_beta if ctx.pre else None, gain, ctx.std_scale, ctx.std_eps, need_x, need_w, need_b,
-            need_gain, ctx.compute_dtype, std_weight, z, *(() if grad_x_add is None else (grad_x_add,)))
-        grad_x, grad_w = (grad_x if need_x else None), (grad_w if need_w else None)
-        grad_b, grad_gain = (grad_b if need_b else None), (grad_gain if need_gain else None)
+            # (no backward op to run: the input's other uses' gradient alone, or nothing)
+            grad_x, grad_w, grad_b, grad_gain = grad_x_add, None, None, None
+        else:
+            grad_x, grad_w, grad_b, grad_gain = backward_op(
+                grad_out, grad_sums, x, weight, bias, ctx.stride, ctx.padding, ctx.groups, ctx.act, ctx.act_gain,
+                ctx.pool, ctx.pre_beta if ctx.pre else None, gain, ctx.std_scale, ctx.std_eps, need_x, need_w,
+                need_b, need_gain, ctx.compute_dtype, std_weight, z, *(() if grad_x_add is None else (grad_x_add,)))
+            grad_x, grad_w = (grad_x if need_x else None), (grad_w if need_w else None)
+            grad_b, grad_gain = (grad_b if need_b else None), (grad_gain if need_gain else None)
         return ((None if ctx.pre_x else grad_x, grad_w, grad_b) + (None,) * 7
                 + (grad_x if ctx.pre_x else None, None, grad_gain, None, None, None, None, None, None))
     return backward
@@ -601,23 +601,21 @@ def _with_eager_autograd(prefix: str, op: str) -> Callable:
             return function.apply(*inputs)
         return forward_op(*inputs)
     if op == "fused_conv":
-        call.returning_input = _returning_input(function, forward_op, setup_context, backward)
+        call.returning_input = _returning_input(function, forward, backward)
     return call
 
 
-def _returning_input(function, forward_op: Callable, setup_context: Callable, backward: Callable):
+def _returning_input(function, forward: Callable, backward: Callable):
     """An eager fused_conv call with autograd that also returns its differentiable input (pre_x where given,
     else x) as a fifth output: the same values (a view autograd makes of it), whose gradient, from wherever the
     caller uses it, comes back to this call's node and so to the backward op (``grad_x_add``), which sums it
     into the input's gradient in the SiLU backward's pass: autograd's engine no longer adds the input's two
     gradients in a pass of its own (a read of each and a write). Not replayed (nfnet_fast._replay's node
     returns the body's outputs only): under NFNET_FAST_REPLAY these calls run this Function."""
-    def forward(ctx, *inputs):
-        output = forward_op(*inputs)
-        setup_context(ctx, inputs, output)
-        return (*output, inputs[10] if inputs[10] is not None else inputs[0])
+    def forward_returning(ctx, *inputs):  # (the call's own forward, and its input)
+        return (*forward(ctx, *inputs), inputs[10] if inputs[10] is not None else inputs[0])
     returning = type(f"{function.__name__}_returning_input", (torch.autograd.Function,),
-                     {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+                     {"forward": staticmethod(forward_returning), "backward": staticmethod(backward)})
     _EAGER_NODES["fused_conv"].add(returning._backward_cls)
     return returning.apply
 

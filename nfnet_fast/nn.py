@@ -254,7 +254,7 @@ class _FusedConv(_StdWeightCache):
         ``ops.fused_conv``'s ``return_input`` returns it, for the caller's other uses of it
         (NormFreeBlock.input_grads_in_conv)."""
         padding = self._padding4(x)
-        given = pre[0] if pre is not None else x
+        given = _input_of(x, pre)
         if padding is None:
             if pre_act is not None:
                 x = _silu_scale(x, pre_act, self.backend)
@@ -359,6 +359,12 @@ def _act_spec(m: Optional[nn.Module]):
     return None
 
 
+def _input_of(x: torch.Tensor, pre) -> torch.Tensor:
+    """The input whose gradient a conv reading ``x`` makes: ``pre_x`` where ``pre = (pre_x, beta)`` made x,
+    else x (what ``return_input`` returns where no op returns it)."""
+    return pre[0] if pre is not None else x
+
+
 def _conv_act_fuses(conv: nn.Module, act: nn.Module) -> bool:
     """Whether :func:`_conv_act` runs ``act(conv(.))`` as one fused op."""
     return _act_spec(act) is not None and isinstance(conv, _FusedConv) and not _hooked(conv) and not _hooked(act)
@@ -372,7 +378,7 @@ def _conv_act(conv: nn.Module, x: torch.Tensor, act: nn.Module, pre=None, pre_ac
     returns the given input itself)."""
     if not _conv_act_fuses(conv, act):
         out = act(conv(x))
-        return (out, pre[0] if pre is not None else x) if return_input else out
+        return (out, _input_of(x, pre)) if return_input else out
     spec = _act_spec(act)
     return conv.fused(x, act=spec[0], act_gain=spec[1], pre=pre, pre_act=pre_act, links=links,
                       return_input=return_input)
@@ -395,7 +401,7 @@ def _downsample(ds: nn.Module, x: torch.Tensor, pre=None, pre_act=None, return_i
     pooled = _downsample_pool(ds)
     if pooled is not None:
         return ds.conv.fused(x, pool=pooled, pre=pre, pre_act=pre_act, return_input=return_input)
-    return (ds(x), pre[0] if pre is not None else x) if return_input else ds(x)
+    return (ds(x), _input_of(x, pre)) if return_input else ds(x)
 
 
 def _is_sigmoid(m: Optional[nn.Module]) -> bool:
@@ -517,11 +523,11 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         # conv's backward sums conv1's gradient of x into its own, or conv1's the shortcut's
         handing = self.input_grads_in_conv and (pre is not None or pre_act is not None) and not _fx_traced(x)
         shortcut = x
-        if self.downsample is not None:
-            shortcut = _downsample(self.downsample, a, pre, pre_act, return_input=handing)
-            if handing:
-                shortcut, given = shortcut
-                a, pre = (given, None) if pre is None else (a, (given, pre[1]))
+        if self.downsample is not None and handing:
+            shortcut, given = _downsample(self.downsample, a, pre, pre_act, return_input=True)
+            a, pre = (given, None) if pre is None else (a, (given, pre[1]))
+        elif self.downsample is not None:
+            shortcut = _downsample(self.downsample, a, pre, pre_act)
         links = _InputsFromZ.for_block(self, x)
         # timm: conv2(act2(conv1(a))), then conv2b(act2b(.)), attn, conv3(act3(.)); each activation
         # runs in the epilogue of the conv before it
