@@ -12,6 +12,73 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+# Triton's interpreter, made faster without changing what it runs (tests/test_conftest.py compares each change
+# with the original): the originals replaced, by name, for that test.
+INTERPRETER_ORIGINALS = {}
+
+
+def _interpreter_scans_builtins_once() -> None:
+    """Every call of a ``@triton.jit`` helper inside an interpreted kernel (each program's ``_mma``,
+    ``_epilogue``, ``tl.sigmoid``...) patches ``triton.language`` again, and each patch scans its modules with
+    ``inspect.getmembers`` for the builtins to patch: ~0.5 ms a call, an eighth of an interpreted model's
+    time. The builtins are fixed once ``triton.language`` is imported, and nothing is patched yet when this
+    runs (no kernel has run), so their names are listed here once per module; a scan then visits those names
+    only and patches each that is a builtin at that moment, as the scan of every member does. Modules not
+    listed here keep their own scan."""
+    import inspect
+
+    import triton.language as tl
+    from triton.runtime import interpreter
+    original, patch_attr = getattr(interpreter, "_patch_builtin", None), getattr(interpreter, "_patch_attr", None)
+    if original is None or patch_attr is None:
+        return
+    modules = (tl, tl.core, tl.core.tensor, tl.math, getattr(tl.core, "tensor_descriptor_base", None))
+    builtin_names = {id(m): (m, [name for name, member in inspect.getmembers(m) if tl.core.is_builtin(member)])
+                     for m in modules if m is not None}
+
+    def patch_builtin(pkg, builder, scope):
+        listed = builtin_names.get(id(pkg))
+        if listed is None or listed[0] is not pkg:
+            return original(pkg, builder, scope)
+        for name in listed[1]:
+            member = getattr(pkg, name)
+            if tl.core.is_builtin(member):
+                patch_attr(pkg, name, member, builder, scope)
+    INTERPRETER_ORIGINALS["_patch_builtin"] = original
+    interpreter._patch_builtin = patch_builtin
+
+
+def _interpreter_launches_in_a_fresh_stack_chunk() -> None:
+    """CPython 3.11 keeps Python frames in 16 KiB chunks and frees a chunk as soon as the frames in it return
+    (_PyThreadState_PopFrame): a hot call that crosses a chunk's end allocates and frees one (an mmap and a
+    munmap) on every crossing. An interpreted kernel makes millions of small calls, so it ran 1x or 2-4x slower
+    depending on the depth of the Python stack it was launched from: nf_regnet_b0's test in test_model.py took
+    37 s called from a script, 63 s under pytest, 130-162 s in the suite's xdist workers. Each interpreted
+    launch therefore goes through a function whose frame (2200 locals, 17.6 KiB) is larger than a chunk: it
+    always starts a fresh chunk (of 32 KiB), and the launch's own calls run in the 14 KiB after it, at the same
+    depth wherever it was launched from (that test: 30 s under pytest)."""
+    from triton.runtime import interpreter
+    executor = getattr(interpreter, "GridExecutor", None)
+    if executor is None:
+        return
+    launch = executor.__call__
+    namespace = {}
+    exec("def launch_in_a_fresh_chunk(launch, args, kwargs):\n    "
+         + " = ".join(f"_unused{i}" for i in range(2200)) + " = None\n    return launch(*args, **kwargs)\n",
+         namespace)
+    in_a_fresh_chunk = namespace["launch_in_a_fresh_chunk"]
+
+    def padded_launch(self, *args, **kwargs):
+        return in_a_fresh_chunk(launch, (self, *args), kwargs)
+    INTERPRETER_ORIGINALS["GridExecutor.__call__"] = launch
+    executor.__call__ = padded_launch
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_scans_builtins_once()
+    _interpreter_launches_in_a_fresh_stack_chunk()
+
 # Under pytest-xdist (`-n N`) each worker takes its share of the cores for torch's intra-op threads, so
 # N workers do not each start one thread per core and fight over them (the interpreted Triton kernels
 # are mostly single-threaded Python; the workers are what runs them side by side). The cores this process
@@ -261,3 +328,4 @@ def counted_work(*kernel_modules):
             for size in ev.input_shapes[0]:
                 numel *= size
             work["copies"].append(numel)
+
