@@ -1,7 +1,8 @@
 # Two commands for a fresh machine (see README); times measured on a fresh clone, 2 CPU cores:
 #   make bench   set up .venv, build nfnet_fast, run the parity-and-throughput report on this machine (~8 min)
-#   make test    set up .venv, build nfnet_fast, run the tests (~35 min: ~29 of them the tests, in 2 pytest-xdist
-#                workers; TEST_WORKERS=1 runs them in one process, ~38 min of tests)
+#   make test    set up .venv, build nfnet_fast, run the tests (~26 min: ~19-21 of them the tests, in 2 pytest-xdist
+#                workers; TEST_WORKERS=1 runs them in one process: ~38 min of tests before the interpreter's
+#                speed-ups of docs/design.md section 6, not timed since)
 # Of either, about 4 minutes is compiling the nfnet_fast._C extension (mostly nvcc, when it is found).
 PYTHON ?= python3
 VENV   ?= .venv
