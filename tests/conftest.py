@@ -34,14 +34,14 @@ def _interpreter_scans_builtins_once() -> None:
     if original is None or patch_attr is None:
         return
     modules = (tl, tl.core, tl.core.tensor, tl.math, getattr(tl.core, "tensor_descriptor_base", None))
-    builtin_names = {id(m): (m, [name for name, member in inspect.getmembers(m) if tl.core.is_builtin(member)])
+    builtin_names = {m: [name for name, member in inspect.getmembers(m) if tl.core.is_builtin(member)]
                      for m in modules if m is not None}
 
     def patch_builtin(pkg, builder, scope):
-        listed = builtin_names.get(id(pkg))
-        if listed is None or listed[0] is not pkg:
+        listed = builtin_names.get(pkg)
+        if listed is None:
             return original(pkg, builder, scope)
-        for name in listed[1]:
+        for name in listed:
             member = getattr(pkg, name)
             if tl.core.is_builtin(member):
                 patch_attr(pkg, name, member, builder, scope)
@@ -328,4 +328,3 @@ def counted_work(*kernel_modules):
             for size in ev.input_shapes[0]:
                 numel *= size
             work["copies"].append(numel)
-
