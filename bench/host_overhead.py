@@ -174,14 +174,14 @@ yy = y.detach()
 st, wk, dp = (torch.zeros(shape, device=DEV) for shape in ((N, 1, C), (5,), (N, 1, C)))
 pl = E.plan(yy.shape, True, torch.device("cuda"), pool=True)
 def launch_reduce():
-    E._reduce_nhwc_kernel[pl.grid](yy, yy, yy, yy, yy, st, wk, dp, C, H * H, 1, 1, 5, 0.25, 0.4, 0.0, 1,
-                                   HAS_GX=True, HAS_GA=False, **pl.tile)
+    E._reduce_nhwc_kernel[pl.grid](yy, yy, yy, yy, yy, st, wk, dp, dp, C, H * H, 1, 1, 5, 0.25, 0.4, 0.0, 1,
+                                   HAS_GX=True, HAS_GA=False, SUMS=False, **pl.tile)
 def plan_only():
     E.plan(yy.shape, True, torch.device("cuda"), pool=True)
 from nfnet_fast import kernels as _kernels
 def launch_reduce_cached():  # the same launch through kernels.launch with its cache on
-    _kernels.launch(E._reduce_nhwc_kernel, pl.grid, yy, yy, yy, yy, yy, st, wk, dp, C, H * H, 1, 1, 5, 0.25, 0.4,
-                    0.0, 1, HAS_GX=True, HAS_GA=False, **pl.tile)
+    _kernels.launch(E._reduce_nhwc_kernel, pl.grid, yy, yy, yy, yy, yy, st, wk, dp, dp, C, H * H, 1, 1, 5, 0.25,
+                    0.4, 0.0, 1, HAS_GX=True, HAS_GA=False, SUMS=False, **pl.tile)
 _kernels.LAUNCH_CACHE, _was = True, _kernels.LAUNCH_CACHE
 cached_us = bench(launch_reduce_cached, n=2000)
 _native_was = _kernels.NATIVE_LAUNCH

@@ -159,7 +159,9 @@ def keep_z(model, fan_in) -> None:
 def block_policy(model, name: str) -> None:
     """Turn on the NormFreeBlock policy ``name`` on every block of ``model``: ``inputs_from_z`` (each conv after
     one that keeps z holds that z in place of its input; docs/triton-training-step.md section 16) or
-    ``input_grads_in_conv`` (each block input's two gradients summed in a conv's backward; section 17)."""
+    ``input_grads_in_conv`` (each block input's two gradients summed in a conv's backward; section 17) or
+    ``bias_grads_in_eca`` (conv3's and the downsample conv's bias gradients made by the ECA tail's backward;
+    section 18)."""
     if not isinstance(getattr(nfnet_fast.nn.NormFreeBlock, name, None), bool):
         raise ValueError(f"NormFreeBlock has no policy {name!r}")
     for m in model.modules():
@@ -192,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--input-grads-in-conv", action="store_true",
                     help="each block input's two gradients summed in a conv's backward (NormFreeBlock.input_grads_in_conv; "
                          "docs/triton-training-step.md section 17)")
+    ap.add_argument("--bias-grads-in-eca", action="store_true",
+                    help="conv3's and the downsample conv's bias gradients made by the ECA tail's backward "
+                         "(NormFreeBlock.bias_grads_in_eca; docs/triton-training-step.md section 18)")
     args = ap.parse_args(argv)
     import timm
 
@@ -204,13 +209,14 @@ def main(argv=None) -> int:
     fast = nfnet_fast.convert(copy.deepcopy(ref), backend=args.backend, silu_prologue=args.silu_prologue).train()
     keep_y(fast, args.keep_y_stages)
     keep_z(fast, args.keep_z_fan_in)
-    for name in ("inputs_from_z", "input_grads_in_conv"):
+    for name in ("inputs_from_z", "input_grads_in_conv", "bias_grads_in_eca"):
         if getattr(args, name):
             block_policy(fast, name)
     kept = f", y kept in stages {args.keep_y_stages}" if args.keep_y_stages else ""
     kept += f", z kept from fan-in {args.keep_z_fan_in}" if args.keep_z_fan_in is not None else ""
     kept += ", inputs held as the z before them" if args.inputs_from_z else ""
     kept += ", input gradients summed in the convs" if args.input_grads_in_conv else ""
+    kept += ", conv3's and the downsample's bias gradients from ECA" if args.bias_grads_in_eca else ""
     print(f"{args.model}, {args.dtype}, training step (SGD momentum + AGC), {device.type}, size {size}, "
           f"nfnet_fast backend {args.backend}{' with the SiLU prologue' if args.silu_prologue else ''}{kept}")
     mib = 2**-20

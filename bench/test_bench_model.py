@@ -66,6 +66,11 @@ POLICIES = {
     # (NormFreeBlock.input_grads_in_conv): 12 adds, ~2.0 GB of traffic less at batch 128, 224 px (section 17);
     # first: no memory to trade, so the likeliest to become the default
     "input-grads-in-conv": lambda model: peak_memory.block_policy(model, "input_grads_in_conv"),
+    # and conv3's and the downsample convs' bias gradients made by the ECA tail's backward from the sums its
+    # reduction takes (NormFreeBlock.bias_grads_in_eca): 16 activation-sized sums less, ~1.2 GB of reads (section
+    # 18); no memory to trade either. What the bias policy adds alone is this row less the one above
+    "input-grads-and-bias-grads-in-eca": lambda model: (peak_memory.block_policy(model, "input_grads_in_conv"),
+                                                        peak_memory.block_policy(model, "bias_grads_in_eca")),
     # no conv keeps its pre-activation z: the backward recomputes every one (as before nn.KEEP_Z_FAN_IN)
     "recompute-z": lambda model: peak_memory.keep_z(model, math.inf),
     # eca_nfnet_l0's grouped 3x3s (fan-in 576) keep z too: 1.05 G MACs an image less, 3.47 MiB a sample more

@@ -523,10 +523,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_cuda(const at::Tenso
   return {a.x_next, a.a_next, a.mean};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eca_residual_backward_cuda(
     const std::optional<at::Tensor>& grad_x_next, const std::optional<at::Tensor>& grad_a_next, const at::Tensor& y,
     const at::Tensor& weight, const std::optional<at::Tensor>& shortcut, const at::Tensor& stats, double coef,
-    std::optional<double> beta_next) {
+    std::optional<double> beta_next, bool want_bias_sums) {
   eca_check_activation(y, "y");
   check_cuda_dtype(y, "y");
   const c10::cuda::CUDAGuard guard(y.device());
@@ -576,7 +576,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_backward_cuda(
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dw = at::sum(ws, at::IntArrayRef{0});
   });
-  return {a.grad_y, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.grad_shortcut};
+  return {a.grad_y, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.grad_shortcut,
+          eca_bias_sums(a, want_bias_sums)};
 }
 
 }  // namespace

@@ -22,6 +22,8 @@
 
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
@@ -298,6 +300,20 @@ inline EcaResidualBackwardArgs eca_residual_backward_args(
   a.grad_y = a.empty_act();
   a.grad_shortcut = a.dact.defined() ? a.empty_act() : at::empty({0}, y.options());
   return a;
+}
+
+// The backward's fourth output, after its kernels ran: with want_bias_sums the (2, C) sums over (N, H, W) of
+// grad_y and of the shortcut's gradient (fp32; float64 for float64 y), the gradients of the biases added last
+// to y and to the shortcut (NormFreeBlock.bias_grads_in_eca), else (0,). Two aten sums here, the passes the
+// producers' backwards would run; the Triton kernels make them from their reduction instead.
+inline at::Tensor eca_bias_sums(const EcaResidualBackwardArgs& a, bool want_bias_sums) {
+  const auto acc = a.y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (!want_bias_sums) {
+    return at::empty({0}, a.y.options().dtype(acc));
+  }
+  const at::Tensor& shortcut_grad = a.dact.defined() ? a.grad_shortcut : a.dout;
+  return at::stack({a.grad_y.sum(at::IntArrayRef{0, 2, 3}, false, acc),
+                    shortcut_grad.sum(at::IntArrayRef{0, 2, 3}, false, acc)});
 }
 
 }  // namespace nfnet_fast

@@ -226,15 +226,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_cpu(const at::Tensor
   return {a.x_next, a.a_next, a.mean};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eca_residual_backward_cpu(
     const std::optional<at::Tensor>& grad_x_next, const std::optional<at::Tensor>& grad_a_next, const at::Tensor& y,
     const at::Tensor& weight, const std::optional<at::Tensor>& shortcut, const at::Tensor& stats, double coef,
-    std::optional<double> beta_next) {
+    std::optional<double> beta_next, bool want_bias_sums) {
   auto a = eca_residual_backward_args(grad_x_next, grad_a_next, y, weight, shortcut, stats, beta_next);
   at::Tensor dw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "eca_residual_backward_cpu",
                                   [&] { dw = backward_impl<scalar_t>(a, coef, beta_next); });
-  return {a.grad_y, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.grad_shortcut};
+  return {a.grad_y, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.grad_shortcut,
+          eca_bias_sums(a, want_bias_sums)};
 }
 
 }  // namespace
@@ -251,10 +252,12 @@ TORCH_LIBRARY_FRAGMENT(nfnet_fast, m) {
       " -> (Tensor x_next, Tensor a_next, Tensor stats)");
   // Gradients of y, weight and, when grad_a_next is given, of x_next's total, which is the
   // shortcut's; without grad_a_next the third output is (0,) and the shortcut's gradient is
-  // grad_x_next. A missing grad_x_next is zero.
+  // grad_x_next. A missing grad_x_next is zero. bias_sums: with want_bias_sums, the (2, C) sums of
+  // grad_y and of the shortcut's gradient over (N, H, W) (eca_bias_sums), else (0,).
   m.def(
       "_eca_residual_backward(Tensor? grad_x_next, Tensor? grad_a_next, Tensor y, Tensor weight, Tensor? shortcut,"
-      " Tensor stats, float coef, float? beta_next) -> (Tensor grad_y, Tensor grad_weight, Tensor grad_shortcut)");
+      " Tensor stats, float coef, float? beta_next, bool want_bias_sums=False) -> (Tensor grad_y,"
+      " Tensor grad_weight, Tensor grad_shortcut, Tensor bias_sums)");
 }
 
 TORCH_LIBRARY_IMPL(nfnet_fast, CPU, m) {

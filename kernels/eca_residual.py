@@ -26,6 +26,11 @@ The partial sums are saved for the backward, which recomputes the gate instead o
    the conv1d weight gradient (reduced over programs by the caller: again no atomics);
 3. apply: dy = gx * gate + (1/HW) * sum_j w[j] * dL/dlogit[n, c - j + (K-1)/2].
 
+With ``want_bias_sums`` the reduce pass also sums gx per (n, c), and the apply pass turns those sums into
+the pixel sums of dy (gate * sum(gx) + HW * dmean) and of gx: the gradients of the biases that conv3 and
+the downsample conv added last to y and to the shortcut, without a pass of their own over either
+gradient (nfnet_fast.nn.NormFreeBlock.bias_grads_in_eca).
+
 Activation volumes moved from/to HBM (one volume = N*C*H*W elements): forward 5 with the next
 pre-activation (pool: y in; apply: y and shortcut in, x and a out), 4 without it, 3 for ops.eca;
 backward 7 with a gradient for a (reduce: dx, da, y, shortcut in, dshortcut out; dy pass:
@@ -120,7 +125,7 @@ def _apply_tile(y_ptr, shortcut_ptr, x_next_ptr, a_next_ptr, offs, m, g, beta, H
 @triton.jit
 def _reduce_tile(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, offs, m, g, beta,
                  HAS_GX: tl.constexpr, HAS_GA: tl.constexpr):
-    """gx * y for one tile, gx = dL/dx (through x and, when HAS_GA, through a = silu(x) * beta);
+    """(gx * y, gx) for one tile, gx = dL/dx (through x and, when HAS_GA, through a = silu(x) * beta);
     with HAS_GA gx is also the shortcut's gradient and is stored."""
     y = tl.load(y_ptr + offs, mask=m, other=0.0).to(tl.float32)
     if HAS_GX:
@@ -132,13 +137,25 @@ def _reduce_tile(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_sho
         s = tl.sigmoid(x)
         gx += tl.load(grad_a_next_ptr + offs, mask=m, other=0.0).to(tl.float32) * beta * s * (1.0 + x * (1.0 - s))
         tl.store(grad_shortcut_ptr + offs, gx.to(grad_shortcut_ptr.dtype.element_ty), mask=m)
-    return gx * y
+    return gx * y, gx
 
 
 @triton.jit
 def _dy_tile(grad_x_next_ptr, grad_y_ptr, offs, m, g, dmean):
     gx = tl.load(grad_x_next_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(grad_y_ptr + offs, (gx * g + dmean).to(grad_y_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _bias_parts(spart_ptr, bpart_ptr, n, c, cmask, N, C, HW, Sb, g, dmean):
+    """Per (n, c), the pixel sums of dy (gx * gate + dmean, summed: gate * sum(gx) + HW * dmean) and of gx,
+    from the reduce pass's partial sums of gx: ``bpart[0, n, c]`` and ``bpart[1, n, c]``, which the caller
+    sums over n into the gradients of the biases that y's and the shortcut's producers added last."""
+    s = tl.zeros(g.shape, tl.float32)
+    for i in range(Sb):
+        s += tl.load(spart_ptr + (n * Sb + i) * C + c, mask=cmask, other=0.0)
+    tl.store(bpart_ptr + n * C + c, g * s + dmean * HW, mask=cmask)
+    tl.store(bpart_ptr + (N + n) * C + c, s, mask=cmask)
 
 
 @triton.jit
@@ -245,9 +262,9 @@ def _apply_nchw_kernel(y_ptr, shortcut_ptr, x_next_ptr, a_next_ptr, stats_ptr, w
 
 
 @triton.jit(do_not_specialize=["S", "Sb", "per"])
-def _reduce_nhwc_kernel(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, stats_ptr, w_ptr, dpart_ptr, C, HW, S, Sb, K,
-                        inv_hw, coef, beta, per, HAS_GX: tl.constexpr, HAS_GA: tl.constexpr,
-                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _reduce_nhwc_kernel(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, stats_ptr, w_ptr, dpart_ptr,
+                        spart_ptr, C, HW, S, Sb, K, inv_hw, coef, beta, per, HAS_GX: tl.constexpr, HAS_GA: tl.constexpr,
+                        SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)  # n * Sb + split
     n = pid // Sb
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -259,17 +276,24 @@ def _reduce_nhwc_kernel(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, g
     img = n.to(tl.int64) * HW * C
     t0 = (pid % Sb) * per
     acc = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+    acc_gx = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_P))):
         offs, m = _nhwc_tile(t, c, cmask, C, HW, BLOCK_P)
-        acc += _reduce_tile(grad_x_next_ptr + img, grad_a_next_ptr + img, y_ptr + img, shortcut_ptr + img, grad_shortcut_ptr + img, offs, m,
-                            g[None, :], beta, HAS_GX, HAS_GA)
+        gxy, gx = _reduce_tile(grad_x_next_ptr + img, grad_a_next_ptr + img, y_ptr + img, shortcut_ptr + img,
+                               grad_shortcut_ptr + img, offs, m, g[None, :], beta, HAS_GX, HAS_GA)
+        acc += gxy
+        if SUMS:
+            acc_gx += gx
     tl.store(dpart_ptr + pid * C + c, tl.sum(acc, axis=0), mask=cmask)
+    if SUMS:
+        tl.store(spart_ptr + pid * C + c, tl.sum(acc_gx, axis=0), mask=cmask)
 
 
 @triton.jit(do_not_specialize=["NC", "S", "Sb", "per"])
-def _reduce_nchw_kernel(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, stats_ptr, w_ptr, dpart_ptr, NC, C, HW, S, Sb, K,
-                        inv_hw, coef, beta, per, HAS_GX: tl.constexpr, HAS_GA: tl.constexpr,
-                        ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
+def _reduce_nchw_kernel(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, stats_ptr, w_ptr, dpart_ptr,
+                        spart_ptr, NC, C, HW, S, Sb, K, inv_hw, coef, beta, per, HAS_GX: tl.constexpr,
+                        HAS_GA: tl.constexpr, SUMS: tl.constexpr, ROWS: tl.constexpr, BLOCK_HW: tl.constexpr,
+                        ALIGN: tl.constexpr):
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     row_off, rmask = _nchw_rows(rows, NC, HW, ALIGN)
     n = rows // C
@@ -281,10 +305,17 @@ def _reduce_nchw_kernel(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, g
     s = tl.program_id(1)
     t0 = s * per
     acc = tl.zeros([ROWS, BLOCK_HW], tl.float32)
+    acc_gx = tl.zeros([ROWS, BLOCK_HW], tl.float32)
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
         offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
-        acc += _reduce_tile(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, offs, m, g[:, None], beta, HAS_GX, HAS_GA)
+        gxy, gx = _reduce_tile(grad_x_next_ptr, grad_a_next_ptr, y_ptr, shortcut_ptr, grad_shortcut_ptr, offs, m,
+                               g[:, None], beta, HAS_GX, HAS_GA)
+        acc += gxy
+        if SUMS:
+            acc_gx += gx
     tl.store(dpart_ptr + (n * Sb + s) * C + c, tl.sum(acc, axis=1), mask=rmask)
+    if SUMS:
+        tl.store(spart_ptr + (n * Sb + s) * C + c, tl.sum(acc_gx, axis=1), mask=rmask)
 
 
 @triton.jit(do_not_specialize=["S", "Sb"])
@@ -315,14 +346,17 @@ def _gate_bwd_kernel(stats_ptr, dpart_ptr, w_ptr, gate_ptr, dz_ptr, dwp_ptr, C, 
 
 
 @triton.jit(do_not_specialize=["A", "per"])
-def _dy_nhwc_kernel(grad_x_next_ptr, gate_ptr, dz_ptr, w_ptr, grad_y_ptr, C, HW, K, inv_hw, A, per,
-                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+def _dy_nhwc_kernel(grad_x_next_ptr, gate_ptr, dz_ptr, w_ptr, grad_y_ptr, spart_ptr, bpart_ptr, N, C, HW, K, Sb,
+                    inv_hw, A, per, SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid, cb = _reversed_ids()
     n = pid // A
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     g = tl.load(gate_ptr + n * C + c, mask=cmask, other=0.0)
     dmean = _dlogit_to_mean(dz_ptr + n * C, w_ptr, c, cmask, C, K, inv_hw)
+    if SUMS:
+        if pid % A == 0:
+            _bias_parts(spart_ptr, bpart_ptr, n, c, cmask, N, C, HW, Sb, g, dmean)
     img = n.to(tl.int64) * HW * C
     t0 = (pid % A) * per
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_P))):
@@ -331,14 +365,17 @@ def _dy_nhwc_kernel(grad_x_next_ptr, gate_ptr, dz_ptr, w_ptr, grad_y_ptr, C, HW,
 
 
 @triton.jit(do_not_specialize=["NC", "per"])
-def _dy_nchw_kernel(grad_x_next_ptr, gate_ptr, dz_ptr, w_ptr, grad_y_ptr, NC, C, HW, K, inv_hw, per,
-                    ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
+def _dy_nchw_kernel(grad_x_next_ptr, gate_ptr, dz_ptr, w_ptr, grad_y_ptr, spart_ptr, bpart_ptr, N, NC, C, HW, K, Sb,
+                    inv_hw, per, SUMS: tl.constexpr, ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
     pid, split = _reversed_ids()
     rows = pid * ROWS + tl.arange(0, ROWS)
     row_off, rmask = _nchw_rows(rows, NC, HW, ALIGN)
     n = rows // C
     g = tl.load(gate_ptr + rows, mask=rmask, other=0.0)
     dmean = _dlogit_to_mean(dz_ptr + n * C, w_ptr, rows - n * C, rmask, C, K, inv_hw)
+    if SUMS:
+        if split == 0:
+            _bias_parts(spart_ptr, bpart_ptr, n, rows - n * C, rmask, N, C, HW, Sb, g, dmean)
     t0 = split * per
     for t in range(t0, tl.minimum(t0 + per, tl.cdiv(HW, BLOCK_HW))):
         offs, m = _nchw_tile(t, row_off, rmask, HW, BLOCK_HW, ALIGN)
@@ -458,13 +495,16 @@ def forward(y: torch.Tensor, weight: torch.Tensor, shortcut: Optional[torch.Tens
 
 def backward(grad_x_next: Optional[torch.Tensor], grad_a_next: Optional[torch.Tensor], y: torch.Tensor,
              weight: torch.Tensor, shortcut: Optional[torch.Tensor], stats: torch.Tensor, coef: float,
-             beta_next: Optional[float], gpu_config: bool = False):
-    """``(grad_y, grad_weight, grad_shortcut)`` of :func:`forward`'s outputs.
+             beta_next: Optional[float], gpu_config: bool = False, want_bias_sums: bool = False):
+    """``(grad_y, grad_weight, grad_shortcut, bias_sums)`` of :func:`forward`'s outputs.
 
     ``grad_x_next``/``grad_a_next`` are the gradients of x_next and a_next (either may be None, not
     both; ``grad_a_next`` needs ``shortcut`` and ``beta_next``), with ``y``'s strides.
     ``grad_weight`` is fp32 (K,). ``grad_shortcut`` is computed only with ``grad_a_next`` (else it is
-    ``grad_x_next`` itself, and None is returned).
+    ``grad_x_next`` itself, and None is returned). ``bias_sums`` (``want_bias_sums``, else None): the fp32
+    (2, C) sums over (N, H, W) of grad_y and of the shortcut's gradient, in fp32 before any rounding to
+    y's dtype: the gradients of biases added last to y and to the shortcut, made from the reduce pass's
+    sums of the shortcut's gradient at no extra read of an activation.
     """
     _check(y)
     n, c, h, w = y.shape
@@ -477,10 +517,11 @@ def backward(grad_x_next: Optional[torch.Tensor], grad_a_next: Optional[torch.Te
     with device_guard(y):
         pr = plan(y.shape, cl, y.device, pool=True, gpu_config=gpu_config)
         dpart = torch.empty((n, pr.splits, c), device=y.device, dtype=torch.float32)
+        spart = torch.empty_like(dpart) if want_bias_sums else dpart  # (the shortcut's gradient's partial sums)
         ptrs = (y if grad_x_next is None else grad_x_next, grad_a_next if has_ga else y, y,
-                shortcut if has_ga else y, grad_shortcut if has_ga else y, stats, weight, dpart)
+                shortcut if has_ga else y, grad_shortcut if has_ga else y, stats, weight, dpart, spart)
         scal = (stats.shape[1], pr.splits, k, 1.0 / hw, float(coef), float(beta_next) if has_ga else 0.0, pr.per)
-        flags = dict(HAS_GX=grad_x_next is not None, HAS_GA=has_ga, **pr.tile)
+        flags = dict(HAS_GX=grad_x_next is not None, HAS_GA=has_ga, SUMS=want_bias_sums, **pr.tile)
         if cl:
             launch(_reduce_nhwc_kernel, pr.grid, *ptrs, c, hw, *scal, **flags)
         else:
@@ -495,13 +536,15 @@ def backward(grad_x_next: Optional[torch.Tensor], grad_a_next: Optional[torch.Te
 
         dx_total = grad_shortcut if has_ga else grad_x_next  # d(loss)/d(x_next), the act's share included
         pl = plan(y.shape, cl, y.device, gpu_config=gpu_config)
+        bpart = torch.empty((2, n, c), device=y.device, dtype=torch.float32) if want_bias_sums else gate
+        ptrs = (dx_total, gate, dz, weight, grad_y, spart, bpart)
         if cl:
-            launch(_dy_nhwc_kernel, pl.grid, dx_total, gate, dz, weight, grad_y, c, hw, k, 1.0 / hw, pl.splits, pl.per,
-                   **pl.tile)
+            launch(_dy_nhwc_kernel, pl.grid, *ptrs, n, c, hw, k, pr.splits, 1.0 / hw, pl.splits, pl.per,
+                   SUMS=want_bias_sums, **pl.tile)
         else:
-            launch(_dy_nchw_kernel, pl.grid, dx_total, gate, dz, weight, grad_y, n * c, c, hw, k, 1.0 / hw, pl.per,
-                   **pl.tile)
-    return grad_y, dwp.sum(0), grad_shortcut
+            launch(_dy_nchw_kernel, pl.grid, *ptrs, n, n * c, c, hw, k, pr.splits, 1.0 / hw, pl.per,
+                   SUMS=want_bias_sums, **pl.tile)
+    return grad_y, dwp.sum(0), grad_shortcut, bpart.sum(1) if want_bias_sums else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,8 +556,8 @@ _NHWC = dict(BLOCK_P=BLOCK_P, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
 _NCHW = [dict(ROWS=ROWS, BLOCK_HW=BLOCK_HW, ALIGN=al, num_warps=NUM_WARPS) for al in (1, 4, 16)]
 _APPLY_MODES = [dict(HAS_RES=False, HAS_NEXT=False), dict(HAS_RES=True, HAS_NEXT=False),
                 dict(HAS_RES=True, HAS_NEXT=True)]  # ops.eca, eca_residual, eca_residual + beta_next
-_REDUCE_MODES = [dict(HAS_GX=True, HAS_GA=False), dict(HAS_GX=False, HAS_GA=True),
-                 dict(HAS_GX=True, HAS_GA=True)]
+_REDUCE_MODES = [dict(HAS_GX=gx, HAS_GA=ga, SUMS=sums) for gx, ga in ((True, False), (False, True), (True, True))
+                 for sums in (False, True)]
 AOT = [
     AotSpec(_pool_nhwc_kernel, dict(stats_ptr=_F32), [_NHWC], aligned=("y_ptr", "stats_ptr", "C")),
     AotSpec(_pool_nchw_kernel, dict(stats_ptr=_F32), _NCHW, aligned=("y_ptr", "stats_ptr", "C", "HW")),
@@ -524,18 +567,22 @@ AOT = [
     AotSpec(_apply_nchw_kernel, dict(stats_ptr=_F32, w_ptr=_F32, **_FLOATS),
             [dict(**m, **t) for m in _APPLY_MODES for t in _NCHW],
             aligned=("y_ptr", "shortcut_ptr", "x_next_ptr", "a_next_ptr", "stats_ptr", "w_ptr", "C", "HW")),
-    AotSpec(_reduce_nhwc_kernel, dict(stats_ptr=_F32, w_ptr=_F32, dpart_ptr=_F32, **_FLOATS),
+    AotSpec(_reduce_nhwc_kernel, dict(stats_ptr=_F32, w_ptr=_F32, dpart_ptr=_F32, spart_ptr=_F32, **_FLOATS),
             [dict(**m, **_NHWC) for m in _REDUCE_MODES],
-            aligned=("grad_x_next_ptr", "grad_a_next_ptr", "y_ptr", "shortcut_ptr", "grad_shortcut_ptr", "stats_ptr", "w_ptr", "dpart_ptr", "C")),
-    AotSpec(_reduce_nchw_kernel, dict(stats_ptr=_F32, w_ptr=_F32, dpart_ptr=_F32, **_FLOATS),
+            aligned=("grad_x_next_ptr", "grad_a_next_ptr", "y_ptr", "shortcut_ptr", "grad_shortcut_ptr", "stats_ptr", "w_ptr", "dpart_ptr",
+                     "spart_ptr", "C")),
+    AotSpec(_reduce_nchw_kernel, dict(stats_ptr=_F32, w_ptr=_F32, dpart_ptr=_F32, spart_ptr=_F32, **_FLOATS),
             [dict(**m, **t) for m in _REDUCE_MODES for t in _NCHW],
-            aligned=("grad_x_next_ptr", "grad_a_next_ptr", "y_ptr", "shortcut_ptr", "grad_shortcut_ptr", "stats_ptr", "w_ptr", "dpart_ptr", "C", "HW")),
+            aligned=("grad_x_next_ptr", "grad_a_next_ptr", "y_ptr", "shortcut_ptr", "grad_shortcut_ptr", "stats_ptr", "w_ptr", "dpart_ptr",
+                     "spart_ptr", "C", "HW")),
     AotSpec(_gate_bwd_kernel, dict(stats_ptr=_F32, dpart_ptr=_F32, w_ptr=_F32, gate_ptr=_F32, dz_ptr=_F32,
                                    dwp_ptr=_F32, inv_hw="fp32", coef="fp32"),
             [dict(BLOCK=GATE_BLOCK, num_warps=GATE_WARPS)],
             aligned=("stats_ptr", "dpart_ptr", "w_ptr", "gate_ptr", "dz_ptr", "dwp_ptr", "C")),
-    AotSpec(_dy_nhwc_kernel, dict(gate_ptr=_F32, dz_ptr=_F32, w_ptr=_F32, inv_hw="fp32"), [_NHWC],
-            aligned=("grad_x_next_ptr", "gate_ptr", "dz_ptr", "w_ptr", "grad_y_ptr", "C")),
-    AotSpec(_dy_nchw_kernel, dict(gate_ptr=_F32, dz_ptr=_F32, w_ptr=_F32, inv_hw="fp32"), _NCHW,
-            aligned=("grad_x_next_ptr", "gate_ptr", "dz_ptr", "w_ptr", "grad_y_ptr", "C", "HW")),
+    AotSpec(_dy_nhwc_kernel, dict(gate_ptr=_F32, dz_ptr=_F32, w_ptr=_F32, spart_ptr=_F32, bpart_ptr=_F32, inv_hw="fp32"),
+            [dict(SUMS=sums, **_NHWC) for sums in (False, True)],
+            aligned=("grad_x_next_ptr", "gate_ptr", "dz_ptr", "w_ptr", "grad_y_ptr", "spart_ptr", "bpart_ptr", "C")),
+    AotSpec(_dy_nchw_kernel, dict(gate_ptr=_F32, dz_ptr=_F32, w_ptr=_F32, spart_ptr=_F32, bpart_ptr=_F32, inv_hw="fp32"),
+            [dict(SUMS=sums, **t) for sums in (False, True) for t in _NCHW],
+            aligned=("grad_x_next_ptr", "gate_ptr", "dz_ptr", "w_ptr", "grad_y_ptr", "spart_ptr", "bpart_ptr", "C", "HW")),
 ]

@@ -13,14 +13,16 @@ The names are the ops' vocabulary everywhere (ops.py, csrc/, kernels/, tests)::
     silu_scale(x, beta) -> out
         _silu_scale_backward(grad_out, x, beta) -> grad_x
     eca_residual(y, weight, shortcut?, coef, beta_next?, sums?) -> (x_next, a_next, stats)
-        _eca_residual_backward(grad_x_next?, grad_a_next?, y, weight, shortcut?, stats, coef, beta_next?)
-            -> (grad_y, grad_weight, grad_shortcut)
+        _eca_residual_backward(grad_x_next?, grad_a_next?, y, weight, shortcut?, stats, coef, beta_next?,
+                               want_bias_sums=False) -> (grad_y, grad_weight, grad_shortcut, bias_sums)
 
 ``x_next = coef * y * gate(y) [+ shortcut]``, ``a_next = silu(x_next) * beta_next`` (a (0,) tensor
 without ``beta_next``), ``stats`` the backend's saved channel statistics (C++: the (N, C) means;
 Triton: (N, S, C) fp32 partial sums; with ``sums``, y's (N, C) channel sums from its producer, no
-pooling pass reads y, and the backward differentiates through y alone). ``ops.eca`` is
-``eca_residual`` without a shortcut.
+pooling pass reads y, and the backward differentiates through y alone). ``bias_sums``: with
+``want_bias_sums`` the (2, C) sums over (N, H, W) of grad_y and of the shortcut's gradient (fp32; float64
+for float64 y), the gradients of biases added last to y and to the shortcut (ops.eca_residual's
+``biases``), else (0,). ``ops.eca`` is ``eca_residual`` without a shortcut.
 """
 from __future__ import annotations
 
@@ -191,7 +193,12 @@ def _fake_eca(stats_like):
     return fake
 
 
-def _fake_eca_backward(grad_x_next, grad_a_next, y, weight, shortcut, stats, coef, beta_next):
+def bias_sums_dtype(y: Tensor) -> torch.dtype:
+    """The dtype of _eca_residual_backward's bias_sums: fp32, float64 for a float64 ``y``."""
+    return torch.float64 if y.dtype == torch.float64 else torch.float32
+
+
+def _fake_eca_backward(grad_x_next, grad_a_next, y, weight, shortcut, stats, coef, beta_next, want_bias_sums=False):
     _check_eca(y, weight, shortcut, beta_next)
     torch._check(grad_x_next is not None or grad_a_next is not None,
                  lambda: "the backward needs grad_x_next or grad_a_next")
@@ -200,7 +207,8 @@ def _fake_eca_backward(grad_x_next, grad_a_next, y, weight, shortcut, stats, coe
             _check_shape(g, name, y, "y")
             _check_same(g, name, y, "y", dtype=False)
     grad_shortcut = _empty_act(y) if grad_a_next is not None else y.new_empty((0,))
-    return _empty_act(y), torch.empty_like(weight, memory_format=torch.contiguous_format), grad_shortcut
+    bias_sums = y.new_empty((2, y.shape[1]) if want_bias_sums else (0,), dtype=bias_sums_dtype(y))
+    return _empty_act(y), torch.empty_like(weight, memory_format=torch.contiguous_format), grad_shortcut, bias_sums
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,26 +266,37 @@ def _eca_setup(ctx, inputs, output):
     ctx.save_for_backward(y, weight, shortcut if ctx.beta_next is not None else None, output[2])
 
 
-def _eca_backward(backward_op):
+def _eca_backward(backward_op, with_biases: bool = False):
+    """The autograd formula; ``with_biases``: of :func:`_with_biases`' Function, whose inputs 6 and 7 are the
+    biases that y's and the shortcut's producers added last (detached there), their gradients the backward
+    op's ``bias_sums``."""
     def backward(ctx, grad_x_next, grad_a_next, _grad_stats):
         need_y, need_w, need_shortcut = ctx.needs_input_grad[:3]
+        need_biases = ctx.needs_input_grad[6:8] if with_biases else (False, False)
+        nothing = (None, None, None) + (None,) * (5 if with_biases else 3)
         if ctx.beta_next is None:
             grad_a_next = None
         if grad_x_next is None and grad_a_next is None:
-            return None, None, None, None, None, None
-        if grad_a_next is None and not (need_y or need_w):
+            return nothing
+        if grad_a_next is None and not (need_y or need_w or any(need_biases)):
             # x_next = coef * gate * y + shortcut: the shortcut's gradient is grad_x_next itself
-            return None, None, grad_x_next if need_shortcut else None, None, None, None
+            return (None, None, grad_x_next if need_shortcut else None) + nothing[3:]
         # (unpacked only now: a block's y may be saved as a recipe that recomputes it, nn._saved_as_recompute)
         y, weight, shortcut, stats = ctx.saved_tensors
+        want = (True,) if any(need_biases) else ()
         if grad_a_next is None:
             grad_shortcut = grad_x_next if need_shortcut else None
-            grad_y, grad_weight, _ = backward_op(grad_x_next, None, y, weight, None, stats, ctx.coef, None)
+            grad_y, grad_weight, _, bias_sums = backward_op(grad_x_next, None, y, weight, None, stats, ctx.coef, None,
+                                                            *want)
         else:
-            grad_y, grad_weight, grad_total = backward_op(grad_x_next, grad_a_next, y, weight, shortcut, stats,
-                                                          ctx.coef, ctx.beta_next)
+            grad_y, grad_weight, grad_total, bias_sums = backward_op(grad_x_next, grad_a_next, y, weight, shortcut,
+                                                                     stats, ctx.coef, ctx.beta_next, *want)
             grad_shortcut = grad_total if need_shortcut else None
-        return grad_y if need_y else None, grad_weight if need_w else None, grad_shortcut, None, None, None
+        grads = (grad_y if need_y else None, grad_weight if need_w else None, grad_shortcut, None, None, None)
+        if not with_biases:
+            return grads
+        return grads + tuple(bias_sums[i].to(ctx.bias_dtypes[i]) if need else None
+                             for i, need in enumerate(need_biases))
     return backward
 
 
@@ -319,11 +338,17 @@ def public_functions(prefix: str, float64=None) -> dict:
         return eca_res(x, weight, None, gain, None, None)[0]
 
     def eca_residual(y: Tensor, weight: Tensor, shortcut: Tensor, alpha: float, attn_gain: float,
-                     beta_next: Optional[float], sums: Optional[Tensor] = None):
+                     beta_next: Optional[float], sums: Optional[Tensor] = None, biases=None):
         if wide(y):
-            return float64.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next)
+            return float64.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, biases=biases)
         # the reference multiplies the gate by the Python float alpha * attn_gain: the same product here
-        x_next, a_next, _ = eca_res(y, weight, shortcut, alpha * attn_gain, beta_next, sums)
+        args = (y, weight, shortcut, alpha * attn_gain, beta_next, sums)
+        if biases is not None and eca_res.takes_biases(args, biases):
+            x_next, a_next, _ = eca_res.with_biases(*args, *biases)
+        else:
+            if biases is not None:
+                y, shortcut = through_bias(y, biases[0]), through_bias(shortcut, biases[1])
+            x_next, a_next, _ = eca_res(y, weight, shortcut, alpha * attn_gain, beta_next, sums)
         return x_next if beta_next is None else (x_next, a_next)
 
     return dict(scaled_std_weight=scaled_std_weight, eca=eca, eca_residual=eca_residual, silu_scale=silu_scale)
@@ -602,7 +627,43 @@ def _with_eager_autograd(prefix: str, op: str) -> Callable:
         return forward_op(*inputs)
     if op == "fused_conv":
         call.returning_input = _returning_input(function, forward, backward)
+    if op == "eca_residual":
+        call.with_biases = _with_biases(function, forward, _eca_backward(_direct(backward_name), with_biases=True))
+        call.takes_biases = _takes_biases
     return call
+
+
+def through_bias(t: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``t`` (the values: ``bias - bias`` is zero) through which ``bias``, a per-channel bias that ``t``'s producer
+    added last with ``bias`` detached, gets its gradient: that of ``t``, summed over (N, H, W). The plain
+    autograd form of ops.eca_residual's ``biases``, for the calls :func:`_with_biases` does not serve (one
+    elementwise pass more; the reference backend, tracing, compile, torch.func)."""
+    if bias is None or not (bias.requires_grad and torch.is_grad_enabled()):
+        return t
+    return t + (bias - bias.detach()).to(t.dtype).reshape(1, -1, 1, 1)
+
+
+def _takes_biases(args: tuple, biases: tuple) -> bool:
+    """Whether an eca_residual call with ``biases`` runs :func:`_with_biases`' Function: eager autograd with plain
+    tensors, a bias tracked."""
+    return (torch.is_grad_enabled() and any(b is not None and b.requires_grad for b in biases)
+            and not torch.compiler.is_compiling() and _plain_call(args + tuple(biases), track=False))
+
+
+def _with_biases(function, forward: Callable, backward: Callable):
+    """An eager eca_residual call with autograd that also takes, last, the biases ``(y_bias, shortcut_bias)`` (each
+    None or a (C,) tensor) that y's and the shortcut's producers added last, with the bias detached: the call's
+    backward op makes their gradients, the sums of grad_y and of the shortcut's gradient over (N, H, W), from the
+    sums its reduction takes anyway (Triton; the C++ op sums with aten), so that the producers' backwards sum
+    nothing (NormFreeBlock.bias_grads_in_eca). The same forward and outputs. Not replayed (nfnet_fast._replay's
+    node takes the op's inputs only): under NFNET_FAST_REPLAY these calls run this Function."""
+    def forward_with_biases(ctx, *inputs):
+        ctx.bias_dtypes = tuple(None if b is None else b.dtype for b in inputs[6:])
+        return forward(ctx, *inputs[:6])
+    taking = type(f"{function.__name__}_with_biases", (torch.autograd.Function,),
+                  {"forward": staticmethod(forward_with_biases), "backward": staticmethod(backward)})
+    _EAGER_NODES["eca_residual"].add(taking._backward_cls)
+    return taking.apply
 
 
 def _returning_input(function, forward: Callable, backward: Callable):

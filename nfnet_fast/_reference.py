@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import _backends
+from . import _backends, _library
 
 
 def _no_autocast(t: torch.Tensor):
@@ -45,8 +45,10 @@ def eca(x: torch.Tensor, weight: torch.Tensor, gain: float) -> torch.Tensor:
         return (x.float() * (g * gain)[:, :, None, None]).to(x.dtype)
 
 
-def eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, sums=None):
+def eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, sums=None, biases=None):
     # (sums: y's channel sums, a shortcut for the compiled backends; the specification pools y)
+    if biases is not None:  # (their gradients through plain autograd: ops.eca_residual)
+        y, shortcut = _library.through_bias(y, biases[0]), _library.through_bias(shortcut, biases[1])
     with _no_autocast(y):
         g = eca_gate(y, weight) * (alpha * attn_gain)
         x_next = torch.addcmul(shortcut.float(), y.float(), g[:, :, None, None])

@@ -125,13 +125,17 @@ def eca_residual_op(y: Tensor, weight: Tensor, shortcut: Optional[Tensor], coef:
 @_library.custom_op("nfnet_fast::_triton_eca_residual_backward")
 def _eca_residual_backward_op(grad_x_next: Optional[Tensor], grad_a_next: Optional[Tensor], y: Tensor,
                               weight: Tensor, shortcut: Optional[Tensor], stats: Tensor, coef: float,
-                              beta_next: Optional[float]) -> Tuple[Tensor, Tensor, Tensor]:
+                              beta_next: Optional[float], want_bias_sums: bool = False
+                              ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     y = _activation(y)
-    grad_y, grad_weight, grad_shortcut = _eca.backward(
+    grad_y, grad_weight, grad_shortcut, bias_sums = _eca.backward(
         None if grad_x_next is None else _like(grad_x_next, y), None if grad_a_next is None else _like(grad_a_next, y),
-        y, _taps(weight), None if shortcut is None else _like(shortcut, y), stats, coef, beta_next)
+        y, _taps(weight), None if shortcut is None else _like(shortcut, y), stats, coef, beta_next,
+        want_bias_sums=want_bias_sums)
     grad_weight = grad_weight.to(weight.dtype).reshape(weight.shape)
-    return grad_y, grad_weight, y.new_empty((0,)) if grad_shortcut is None else grad_shortcut
+    return (grad_y, grad_weight, y.new_empty((0,)) if grad_shortcut is None else grad_shortcut,
+            y.new_empty((0,), dtype=_library.bias_sums_dtype(y)) if bias_sums is None
+            else bias_sums.to(_library.bias_sums_dtype(y)))
 
 
 # ---------------------------------------------------------------------------------------------

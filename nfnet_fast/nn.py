@@ -53,8 +53,9 @@ def _eca(x, weight, gain: float, backend: str):
 
 
 def _eca_residual(y, weight, shortcut, alpha: float, attn_gain: float, beta_next: Optional[float], backend: str,
-                  sums=None):
-    return ops.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, sums=sums, backend=backend)
+                  sums=None, biases=None):
+    return ops.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, sums=sums, biases=biases,
+                            backend=backend)
 
 
 def _fused_conv(x, weight, bias, stride: int, padding, groups: int, act: Optional[str], act_gain: float, pool: bool,
@@ -239,7 +240,7 @@ class _FusedConv(_StdWeightCache):
     def fused(self, x: torch.Tensor, act: Optional[str] = None, act_gain: float = 1.0,
               pool: bool = False, want_sums: bool = False, pre: Optional[Tuple[torch.Tensor, float]] = None,
               pre_act: Optional[float] = None, want_out: bool = True, recipe: bool = False,
-              links: Optional[_InputsFromZ] = None, return_input: bool = False):
+              links: Optional[_InputsFromZ] = None, return_input: bool = False, bias_elsewhere: bool = False):
         """``act(self(pool(x))) * act_gain`` in one op where it applies, else as timm computes it.
         With ``want_sums``, ``(out, sums)``: the fp32 (N, C) sums of ``out`` over its pixels from
         the op's epilogue, or None where the op does not apply (the caller then pools); with
@@ -252,7 +253,9 @@ class _FusedConv(_StdWeightCache):
         is ``silu(z) * act_gain`` (NormFreeBlock.inputs_from_z). ``return_input`` (not with ``recipe``):
         ``(result, input)``, the input whose gradient the conv makes (``pre_x``, else ``x``) as
         ``ops.fused_conv``'s ``return_input`` returns it, for the caller's other uses of it
-        (NormFreeBlock.input_grads_in_conv)."""
+        (NormFreeBlock.input_grads_in_conv). ``bias_elsewhere``: where the op applies (:meth:`bias_fuses`), it adds
+        the bias detached, its gradient the caller's to make (NormFreeBlock.bias_grads_in_eca); elsewhere timm's
+        forward adds it with its gradient, as always."""
         padding = self._padding4(x)
         given = _input_of(x, pre)
         if padding is None:
@@ -268,13 +271,14 @@ class _FusedConv(_StdWeightCache):
             return (result, None) if recipe else (result, given) if return_input else result
         pre_x, pre_beta = pre if pre is not None else (None, 1.0 if pre_act is None else pre_act)
         key = self._cache_key()
+        bias = self.bias.detach() if bias_elsewhere and self.bias is not None else self.bias
         if key is None:  # training (or tracing): the op standardises the raw weight as it packs it
-            args = (x, self.weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
+            args = (x, self.weight, bias, self.stride[0], padding, self.groups, act, act_gain, pool,
                     self.backend, want_sums, pre_x, pre_beta, self.gain, self.scale, self.eps,
                     pre_act is not None, want_out, act is not None and self._keeps_z())
         else:
             weight = self._cached_weight(key, _library.autocast_dtype(x.device.type))
-            args = (x, weight, self.bias, self.stride[0], padding, self.groups, act, act_gain, pool,
+            args = (x, weight, bias, self.stride[0], padding, self.groups, act, act_gain, pool,
                     self.backend, want_sums, pre_x, pre_beta, None, 1.0, 0.0, pre_act is not None, want_out)
         if links is not None and key is None and act == "silu" and args[-1]:  # (args[-1]: keep_z)
             res, z, *returned = _fused_conv(*args, return_z=True, return_input=return_input)
@@ -288,6 +292,10 @@ class _FusedConv(_StdWeightCache):
         if return_input:
             return result, given
         return (result, args) if recipe else result  # (args: the same call again recomputes res)
+
+    def bias_fuses(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`fused` on ``x`` adds a bias in its op (so that ``bias_elsewhere`` detaches it)."""
+        return self.bias is not None and self._padding4(x) is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fused(x)
@@ -395,12 +403,14 @@ def _downsample_pool(ds: nn.Module) -> Optional[bool]:
     return pooled if fusable else None
 
 
-def _downsample(ds: nn.Module, x: torch.Tensor, pre=None, pre_act=None, return_input: bool = False) -> torch.Tensor:
+def _downsample(ds: nn.Module, x: torch.Tensor, pre=None, pre_act=None, return_input: bool = False,
+                bias_elsewhere: bool = False) -> torch.Tensor:
     """timm's DownsampleAvg (2x2 ceil-mode average pool, then a 1x1 conv) as one fused op
-    (``pre_act`` only where it fuses; ``return_input``: see _FusedConv.fused)."""
+    (``pre_act`` only where it fuses; ``return_input``, ``bias_elsewhere``: see _FusedConv.fused)."""
     pooled = _downsample_pool(ds)
     if pooled is not None:
-        return ds.conv.fused(x, pool=pooled, pre=pre, pre_act=pre_act, return_input=return_input)
+        return ds.conv.fused(x, pool=pooled, pre=pre, pre_act=pre_act, return_input=return_input,
+                             bias_elsewhere=bias_elsewhere)
     return (ds(x), _input_of(x, pre)) if return_input else ds(x)
 
 
@@ -470,6 +480,12 @@ class NormFreeBlock(_FastModule, _TimmBlock):
     # eca_nfnet_l0 at batch 128, 224 px, bf16: 12 adds, ~2.0 GB of traffic a step less. In eager autograd only
     # (fused_conv's return_input); the same gradients (in fp32 the same bits).
     input_grads_in_conv = False
+    # A policy for a GPU measurement to choose (docs/triton-training-step.md section 18), off by default: in eager
+    # training the biases of conv3 and of the downsample conv, added last to the ECA tail's inputs y and shortcut,
+    # get their gradients from eca_residual's backward (ops.eca_residual's ``biases``), whose reduction reads the
+    # shortcut's gradient anyway, instead of a sum over each gradient in the convs' backwards (activation-sized
+    # passes: eca_nfnet_l0 at batch 128, 224 px, bf16, 16 of them, ~1.5 GB of reads a step).
+    bias_grads_in_eca = False
 
     def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)
@@ -522,12 +538,17 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         # node (ops.fused_conv's return_input), and the block's other use of x takes that tensor: the downsample
         # conv's backward sums conv1's gradient of x into its own, or conv1's the shortcut's
         handing = self.input_grads_in_conv and (pre is not None or pre_act is not None) and not _fx_traced(x)
+        # bias_grads_in_eca: the biases whose gradients eca_residual makes, (conv3's, the downsample conv's) where
+        # their ops add them (detached), else None
+        biases = self._biases_to_eca(x, a)
         shortcut = x
         if self.downsample is not None and handing:
-            shortcut, given = _downsample(self.downsample, a, pre, pre_act, return_input=True)
+            shortcut, given = _downsample(self.downsample, a, pre, pre_act, return_input=True,
+                                          bias_elsewhere=biases is not None and biases[1] is not None)
             a, pre = (given, None) if pre is None else (a, (given, pre[1]))
         elif self.downsample is not None:
-            shortcut = _downsample(self.downsample, a, pre, pre_act)
+            shortcut = _downsample(self.downsample, a, pre, pre_act,
+                                   bias_elsewhere=biases is not None and biases[1] is not None)
         links = _InputsFromZ.for_block(self, x)
         # timm: conv2(act2(conv1(a))), then conv2b(act2b(.)), attn, conv3(act3(.)); each activation
         # runs in the epilogue of the conv before it
@@ -536,9 +557,24 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         if handing and self.downsample is None:
             out, shortcut = out
         with links.hooks() if links is not None else contextlib.nullcontext():
-            return self._forward_after_conv1(out, shortcut, beta_next, links)
+            return self._forward_after_conv1(out, shortcut, beta_next, links, biases)
 
-    def _forward_after_conv1(self, out, shortcut, beta_next, links):
+    def _biases_to_eca(self, x: torch.Tensor, a: torch.Tensor):
+        """For bias_grads_in_eca, ``(conv3's bias, the downsample conv's bias or None)``, the biases whose ops add
+        them detached in this call and whose gradients eca_residual makes, or None where the policy is off or
+        does not apply: the fused tail with conv3's sums (an eager training call on a compiled backend, conv3
+        tracked, its bias added by its op)."""
+        if not (self.bias_grads_in_eca and self._fused_tail() and isinstance(self.conv3, _FusedConv)
+                and not _hooked(self.conv3) and not _fx_traced(x) and self.conv3.bias is not None
+                and self.conv3.bias.requires_grad and self.conv3.bias_fuses(x)
+                and _eager_saving_hooks_apply(x.device, self.backend, "eca_residual")):
+            return None
+        ds = self.downsample
+        ds_fuses = (ds is not None and _downsample_pool(ds) is not None and ds.conv.bias_fuses(a)
+                    and ds.conv.bias.requires_grad)
+        return self.conv3.bias, ds.conv.bias if ds_fuses else None
+
+    def _forward_after_conv1(self, out, shortcut, beta_next, links, biases=None):
         """forward_fused from conv1's output ``out`` on (see there)."""
         if self.conv2b is not None:
             out = _conv_act(self.conv2, out, self.act2b, links=links)
@@ -551,7 +587,9 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         if (self._fused_tail() and isinstance(self.conv3, _FusedConv) and not _hooked(self.conv3)
                 and not _fx_traced(out)):
             # conv3's epilogue also sums its output per channel: ECA's pooling without reading it again
-            (out, sums), args = self.conv3.fused(out, want_sums=True, recipe=True)
+            (out, sums), args = self.conv3.fused(out, want_sums=True, recipe=True, bias_elsewhere=biases is not None)
+            if args is None and biases is not None:  # (timm's forward ran: it added the bias with its gradient)
+                biases = (None, biases[1])
             if args is not None and self.recompute_tail_input and _may_recompute(out, self.backend):
                 saving = _saved_as_recompute(out, args)
         else:
@@ -560,7 +598,9 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         # timm's tail promotes, the fused op wants one dtype)
         if self._fused_tail() and (_fx_traced(out) or out.dtype == shortcut.dtype):
             with saving:
-                return self._fused_tail_call(out, shortcut, sums, beta_next)
+                return self._fused_tail_call(out, shortcut, sums, beta_next, biases)
+        if biases is not None:  # (the detached biases' gradients through plain autograd, as eca_residual's fallback)
+            out, shortcut = _library.through_bias(out, biases[0]), _library.through_bias(shortcut, biases[1])
         if self.attn_last is not None:
             out = self.attn_gain * self.attn_last(out)
         out = self.drop_path(out)
@@ -568,8 +608,9 @@ class NormFreeBlock(_FastModule, _TimmBlock):
             out = out * self.skipinit_gain
         return out * self.alpha + shortcut, None
 
-    def _fused_tail_call(self, out, shortcut, sums, beta_next):
-        """``(x_next, a_next)`` of the fused tail, eca_residual on conv3's output ``out``."""
+    def _fused_tail_call(self, out, shortcut, sums, beta_next, biases=None):
+        """``(x_next, a_next)`` of the fused tail, eca_residual on conv3's output ``out`` (``biases``: see
+        _biases_to_eca)."""
         if beta_next is not None and torch.is_grad_enabled() and not _fx_traced(out) and (
                 out.requires_grad or shortcut.requires_grad):
             # Training: the next block's convs send a_next's gradient to x_next themselves
@@ -577,10 +618,10 @@ class NormFreeBlock(_FastModule, _TimmBlock):
             # never comes (a whole activation at each stage's first block: its downsample's
             # output); a_next is one silu_scale pass instead (one more read of x_next).
             x_next = _eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain, None,
-                                   self.backend, sums)
+                                   self.backend, sums, biases)
             return x_next, _silu_scale(x_next, beta_next, self.backend)
         res = _eca_residual(out, self.attn_last.conv.weight, shortcut, self.alpha, self.attn_gain, beta_next,
-                            self.backend, sums)
+                            self.backend, sums, biases)
         return (res[0], res[1]) if beta_next is not None else (res, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

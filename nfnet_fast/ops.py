@@ -243,6 +243,7 @@ def eca(x: torch.Tensor, weight: torch.Tensor, gain: float = 1.0, *, backend: st
 
 def eca_residual(y: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor, alpha: float, attn_gain: float,
                  beta_next: Optional[float] = None, *, sums: Optional[torch.Tensor] = None,
+                 biases: Optional[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = None,
                  backend: str = "auto") -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
     """The tail of an NF block: ECA, residual scaling and add, and optionally the next pre-activation.
 
@@ -262,6 +263,14 @@ def eca_residual(y: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor, 
             the gradient reaches ``y`` (through the means too) and none is returned for ``sums``,
             and the reference backend (the specification) pools ``y`` itself. Passing sums of
             anything else than ``y`` makes the compiled backends' gate wrong.
+        biases: ``(y_bias, shortcut_bias)``, each None or a (C,) tensor: the per-channel biases that
+            ``y``'s and the shortcut's producers added last and gave no gradient (they added them
+            detached). Nothing is added here: the values are the same with or without them. Their
+            gradients are made here instead, the sums over (N, H, W) of ``y``'s and the shortcut's
+            gradients: in an eager call of the compiled backends from the sums the backward's reduction
+            takes anyway (the Triton kernels; the C++ op sums with aten), elsewhere through plain autograd
+            (one elementwise pass more). ``NormFreeBlock.bias_grads_in_eca`` passes conv3's and the
+            downsample conv's, so that their backwards sum nothing.
         backend: ``"auto"``, ``"reference"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -282,8 +291,21 @@ def eca_residual(y: torch.Tensor, weight: torch.Tensor, shortcut: torch.Tensor, 
         if sums.dtype != torch.float32 or tuple(sums.shape) != tuple(y.shape[:2]):
             raise ValueError(f"sums must be y's fp32 (N, C) = {tuple(y.shape[:2])} channel sums, got "
                              f"{sums.dtype} of shape {tuple(sums.shape)}")
-    return _implementation("eca_residual", backend, y, weight, shortcut, sums)(
-        y, weight, shortcut, float(alpha), float(attn_gain), None if beta_next is None else float(beta_next), sums)
+    if biases is not None:
+        if not isinstance(biases, (tuple, list)) or len(biases) != 2:
+            raise TypeError("biases must be a pair (y_bias, shortcut_bias), each None or a (C,) tensor")
+        for bias, name in zip(biases, ("y_bias", "shortcut_bias")):
+            if bias is not None:
+                _check_tensor(bias, name, ndim=1)
+                _check_same(bias, name, y, "y", dtype=False)
+                if bias.shape[0] != y.shape[1]:
+                    raise ValueError(f"{name} must have one value per channel of y ({y.shape[1]}), got shape "
+                                     f"{tuple(bias.shape)}")
+        biases = tuple(biases) if any(b is not None for b in biases) else None
+    tensors = (y, weight, shortcut, sums) + (biases if biases is not None else ())
+    return _implementation("eca_residual", backend, *tensors)(
+        y, weight, shortcut, float(alpha), float(attn_gain), None if beta_next is None else float(beta_next), sums,
+        **({} if biases is None else {"biases": biases}))
 
 
 def silu_scale(x: torch.Tensor, beta: float, *, backend: str = "auto") -> torch.Tensor:

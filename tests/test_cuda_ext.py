@@ -334,6 +334,8 @@ def _opcheck_cases(device, dtype=torch.float32):
         cases += [
             (OPS._eca_residual_backward, (g1, None, y, w, None, mean, 1.5, None)),
             (OPS._eca_residual_backward, (g1, g2, y, w, sc, mean, 0.4, 0.9)),
+            (OPS._eca_residual_backward, (g1, None, y, w, None, mean, 1.5, None, True)),  # (+ the bias sums)
+            (OPS._eca_residual_backward, (g1, g2, y, w, sc, mean, 0.4, 0.9, True)),
             (OPS.silu_scale, (y, 0.8)),
             (OPS.silu_scale, (y.clone().requires_grad_(), 0.8)),
             (OPS._silu_scale_backward, (g2, y, 0.8)),
@@ -629,7 +631,7 @@ def test_eca_cuda_network_size_channels_last(rng):
     del rout, ract
     g = torch.randn(shape, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
     mean = OPS.eca_residual(y, w, sc, 0.4, 0.95)[2]
-    dy, dw, dsc = OPS._eca_residual_backward(g, g, y, w, sc, mean, 0.4, 0.95)
+    dy, dw, dsc, _ = OPS._eca_residual_backward(g, g, y, w, sc, mean, 0.4, 0.95)
     yr = y.detach().clone().requires_grad_()
     wr = w.detach().clone().requires_grad_()
     scr = sc.detach().clone().requires_grad_()

@@ -86,6 +86,101 @@ def test_eca_residual(backend, dtype, shape, layout, with_next, with_sums, rng):
         ("weight", weight, eca.conv.weight, 1e-5 if dtype == torch.float32 else 0.05)], dtype, rng, f"{backend} {dtype}")
 
 
+@pytest.mark.parametrize("backend", cpu_backends("eca_residual"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("with_next", [False, True], ids=["x", "x+a"])
+@pytest.mark.parametrize("given", ["both", "y", "shortcut"])
+def test_eca_residual_biases_get_the_sums_of_their_tensors_gradients(backend, dtype, layout, with_next, given, rng):
+    """``biases``: the per-channel biases that y's and the shortcut's producers added (detached) get the gradients
+    those producers would have made, y's and the shortcut's gradients summed over (N, H, W), while the outputs and
+    every other gradient are the same bits as without them. On the compiled backends an eager call makes them in
+    its own node (the Triton backward from its reduction's sums, before rounding: so within the storage dtype's
+    rounding of the plain sum of the stored gradient; in fp32 the fp32 contract)."""
+    shape = _random_shape(rng)
+    y = _make(shape, layout, dtype, rng)
+    shortcut = _make(shape, layout, dtype, rng, scale=2.0)
+    weight = torch.randn(1, 1, 5, generator=rng).to(dtype).requires_grad_()
+    alpha, attn_gain = 0.2 + 0.1 * float(torch.rand((), generator=rng)), 2.0
+    beta_next = 0.9 if with_next else None
+    biases = tuple(torch.randn(shape[1], generator=rng).requires_grad_() if given in ("both", name) else None
+                   for name in ("y", "shortcut"))
+    out_grads = [torch.randn(shape, generator=rng).to(dtype) for _ in range(2 if with_next else 1)]
+
+    def run(with_biases):
+        leaves = [t.detach().clone().requires_grad_() for t in (y, shortcut, weight)]
+        kwargs = dict(biases=biases) if with_biases else {}
+        out = ops.eca_residual(leaves[0], leaves[2], leaves[1], alpha, attn_gain, beta_next, backend=backend,
+                               **kwargs)
+        outs = out if with_next else (out,)
+        if with_biases and backend != "reference":  # (one node: the biases' AccumulateGrads are its next functions)
+            nexts = {id(getattr(n, "variable", None)) for n, _ in outs[0].grad_fn.next_functions if n is not None}
+            assert {id(b) for b in biases if b is not None} <= nexts, f"{backend}: the biases are not eca's inputs"
+        torch.autograd.backward(outs, out_grads)
+        return outs, [t.grad for t in leaves]
+
+    outs, grads = run(True)
+    plain_outs, plain_grads = run(False)
+    for a, b in zip(outs + tuple(grads), plain_outs + tuple(plain_grads)):
+        assert torch.equal(a, b)
+    tol = 1e-6 if dtype == torch.float32 else dtype_tol(dtype)
+    for bias, plain, name in zip(biases, plain_grads[:2], ("y", "shortcut")):
+        if bias is not None:
+            assert bias.grad.dtype == torch.float32
+            assert_rel_close(bias.grad, plain.double().sum((0, 2, 3)), tol, f"{backend} {dtype} {name}'s bias")
+            bias.grad = None
+
+
+def test_eca_residual_biases_elsewhere_through_plain_autograd(rng):
+    """Where no eager node of a compiled backend takes them (no gradient asked for, torch.func), ``biases`` change
+    nothing in the values, and their gradients still come through plain autograd."""
+    shape = (2, 12, 4, 5)
+    y, shortcut = (torch.randn(shape, generator=rng) for _ in range(2))
+    weight = torch.randn(3, generator=rng)
+    biases = (torch.randn(12, generator=rng), torch.randn(12, generator=rng))
+    for backend in cpu_backends("eca_residual"):
+        plain = ops.eca_residual(y, weight, shortcut, 0.3, 2.0, backend=backend)
+        with torch.no_grad():
+            assert torch.equal(ops.eca_residual(y, weight, shortcut, 0.3, 2.0, biases=biases, backend=backend), plain)
+
+        def loss(b_y, b_sc):
+            return ops.eca_residual(y, weight, shortcut, 0.3, 2.0, biases=(b_y, b_sc), backend=backend).square().sum()
+        got = torch.func.grad(loss, argnums=(0, 1))(*biases)
+        yy, ss = y.clone().requires_grad_(), shortcut.clone().requires_grad_()
+        ops.eca_residual(yy, weight, ss, 0.3, 2.0, backend="reference").square().sum().backward()
+        assert_rel_close(got[0], yy.grad.sum((0, 2, 3)), 1e-5, f"{backend} torch.func y's bias")
+        assert_rel_close(got[1], ss.grad.sum((0, 2, 3)), 1e-5, f"{backend} torch.func shortcut's bias")
+
+
+@pytest.mark.skipif("triton" not in cpu_backends("eca_residual"), reason="the triton backend does not run here")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("grads", ["x_next", "a_next", "x_next+a_next"])
+def test_triton_eca_backward_bias_sums_with_pixel_splits(layout, grads, rng):
+    """The Triton backward's ``bias_sums`` in the GPU's launch configuration (the pixels split across programs, so
+    the reduce pass's partial sums of the shortcut's gradient are summed again): the float64 sums of grad_y and of
+    the shortcut's gradient to the fp32 contract, and every other output the same bits as without them."""
+    from nfnet_fast.kernels import eca_residual as eca_kernels
+    shape = (2, int(torch.randint(100, 200, (), generator=rng)), 31, 37)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    y, shortcut, grad_x, grad_a = (torch.randn(shape, generator=rng).contiguous(memory_format=fmt) for _ in range(4))
+    weight = torch.randn(5, generator=rng)
+    assert eca_kernels.plan(shape, layout == "channels_last", y.device, pool=True, gpu_config=True).splits > 1
+    has_a = "a_next" in grads
+    beta = 0.8 if has_a else None
+    *_, stats = eca_kernels.forward(y, weight, shortcut, 0.35, beta, gpu_config=True)
+    args = (grad_x if grads != "a_next" else None, grad_a if has_a else None, y, weight, shortcut if has_a else None,
+            stats, 0.35, beta)
+    grad_y, grad_weight, grad_shortcut, bias_sums = eca_kernels.backward(*args, gpu_config=True, want_bias_sums=True)
+    plain = eca_kernels.backward(*args, gpu_config=True)
+    assert plain[3] is None
+    for a, b in zip((grad_y, grad_weight, grad_shortcut), plain[:3]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    shortcut_grad = grad_shortcut if has_a else grad_x
+    assert bias_sums.shape == (2, shape[1]) and bias_sums.dtype == torch.float32
+    assert_rel_close(bias_sums[0], grad_y.double().sum((0, 2, 3)), 1e-6, f"{layout} {grads}: grad_y's sums")
+    assert_rel_close(bias_sums[1], shortcut_grad.double().sum((0, 2, 3)), 1e-6, f"{layout} {grads}: shortcut's")
+
+
 def _random_shape(rng):
     n, c, h, w = (int(torch.randint(lo, hi, (), generator=rng)) for lo, hi in ((1, 4), (8, 80), (2, 10), (2, 10)))
     return n, c, h, w
@@ -180,6 +275,12 @@ def _good():
     (dict(sums=torch.randn(2, 8, dtype=torch.float16)), ValueError, "sums must be y's fp32"),
     (dict(sums=torch.randn(2, 8, 1, 1)), ValueError, "sums must be 2-D"),
     (dict(sums=torch.randn(2, 8, device="meta")), ValueError, "sums is on meta"),
+    (dict(biases=torch.randn(8)), TypeError, r"biases must be a pair \(y_bias, shortcut_bias\)"),
+    (dict(biases=(torch.randn(8), None, None)), TypeError, "biases must be a pair"),
+    (dict(biases=(torch.randn(9), None)), ValueError, r"y_bias must have one value per channel of y \(8\)"),
+    (dict(biases=(None, torch.randn(8, 1))), ValueError, "shortcut_bias must be 1-D"),
+    (dict(biases=(None, torch.randn(8, device="meta"))), ValueError, "shortcut_bias is on meta"),
+    (dict(biases=(torch.randint(0, 3, (8,)), None)), TypeError, "y_bias must be float32"),
 ])
 def test_eca_residual_bad_input(change, err, match):
     args = _good()

@@ -920,6 +920,58 @@ def test_gpu_training_step_with_input_grads_in_conv(monkeypatch):
         assert_rel_close(b, a, 1e-6, f"graphed fp32 tensor {i}")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_training_step_with_bias_grads_in_eca(monkeypatch):
+    """On the GPU, eca_nfnet_l0's training step (batch 2, 64 px, channels_last) with
+    NormFreeBlock.bias_grads_in_eca: the output the same bits; in fp32 (no TF32) every gradient the same to fp32
+    rounding (conv3's and the downsample convs' biases summed in another order); under bf16 autocast no gradient
+    further from the fp32 step's than without the policy (the sums now of the unrounded gradients); and with
+    input_grads_in_conv too, and replayed from CUDA graphs, the fp32 step's gradients to fp32 rounding."""
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (matmul's is off by default)
+    g = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(2, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (2,), device="cuda", generator=g)
+    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 13), backend="triton")
+    model = model.cuda().train().to(memory_format=torch.channels_last)
+
+    def step(bf16=False):
+        for _ in range(2):  # (the first step tunes the tiles; the second is compared)
+            model.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                out = model(x)
+                loss = torch.nn.functional.cross_entropy(out, y)
+            loss.backward()
+        return [out] + [p.grad for p in model.parameters()]
+
+    results = {}
+    for bf16 in (False, True):
+        for policy in (False, True):
+            monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "bias_grads_in_eca", policy)
+            results[bf16, policy] = step(bf16)
+    assert torch.equal(results[False, False][0], results[False, True][0])
+    for i, (a, b) in enumerate(zip(results[False, False], results[False, True])):
+        assert_rel_close(b, a, 1e-6, f"fp32 tensor {i}")
+
+    def worst(got):  # the largest relative distance of any gradient from the fp32 step's
+        return max(((u.double() - r.double()).abs().max() / r.double().abs().max()).item()
+                   for u, r in zip(got[1:], results[False, False][1:]))
+    assert worst(results[True, True]) <= 1.25 * worst(results[True, False]), (worst(results[True, True]),
+                                                                               worst(results[True, False]))
+    monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "input_grads_in_conv", True)
+    for i, (a, b) in enumerate(zip(results[False, False], step())):
+        assert_rel_close(b, a, 1e-6, f"with input_grads_in_conv: fp32 tensor {i}")
+    from nfnet_fast import train
+    train.graph_training_forward(model, x, amp=False)
+    try:
+        graphed = step()
+    finally:
+        del model.forward
+    for i, (a, b) in enumerate(zip(results[False, False], graphed)):
+        assert_rel_close(b, a, 1e-6, f"graphed fp32 tensor {i}")
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_training_forward_saves_under_0_45x_of_timms_activations(backend):
     """What one training forward of eca_nfnet_l0 holds for its backward, per-sample tensors only
@@ -1338,6 +1390,80 @@ def _input_uses(loss):
                 edges[(nxt, nr)] = edges.get((nxt, nr), 0) + 1
                 todo.append(nxt)
     return sum(n - 1 for n in edges.values())
+
+
+def _bias_edges(loss):
+    """For each parameter reached from ``loss``'s backward graph, the names of the node classes that send it a
+    gradient (the parents of its AccumulateGrad)."""
+    parents, seen, todo = {}, set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None:
+                if hasattr(nxt, "variable"):
+                    parents.setdefault(id(nxt.variable), []).append(type(node).__name__)
+                todo.append(nxt)
+    return parents
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_bias_grads_made_in_eca(backend, monkeypatch):
+    """NormFreeBlock.bias_grads_in_eca: conv3's bias and the downsample conv's get their gradients from the ECA
+    tail's node (eca_residual's ``biases``), not from their convs' nodes, which sum nothing; the loss and every
+    other gradient are the same bits as without the policy, and those biases' gradients agree to the fp32
+    contract (the Triton backward sums the shortcut's gradient in its reduction: another order). The same with
+    input_grads_in_conv, under checkpointing and save_on_cpu; without gradients nothing changes."""
+    blocks, x = _tail_recompute_case(backend, 71)
+    with torch.no_grad():
+        out_grad = torch.randn(blocks(x).shape, generator=torch.Generator().manual_seed(72))
+    out_grad = out_grad.contiguous(memory_format=torch.channels_last)
+    moved = {id(b.conv3.bias) for b in blocks} | {id(b.downsample.conv.bias) for b in blocks if b.downsample}
+    assert len(moved) == 5
+
+    def step(run=blocks):
+        blocks.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        loss = (run(xi) * out_grad).sum()
+        edges = _bias_edges(loss)
+        loss.backward()
+        return edges, [loss, xi.grad] + [p.grad for p in blocks.parameters()]
+
+    names = ["loss", "x"] + [n for n, _ in blocks.named_parameters()]
+    params = [None, None] + list(blocks.parameters())
+
+    def same(plain, got, what):
+        for name, p, a, b in zip(names, params, plain, got):
+            if p is not None and id(p) in moved:
+                assert_rel_close(b, a, 1e-6, f"{backend} {what}: {name}")
+            else:
+                assert torch.equal(a, b), f"{backend} {what}: {name}"
+
+    for handing in (False, True):
+        monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "input_grads_in_conv", handing)
+        monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "bias_grads_in_eca", False)
+        _, plain = step()
+        monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "bias_grads_in_eca", True)
+        edges, got = step()
+        for p in blocks.parameters():
+            senders = edges[id(p)]
+            if id(p) in moved:
+                assert len(senders) == 1 and senders[0].endswith("eca_residual_autograd_with_biasesBackward"), senders
+            elif all(p is not b.attn_last.conv.weight for b in blocks):  # (ECA's own weight: eca's input)
+                assert not any("eca_residual" in s for s in senders), senders
+        same(plain, got, f"input_grads_in_conv={handing}")
+        runs = {"checkpoint": lambda xi: torch.utils.checkpoint.checkpoint(blocks, xi, use_reentrant=False),
+                "save_on_cpu": blocks}
+        for name, run in runs.items():
+            with torch.autograd.graph.save_on_cpu() if name == "save_on_cpu" else contextlib.nullcontext():
+                same(plain, step(run)[1], f"input_grads_in_conv={handing} {name}")
+    with torch.no_grad():
+        monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "bias_grads_in_eca", False)
+        plain = blocks(x)
+        monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "bias_grads_in_eca", True)
+        assert torch.equal(plain, blocks(x))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -266,9 +266,9 @@ def test_eca_residual_one_output_used(grads_for, layout, rng, monkeypatch):
     seen = []
     backward = eca_kernels.backward
 
-    def spy(grad_x, grad_a, *args):
+    def spy(grad_x, grad_a, *args, **kwargs):
         seen.append((grad_x is not None, grad_a is not None))
-        return backward(grad_x, grad_a, *args)
+        return backward(grad_x, grad_a, *args, **kwargs)
 
     monkeypatch.setattr(eca_kernels, "backward", spy)
     y = _make((2, 24, 6, 5), layout, torch.float32, rng)
@@ -320,8 +320,8 @@ def test_eca_residual_gpu_config(shape, layout, rng):
     assert_rel_close(a_next, ref_a, FWD_TOL[torch.float32], "gpu config a_next")
     grad_x_next, grad_a_next = (torch.randn(y.shape, generator=rng).to(DEV).contiguous(memory_format=(
         torch.channels_last if cl else torch.contiguous_format)) for _ in range(2))
-    grad_y, grad_weight, grad_shortcut = eca_kernels.backward(grad_x_next, grad_a_next, y, taps, shortcut, stats,
-                                                              alpha * 2.0, beta_next, gpu_config=True)
+    grad_y, grad_weight, grad_shortcut, _ = eca_kernels.backward(grad_x_next, grad_a_next, y, taps, shortcut, stats,
+                                                                 alpha * 2.0, beta_next, gpu_config=True)
     torch.autograd.backward([ref_x, ref_a], [grad_x_next, grad_a_next])
     assert_rel_close(grad_y, yr.grad, BWD_TOL[torch.float32], "gpu config y grad")
     assert_rel_close(grad_weight, wr.grad.reshape(-1), BWD_TOL[torch.float32], "gpu config weight grad")
@@ -363,10 +363,13 @@ def _opcheck_cases(g):
         (_triton._eca_residual_backward_op, (grad, t(2, 12, 5, 3, grad=False), y.detach(), w.detach(), sc.detach(),
                                              stats, 0.4, 0.9)),
         (_triton._eca_residual_backward_op, (None, grad, y.detach(), w.detach(), sc.detach(), stats, 0.4, 0.9)),
+        (_triton._eca_residual_backward_op, (grad, None, y.detach(), w.detach(), None, stats, 0.4, None, True)),
+        (_triton._eca_residual_backward_op, (None, grad, y.detach(), w.detach(), sc.detach(), stats, 0.4, 0.9,
+                                             True)),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case, rng):
     op, args = _opcheck_cases(rng)[case]
     assert op._qualname.startswith(("nfnet_fast::triton_", "nfnet_fast::_triton_"))
