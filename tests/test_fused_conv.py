@@ -867,89 +867,37 @@ def test_gpu_training_step_with_inputs_from_z(monkeypatch):
         assert_rel_close(b, a, 1e-6, f"tensor {i}")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_training_step_with_input_grads_in_conv(monkeypatch):
-    """On the GPU, eca_nfnet_l0's training step (batch 2, 64 px, channels_last) with
-    NormFreeBlock.input_grads_in_conv: 12 adds fewer in the engine (one a block); in fp32 (no TF32) the same
-    output bits and every gradient the same to fp32 rounding (the kernel may fuse the sum into a multiply-add);
-    under bf16 autocast no gradient further from the fp32 step's than without the policy (the sum is rounded
-    once instead of twice); and the fp32 step replayed from CUDA graphs (train.graph_training_forward, as the
-    report's cudagraph rows run it) the same to fp32 rounding."""
+def _gpu_policy_case(monkeypatch, seed):
+    """eca_nfnet_l0 (triton, channels_last, randomised) on the GPU, a batch of 2 at 64 px and its labels, with
+    deterministic cuDNN and no TF32; and ``step(bf16)``, the second of two training steps (the first tunes the
+    tiles): ``[output] + every parameter's gradient``."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (matmul's is off by default)
-    g = torch.Generator(device="cuda").manual_seed(6)
+    g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(2, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (2,), device="cuda", generator=g)
-    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 11), backend="triton")
+    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), seed + 5),
+                               backend="triton")
     model = model.cuda().train().to(memory_format=torch.channels_last)
-    results, uses = {}, {}
-    for bf16 in (False, True):
-        for handing in (False, True):
-            monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "input_grads_in_conv", handing)
-            for _ in range(2):  # (the first step tunes the tiles; the second is compared)
-                model.zero_grad(set_to_none=True)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                    out = model(x)
-                    loss = torch.nn.functional.cross_entropy(out, y)
-                uses[bf16, handing] = _input_uses(loss)
-                loss.backward()
-            results[bf16, handing] = [out] + [p.grad for p in model.parameters()]
-    for bf16 in (False, True):
-        assert uses[bf16, True] == uses[bf16, False] - 12, uses
-    assert torch.equal(results[False, False][0], results[False, True][0])
-    for i, (a, b) in enumerate(zip(results[False, False], results[False, True])):
-        assert_rel_close(b, a, 1e-6, f"fp32 tensor {i}")
 
-    def worst(got):  # the largest relative distance of any gradient from the fp32 step's
-        return max(((u.double() - r.double()).abs().max() / r.double().abs().max()).item()
-                   for u, r in zip(got[1:], results[False, False][1:]))
-    assert worst(results[True, True]) <= 1.25 * worst(results[True, False]), (worst(results[True, True]),
-                                                                               worst(results[True, False]))
-    # and replayed from CUDA graphs (the report's cudagraph rows): the fp32 step's gradients
-    from nfnet_fast import train
-    train.graph_training_forward(model, x, amp=False)
-    try:
+    def step(bf16=False, on_loss=None):
         for _ in range(2):
-            model.zero_grad(set_to_none=True)
-            out = model(x)
-            torch.nn.functional.cross_entropy(out, y).backward()
-    finally:
-        del model.forward
-    for i, (a, b) in enumerate(zip(results[False, True], [out] + [p.grad for p in model.parameters()])):
-        assert_rel_close(b, a, 1e-6, f"graphed fp32 tensor {i}")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_training_step_with_bias_grads_in_eca(monkeypatch):
-    """On the GPU, eca_nfnet_l0's training step (batch 2, 64 px, channels_last) with
-    NormFreeBlock.bias_grads_in_eca: the output the same bits; in fp32 (no TF32) every gradient the same to fp32
-    rounding (conv3's and the downsample convs' biases summed in another order); under bf16 autocast no gradient
-    further from the fp32 step's than without the policy (the sums now of the unrounded gradients); and with
-    input_grads_in_conv too, and replayed from CUDA graphs, the fp32 step's gradients to fp32 rounding."""
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # (matmul's is off by default)
-    g = torch.Generator(device="cuda").manual_seed(7)
-    x = torch.randn(2, 3, 64, 64, device="cuda", generator=g).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (2,), device="cuda", generator=g)
-    model = nfnet_fast.convert(randomize_(timm.create_model("eca_nfnet_l0", num_classes=10), 13), backend="triton")
-    model = model.cuda().train().to(memory_format=torch.channels_last)
-
-    def step(bf16=False):
-        for _ in range(2):  # (the first step tunes the tiles; the second is compared)
             model.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
                 out = model(x)
                 loss = torch.nn.functional.cross_entropy(out, y)
+            if on_loss is not None:
+                on_loss(loss)
             loss.backward()
         return [out] + [p.grad for p in model.parameters()]
+    return model, x, step
 
-    results = {}
-    for bf16 in (False, True):
-        for policy in (False, True):
-            monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "bias_grads_in_eca", policy)
-            results[bf16, policy] = step(bf16)
+
+def _check_policy_on_gpu(results, model, x, step):
+    """``results[bf16, policy]`` of _gpu_policy_case's steps without and with a policy: in fp32 the same output
+    bits and every gradient the same to fp32 rounding; under bf16 autocast no gradient further from the fp32
+    step's than without the policy; and the fp32 step replayed from CUDA graphs (train.graph_training_forward,
+    as the report's cudagraph rows run it) the same to fp32 rounding."""
     assert torch.equal(results[False, False][0], results[False, True][0])
     for i, (a, b) in enumerate(zip(results[False, False], results[False, True])):
         assert_rel_close(b, a, 1e-6, f"fp32 tensor {i}")
@@ -959,17 +907,50 @@ def test_gpu_training_step_with_bias_grads_in_eca(monkeypatch):
                    for u, r in zip(got[1:], results[False, False][1:]))
     assert worst(results[True, True]) <= 1.25 * worst(results[True, False]), (worst(results[True, True]),
                                                                                worst(results[True, False]))
-    monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "input_grads_in_conv", True)
-    for i, (a, b) in enumerate(zip(results[False, False], step())):
-        assert_rel_close(b, a, 1e-6, f"with input_grads_in_conv: fp32 tensor {i}")
     from nfnet_fast import train
     train.graph_training_forward(model, x, amp=False)
     try:
         graphed = step()
     finally:
         del model.forward
-    for i, (a, b) in enumerate(zip(results[False, False], graphed)):
+    for i, (a, b) in enumerate(zip(results[False, True], graphed)):
         assert_rel_close(b, a, 1e-6, f"graphed fp32 tensor {i}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_training_step_with_input_grads_in_conv(monkeypatch):
+    """On the GPU, eca_nfnet_l0's training step (batch 2, 64 px, channels_last) with
+    NormFreeBlock.input_grads_in_conv: 12 adds fewer in the engine (one a block), and _check_policy_on_gpu's
+    checks (fp32: the kernel may fuse the sum into a multiply-add; bf16: the sum is rounded once instead of
+    twice)."""
+    model, x, step = _gpu_policy_case(monkeypatch, 6)
+    results, uses = {}, {}
+    for bf16 in (False, True):
+        for handing in (False, True):
+            monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "input_grads_in_conv", handing)
+            results[bf16, handing] = step(bf16, on_loss=lambda loss: uses.__setitem__((bf16, handing),
+                                                                                        _input_uses(loss)))
+    for bf16 in (False, True):
+        assert uses[bf16, True] == uses[bf16, False] - 12, uses
+    _check_policy_on_gpu(results, model, x, step)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_training_step_with_bias_grads_in_eca(monkeypatch):
+    """On the GPU, eca_nfnet_l0's training step (batch 2, 64 px, channels_last) with
+    NormFreeBlock.bias_grads_in_eca: _check_policy_on_gpu's checks (conv3's and the downsample convs' biases
+    summed in another order; under bf16 the sums of the unrounded gradients), with input_grads_in_conv too."""
+    model, x, step = _gpu_policy_case(monkeypatch, 7)
+    for handing in (False, True):
+        monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "input_grads_in_conv", handing)
+        results = {}
+        for bf16 in (False, True):
+            for policy in (False, True):
+                monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "bias_grads_in_eca", policy)
+                results[bf16, policy] = step(bf16)
+        _check_policy_on_gpu(results, model, x, step)
 
 
 @pytest.mark.parametrize("backend", COMPILED)
@@ -1376,10 +1357,9 @@ def test_inputs_from_z_refuses_a_changed_z_and_steps_aside_under_hooks(backend, 
     assert kept == []
 
 
-def _input_uses(loss):
-    """How many gradients autograd's engine sums, in the backward graph of ``loss``: for each input of each node
-    (an (node, input_nr) buffer), one add for each edge into it past the first."""
-    edges, seen, todo = {}, set(), [loss.grad_fn]
+def _graph_edges(loss):
+    """Every edge ``(node, next_node, input_nr)`` of ``loss``'s backward graph, each once."""
+    seen, todo = set(), [loss.grad_fn]
     while todo:
         node = todo.pop()
         if node is None or node in seen:
@@ -1387,25 +1367,37 @@ def _input_uses(loss):
         seen.add(node)
         for nxt, nr in node.next_functions:
             if nxt is not None:
-                edges[(nxt, nr)] = edges.get((nxt, nr), 0) + 1
+                yield node, nxt, nr
                 todo.append(nxt)
+
+
+def _input_uses(loss):
+    """How many gradients autograd's engine sums, in the backward graph of ``loss``: for each input of each node
+    (an (node, input_nr) buffer), one add for each edge into it past the first."""
+    edges = {}
+    for _, nxt, nr in _graph_edges(loss):
+        edges[(nxt, nr)] = edges.get((nxt, nr), 0) + 1
     return sum(n - 1 for n in edges.values())
+
+
+def _blocks_step(blocks, x, out_grad, graph_fact, run):
+    """One backward of ``(run(x) * out_grad).sum()`` (``run``: the blocks, or a wrapper of them):
+    ``(graph_fact(loss), [loss, x's gradient] + every parameter's gradient)``."""
+    blocks.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    loss = (run(xi) * out_grad).sum()
+    fact = graph_fact(loss)
+    loss.backward()
+    return fact, [loss, xi.grad] + [p.grad for p in blocks.parameters()]
 
 
 def _bias_edges(loss):
     """For each parameter reached from ``loss``'s backward graph, the names of the node classes that send it a
     gradient (the parents of its AccumulateGrad)."""
-    parents, seen, todo = {}, set(), [loss.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        for nxt, _ in node.next_functions:
-            if nxt is not None:
-                if hasattr(nxt, "variable"):
-                    parents.setdefault(id(nxt.variable), []).append(type(node).__name__)
-                todo.append(nxt)
+    parents = {}
+    for node, nxt, _ in _graph_edges(loss):
+        if hasattr(nxt, "variable"):
+            parents.setdefault(id(nxt.variable), []).append(type(node).__name__)
     return parents
 
 
@@ -1424,12 +1416,7 @@ def test_bias_grads_made_in_eca(backend, monkeypatch):
     assert len(moved) == 5
 
     def step(run=blocks):
-        blocks.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        loss = (run(xi) * out_grad).sum()
-        edges = _bias_edges(loss)
-        loss.backward()
-        return edges, [loss, xi.grad] + [p.grad for p in blocks.parameters()]
+        return _blocks_step(blocks, x, out_grad, _bias_edges, run)
 
     names = ["loss", "x"] + [n for n, _ in blocks.named_parameters()]
     params = [None, None] + list(blocks.parameters())
@@ -1558,12 +1545,7 @@ def test_input_grads_summed_in_conv(backend, monkeypatch):
     out_grad = out_grad.contiguous(memory_format=torch.channels_last)
 
     def step(run=blocks):
-        blocks.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_()
-        loss = (run(xi) * out_grad).sum()
-        uses = _input_uses(loss)
-        loss.backward()
-        return uses, [loss, xi.grad] + [p.grad for p in blocks.parameters()]
+        return _blocks_step(blocks, x, out_grad, _input_uses, run)
 
     for prologue in (False, True):
         monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "silu_prologue", prologue)
