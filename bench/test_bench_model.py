@@ -67,7 +67,7 @@ POLICIES = {
     # first: no memory to trade, so the likeliest to become the default
     "input-grads-in-conv": lambda model: peak_memory.block_policy(model, "input_grads_in_conv"),
     # and conv3's and the downsample convs' bias gradients made by the ECA tail's backward from the sums its
-    # reduction takes (NormFreeBlock.bias_grads_in_eca): 16 activation-sized sums less, ~1.2 GB of reads (section
+    # reduction takes (NormFreeBlock.bias_grads_in_eca): 16 activation-sized sums less, ~1.5 GB of reads (section
     # 18); no memory to trade either. What the bias policy adds alone is this row less the one above
     "input-grads-and-bias-grads-in-eca": lambda model: (peak_memory.block_policy(model, "input_grads_in_conv"),
                                                         peak_memory.block_policy(model, "bias_grads_in_eca")),

@@ -345,7 +345,7 @@ def _gate_bwd_kernel(stats_ptr, dpart_ptr, w_ptr, gate_ptr, dz_ptr, dwp_ptr, C, 
         tl.store(dwp_ptr + row + j, tl.sum(dz * p) * inv_hw)
 
 
-@triton.jit(do_not_specialize=["A", "per"])
+@triton.jit(do_not_specialize=["N", "Sb", "A", "per"])
 def _dy_nhwc_kernel(grad_x_next_ptr, gate_ptr, dz_ptr, w_ptr, grad_y_ptr, spart_ptr, bpart_ptr, N, C, HW, K, Sb,
                     inv_hw, A, per, SUMS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid, cb = _reversed_ids()
@@ -364,7 +364,7 @@ def _dy_nhwc_kernel(grad_x_next_ptr, gate_ptr, dz_ptr, w_ptr, grad_y_ptr, spart_
         _dy_tile(grad_x_next_ptr + img, grad_y_ptr + img, offs, m, g[None, :], dmean[None, :])
 
 
-@triton.jit(do_not_specialize=["NC", "per"])
+@triton.jit(do_not_specialize=["N", "NC", "Sb", "per"])
 def _dy_nchw_kernel(grad_x_next_ptr, gate_ptr, dz_ptr, w_ptr, grad_y_ptr, spart_ptr, bpart_ptr, N, NC, C, HW, K, Sb,
                     inv_hw, per, SUMS: tl.constexpr, ROWS: tl.constexpr, BLOCK_HW: tl.constexpr, ALIGN: tl.constexpr):
     pid, split = _reversed_ids()

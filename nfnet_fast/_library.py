@@ -295,7 +295,8 @@ def _eca_backward(backward_op, with_biases: bool = False):
         grads = (grad_y if need_y else None, grad_weight if need_w else None, grad_shortcut, None, None, None)
         if not with_biases:
             return grads
-        return grads + tuple(bias_sums[i].to(ctx.bias_dtypes[i]) if need else None
+        # (copies: each bias's gradient a tensor of its own, not a row of the op's (2, C) output)
+        return grads + tuple(bias_sums[i].to(ctx.bias_dtypes[i], copy=True) if need else None
                              for i, need in enumerate(need_biases))
     return backward
 

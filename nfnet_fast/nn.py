@@ -563,10 +563,13 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         """For bias_grads_in_eca, ``(conv3's bias, the downsample conv's bias or None)``, the biases whose ops add
         them detached in this call and whose gradients eca_residual makes, or None where the policy is off or
         does not apply: the fused tail with conv3's sums (an eager training call on a compiled backend, conv3
-        tracked, its bias added by its op)."""
+        tracked, its bias added by its op). Not where the tail will not fuse for want of one dtype (an fp32 block
+        input, which is the shortcut, under autocast): plain autograd would then sum the bias's gradient in the
+        autocast dtype."""
         if not (self.bias_grads_in_eca and self._fused_tail() and isinstance(self.conv3, _FusedConv)
                 and not _hooked(self.conv3) and not _fx_traced(x) and self.conv3.bias is not None
                 and self.conv3.bias.requires_grad and self.conv3.bias_fuses(x)
+                and (self.downsample is not None or _library.conv_out_dtype(x) == x.dtype)
                 and _eager_saving_hooks_apply(x.device, self.backend, "eca_residual")):
             return None
         ds = self.downsample

@@ -1441,6 +1441,8 @@ def test_bias_grads_made_in_eca(backend, monkeypatch):
             elif all(p is not b.attn_last.conv.weight for b in blocks):  # (ECA's own weight: eca's input)
                 assert not any("eca_residual" in s for s in senders), senders
         same(plain, got, f"input_grads_in_conv={handing}")
+        for p in blocks.parameters():  # (each gradient a tensor of its own, not a row of the op's output)
+            assert p.grad.untyped_storage().nbytes() == p.grad.numel() * p.grad.element_size()
         runs = {"checkpoint": lambda xi: torch.utils.checkpoint.checkpoint(blocks, xi, use_reentrant=False),
                 "save_on_cpu": blocks}
         for name, run in runs.items():
@@ -1451,6 +1453,19 @@ def test_bias_grads_made_in_eca(backend, monkeypatch):
         plain = blocks(x)
         monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "bias_grads_in_eca", True)
         assert torch.equal(plain, blocks(x))
+    # an fp32 block input (its shortcut) under bf16 autocast: the tail does not fuse (two dtypes), and the policy
+    # steps aside, so that conv3's bias gradient is summed in fp32 by its conv as without it (the same bits)
+    block, results = blocks[2], {}
+    with torch.no_grad():
+        block_input = blocks[:2](x)
+    for policy in (False, True):
+        monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "bias_grads_in_eca", policy)
+        block.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = block(block_input.clone().requires_grad_()).float().square().sum()
+        loss.backward()
+        results[policy] = [p.grad for p in block.parameters()]
+    assert block.downsample is None and all(torch.equal(a, b) for a, b in zip(*results.values()))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
