@@ -344,12 +344,12 @@ def public_functions(prefix: str, float64=None) -> dict:
             return float64.eca_residual(y, weight, shortcut, alpha, attn_gain, beta_next, biases=biases)
         # the reference multiplies the gate by the Python float alpha * attn_gain: the same product here
         args = (y, weight, shortcut, alpha * attn_gain, beta_next, sums)
-        if biases is not None and eca_res.takes_biases(args, biases):
+        if biases is not None and _takes_biases(args, biases):
             x_next, a_next, _ = eca_res.with_biases(*args, *biases)
         else:
             if biases is not None:
-                y, shortcut = through_bias(y, biases[0]), through_bias(shortcut, biases[1])
-            x_next, a_next, _ = eca_res(y, weight, shortcut, alpha * attn_gain, beta_next, sums)
+                args = (through_bias(y, biases[0]), weight, through_bias(shortcut, biases[1]), *args[3:])
+            x_next, a_next, _ = eca_res(*args)
         return x_next if beta_next is None else (x_next, a_next)
 
     return dict(scaled_std_weight=scaled_std_weight, eca=eca, eca_residual=eca_residual, silu_scale=silu_scale)
@@ -630,7 +630,6 @@ def _with_eager_autograd(prefix: str, op: str) -> Callable:
         call.returning_input = _returning_input(function, forward, backward)
     if op == "eca_residual":
         call.with_biases = _with_biases(function, forward, _eca_backward(_direct(backward_name), with_biases=True))
-        call.takes_biases = _takes_biases
     return call
 
 

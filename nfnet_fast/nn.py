@@ -541,14 +541,14 @@ class NormFreeBlock(_FastModule, _TimmBlock):
         # bias_grads_in_eca: the biases whose gradients eca_residual makes, (conv3's, the downsample conv's) where
         # their ops add them (detached), else None
         biases = self._biases_to_eca(x, a)
+        ds_bias_elsewhere = biases is not None and biases[1] is not None
         shortcut = x
         if self.downsample is not None and handing:
             shortcut, given = _downsample(self.downsample, a, pre, pre_act, return_input=True,
-                                          bias_elsewhere=biases is not None and biases[1] is not None)
+                                          bias_elsewhere=ds_bias_elsewhere)
             a, pre = (given, None) if pre is None else (a, (given, pre[1]))
         elif self.downsample is not None:
-            shortcut = _downsample(self.downsample, a, pre, pre_act,
-                                   bias_elsewhere=biases is not None and biases[1] is not None)
+            shortcut = _downsample(self.downsample, a, pre, pre_act, bias_elsewhere=ds_bias_elsewhere)
         links = _InputsFromZ.for_block(self, x)
         # timm: conv2(act2(conv1(a))), then conv2b(act2b(.)), attn, conv3(act3(.)); each activation
         # runs in the epilogue of the conv before it
