@@ -84,11 +84,16 @@ def model_tables(benches, kind: str) -> list:
 def policy_table(benches) -> list:
     """The graphed training rows that change one saving policy (bench/test_bench_model.py's POLICIES:
     what the step keeps for its backward) against the same backend's default graphed row: step time and
-    peak, and what each policy changes of them (docs/triton-training-step.md section 15)."""
+    peak, and what each policy changes of them (docs/triton-training-step.md section 15); and each row's speed
+    against timm eager's step of the same case and dtype in the same run, where there is one (issue 12's
+    target: 1.5x)."""
     rows = {}  # (batch, size, backend, policy, dtype) -> (median s, peak MiB)
+    timm_eager = {}  # (batch, size, dtype) -> median s
     for b in benches:
         info = b["extra_info"]
         words = info.get("contender", "").split()
+        if info.get("kind") == "train" and words[:2] == ["timm", "eager"] and len(words) == 3:
+            timm_eager[info["batch"], info["size"], words[-1]] = b["stats"]["median"]
         if (info.get("kind") == "train" and "img_per_s" in info and len(words) >= 4 and words[0] == "nfnet_fast"
                 and words[2] == "cudagraph"):
             rows[info["batch"], info["size"], words[1], " ".join(words[3:-1]), words[-1]] = (
@@ -99,13 +104,14 @@ def policy_table(benches) -> list:
         if not policy or base is None:
             continue
         peaks = "- | -" if peak is None or base[1] is None else f"{peak:.0f} | {peak - base[1]:+.0f}"
+        timm = timm_eager.get((batch, size, dtype))
         lines.append(f"| {backend} {dtype}, batch {batch} @ {size} | {policy} | {median * 1e3:.2f} | "
-                     f"{(median - base[0]) * 1e3:+.2f} | {peaks} |")
+                     f"{(median - base[0]) * 1e3:+.2f} | {peaks} | {'-' if timm is None else f'{timm / median:.2f}x'} |")
     if not lines:
         return []
     return ["## saving policies (graphed training step, against the default's)", "",
-            "| step | policy | ms | vs default, ms | peak MiB | vs default, MiB |", "|---|---|---|---|---|---|",
-            *lines, ""]
+            "| step | policy | ms | vs default, ms | peak MiB | vs default, MiB | vs timm eager |",
+            "|---|---|---|---|---|---|---|", *lines, ""]
 
 
 def agc_table(benches) -> list:

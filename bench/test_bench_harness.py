@@ -69,7 +69,8 @@ def test_saved_storage_bytes_counts_without_keeping_the_graph():
 def test_policy_table_compares_each_policy_with_its_default():
     """report.py's saving-policy table: each graphed training row with a policy against the same backend's,
     dtype's and case's default graphed row (time and peak differences); rows without a default, eager rows
-    and other cases' rows stay out."""
+    and other cases' rows stay out; each row's speed against timm eager's step of its case and dtype, where the run
+    has one."""
     import random
 
     import report
@@ -91,6 +92,45 @@ def test_policy_table_compares_each_policy_with_its_default():
                row("nfnet_fast triton cudagraph recompute-z bf16", 0.04, 4000, batch=64)]  # no default at batch 64
     lines = report.policy_table(benches)
     rows = [line for line in lines if line.startswith("| triton") or line.startswith("| cuda")]
-    assert rows == [f"| triton bf16, batch 128 @ 224 | keep-z-576 | {policy_s * 1e3:.2f} | "
-                    f"{(policy_s - base_s) * 1e3:+.2f} | {policy_mb:.0f} | {policy_mb - base_mb:+.0f} |"], (seed, lines)
+    expect = (f"| triton bf16, batch 128 @ 224 | keep-z-576 | {policy_s * 1e3:.2f} | "
+              f"{(policy_s - base_s) * 1e3:+.2f} | {policy_mb:.0f} | {policy_mb - base_mb:+.0f} |")
+    assert rows == [expect + " - |"], (seed, lines)  # (no timm eager row in this run)
     assert report.policy_table(benches[:1] + benches[2:4]) == []
+    timm_s = rnd.uniform(0.05, 0.08)
+    others = [row("timm eager bf16", timm_s, 6000), row("timm eager fp32", 0.01, 6000),  # (another dtype)
+              row("timm eager bf16", 0.01, 6000, batch=64)]  # (another case)
+    lines = report.policy_table(benches + others)
+    rows = [line for line in lines if line.startswith("| triton") or line.startswith("| cuda")]
+    assert rows == [expect + f" {timm_s / policy_s:.2f}x |"], (seed, lines)
+
+
+def test_every_policy_row_sets_its_own_configuration():
+    """Each of test_bench_model.py's POLICIES (the graphed training rows that only a GPU runs) applies to a converted
+    eca_nfnet_l0 here: each gives a configuration of its own, none the default's, so that a typo in a row shows on
+    the CPU, not in a GPU session's report. The combined row is keep-z-576-inputs-from-z with the other two time
+    policies on every block."""
+    import copy
+
+    import nfnet_fast
+    import timm
+    import test_bench_model
+
+    base = nfnet_fast.convert(timm.create_model("eca_nfnet_l0", num_classes=10), backend="reference")
+    policies = ("inputs_from_z", "input_grads_in_conv", "bias_grads_in_eca", "recompute_tail_input")
+
+    def configuration(model):
+        convs = tuple(m.keep_z for m in model.modules() if isinstance(m, nfnet_fast.nn._FusedConv))
+        blocks = tuple(tuple(getattr(m, name) for name in policies)
+                       for m in model.modules() if isinstance(m, nfnet_fast.nn.NormFreeBlock))
+        return convs, blocks
+
+    configurations = {}
+    for name, apply in test_bench_model.POLICIES.items():
+        model = copy.deepcopy(base)
+        apply(model)
+        configurations[name] = configuration(model)
+    default = configuration(base)
+    assert default not in configurations.values()
+    assert len(set(configurations.values())) == len(configurations), configurations.keys()
+    convs, blocks = configurations["all-time-levers"]
+    assert convs == configurations["keep-z-576"][0] and set(blocks) == {(True, True, True, True)}

@@ -62,9 +62,15 @@ def test_inference(benchmark, run_timed, batch, size, name):
 # graphed row (the same kernels; only what is kept and what recomputed differs), so that one GPU report
 # measures each one's time and peak beside the default's (docs/triton-training-step.md sections 9 and 14)
 POLICIES = {
+    # every lever below that trades no memory for time, at once: keep-z-576-inputs-from-z with the two that follow
+    # (the step as it would run if all became the default; its time against the 1.5x-timm-eager budget, 41.7 ms
+    # at the H100's last timm eager figure). First: the one row to read against that budget
+    "all-time-levers": lambda model: (peak_memory.keep_z(model, 576),
+                                      *(peak_memory.block_policy(model, name) for name in
+                                        ("inputs_from_z", "input_grads_in_conv", "bias_grads_in_eca"))),
     # each block input's two gradients summed in a conv's SiLU backward pass, not by autograd's engine
     # (NormFreeBlock.input_grads_in_conv): 12 adds, ~2.0 GB of traffic less at batch 128, 224 px (section 17);
-    # first: no memory to trade, so the likeliest to become the default
+    # no memory to trade, so the likeliest single lever to become the default
     "input-grads-in-conv": lambda model: peak_memory.block_policy(model, "input_grads_in_conv"),
     # and conv3's and the downsample convs' bias gradients made by the ECA tail's backward from the sums its
     # reduction takes (NormFreeBlock.bias_grads_in_eca): 16 activation-sized sums less, ~1.5 GB of reads (section

@@ -867,6 +867,10 @@ def test_gpu_training_step_with_inputs_from_z(monkeypatch):
         assert_rel_close(b, a, 1e-6, f"tensor {i}")
 
 
+# NormFreeBlock's policies that trade no memory for time (docs/triton-training-step.md sections 16-18)
+TIME_POLICIES = ("inputs_from_z", "input_grads_in_conv", "bias_grads_in_eca")
+
+
 def _gpu_policy_case(monkeypatch, seed):
     """eca_nfnet_l0 (triton, channels_last, randomised) on the GPU, a batch of 2 at 64 px and its labels, with
     deterministic cuDNN and no TF32; and ``step(bf16)``, the second of two training steps (the first tunes the
@@ -951,6 +955,23 @@ def test_gpu_training_step_with_bias_grads_in_eca(monkeypatch):
                 monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, "bias_grads_in_eca", policy)
                 results[bf16, policy] = step(bf16)
         _check_policy_on_gpu(results, model, x, step)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_training_step_with_time_policies_together(monkeypatch):
+    """On the GPU, eca_nfnet_l0's training step (batch 2, 64 px, channels_last) with every activated conv keeping
+    z and the three time policies at once (TIME_POLICIES: the report's combined row), against the same convs
+    keeping z without them: _check_policy_on_gpu's checks."""
+    model, x, step = _gpu_policy_case(monkeypatch, 8)
+    _all_keep_z(model, monkeypatch)
+    results = {}
+    for bf16 in (False, True):
+        for on in (False, True):
+            for name in TIME_POLICIES:
+                monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, name, on)
+            results[bf16, on] = step(bf16)
+    _check_policy_on_gpu(results, model, x, step)
 
 
 @pytest.mark.parametrize("backend", COMPILED)
@@ -1466,6 +1487,63 @@ def test_bias_grads_made_in_eca(backend, monkeypatch):
         loss.backward()
         results[policy] = [p.grad for p in block.parameters()]
     assert block.downsample is None and all(torch.equal(a, b) for a, b in zip(*results.values()))
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_time_policies_together(backend, monkeypatch):
+    """The three NormFreeBlock time policies at once, every activated conv keeping z (as the report's combined
+    row runs them, and as they would run if all became the default): each does its part beside the others (no
+    conv output held after the forward, one engine add fewer a block, conv3's and the downsample convs' biases
+    fed by the ECA node alone), the loss is the same bits as with none of them, and every gradient the same to
+    fp32 rounding; the same under checkpointing and save_on_cpu (where inputs_from_z steps aside)."""
+    import weakref
+    blocks, x = _tail_recompute_case(backend, 73)
+    _all_keep_z(blocks, monkeypatch)
+    with torch.no_grad():
+        out_grad = torch.randn(blocks(x).shape, generator=torch.Generator().manual_seed(74))
+    out_grad = out_grad.contiguous(memory_format=torch.channels_last)
+    moved = {id(b.conv3.bias) for b in blocks} | {id(b.downsample.conv.bias) for b in blocks if b.downsample}
+    outputs, real_conv_act = [], nfnet_fast.nn._conv_act
+
+    def conv_act(*args, **kwargs):
+        out = real_conv_act(*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out  # (conv1 returns its input too under input_grads_in_conv)
+        outputs.append(weakref.ref(h.untyped_storage()))
+        return out
+    monkeypatch.setattr(nfnet_fast.nn, "_conv_act", conv_act)
+
+    def facts(loss):
+        gc.collect()  # (the Triton interpreter holds each launch's arguments in a cycle until then)
+        return [r() is not None for r in outputs], _input_uses(loss), _bias_edges(loss)
+
+    def step(run=blocks):
+        outputs.clear()
+        return _blocks_step(blocks, x, out_grad, facts, run)
+
+    def policies(on):
+        for name in TIME_POLICIES:
+            monkeypatch.setattr(nfnet_fast.nn.NormFreeBlock, name, on)
+
+    policies(False)
+    (alive, uses, _), plain = step()
+    policies(True)
+    (alive_all, uses_all, edges), got = step()
+    assert alive == [True] * 3 * len(blocks) and alive_all == [False] * 3 * len(blocks), (alive, alive_all)
+    assert uses_all == uses - len(blocks), (uses, uses_all)
+    for p in blocks.parameters():
+        if id(p) in moved:
+            assert len(edges[id(p)]) == 1 and "eca_residual_autograd_with_biases" in edges[id(p)][0], edges[id(p)]
+    assert torch.equal(plain[0], got[0]), (plain[0], got[0])
+    for i, (a, b) in enumerate(zip(plain, got)):
+        assert_rel_close(b, a, 1e-6, f"{backend} tensor {i}")
+    runs = {"checkpoint": lambda xi: torch.utils.checkpoint.checkpoint(blocks, xi, use_reentrant=False),
+            "save_on_cpu": blocks}
+    for name, run in runs.items():
+        with torch.autograd.graph.save_on_cpu() if name == "save_on_cpu" else contextlib.nullcontext():
+            grads = step(run)[1]
+        assert torch.equal(plain[0], grads[0]), name
+        for i, (a, b) in enumerate(zip(plain, grads)):
+            assert_rel_close(b, a, 1e-6, f"{backend} {name}: tensor {i}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
