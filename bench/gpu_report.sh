@@ -138,9 +138,25 @@ if ext_ok; then
   echo "   nfnet_fast is installed from this checkout with its extension: nothing to build"
 else
   skip=0
-  if [ -f nfnet_fast/_C.so ] && $PY -c 'import importlib.util as u, torch
-s = u.spec_from_file_location("nfnet_fast._C", "nfnet_fast/_C.so"); s.loader.exec_module(u.module_from_spec(s))' 2>/dev/null; then
-    skip=1; echo "   prebuilt nfnet_fast/_C.so loads: installing without building it"
+  # a prebuilt _C.so is used if it loads here and was built from this checkout's csrc/ (nfnet_fast/_sources.py);
+  # one from another commit is built again here (nfnet_fast would refuse it, and the report would lose the cuda rows)
+  if [ -f nfnet_fast/_C.so ]; then
+    why=$($PY - <<'EOF' 2>&1
+import importlib.util as u
+import torch  # noqa: F401  (the extension links torch's libraries)
+def load(name, path):
+    spec = u.spec_from_file_location(name, path)
+    module = u.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+print(load("nfnet_fast_sources", "nfnet_fast/_sources.py").mismatch(load("nfnet_fast._C", "nfnet_fast/_C.so")), end="")
+EOF
+    )
+    if [ $? = 0 ] && [ -z "$why" ]; then
+      skip=1; echo "   prebuilt nfnet_fast/_C.so loads and is this checkout's: installing without building it"
+    else
+      echo "   prebuilt nfnet_fast/_C.so not used, building it here: $(echo "$why" | tail -1)"
+    fi
   fi
   if ! NFNET_FAST_SKIP_EXT=$skip NFNET_FAST_REQUIRE_CUDA=$([ $skip = 1 ] && echo 0 || echo "${NFNET_FAST_REQUIRE_CUDA:-0}") \
       $PY -m pip install -q --no-build-isolation --no-deps -e . >"$work/install.log" 2>&1 || ! ext_ok; then

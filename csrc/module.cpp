@@ -9,6 +9,10 @@
 #include "replay.h"
 #include "triton_launch.h"
 
+namespace nfnet_fast {
+const char* sources_digest();  // build/generated/sources_digest.cpp, written by setup.py
+}
+
 namespace {
 
 // nfnet_fast._C._eca_plan(N, C, HW, elem_size, channels_last, align, cuda, target_blocks) ->
@@ -53,6 +57,12 @@ extern "C" {
 // Python API is used, so one abi3 build serves every Python >= 3.10.
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
-  return PyModule_Create(&module_def);
+  PyObject* module = PyModule_Create(&module_def);
+  // the digest of the csrc/ it was built from: nfnet_fast refuses the module where the checkout's differs
+  if (module != nullptr && PyModule_AddStringConstant(module, "SOURCES_DIGEST", nfnet_fast::sources_digest()) < 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
 }
 }

@@ -154,8 +154,9 @@ def _native_module():
     """The extension's native launcher, loaded (and told torch's tensor type and dtypes) on first use."""
     global _native
     if _native is None:
-        try:
-            from nfnet_fast import _C
+        try:  # (through the registry, which refuses an extension built from other sources than csrc/)
+            from nfnet_fast import _backends
+            _C = _backends.extension()
         except ImportError:
             _C = None
         _native = _C if hasattr(_C, "_triton_launch") else False

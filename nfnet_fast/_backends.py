@@ -71,16 +71,18 @@ def _cuda_device_present() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def extension():
-    """The compiled ``nfnet_fast._C`` module, or None when it is not built or fails to load."""
+    """The compiled ``nfnet_fast._C`` module, or None when it is not built, fails to load, or was built from
+    other sources than the checkout's csrc/ (nfnet_fast._sources)."""
     return _load_extension()[0]
 
 
 @functools.lru_cache(maxsize=None)
 def _load_extension():
     try:
-        from . import _C
+        from . import _C, _sources
 
-        return _C, ""
+        stale = _sources.mismatch(_C)
+        return (None, stale) if stale else (_C, "")
     except ModuleNotFoundError:
         return None, ("nfnet_fast._C is not built (installed with NFNET_FAST_SKIP_EXT=1, or the build was skipped); "
                       "rebuild with `pip install --no-build-isolation -e .`")

@@ -113,6 +113,54 @@ def test_import_without_extension():
     assert "backend='cuda' cannot run silu_scale on cpu tensors here: nfnet_fast._C is not built" in out.stdout
 
 
+def test_extension_built_from_other_sources_is_refused(tmp_path, monkeypatch):
+    """An nfnet_fast._C built from other C++ sources than the checkout's csrc/ (a pull or an edit without a
+    rebuild, a prebuilt _C.so carried from another commit) could register ops of other schemas or semantics: it
+    is refused, with a line that says to rebuild; one built from them, or with no csrc/ to compare with (an
+    installed wheel), loads. Where the build was required (CI: NFNET_FAST_REQUIRE_CUDA=1) the extension here is
+    the checkout's, so that test_cuda_ext cannot skip for a digest that the build got wrong."""
+    import importlib.util
+    import os
+    import shutil
+    import types
+
+    from nfnet_fast import _sources
+
+    copy = tmp_path / "csrc"
+    shutil.copytree(_sources.CHECKOUT_CSRC, copy)
+    here = _sources.digest()
+    assert here is not None and len(here) == 16 and _sources.digest(str(copy)) == here
+    assert _sources.mismatch(types.SimpleNamespace(SOURCES_DIGEST=here), str(copy)) == ""
+    names = sorted(p.name for p in copy.iterdir())
+    edited = copy / names[len(names) // 2]
+    edited.write_bytes(edited.read_bytes() + b" ")
+    assert _sources.digest(str(copy)) != here
+    why = _sources.mismatch(types.SimpleNamespace(SOURCES_DIGEST=here), str(copy))
+    assert f"built from {here}" in why and "rebuild it with `pip install --no-build-isolation -e .`" in why, why
+    assert "built from None" in _sources.mismatch(types.SimpleNamespace(), str(copy))
+    edited.rename(copy / "renamed.h")  # (a file's name counts too)
+    assert _sources.digest(str(copy)) not in (here, None)
+    (copy / "module.cpp").unlink()
+    assert _sources.digest(str(copy)) is None and _sources.mismatch(types.SimpleNamespace(), str(copy)) == ""
+
+    if importlib.util.find_spec("nfnet_fast._C") is None:
+        return
+    from nfnet_fast import _C
+    assert _C.SOURCES_DIGEST == here
+    extension, why = _backends._load_extension.__wrapped__()
+    assert extension is _C and why == ""
+    if os.environ.get("NFNET_FAST_REQUIRE_CUDA") == "1":
+        assert nfnet_fast.backends()["cuda"].available, nfnet_fast.backends()["cuda"].reason
+    monkeypatch.setattr(_sources, "digest", lambda csrc=None: "0" * 16)
+    extension, why = _backends._load_extension.__wrapped__()
+    assert extension is None and f"built from {here}" in why and "rebuild" in why, why
+    # nor do Triton's native launches use it (they take the extension from the registry too)
+    from nfnet_fast import kernels
+    monkeypatch.setattr(_backends, "extension", lambda: _backends._load_extension.__wrapped__()[0])
+    monkeypatch.setattr(kernels, "_native", None)
+    assert kernels._native_module() is False
+
+
 def test_every_available_backend_implements_every_op():
     """A backend that runs here runs every op (no silent fallback to another backend)."""
     for name, info in nfnet_fast.backends().items():
