@@ -6,8 +6,10 @@
 //   apply_kernel           each block adds the partials of its channels (+ the conv1d halo), builds
 //                          the gates in shared memory, then streams out (and act) for its pixels.
 // Backward: two launches plus a tiny one for the conv1d weight:
-//   reduce_kernel<kDgrad*> sum dX * y per channel (and, with act, writes dX = grad of shortcut)
-//   dgrad_apply_kernel     dz, dmean from the partials, then dy = dX * scale * g + dmean / HW
+//   reduce_kernel<kDgrad*> sum dX * y per channel (and, with act, writes dX = grad of shortcut; with
+//                          want_bias_sums, sums dX per channel too)
+//   dgrad_apply_kernel     dz, dmean from the partials, then dy = dX * scale * g + dmean / HW (with
+//                          want_bias_sums, also the pixel sums of dy and dX per image: the bias gradients)
 //   dweight_kernel         per image sum_c dz * mean (shifted), then a sum over images.
 //
 // Blocks cover (image, channel tile, pixel range). channels_last: a warp reads up to 32
@@ -197,12 +199,15 @@ enum ReduceMode { kPool = 0, kDgrad = 1, kDgradAct = 2 };
 // kDgrad:    f = dout * y                                    (no act: dX = dout)
 // kDgradAct: dX = dout + dact * beta * silu'(out), out = sc + scale * g * y recomputed in fp32;
 //            dX is stored to dsc (the shortcut's gradient, read back by the apply pass); f = dX * y
+// With spart (the backward's want_bias_sums), the backward modes also write spart[n, s, c] = sum of dX: the
+// shortcut's gradient's pixel sums, from which the apply pass makes the producers' bias gradients.
 template <typename scalar_t, int V, bool CL, int MODE>
 __global__ void __launch_bounds__(kThreads, MODE == kDgradAct ? kMinBlocksDgradAct : kMinBlocks)
     reduce_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ dout, const scalar_t* __restrict__ dact,
                   const scalar_t* __restrict__ sc, const at::opmath_type<scalar_t>* __restrict__ mean,
                   const at::opmath_type<scalar_t>* __restrict__ w, scalar_t* __restrict__ dsc,
-                  at::opmath_type<scalar_t>* __restrict__ partial, float scale_f, float beta_f, Geo g) {
+                  at::opmath_type<scalar_t>* __restrict__ partial, at::opmath_type<scalar_t>* __restrict__ spart,
+                  float scale_f, float beta_f, Geo g) {
   using acc_t = at::opmath_type<scalar_t>;
   const BlockPos b = block_pos(g);
   const ThreadWork tw = thread_work<CL, V>(g, b);
@@ -220,9 +225,9 @@ __global__ void __launch_bounds__(kThreads, MODE == kDgradAct ? kMinBlocksDgradA
     tile_coefs<CL, V>(coef_s, tw, cf);
   }
   const acc_t beta = static_cast<acc_t>(beta_f);
-  acc_t acc[V];
+  acc_t acc[V], acc_dX[V];  // (acc_dX: summed always, one add an element; stored only with spart)
 #pragma unroll
-  for (int e = 0; e < V; ++e) acc[e] = 0;
+  for (int e = 0; e < V; ++e) acc[e] = acc_dX[e] = 0;
   if (tw.active) {
     // U vectors per step, all loads issued before any math; a predicate rather than a
     // remainder loop handles the last step (a remainder loop made ptxas spill its trip count).
@@ -266,13 +271,20 @@ __global__ void __launch_bounds__(kThreads, MODE == kDgradAct ? kMinBlocksDgradA
               store_vec<V>(dsc + tw.off0 + (it + u) * tw.step, dX);
             }
 #pragma unroll
-            for (int e = 0; e < V; ++e) acc[e] += dX[e] * yv[e];
+            for (int e = 0; e < V; ++e) {
+              acc[e] += dX[e] * yv[e];
+              acc_dX[e] += dX[e];
+            }
           }
         }
       }
     }
   }
   store_block_sums<CL, V>(acc, g, b, tw, partial + (b.n * g.splits + b.s) * g.C);
+  if (MODE != kPool && spart != nullptr) {  // (the same for the whole block: the barrier is reached by all)
+    __syncthreads();  // (store_block_sums' shared buffer is read above before it is written again)
+    store_block_sums<CL, V>(acc_dX, g, b, tw, spart + (b.n * g.splits + b.s) * g.C);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -343,13 +355,17 @@ __global__ void __launch_bounds__(kThreads, MODE == kResidualAct ? kMinBlocksApp
 
 // ---------------------------------------------------------------------------------------------
 // backward apply: dy = dX * scale * g + dmean / HW
+// With bpart (want_bias_sums), the blocks of the first pixel range also write y's and the shortcut's gradients'
+// pixel sums per image: bpart[n, 0, c] = scale * g * S + HW * (dmean / HW), bpart[n, 1, c] = S, S = sum of dX
+// (the reduce pass's spart): the bias gradients of y's producer (conv3) and the shortcut's (the downsample conv).
 
 template <typename scalar_t, int V, bool CL>
 __global__ void __launch_bounds__(kThreads, kMinBlocks)
     dgrad_apply_kernel(const scalar_t* __restrict__ dX_src, const at::opmath_type<scalar_t>* __restrict__ partial,
                        const at::opmath_type<scalar_t>* __restrict__ mean,
                        const at::opmath_type<scalar_t>* __restrict__ w, scalar_t* __restrict__ dy,
-                       at::opmath_type<scalar_t>* __restrict__ dz_out, float scale_f, Geo g) {
+                       at::opmath_type<scalar_t>* __restrict__ dz_out, const at::opmath_type<scalar_t>* __restrict__ spart,
+                       at::opmath_type<scalar_t>* __restrict__ bpart, float scale_f, Geo g) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int p = (g.k - 1) / 2;
@@ -381,8 +397,16 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
     dz_s[t] = dz;
   }
   __syncthreads();
-  for (int t = threadIdx.x; t < tile; t += kThreads)
-    add_s[t] = (b.c0 + t < g.C) ? eca_dmean_hw(dz_s + t + 2 * p, w, g.k, g.HW) : acc_t(0);
+  for (int t = threadIdx.x; t < tile; t += kThreads) {
+    const int64_t c = b.c0 + t;
+    add_s[t] = c < g.C ? eca_dmean_hw(dz_s + t + 2 * p, w, g.k, g.HW) : acc_t(0);
+    if (bpart != nullptr && b.s == 0 && c < g.C) {
+      acc_t S = 0;
+      for (int s = 0; s < g.splits; ++s) S += spart[(b.n * g.splits + s) * g.C + c];
+      bpart[(b.n * 2) * g.C + c] = coef_s[t] * S + static_cast<acc_t>(g.HW) * add_s[t];
+      bpart[(b.n * 2 + 1) * g.C + c] = S;
+    }
+  }
   __syncthreads();
   const ThreadWork tw = thread_work<CL, V>(g, b);
   if (!tw.active) return;
@@ -503,7 +527,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> eca_residual_cuda(const at::Tenso
       constexpr bool CL = decltype(cl)::value;
       if (pool) {
         reduce_kernel<scalar_t, V, CL, kPool><<<grid_of(pl), kThreads, 0, stream>>>(
-            yp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, partial.mutable_data_ptr<acc_t>(), 0.f, 0.f, g);
+            yp, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, partial.mutable_data_ptr<acc_t>(), nullptr, 0.f,
+            0.f, g);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
       auto apply = [&](auto mode_c) {
@@ -533,7 +558,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eca_residual_backward
   auto a = eca_residual_backward_args(grad_x_next, grad_a_next, y, weight, shortcut, stats, beta_next);
   const bool has_act = a.dact.defined();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor dw;
+  at::Tensor dw, bias_sums;
   NFF_DISPATCH_CUDA_TYPES(a.y.scalar_type(), "eca_residual_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* yp = a.y.const_data_ptr<scalar_t>();
@@ -547,6 +572,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eca_residual_backward
                                 /*cuda=*/true, target_blocks(y.get_device()));
     auto partial = at::empty({pl.N * pl.splits * pl.C}, a.mean.options());
     auto dz = at::empty({pl.N, pl.C}, a.mean.options());
+    // with want_bias_sums: dX's sums per (n, range, c), and per (n, c) the two bias gradients' parts
+    at::Tensor spart, bpart;
+    if (want_bias_sums) {
+      spart = at::empty({pl.N * pl.splits * pl.C}, a.mean.options());
+      bpart = at::empty({pl.N, 2, pl.C}, a.mean.options());
+    }
+    acc_t* sp = want_bias_sums ? spart.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* bp = want_bias_sums ? bpart.mutable_data_ptr<acc_t>() : nullptr;
     const Geo g = geo_of(pl, a.k);
     const int p = (a.k - 1) / 2;
     const acc_t* w = a.w.const_data_ptr<acc_t>();
@@ -558,16 +591,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eca_residual_backward
       if (has_act) {
         const size_t smem = sizeof(acc_t) * (2 * pl.tile + 2 * p);
         reduce_kernel<scalar_t, V, CL, kDgradAct><<<grid_of(pl), kThreads, smem, stream>>>(
-            yp, dout, dact, sc, mp, w, dsc, partial.mutable_data_ptr<acc_t>(), scale_f, beta_f, g);
+            yp, dout, dact, sc, mp, w, dsc, partial.mutable_data_ptr<acc_t>(), sp, scale_f, beta_f, g);
       } else {
         reduce_kernel<scalar_t, V, CL, kDgrad><<<grid_of(pl), kThreads, 0, stream>>>(
-            yp, dout, nullptr, nullptr, nullptr, nullptr, nullptr, partial.mutable_data_ptr<acc_t>(), scale_f, beta_f,
-            g);
+            yp, dout, nullptr, nullptr, nullptr, nullptr, nullptr, partial.mutable_data_ptr<acc_t>(), sp, scale_f,
+            beta_f, g);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const size_t smem = sizeof(acc_t) * (4 * pl.tile + 6 * p);
       dgrad_apply_kernel<scalar_t, V, CL><<<grid_of(pl), kThreads, smem, stream>>>(
-          has_act ? dsc : dout, partial.const_data_ptr<acc_t>(), mp, w, dy, dz.mutable_data_ptr<acc_t>(), scale_f, g);
+          has_act ? dsc : dout, partial.const_data_ptr<acc_t>(), mp, w, dy, dz.mutable_data_ptr<acc_t>(), sp, bp,
+          scale_f, g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     auto ws = at::empty({pl.N, a.k}, a.mean.options());
@@ -575,9 +609,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> eca_residual_backward
         dz.const_data_ptr<acc_t>(), mp, pl.C, a.k, ws.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dw = at::sum(ws, at::IntArrayRef{0});
+    bias_sums = want_bias_sums ? at::sum(bpart, at::IntArrayRef{0}) : eca_bias_sums(a, false);
   });
-  return {a.grad_y, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.grad_shortcut,
-          eca_bias_sums(a, want_bias_sums)};
+  return {a.grad_y, dw.to(weight.scalar_type()).reshape(weight.sizes()), a.grad_shortcut, bias_sums};
 }
 
 }  // namespace

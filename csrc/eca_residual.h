@@ -304,8 +304,8 @@ inline EcaResidualBackwardArgs eca_residual_backward_args(
 
 // The backward's fourth output, after its kernels ran: with want_bias_sums the (2, C) sums over (N, H, W) of
 // grad_y and of the shortcut's gradient (fp32; float64 for float64 y), the gradients of the biases added last
-// to y and to the shortcut (NormFreeBlock.bias_grads_in_eca), else (0,). Two aten sums here, the passes the
-// producers' backwards would run; the Triton kernels make them from their reduction instead.
+// to y and to the shortcut (NormFreeBlock.bias_grads_in_eca), else (0,). Two aten sums here (the CPU twin: the
+// passes the producers' backwards would run); the CUDA and Triton kernels make them from their reduction instead.
 inline at::Tensor eca_bias_sums(const EcaResidualBackwardArgs& a, bool want_bias_sums) {
   const auto acc = a.y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (!want_bias_sums) {

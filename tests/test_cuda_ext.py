@@ -617,6 +617,43 @@ def test_cuda_rejects_float64(rng):
 
 
 @_gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("grads", ["x_next", "a_next", "x_next+a_next"])
+@pytest.mark.parametrize("vectors", [False, True])
+def test_eca_cuda_backward_bias_sums(layout, dtype, grads, vectors, rng):
+    """The CUDA backward's ``bias_sums`` (want_bias_sums: made by its kernels from the reduce pass's sums of the
+    shortcut's gradient, not by two aten sums as the CPU twin does), with the pixels split across blocks and the
+    channels odd or a multiple of 8 (scalar and vector paths): y's and the shortcut's gradients summed over (N, H,
+    W) in float64, to the fp32 contract in fp32 (in bf16 the kernels sum the unrounded gradients: within bf16's
+    rounding), and every other output the same bits as without them."""
+    channels = 8 * int(torch.randint(13, 25, (), generator=rng)) + (0 if vectors else 3)
+    shape = (2, channels, 45, 51)
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    y, shortcut, grad_x, grad_a = (_rand(shape, dtype, rng, "cuda").contiguous(memory_format=fmt) for _ in range(4))
+    weight = _eca_weight(5, rng, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    plan = _C._eca_plan(shape[0], shape[1], shape[2] * shape[3], y.element_size(), int(layout == "channels_last"), 16, 1,
+                        sms * 32)
+    assert plan[4] > 1, plan  # (splits: the pixels of an image are split across blocks)
+    has_a = "a_next" in grads
+    beta = 0.8 if has_a else None
+    stats = OPS.eca_residual(y, weight, shortcut, 0.35, beta)[2]
+    args = (grad_x if grads != "a_next" else None, grad_a if has_a else None, y, weight, shortcut if has_a else None,
+            stats, 0.35, beta)
+    grad_y, grad_weight, grad_shortcut, bias_sums = OPS._eca_residual_backward(*args, want_bias_sums=True)
+    plain = OPS._eca_residual_backward(*args)
+    assert plain[3].numel() == 0
+    for a, b in zip((grad_y, grad_weight, grad_shortcut), plain[:3]):
+        assert torch.equal(a, b)
+    shortcut_grad = grad_shortcut if has_a else grad_x
+    tol = 1e-6 if dtype == torch.float32 else _tol(dtype)
+    assert bias_sums.shape == (2, shape[1]) and bias_sums.dtype == torch.float32
+    assert_rel_close(bias_sums[0], grad_y.double().sum((0, 2, 3)), tol, f"{layout} {dtype} {grads}: grad_y's sums")
+    assert_rel_close(bias_sums[1], shortcut_grad.double().sum((0, 2, 3)), tol, f"{layout} {dtype} {grads}: shortcut's")
+
+
+@_gpu
 def test_eca_cuda_network_size_channels_last(rng):
     # the largest ECA of the network at batch 256 / 288 px, channels_last bf16, forward and backward
     shape = (256, 256, 72, 72)
