@@ -138,24 +138,30 @@ if ext_ok; then
   echo "   nfnet_fast is installed from this checkout with its extension: nothing to build"
 else
   skip=0
-  # a prebuilt _C.so is used if it loads here and was built from this checkout's csrc/ (nfnet_fast/_sources.py);
-  # one from another commit is built again here (nfnet_fast would refuse it, and the report would lose the cuda rows)
+  # a prebuilt _C.so is used if it loads here, was built from this checkout's csrc/ (nfnet_fast/_sources.py) and,
+  # on a GPU, has its CUDA kernels; else it is built again here (nfnet_fast would refuse a stale one, and the
+  # report would lose the cuda rows). (Only the check's verdict is read: a warning on stderr goes to its log.)
   if [ -f nfnet_fast/_C.so ]; then
-    why=$($PY - <<'EOF' 2>&1
+    why=$($PY - "$DRY" <<'EOF' 2>"$work/prebuilt.log"
 import importlib.util as u
-import torch  # noqa: F401  (the extension links torch's libraries)
+import sys
+import torch  # (the extension links torch's libraries)
 def load(name, path):
     spec = u.spec_from_file_location(name, path)
     module = u.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-print(load("nfnet_fast_sources", "nfnet_fast/_sources.py").mismatch(load("nfnet_fast._C", "nfnet_fast/_C.so")), end="")
+why = load("nfnet_fast_sources", "nfnet_fast/_sources.py").mismatch(load("nfnet_fast._C", "nfnet_fast/_C.so"))
+if not why and sys.argv[1] != "1" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+        "nfnet_fast::scaled_std_weight", "CUDA"):
+    why = "it was built without its CUDA kernels"
+print(why, end="")
 EOF
     )
     if [ $? = 0 ] && [ -z "$why" ]; then
       skip=1; echo "   prebuilt nfnet_fast/_C.so loads and is this checkout's: installing without building it"
     else
-      echo "   prebuilt nfnet_fast/_C.so not used, building it here: $(echo "$why" | tail -1)"
+      echo "   prebuilt nfnet_fast/_C.so not used, building it here: ${why:-$(tail -1 "$work/prebuilt.log")}"
     fi
   fi
   if ! NFNET_FAST_SKIP_EXT=$skip NFNET_FAST_REQUIRE_CUDA=$([ $skip = 1 ] && echo 0 || echo "${NFNET_FAST_REQUIRE_CUDA:-0}") \

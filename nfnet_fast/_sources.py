@@ -15,19 +15,26 @@ from typing import Optional
 CHECKOUT_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
 
 
+SOURCE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")  # what setup.py compiles and includes; editors' files are not
+
+
 def digest(csrc: str = CHECKOUT_CSRC) -> Optional[str]:
-    """16 hex digits of SHA-256 over every file of ``csrc`` (names and bytes, in name order), or None where
-    there is no such folder with the extension's module source (an installed wheel ships no csrc/)."""
+    """16 hex digits of SHA-256 over the C++ and CUDA sources of ``csrc`` (names and bytes, in name order; not
+    hidden files, editor backups or swap files), or None where there is no such folder with the extension's
+    module source (an installed wheel ships no csrc/)."""
     if not os.path.isfile(os.path.join(csrc, "module.cpp")):
         return None
     h = hashlib.sha256()
     for name in sorted(os.listdir(csrc)):
-        path = os.path.join(csrc, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
+        if name.startswith(".") or not name.endswith(SOURCE_SUFFIXES):
+            continue
+        try:
+            with open(os.path.join(csrc, name), "rb") as f:
                 data = f.read()
-            h.update(f"{name}\0{len(data)}\0".encode())
-            h.update(data)
+        except (FileNotFoundError, IsADirectoryError):  # (gone between the listing and the read: not a source)
+            continue
+        h.update(f"{name}\0{len(data)}\0".encode())
+        h.update(data)
     return h.hexdigest()[:16]
 
 

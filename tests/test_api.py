@@ -130,8 +130,11 @@ def test_extension_built_from_other_sources_is_refused(tmp_path, monkeypatch):
     shutil.copytree(_sources.CHECKOUT_CSRC, copy)
     here = _sources.digest()
     assert here is not None and len(here) == 16 and _sources.digest(str(copy)) == here
+    for name in ("module.cpp~", ".module.cpp.swp", "notes.txt"):  # (an editor's files are not sources)
+        (copy / name).write_text("x")
+    assert _sources.digest(str(copy)) == here
     assert _sources.mismatch(types.SimpleNamespace(SOURCES_DIGEST=here), str(copy)) == ""
-    names = sorted(p.name for p in copy.iterdir())
+    names = sorted(p.name for p in copy.iterdir() if p.name.endswith(_sources.SOURCE_SUFFIXES))
     edited = copy / names[len(names) // 2]
     edited.write_bytes(edited.read_bytes() + b" ")
     assert _sources.digest(str(copy)) != here

@@ -627,8 +627,9 @@ def test_eca_cuda_backward_bias_sums(layout, dtype, grads, vectors, rng):
     channels odd or a multiple of 8 (scalar and vector paths): y's and the shortcut's gradients summed over (N, H,
     W) in float64, to the fp32 contract in fp32 (in bf16 the kernels sum the unrounded gradients: within bf16's
     rounding), and every other output the same bits as without them."""
+    # (vectors: C and H * W multiples of 8, 16-byte vectors in either layout; else both odd, scalars)
     channels = 8 * int(torch.randint(13, 25, (), generator=rng)) + (0 if vectors else 3)
-    shape = (2, channels, 45, 51)
+    shape = (2, channels, 44, 52) if vectors else (2, channels, 45, 51)
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     y, shortcut, grad_x, grad_a = (_rand(shape, dtype, rng, "cuda").contiguous(memory_format=fmt) for _ in range(4))
     weight = _eca_weight(5, rng, device="cuda")
