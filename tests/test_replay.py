@@ -16,12 +16,10 @@ import torch
 import nfnet_fast
 from nfnet_fast import _replay, kernels, ops
 
-try:
-    from nfnet_fast import _C
-except ImportError:
-    _C = None
+_C = nfnet_fast._backends.extension()  # (None where not built, or built from other sources than csrc/)
 
-pytestmark = pytest.mark.skipif(not hasattr(_C, "_replay_register"), reason="the extension is not built")
+pytestmark = pytest.mark.skipif(not hasattr(_C, "_replay_register"),
+                                reason=f"the extension is not available: {nfnet_fast.backends()['cuda'].reason}")
 
 # the hook's calls: (kernel name, mismatches between the packed bits and the record's values)
 HOOKED = []
