@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -82,7 +83,10 @@ def _load_extension():
         from . import _C, _sources
 
         stale = _sources.mismatch(_C)
-        return (None, stale) if stale else (_C, "")
+        if stale:  # (said once: backend="auto" would otherwise fall back to another backend without a word)
+            warnings.warn(f"{stale}; the cuda backend is off until then", RuntimeWarning, stacklevel=2)
+            return None, stale
+        return _C, ""
     except ModuleNotFoundError:
         return None, ("nfnet_fast._C is not built (installed with NFNET_FAST_SKIP_EXT=1, or the build was skipped); "
                       "rebuild with `pip install --no-build-isolation -e .`")
