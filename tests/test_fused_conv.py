@@ -1303,6 +1303,21 @@ def _all_keep_z(blocks, monkeypatch):
             monkeypatch.setattr(m, "keep_z", True)
 
 
+def _spy_conv_outputs(monkeypatch) -> list:
+    """A list that gets a weak reference to the storage of each activated conv output a block makes (nn._conv_act;
+    conv1's first output where it also returns its input): ``r() is not None`` while something holds it."""
+    import weakref
+    outputs, real_conv_act = [], nfnet_fast.nn._conv_act
+
+    def conv_act(*args, **kwargs):
+        out = real_conv_act(*args, **kwargs)
+        h = out[0] if isinstance(out, tuple) else out  # (conv1 returns its input too under input_grads_in_conv)
+        outputs.append(weakref.ref(h.untyped_storage()))
+        return out
+    monkeypatch.setattr(nfnet_fast.nn, "_conv_act", conv_act)
+    return outputs
+
+
 @pytest.mark.parametrize("backend", COMPILED)
 def test_inputs_from_kept_z(backend, monkeypatch):
     """NormFreeBlock.inputs_from_z: where conv1, conv2 and conv2b keep z, the conv after each holds z in place of
@@ -1310,15 +1325,8 @@ def test_inputs_from_kept_z(backend, monkeypatch):
     conv's backward without the policy), the loss is the same bits, and every gradient is the same to fp32
     rounding (the input remade by silu_scale; in fp32 the same formula as the conv's epilogue). Where no conv
     keeps z (the fan-in rule, in these stages) the policy changes nothing: the same bits, the outputs held."""
-    import weakref
     blocks, x = _tail_recompute_case(backend, 53)
-    outputs, real_conv_act = [], nfnet_fast.nn._conv_act
-
-    def conv_act(*args, **kwargs):
-        out = real_conv_act(*args, **kwargs)
-        outputs.append(weakref.ref(out.untyped_storage()))
-        return out
-    monkeypatch.setattr(nfnet_fast.nn, "_conv_act", conv_act)
+    outputs = _spy_conv_outputs(monkeypatch)
 
     def step():
         blocks.zero_grad(set_to_none=True)
@@ -1496,21 +1504,13 @@ def test_time_policies_together(backend, monkeypatch):
     conv output held after the forward, one engine add fewer a block, conv3's and the downsample convs' biases
     fed by the ECA node alone), the loss is the same bits as with none of them, and every gradient the same to
     fp32 rounding; the same under checkpointing and save_on_cpu (where inputs_from_z steps aside)."""
-    import weakref
     blocks, x = _tail_recompute_case(backend, 73)
     _all_keep_z(blocks, monkeypatch)
     with torch.no_grad():
         out_grad = torch.randn(blocks(x).shape, generator=torch.Generator().manual_seed(74))
     out_grad = out_grad.contiguous(memory_format=torch.channels_last)
     moved = {id(b.conv3.bias) for b in blocks} | {id(b.downsample.conv.bias) for b in blocks if b.downsample}
-    outputs, real_conv_act = [], nfnet_fast.nn._conv_act
-
-    def conv_act(*args, **kwargs):
-        out = real_conv_act(*args, **kwargs)
-        h = out[0] if isinstance(out, tuple) else out  # (conv1 returns its input too under input_grads_in_conv)
-        outputs.append(weakref.ref(h.untyped_storage()))
-        return out
-    monkeypatch.setattr(nfnet_fast.nn, "_conv_act", conv_act)
+    outputs = _spy_conv_outputs(monkeypatch)
 
     def facts(loss):
         gc.collect()  # (the Triton interpreter holds each launch's arguments in a cycle until then)
